@@ -1,0 +1,262 @@
+"""``metalearn bench``: speed measurements, each in one process and one run.
+
+``metalearn bench inner-step [--json] [--variants]`` measures, on the paper's
+evaluation base model (196 -> 128 x4 -> 32, batch 128) and the paper-size rule:
+
+* ``matmul_gflops_per_s``: dense float32 matmul throughput of this machine (jnp, 2048^3);
+* ``inner_steps_per_s`` and ``gflops_per_s``: one jitted inner step; FLOPs from XLA's
+  cost analysis of that single step (no loop, so the count is not the loop-body
+  undercount that scans suffer);
+* ``meta_grads_per_s`` for U = 10 with the default estimator, and
+  ``meta_grad_over_forward`` = time of one U = 10 meta-gradient / time of 10 inner steps;
+* ``python_overhead_frac``: the stepwise driver's per-call Python/dispatch cost (timed on a
+  near-zero-compute problem) times its 2U calls, over one U = 10 truncation's time;
+* ``compile_s``: compile time of the default estimator (it serves every U).
+
+``--variants`` also times and compiles the other estimators (stepwise with recompute,
+rolled ``lax.scan``, fully unrolled scan) at U = 10 and the stepwise estimator at
+U = 2 and U = 15; slow (minutes), for choosing defaults.
+
+The last line with ``--json`` is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+PAPER_SIZES = (196, 128, 128, 128, 128, 32)
+PAPER_BATCH = 128
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="measure speed")
+    benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    inner = benches.add_parser("inner-step", help="inner step, meta-gradient and matmul speed")
+    inner.add_argument("--json", action="store_true", help="last line: one JSON object")
+    inner.add_argument("--variants", action="store_true",
+                       help="also compare the meta-gradient estimators (slow)")
+    inner.add_argument("--unroll", type=int, default=10, help="U for the meta-gradient")
+    inner.add_argument("--repeats", type=int, default=3)
+    inner.add_argument("--small", action="store_true",
+                       help="use the small rule preset instead of the paper size")
+    inner.set_defaults(func=run_inner_step)
+    try:
+        from tasks import bench as tasks_bench
+    except ImportError:
+        tasks_bench = None
+    if tasks_bench is not None and hasattr(tasks_bench, "add_parser"):
+        tasks_bench.add_parser(benches)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Dense float32 matmul throughput through XLA (GFLOP/s)."""
+    import jax
+    import jax.numpy as jnp
+    from metalearn.unroll import timed
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda m: m @ m)
+    seconds, _ = timed(matmul, a, repeats=repeats)
+    return 2.0 * size ** 3 / seconds / 1e9
+
+
+def paper_problem(rule=None, batch: int = PAPER_BATCH, num_classes: int = 10, seed: int = 0):
+    """Random inputs of the paper's evaluation shapes: (theta, phi, x, arch, rule)."""
+    import jax
+    from metalearn.base_model import Architecture, init_params
+    from metalearn.config import RuleConfig
+    from metalearn.update_rule import init_theta
+
+    rule = rule or RuleConfig()
+    arch = Architecture(PAPER_SIZES, "relu")
+    keys = jax.random.split(jax.random.key(seed), 3)
+    theta = init_theta(keys[0], rule)
+    params = init_params(keys[1], arch, w_std=rule.init_w_std, b_std=rule.init_b_std)
+    x = jax.random.normal(keys[2], (batch, arch.input_size))
+    return theta, params, x, arch, rule
+
+
+def random_truncation(steps: int, arch, objective, num_classes: int = 10,
+                      batch: int = PAPER_BATCH, seed: int = 1):
+    """A TruncationBatch of random data with class-balanced labelled pairs."""
+    import jax
+    import jax.numpy as jnp
+    from metalearn.meta_objective import LabelledPair, make_targets
+    from metalearn.unroll import TruncationBatch
+
+    per_pair = num_classes * objective.samples_per_class
+    keys = jax.random.split(jax.random.key(seed), 3)
+    targets = make_targets(jnp.tile(jnp.arange(num_classes), objective.samples_per_class),
+                           num_classes)
+    targets = jnp.broadcast_to(targets, (steps, objective.num_draws) + targets.shape)
+    shape = (steps, objective.num_draws, per_pair, arch.input_size)
+    pair = LabelledPair(jax.random.normal(keys[0], shape), targets,
+                        jax.random.normal(keys[1], shape), targets)
+    return TruncationBatch(jax.random.normal(keys[2], (steps, batch, arch.input_size)), pair)
+
+
+def compiled_inner_step(theta, params, x, activation, rule):
+    """(compiled step, compile seconds, XLA FLOPs of one step)."""
+    import jax
+    from metalearn.update_rule import inner_step
+
+    start = time.perf_counter()
+    compiled = jax.jit(inner_step, static_argnums=(3, 4)).lower(
+        theta, params, x, activation, rule).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return compiled, compile_s, float(cost["flops"])
+
+
+def time_inner_step(rule=None, repeats: int = 3) -> float:
+    """Seconds per inner step of the (paper-size by default) rule on the paper's model."""
+    from metalearn.unroll import timed
+
+    theta, params, x, arch, rule = paper_problem(rule)
+    compiled, _, _ = compiled_inner_step(theta, params, x, arch.activation, rule)
+    seconds, _ = timed(compiled, theta, params, x, repeats=repeats)
+    return seconds
+
+
+def _time_meta_gradient(estimator, theta, params, batch, repeats):
+    import jax
+    from metalearn.unroll import timed
+
+    start = time.perf_counter()
+    jax.block_until_ready(estimator(theta, params, batch))
+    first = time.perf_counter() - start
+    seconds, result = timed(estimator, theta, params, batch, repeats=repeats)
+    return seconds, max(first - seconds, 0.0), result
+
+
+def python_overhead_per_call(objective, repeats: int = 20) -> float:
+    """Driver seconds per jitted call on a problem whose compute is negligible."""
+    import jax
+    from metalearn.base_model import Architecture, init_params
+    from metalearn.config import RuleConfig, UnrollConfig
+    from metalearn.unroll import make_meta_gradient
+    from metalearn.update_rule import init_theta
+
+    rule = RuleConfig(top_delta_size=2, top_delta_layers=0, top_unit_mix_layers=0,
+                      compute_h_size=2, compute_h_layers=0, delta_dim=1,
+                      num_grad_channels=1, top_units=2)
+    arch = Architecture((2, 2), "relu")
+    tiny_objective = dataclasses.replace(objective, num_draws=1, samples_per_class=1)
+    steps = 10
+    batch = random_truncation(steps, arch, tiny_objective, num_classes=2, batch=4)
+    estimator = make_meta_gradient("relu", rule, tiny_objective, UnrollConfig())
+    theta = init_theta(jax.random.key(0), rule)
+    params = init_params(jax.random.key(1), arch)
+    seconds, _, _ = _time_meta_gradient(estimator, theta, params, batch, repeats)
+    return seconds / (2 * steps)
+
+
+def run_inner_step(args) -> int:
+    import jax
+    from metalearn.config import MetaObjectiveConfig, RuleConfig, UnrollConfig
+    from metalearn.unroll import make_meta_gradient, timed
+    from metalearn.update_rule import num_params
+
+    rule = RuleConfig.small() if args.small else RuleConfig()
+    objective = MetaObjectiveConfig()
+    steps = args.unroll
+    report: dict = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+                    "rule": "small" if args.small else "paper",
+                    "base_model": list(PAPER_SIZES), "batch": PAPER_BATCH, "unroll": steps}
+
+    _log("[1/4] float32 matmul throughput ...")
+    report["matmul_gflops_per_s"] = matmul_gflops(repeats=args.repeats + 2)
+
+    _log("[2/4] inner step (compile, XLA cost analysis, time) ...")
+    theta, params, x, arch, rule = paper_problem(rule)
+    report["theta_params"] = num_params(theta)
+    compiled, compile_s, flops = compiled_inner_step(theta, params, x, arch.activation, rule)
+    step_s, _ = timed(compiled, theta, params, x, repeats=args.repeats)
+    report.update(inner_step_compile_s=compile_s, flops_per_inner_step=flops,
+                  flops_source="xla_cost_analysis(single step)", inner_step_s=step_s,
+                  inner_steps_per_s=1.0 / step_s, gflops_per_s=flops / step_s / 1e9)
+    report["matmul_fraction"] = report["gflops_per_s"] / report["matmul_gflops_per_s"]
+
+    _log(f"[3/4] U={steps} meta-gradient with the default estimator ...")
+    unroll = UnrollConfig()
+    batch = random_truncation(steps, arch, objective)
+    estimator = make_meta_gradient(arch.activation, rule, objective, unroll)
+    grad_s, compile_grad_s, result = _time_meta_gradient(estimator, theta, params, batch,
+                                                         args.repeats)
+    report.update(estimator=f"{unroll.method}/{unroll.residuals}", meta_grad_s=grad_s,
+                  meta_grads_per_s=1.0 / grad_s, meta_grad_compile_s=compile_grad_s,
+                  meta_grad_over_forward=grad_s / (steps * step_s),
+                  meta_grad_finite=bool(result.finite))
+
+    _log("[4/4] Python overhead of the stepwise driver ...")
+    per_call = python_overhead_per_call(objective)
+    report["python_overhead_per_call_s"] = per_call
+    report["python_overhead_frac"] = per_call * 2 * steps / grad_s
+
+    if args.variants:
+        report["variants"] = _variants(theta, params, arch, rule, objective, steps, step_s,
+                                       args.repeats)
+
+    _print_report(report)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+def _variants(theta, params, arch, rule, objective, steps, step_s, repeats) -> dict:
+    from metalearn.config import UnrollConfig
+    from metalearn.unroll import make_meta_gradient
+
+    out = {}
+    candidates = {
+        "stepwise/recompute": UnrollConfig(method="stepwise", residuals="recompute"),
+        "stepwise/store": UnrollConfig(method="stepwise", residuals="store"),
+        "scan/rolled": UnrollConfig(method="scan", scan_buckets=(steps,)),
+        "scan/unrolled": UnrollConfig(method="scan", scan_unroll=True, scan_buckets=(steps,)),
+    }
+    batch = random_truncation(steps, arch, objective)
+    for name, unroll in candidates.items():
+        _log(f"  variant {name} ...")
+        estimator = make_meta_gradient(arch.activation, rule, objective, unroll)
+        seconds, compile_s, _ = _time_meta_gradient(estimator, theta, params, batch,
+                                                    max(1, repeats - 1))
+        out[name] = {"meta_grad_s": seconds, "compile_s": compile_s,
+                     "over_forward": seconds / (steps * step_s)}
+    # The default estimator compiles once for every U: show U = 2 and U = 15 reuse it.
+    estimator = make_meta_gradient(arch.activation, rule, objective, UnrollConfig())
+    for u in (2, 15):
+        _log(f"  stepwise U={u} ...")
+        seconds, compile_s, _ = _time_meta_gradient(
+            estimator, theta, params, random_truncation(u, arch, objective), 1)
+        out[f"stepwise/store U={u}"] = {"meta_grad_s": seconds, "compile_s": compile_s,
+                                        "over_forward": seconds / (u * step_s)}
+    return out
+
+
+def _print_report(r: dict) -> None:
+    lines = [
+        f"device: {r['device']} ({r['backend']}), rule: {r['rule']} "
+        f"({r['theta_params']:,} theta params), base model {r['base_model']}, batch {r['batch']}",
+        f"matmul:       {r['matmul_gflops_per_s']:8.1f} GFLOP/s",
+        f"inner step:   {r['inner_step_s'] * 1e3:8.1f} ms  {r['inner_steps_per_s']:.2f} steps/s  "
+        f"{r['gflops_per_s']:.1f} GFLOP/s ({100 * r['matmul_fraction']:.0f}% of matmul; "
+        f"{r['flops_per_inner_step'] / 1e9:.2f} GFLOP/step by {r['flops_source']})",
+        f"meta-grad U={r['unroll']}: {r['meta_grad_s']:8.3f} s  {r['meta_grads_per_s']:.3f}/s  "
+        f"{r['meta_grad_over_forward']:.2f}x the time of {r['unroll']} inner steps "
+        f"[{r['estimator']}]; compile {r['meta_grad_compile_s']:.1f} s (once for every U)",
+        f"python overhead: {100 * r['python_overhead_frac']:.2f}% of a truncation "
+        f"({r['python_overhead_per_call_s'] * 1e6:.0f} us per jitted call)",
+    ]
+    for name, v in r.get("variants", {}).items():
+        lines.append(f"  {name:22s} {v['meta_grad_s']:7.3f} s ({v['over_forward']:.2f}x fwd), "
+                     f"compile {v['compile_s']:.1f} s")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,57 @@
+"""The ``metalearn`` command line.
+
+Each command lives in its own module, imported only when that command runs (JAX, Ray
+and TFDS are slow to import). A command module exposes ``add_parser(subparsers)``,
+which registers its parser and sets ``func`` to a callable taking the parsed
+arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "bench": ("metalearn.bench", "measure speed: inner-step, tasks"),
+    "data": ("tasks.cli", "list, build, inspect and show data sources and tasks"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metalearn",
+        description="Meta-learn unsupervised update rules (Metz et al. 2019) with JAX and Ray.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        if name == wanted:
+            importlib.import_module(module).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - user-facing errors become one clear line
+        from metalearn.config import ConfigError
+        if isinstance(err, (ConfigError, FileNotFoundError)):
+            print(f"metalearn: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Typed configuration for the update rule, the meta-objective and the unroll.
+
+Every constant of the method lives here, with the paper's value as the default
+(``../shared/SPEC.md``; where paper and reference code differ, the comment says which
+one the default follows). Configs are frozen dataclasses: hashable, so they can be
+static arguments of ``jax.jit``, and serialisable to plain dicts for run folders,
+YAML files and Ray Tune ``param_space``.
+
+``from_dict`` rejects unknown keys and wrongly typed values with an error that
+names the dotted path of the field (``rule.compute_h_size``), which is what a user
+who mistyped a YAML key or a ``--set`` override needs to see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the field."""
+
+
+ACTIVATIONS = ("relu", "leaky_relu", "swish", "tanh", "sigmoid", "step", "identity")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleConfig:
+    """Sizes and constants of the learned UnsupervisedUpdate (SPEC section 2).
+
+    Defaults are the paper's / reference implementation's; ``RuleConfig.small()``
+    is a preset with narrow channels for fast local runs.
+    """
+
+    # TopD (SPEC 2.3)
+    top_units: int = 32  # N_L: TopD mixes the top layer's units as channels.
+    top_delta_size: int = 64  # channels of TopD's convs over the batch axis
+    top_delta_layers: int = 2  # 64 -> 64 convs after the unit mixing
+    top_unit_mix_layers: int = 2  # units-as-channels convs (fixed at 2 in the reference)
+    top_first_kernel: int = 5  # kernel of TopD's first conv over the batch
+    # ComputeH (SPEC 2.4)
+    compute_h_size: int = 64  # channels of h
+    compute_h_layers: int = 1  # extra conv + unit block rounds after the first
+    kernel: int = 3  # kernel of every other conv in the rule
+    delta_dim: int = 32  # channels of the top-down signal d and delta
+    positional_period: float = 4.0 * math.pi  # p_j = linspace(0, period, N_l)
+    # Weight planes and merge (SPEC 2.5, 2.6)
+    num_grad_channels: int = 4  # channels of each low-rank readout
+    merge_init: float = 0.1  # initial mixing weight of every plane
+    column_norm_eps: float = 1.0  # P / sqrt(eps + mean_col P^2)
+    growth: float = 1.0 / 7.0  # dW -= W_hat * growth (the reference's "arbitrary" 1/7)
+    identical_updates: bool = True  # V receives W's dW; False gives V its own merge
+    # Bias update (SPEC 2.7)
+    bias_norm_eps: float = 0.5
+    # Normalisation constants
+    rule_bn_eps: float = 1e-3  # batch norm inside the rule
+    base_bn_eps: float = 1e-6  # batch norm of the base model
+    # Inner optimisation
+    inner_lr: float = 3e-4  # paper 3e-4, reference 1e-4
+    # Base-model initialisation
+    init_w_std: float = 0.01
+    init_b_std: float = 0.1
+    # theta initialisation scale for the rule's convs and linears (fan-in scaled)
+    theta_init_scale: float = 1.0
+
+    @classmethod
+    def small(cls, **overrides: Any) -> "RuleConfig":
+        """Narrow preset for laptops and tests: same structure, ~10x fewer FLOPs."""
+        values = dict(top_delta_size=16, top_delta_layers=1, compute_h_size=16,
+                      delta_dim=8, num_grad_channels=2)
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self):
+        for name in ("top_units", "top_delta_size", "top_first_kernel", "compute_h_size",
+                     "kernel", "delta_dim", "num_grad_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"rule.{name} must be a positive integer, got {value!r}")
+        for name in ("top_delta_layers", "top_unit_mix_layers", "compute_h_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"rule.{name} must be a non-negative integer, got {value!r}")
+        for name in ("kernel", "top_first_kernel"):
+            if getattr(self, name) % 2 == 0:
+                raise ConfigError(f"rule.{name} must be odd for 'same' padding, "
+                                  f"got {getattr(self, name)}")
+        if not 0.0 < self.inner_lr < 1.0:
+            raise ConfigError(f"rule.inner_lr must be in (0, 1), got {self.inner_lr!r}")
+        for name in ("column_norm_eps", "bias_norm_eps", "rule_bn_eps", "base_bn_eps",
+                     "init_w_std", "init_b_std", "theta_init_scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"rule.{name} must be positive, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaObjectiveConfig:
+    """Few-shot ridge-regression meta-objective (SPEC section 3)."""
+
+    ridge: float = 0.1  # lambda; the bias column is not penalised
+    num_draws: int = 5  # M labelled pairs averaged per evaluation
+    samples_per_class: int = 10
+    add_ridge_penalty: bool = True  # reference adds ridge * sum(w^2) / B to the loss
+    normalize_predictions: bool = True
+
+    def __post_init__(self):
+        if not self.ridge > 0:
+            raise ConfigError(f"meta_objective.ridge must be positive, got {self.ridge!r}")
+        for name in ("num_draws", "samples_per_class"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(
+                    f"meta_objective.{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class UnrollConfig:
+    """How a truncation's meta-gradient is computed (SPEC section 4).
+
+    method:
+      ``stepwise`` (default): one jitted inner step (+ meta-objective) forward and its
+        jitted VJP driven backwards from Python. Compiles once for every U, and was the
+        fastest variant on XLA's CPU backend (see ``metalearn bench inner-step``).
+      ``scan``: the whole truncation in one ``lax.scan``, differentiated by
+        ``jax.grad``; U is padded to a bucket (``scan_buckets``) and masked, so each
+        bucket compiles once. A pure function that ``jax.vmap`` batches directly.
+    residuals (stepwise only):
+      ``recompute``: the backward sweep recomputes each step's forward (memory of one
+        step; costs one extra forward per step).
+      ``store``: keep every step's VJP residuals from the forward sweep (no recompute;
+        memory grows with U).
+    remat (scan only): ``jax.checkpoint`` the scan body, for long unrolls.
+    """
+
+    method: Literal["stepwise", "scan"] = "stepwise"
+    residuals: Literal["recompute", "store"] = "store"
+    scan_unroll: bool = False  # fully unroll the scan (fast on CPU, long compiles)
+    remat: bool = False
+    scan_buckets: tuple[int, ...] = (4, 8, 16)
+
+    def __post_init__(self):
+        if self.method not in ("stepwise", "scan"):
+            raise ConfigError(f"unroll.method must be 'stepwise' or 'scan', got {self.method!r}")
+        if self.residuals not in ("recompute", "store"):
+            raise ConfigError(
+                f"unroll.residuals must be 'recompute' or 'store', got {self.residuals!r}")
+        if not self.scan_buckets or any(int(b) <= 0 for b in self.scan_buckets):
+            raise ConfigError(f"unroll.scan_buckets must be positive sizes, got "
+                              f"{self.scan_buckets!r}")
+        object.__setattr__(self, "scan_buckets", tuple(sorted(int(b) for b in self.scan_buckets)))
+
+    def bucket(self, num_steps: int) -> int:
+        """Smallest bucket that holds ``num_steps`` (or ``num_steps`` itself if larger)."""
+        for size in self.scan_buckets:
+            if num_steps <= size:
+                return size
+        return num_steps
+
+
+# ---------------------------------------------------------------------------
+# dict <-> dataclass conversion with field-naming errors
+
+def to_dict(config: Any) -> dict:
+    """Plain, JSON/YAML-serialisable dict of a (nested) config dataclass."""
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[field.name] = value
+    return out
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {type(value).__name__}")
+        return from_dict(annotation, value, path)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{path} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, values: dict, path: str = "") -> Any:
+    """Build config ``cls`` from ``values``; unknown keys and bad types name the field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys here: "
+                          f"{', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        # Field validators name the field relative to their own section; re-anchor it.
+        message = str(err)
+        if path and not message.startswith(path):
+            section = message.split(".", 1)
+            message = f"{path}.{section[1]}" if len(section) == 2 else message
+        raise ConfigError(message) from None
