@@ -22,11 +22,14 @@ The last line with ``--json`` is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import time
+
+# Modules exposing ``add_bench_parsers(benches)`` (skipped if not present).
+EXTRA_BENCHMARKS = ("tasks.bench", "metalearn.distributed.bench")
 
 PAPER_SIZES = (196, 128, 128, 128, 128, 32)
 PAPER_BATCH = 128
@@ -44,12 +47,15 @@ def add_parser(subparsers) -> None:
     inner.add_argument("--small", action="store_true",
                        help="use the small rule preset instead of the paper size")
     inner.set_defaults(func=run_inner_step)
-    try:
-        from tasks import bench as tasks_bench
-    except ImportError:
-        tasks_bench = None
-    if tasks_bench is not None and hasattr(tasks_bench, "add_parser"):
-        tasks_bench.add_parser(benches)
+    # Benchmarks that live beside the code they measure register themselves here.
+    for module_name in EXTRA_BENCHMARKS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue
+        module.add_bench_parsers(benches)
 
 
 def _log(message: str) -> None:
