@@ -1,0 +1,169 @@
+"""Orbax checkpoints of the learner's whole state, and theta snapshots.
+
+A checkpoint is one orbax step folder ``<run>/checkpoints/<step>/`` with two items:
+
+* ``state``: the learner's arrays (theta, optax state, gradient buffer), saved with
+  ``StandardSave`` and restored against a target built from a live learner (NOTES-APIS:
+  without a target, optax's NamedTuple states come back as lists);
+* ``meta``: a JSON dict (step, version, counters, rolling losses, curriculum position,
+  RNG state, wall time).
+
+Orbax writes into a temporary folder and renames it when complete, so a save cut by a
+crash leaves a ``*.orbax-checkpoint-tmp*`` folder that is never listed as a step.
+``restore_latest`` also survives a complete-looking step that fails to read (files
+lost or truncated): it warns and falls back to the previous step.
+
+``save_theta`` / ``load_theta`` write the latest theta as ``theta_latest.npz`` (flat
+vector plus the rule config) atomically, for evaluation and export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+
+import jax
+import numpy as np
+
+CHECKPOINT_DIR = "checkpoints"
+THETA_FILE = "theta_latest.npz"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint could not be read and an older one was used."""
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+    return ocp
+
+
+class Checkpointer:
+    """Owns ``<run>/checkpoints`` (one process writes; ``read_only`` for inspection)."""
+
+    def __init__(self, directory: str, *, keep: int = 3, read_only: bool = False):
+        ocp = _ocp()
+        from orbax.checkpoint.checkpoint_managers import (preservation_policy,
+                                                          save_decision_policy)
+
+        self.directory = os.path.abspath(directory)
+        if not read_only:
+            os.makedirs(self.directory, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=save_decision_policy.ContinuousCheckpointingPolicy(),
+            preservation_policy=preservation_policy.LatestN(keep),
+            read_only=read_only,
+            create=not read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, arrays, meta: dict, *, wait: bool = True) -> None:
+        ocp = _ocp()
+        self.manager.wait_until_finished()
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
+        if wait:
+            self.manager.wait_until_finished()
+
+    def restore(self, step: int, template):
+        """(arrays, meta) of ``step``; arrays restored against ``template``'s structure."""
+        ocp = _ocp()
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        arrays = jax.tree.map(np.asarray, restored["state"])
+        return arrays, dict(restored["meta"])
+
+    def read_meta(self, step: int) -> dict:
+        ocp = _ocp()
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def restore_latest(self, template):
+        """(step, arrays, meta) of the newest readable checkpoint, or None if none is.
+
+        Steps that fail to restore are skipped with a ``CheckpointWarning``.
+        """
+        for step in reversed(self.steps()):
+            try:
+                arrays, meta = self.restore(step, template)
+            except Exception as err:  # noqa: BLE001 - any unreadable step is skipped
+                warnings.warn(f"checkpoint {self.directory}/{step} is unreadable "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                              f"falling back to an earlier one", CheckpointWarning,
+                              stacklevel=2)
+                continue
+            if int(meta.get("step", -1)) != step:
+                warnings.warn(f"checkpoint {self.directory}/{step} holds step "
+                              f"{meta.get('step')}; skipped", CheckpointWarning, stacklevel=2)
+                continue
+            return step, arrays, meta
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_theta(run_dir: str, theta_flat: np.ndarray, rule: dict, step: int) -> str:
+    """Write ``theta_latest.npz``: flat theta, its step and the rule config (JSON)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, theta=np.asarray(theta_flat, np.float32), step=np.int64(step),
+             rule=np.array(json.dumps(rule)))
+    path = os.path.join(run_dir, THETA_FILE)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def load_theta(path: str):
+    """(theta pytree, rule config, step) from a ``theta_latest.npz`` or a run folder."""
+    from metalearn.config import RuleConfig, from_dict
+
+    if os.path.isdir(path):
+        path = os.path.join(path, THETA_FILE)
+    with np.load(path) as data:
+        flat = data["theta"]
+        step = int(data["step"])
+        rule = from_dict(RuleConfig, json.loads(str(data["rule"])), "rule")
+    _, unravel = theta_unravel(rule)
+    return unravel(flat), rule, step
+
+
+def theta_unravel(rule):
+    """(number of parameters, unravel: flat vector -> theta pytree) for ``rule``."""
+    import functools
+
+    from jax.flatten_util import ravel_pytree
+    from metalearn.update_rule import init_theta
+
+    shapes = jax.eval_shape(functools.partial(init_theta, config=rule), jax.random.key(0))
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    flat, unravel = ravel_pytree(zeros)
+    return int(flat.size), unravel

@@ -1,0 +1,307 @@
+"""The central learner of asynchronous meta-training (SPEC 4, DESIGN data flow step 3).
+
+Plain Python, testable without Ray (``metalearn.distributed`` wraps it as an actor).
+Workers send ``Submission``s: a truncation's meta-gradient as one flat float32 vector
+(``jax.flatten_util.ravel_pytree`` order of theta), the theta version it was computed
+with, the task's metadata, loss and timings. The learner
+
+* drops a submission computed with an older learner incarnation (``generation``: its
+  versions mean nothing here), one staler than ``max_staleness`` versions, or one that
+  is not finite (loss or any gradient entry), counting each kind; nothing dropped is
+  ever added to the buffer;
+* sums accepted gradients into one float64 buffer and, once it holds ``meta_batch`` of
+  them, applies their mean with optax (global-norm clip, Adam, piecewise-constant
+  learning rate), bumps ``step`` and the theta ``version``, and returns one metrics row;
+* owns the curriculum: the U range and the truncations-per-task spread at the current
+  step (``curriculum_at``), which the driver hands to workers with theta;
+* owns a numpy RNG (checkpointed) that issues fresh task-stream seeds to workers, so a
+  restarted worker, or a resumed run, draws new tasks.
+
+``state()`` / ``load_state()`` give the whole learner as (arrays pytree, JSON dict) for
+``metalearn.checkpoint``; restoring them reproduces the exact step, optimiser state,
+buffer, counters, rolling losses and RNG.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metalearn.train_config import CurriculumConfig, LearnerConfig
+
+
+@dataclasses.dataclass
+class Submission:
+    """One truncation's result, as a worker sends it."""
+
+    grad: np.ndarray  # [P] float32, theta's ravel_pytree order
+    version: int  # theta version the gradient was computed with
+    generation: str  # learner incarnation that published that version
+    loss: float  # mean meta-objective over the truncation's steps
+    finite: bool = True  # the worker's own check of loss and gradient
+    dataset: str = "unknown"
+    num_steps: int = 0  # U
+    worker: int = -1
+    metadata: dict = dataclasses.field(default_factory=dict)
+    timings: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+    """Values a worker needs from the learner's curriculum at one step."""
+
+    unroll_low: int
+    unroll_high: int
+    truncations_std: float
+    min_truncations: int = 1
+
+    def sample_unroll(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(self.unroll_low, self.unroll_high + 1))
+
+    def sample_truncations(self, rng: np.random.Generator) -> int:
+        """Truncations for a new task: round(Normal(mean=std, std)), at least the minimum."""
+        count = rng.normal(self.truncations_std, self.truncations_std)
+        return max(self.min_truncations, int(round(count)))
+
+
+def _ramp(start: float, end: float, step: int, steps: int) -> float:
+    frac = 1.0 if steps <= 0 else min(max(step / steps, 0.0), 1.0)
+    return start + (end - start) * frac
+
+
+def curriculum_at(config: CurriculumConfig, step: int) -> Curriculum:
+    """Linear interpolation of the U range and truncation spread at learner ``step``."""
+    low = _ramp(config.unroll_start[0], config.unroll_end[0], step, config.unroll_ramp_steps)
+    high = _ramp(config.unroll_start[1], config.unroll_end[1], step, config.unroll_ramp_steps)
+    low, high = int(round(low)), int(round(high))
+    std = _ramp(config.truncations_std_start, config.truncations_std_end, step,
+                config.truncations_ramp_steps)
+    return Curriculum(low, max(low, high), float(std), config.min_truncations)
+
+
+def lr_at(config: LearnerConfig, step: int) -> float:
+    """Piecewise-constant meta learning rate for the update number ``step`` (0-based)."""
+    index = int(np.searchsorted(np.asarray(config.lr_boundaries), step, side="right"))
+    return float(config.lr_values[index])
+
+
+def make_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm -> Adam -> piecewise-constant learning rate."""
+    boundaries = [int(b) for b in config.lr_boundaries]
+    values = [float(v) for v in config.lr_values]
+
+    def schedule(count):
+        index = jnp.sum(jnp.asarray(boundaries, jnp.int32) <= count) if boundaries else 0
+        return jnp.asarray(values, jnp.float32)[index]
+
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+class Learner:
+    """Buffers meta-gradients and applies optax updates to a flat theta."""
+
+    def __init__(self, theta_flat: np.ndarray, config: LearnerConfig,
+                 curriculum: CurriculumConfig, *, generation: str | None = None,
+                 clock=time.monotonic):
+        self.config = config
+        self.curriculum_config = curriculum
+        self.generation = generation or uuid.uuid4().hex[:12]
+        self._clock = clock
+        self.optimizer = make_optimizer(config)
+        theta = jnp.asarray(np.asarray(theta_flat, np.float32))
+        self.theta = np.asarray(theta)
+        self.opt_state = self.optimizer.init(theta)
+        self.num_params = int(self.theta.size)
+
+        def apply(theta, opt_state, grad):
+            updates, opt_state = self.optimizer.update(grad, opt_state, theta)
+            return (optax.apply_updates(theta, updates), opt_state,
+                    optax.tree.norm(grad), optax.tree.norm(updates))
+
+        self._apply = jax.jit(apply, donate_argnums=(1,))
+        self.step = 0
+        self.version = 0
+        self.rng = np.random.default_rng(config.seed)
+        self._reset_buffer()
+        self.counters = collections.Counter(received=0, applied=0, dropped_stale=0,
+                                            dropped_nonfinite=0, dropped_generation=0)
+        self.losses: collections.deque = collections.deque(maxlen=config.loss_window)
+        self.dataset_losses: dict[str, collections.deque] = {}
+        self.wall_offset = 0.0  # wall seconds of earlier sessions (restored)
+        self._started = clock()
+        self._last_update_time = self._started
+        self._received_since_update = 0
+
+    # ------------------------------------------------------------------ public API
+
+    def curriculum(self) -> Curriculum:
+        return curriculum_at(self.curriculum_config, self.step)
+
+    def lr(self) -> float:
+        return lr_at(self.config, self.step)
+
+    def wall_s(self) -> float:
+        return self.wall_offset + (self._clock() - self._started)
+
+    def new_stream_seeds(self, count: int) -> list[int]:
+        """Fresh 63-bit seeds for worker task streams (from the checkpointed RNG)."""
+        return [int(s) for s in self.rng.integers(0, 2 ** 63 - 1, size=count)]
+
+    def submit(self, sub: Submission) -> dict | None:
+        """Take one gradient; returns the metrics row if it completed a meta-batch."""
+        self.counters["received"] += 1
+        self._received_since_update += 1
+        if sub.generation != self.generation:
+            self.counters["dropped_generation"] += 1
+            return None
+        staleness = self.version - int(sub.version)
+        if staleness < 0 or staleness > self.config.max_staleness:
+            # Negative staleness cannot come from this generation; treat it as invalid.
+            self.counters["dropped_stale"] += 1
+            return None
+        grad = np.asarray(sub.grad)
+        if grad.shape != (self.num_params,):
+            raise ValueError(f"gradient of shape {grad.shape} from worker {sub.worker}; "
+                             f"theta has {self.num_params} parameters")
+        loss = float(sub.loss)
+        if not (sub.finite and math.isfinite(loss) and np.isfinite(grad).all()):
+            self.counters["dropped_nonfinite"] += 1
+            return None
+        np.add(self._grad_sum, grad, out=self._grad_sum)
+        self._count += 1
+        self._loss_sum += loss
+        self._staleness.append(staleness)
+        self.losses.append(loss)
+        window = self.dataset_losses.get(sub.dataset)
+        if window is None:
+            window = self.dataset_losses[sub.dataset] = collections.deque(
+                maxlen=self.config.loss_window)
+        window.append(loss)
+        if self._count >= self.config.meta_batch:
+            return self._update()
+        return None
+
+    def rolling_loss(self) -> float:
+        return float(np.mean(self.losses)) if self.losses else float("nan")
+
+    # ------------------------------------------------------------------ update
+
+    def _reset_buffer(self) -> None:
+        self._grad_sum = np.zeros(self.theta.shape, np.float64)
+        self._count = 0
+        self._loss_sum = 0.0
+        self._staleness: list[int] = []
+
+    def _update(self) -> dict:
+        lr = self.lr()
+        grad = jnp.asarray((self._grad_sum / self._count).astype(np.float32))
+        theta, self.opt_state, grad_norm, update_norm = self._apply(
+            jnp.asarray(self.theta), self.opt_state, grad)
+        self.theta = np.asarray(theta)
+        now = self._clock()
+        interval = max(now - self._last_update_time, 1e-9)
+        curriculum = self.curriculum()
+        row = {
+            "step": self.step + 1,
+            "meta_loss": self._loss_sum / self._count,
+            "meta_loss_rolling": self.rolling_loss(),
+            "grads_per_s": self._received_since_update / interval,
+            "staleness_mean": float(np.mean(self._staleness)),
+            "staleness_max": int(np.max(self._staleness)),
+            "dropped_stale": self.counters["dropped_stale"],
+            "dropped_nonfinite": self.counters["dropped_nonfinite"],
+            "dropped_generation": self.counters["dropped_generation"],
+            "received": self.counters["received"],
+            "lr": lr,
+            "unroll_min": curriculum.unroll_low,
+            "unroll_max": curriculum.unroll_high,
+            "truncations_std": curriculum.truncations_std,
+            "grad_norm": float(grad_norm),
+            "update_norm": float(update_norm),
+            "theta_norm": float(np.linalg.norm(self.theta)),
+            "wall_s": self.wall_offset + (now - self._started),
+        }
+        for name, window in sorted(self.dataset_losses.items()):
+            row[f"loss/{name}"] = float(np.mean(window))
+        self.counters["applied"] += self._count
+        self.step += 1
+        self.version += 1
+        self._last_update_time = now
+        self._received_since_update = 0
+        self._reset_buffer()
+        return row
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> tuple[dict, dict]:
+        """(arrays, meta): arrays is a pytree of numpy arrays, meta is JSON-able."""
+        arrays = {"theta": self.theta,
+                  "opt_state": jax.tree.map(np.asarray, self.opt_state),
+                  "grad_sum": self._grad_sum}
+        meta = {
+            "step": self.step,
+            "version": self.version,
+            "generation": self.generation,
+            "num_params": self.num_params,
+            "buffer": {"count": self._count, "loss_sum": self._loss_sum,
+                       "staleness": list(self._staleness)},
+            "counters": dict(self.counters),
+            "losses": list(self.losses),
+            "dataset_losses": {k: list(v) for k, v in self.dataset_losses.items()},
+            "wall_s": self.wall_s(),
+            "rng": self.rng.bit_generator.state,
+        }
+        return arrays, meta
+
+    def state_template(self) -> dict:
+        """Arrays pytree with this learner's structure, shapes and dtypes (restore target)."""
+        return self.state()[0]
+
+    def load_state(self, arrays: dict, meta: dict, *, keep_generation: bool = False) -> None:
+        """Restore a ``state()``. A restored learner is a new generation unless asked
+        otherwise, so gradients computed against the dead learner's later versions are
+        dropped rather than applied to a theta they were not computed for."""
+        theta = np.asarray(arrays["theta"], np.float32)
+        if theta.shape != self.theta.shape:
+            raise ValueError(f"checkpoint theta has {theta.size} parameters, this learner "
+                             f"{self.theta.size}")
+        self.theta = theta.copy()
+        self.opt_state = jax.tree.map(jnp.asarray, arrays["opt_state"])
+        self._grad_sum = np.asarray(arrays["grad_sum"], np.float64).copy()
+        self.step = int(meta["step"])
+        self.version = int(meta["version"])
+        if keep_generation:
+            self.generation = meta["generation"]
+        buffer = meta["buffer"]
+        self._count = int(buffer["count"])
+        self._loss_sum = float(buffer["loss_sum"])
+        self._staleness = [int(s) for s in buffer["staleness"]]
+        self.counters = collections.Counter({k: int(v) for k, v in meta["counters"].items()})
+        self.losses = collections.deque(meta["losses"], maxlen=self.config.loss_window)
+        self.dataset_losses = {k: collections.deque(v, maxlen=self.config.loss_window)
+                               for k, v in meta["dataset_losses"].items()}
+        self.wall_offset = float(meta["wall_s"])
+        self._started = self._clock()
+        self._last_update_time = self._started
+        self._received_since_update = 0
+        rng_state = meta["rng"]
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = rng_state
+
+    def summary(self) -> dict:
+        """Small status for the driver's progress line."""
+        return {"step": self.step, "version": self.version, "generation": self.generation,
+                "meta_loss_rolling": self.rolling_loss(), **dict(self.counters)}

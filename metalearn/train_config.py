@@ -1,0 +1,265 @@
+"""Typed configuration of a meta-training run (``metalearn train``).
+
+A ``TrainConfig`` nests the core configs (rule, meta-objective, unroll) with the
+sections of the training system: learner, curriculum, worker, tasks and run. It is
+loaded from YAML (``experiments/local.yaml``, ``experiments/paper.yaml``); unknown keys
+are rejected with the dotted name of the key, and ``--set a.b=value`` overrides are
+applied on top before validation. The run folder keeps ``config.yaml``, the resolved
+config, which loads back to an equal ``TrainConfig``.
+
+``rule_preset`` picks the base values of the rule section (``paper`` or ``small``,
+``RuleConfig.small()``); keys given under ``rule`` override the preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Literal
+
+import yaml
+
+from metalearn.config import (ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig,
+                              from_dict, to_dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """The central learner: meta-batching, optax, staleness, checkpoints (SPEC 4)."""
+
+    meta_batch: int = 256  # gradients averaged per theta update
+    # Piecewise-constant meta learning rate: lr_values[i] until lr_boundaries[i] updates.
+    lr_values: tuple[float, ...] = (3e-4, 1e-4, 2e-5)
+    lr_boundaries: tuple[int, ...] = (100_000, 150_000)
+    clip_norm: float = 5.0  # global-norm clip of the averaged meta-gradient
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    # A gradient computed with theta version v is applied at version V only if
+    # V - v <= max_staleness; older ones are dropped and counted.
+    max_staleness: int = 16
+    loss_window: int = 256  # gradients in the rolling meta-loss (overall and per dataset)
+    seed: int = 0  # theta initialisation and the learner's RNG
+    checkpoint_minutes: float = 5.0
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        if not isinstance(self.meta_batch, int) or self.meta_batch < 1:
+            raise ConfigError(f"learner.meta_batch must be a positive integer, "
+                              f"got {self.meta_batch!r}")
+        if len(self.lr_values) != len(self.lr_boundaries) + 1:
+            raise ConfigError(f"learner.lr_values needs one more entry than "
+                              f"learner.lr_boundaries, got {len(self.lr_values)} values and "
+                              f"{len(self.lr_boundaries)} boundaries")
+        if any(not v > 0 for v in self.lr_values):
+            raise ConfigError(f"learner.lr_values must be positive, got {list(self.lr_values)}")
+        if list(self.lr_boundaries) != sorted(set(self.lr_boundaries)) or any(
+                b <= 0 for b in self.lr_boundaries):
+            raise ConfigError(f"learner.lr_boundaries must be increasing positive steps, got "
+                              f"{list(self.lr_boundaries)}")
+        if not self.clip_norm > 0:
+            raise ConfigError(f"learner.clip_norm must be positive, got {self.clip_norm!r}")
+        if self.max_staleness < 0:
+            raise ConfigError(f"learner.max_staleness must be >= 0, got {self.max_staleness!r}")
+        if self.loss_window < 1:
+            raise ConfigError(f"learner.loss_window must be >= 1, got {self.loss_window!r}")
+        if not self.checkpoint_minutes > 0:
+            raise ConfigError(f"learner.checkpoint_minutes must be positive, "
+                              f"got {self.checkpoint_minutes!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"learner.keep_checkpoints must be >= 1, "
+                              f"got {self.keep_checkpoints!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CurriculumConfig:
+    """Truncation lengths and truncations per task as functions of the learner step.
+
+    U ~ Uniform{lo..hi}, [lo, hi] moving linearly from ``unroll_start`` to ``unroll_end``
+    over ``unroll_ramp_steps`` updates. Truncations per task ~ round(Normal(s, s)),
+    at least ``min_truncations``, s moving linearly from ``truncations_std_start`` to
+    ``truncations_std_end`` over ``truncations_ramp_steps`` updates. (The paper's
+    wording of this ramp is ambiguous, see SPEC 4; these are config values.)
+    """
+
+    unroll_start: tuple[int, ...] = (2, 4)
+    unroll_end: tuple[int, ...] = (8, 15)
+    unroll_ramp_steps: int = 50_000
+    truncations_std_start: float = 5.0
+    truncations_std_end: float = 20.0
+    truncations_ramp_steps: int = 5_000
+    min_truncations: int = 1
+
+    def __post_init__(self):
+        for name in ("unroll_start", "unroll_end"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+                raise ConfigError(f"curriculum.{name} must be [low, high] with "
+                                  f"1 <= low <= high, got {list(lo_hi)}")
+        for name in ("unroll_ramp_steps", "truncations_ramp_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"curriculum.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("truncations_std_start", "truncations_std_end"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"curriculum.{name} must be positive, "
+                                  f"got {getattr(self, name)!r}")
+        if self.min_truncations < 1:
+            raise ConfigError(f"curriculum.min_truncations must be >= 1, "
+                              f"got {self.min_truncations!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """Worker actors: how many, their resources, and what each truncation looks like."""
+
+    num_workers: int = 0  # 0: one per CPU of the Ray cluster (minus cpus for the learner)
+    cpus_per_worker: int = 1  # XLA threads are pinned to this many cores per worker
+    gpus_per_worker: float = 0.0
+    tasks_per_worker: int = 1  # >1: vmap several tasks of one architecture (GPU workers)
+    batch_size: int = 128  # unlabelled inner batch per step
+    seed: int = 0  # root of every worker's task stream
+    # Persistent XLA compilation cache shared by workers and restarts; "" picks
+    # ~/.cache/metalearn/jax, "none" turns it off.
+    compilation_cache: str = ""
+
+    def __post_init__(self):
+        if self.num_workers < 0:
+            raise ConfigError(f"worker.num_workers must be >= 0, got {self.num_workers!r}")
+        if self.cpus_per_worker < 1:
+            raise ConfigError(f"worker.cpus_per_worker must be >= 1, "
+                              f"got {self.cpus_per_worker!r}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"worker.gpus_per_worker must be >= 0, "
+                              f"got {self.gpus_per_worker!r}")
+        if self.tasks_per_worker < 1:
+            raise ConfigError(f"worker.tasks_per_worker must be >= 1, "
+                              f"got {self.tasks_per_worker!r}")
+        if self.batch_size < 2:
+            raise ConfigError(f"worker.batch_size must be >= 2, got {self.batch_size!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TasksConfig:
+    """Where tasks come from (the ``tasks`` package)."""
+
+    mix: str = "experiments/tasks/local.yaml"  # relative paths: from the repository root
+    data_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Limits and reporting of one ``metalearn train`` invocation."""
+
+    minutes: float = 10.0  # wall-clock budget; 0: no time limit
+    steps: int = 0  # stop at this learner step; 0: no step limit
+    address: str = ""  # Ray address to join; "" starts a local Ray
+    progress_every_s: float = 2.0
+    metrics_flush_s: float = 15.0  # metrics.parquet rewrite interval
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        if self.minutes < 0 or self.steps < 0:
+            raise ConfigError("run.minutes and run.steps must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    rule_preset: Literal["paper", "small"] = "paper"
+    rule: RuleConfig = RuleConfig()
+    objective: MetaObjectiveConfig = MetaObjectiveConfig()
+    unroll: UnrollConfig = UnrollConfig()
+    learner: LearnerConfig = LearnerConfig()
+    curriculum: CurriculumConfig = CurriculumConfig()
+    worker: WorkerConfig = WorkerConfig()
+    tasks: TasksConfig = TasksConfig()
+    run: RunConfig = RunConfig()
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "experiments", "local.yaml")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1 wants ``3.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML scalar or list (``3e-4``, ``true``, ``[2, 4]``, ``name``)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse value {text!r}: {err}") from None
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Set ``a.b=value`` entries in a nested dict (copying the touched mappings)."""
+    values = dict(values)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set: bad key {key!r}")
+        node = values
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set: {'.'.join(parts[:depth + 1])} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = parse_value(text)
+    return values
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """Validate a nested dict into a TrainConfig (unknown keys name their dotted path)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a training config must be a mapping, got {type(values).__name__}")
+    values = dict(values)
+    preset = values.get("rule_preset", "paper")
+    if preset not in ("paper", "small"):
+        raise ConfigError(f"rule_preset must be 'paper' or 'small', got {preset!r}")
+    rule_values = values.pop("rule", None) or {}
+    if not isinstance(rule_values, dict):
+        raise ConfigError("rule must be a mapping")
+    base = RuleConfig.small() if preset == "small" else RuleConfig()
+    config = from_dict(TrainConfig, values)
+    rule = from_dict(RuleConfig, {**to_dict(base), **rule_values}, "rule")
+    return dataclasses.replace(config, rule=rule)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML training config (default ``experiments/local.yaml``) plus overrides."""
+    path = path or DEFAULT_CONFIG
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            values = yaml.load(f, Loader=_Loader) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def resolve_path(path: str) -> str:
+    """Relative paths in configs are taken from the repository root if they exist there."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return os.path.abspath(path)
+    candidate = os.path.join(REPO_ROOT, path)
+    return candidate if os.path.exists(candidate) else os.path.abspath(path)

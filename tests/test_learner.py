@@ -1,0 +1,139 @@
+"""Learner logic without Ray: staleness, non-finite drops, meta-batching, schedule, state."""
+
+import dataclasses
+
+import numpy as np
+import optax
+import pytest
+
+from metalearn.learner import Learner, Submission, curriculum_at, lr_at, make_optimizer
+from metalearn.train_config import CurriculumConfig, LearnerConfig
+
+P = 50
+
+
+def make_learner(**overrides) -> Learner:
+    config = LearnerConfig(**{"meta_batch": 4, "max_staleness": 2, "loss_window": 8,
+                              **overrides})
+    theta = np.linspace(-1, 1, P).astype(np.float32)
+    return Learner(theta, config, CurriculumConfig(unroll_ramp_steps=10,
+                                                   truncations_ramp_steps=10))
+
+
+def sub(learner, grad=None, version=None, loss=1.0, **kw) -> Submission:
+    grad = np.ones(P, np.float32) if grad is None else grad
+    return Submission(grad=grad, version=learner.version if version is None else version,
+                      generation=kw.pop("generation", learner.generation), loss=loss, **kw)
+
+
+def test_meta_batch_applies_mean_with_adam():
+    learner = make_learner()
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=P).astype(np.float32) for _ in range(4)]
+    theta0 = learner.theta.copy()
+    rows = [learner.submit(sub(learner, g, loss=i)) for i, g in enumerate(grads)]
+    assert rows[:3] == [None, None, None]
+    row = rows[3]
+    assert row["step"] == 1 and learner.step == 1 and learner.version == 1
+    assert row["meta_loss"] == pytest.approx(1.5)
+    # Same update as optax applied directly to the mean gradient.
+    opt = optax.chain(optax.clip_by_global_norm(5.0), optax.adam(3e-4))
+    mean = np.mean(grads, axis=0)
+    updates, _ = opt.update(mean, opt.init(theta0), theta0)
+    np.testing.assert_allclose(learner.theta, theta0 + np.asarray(updates), rtol=1e-5,
+                               atol=1e-7)
+    assert row["lr"] == pytest.approx(3e-4)
+    assert learner.counters["applied"] == 4
+
+
+def test_stale_gradient_dropped_and_counted():
+    learner = make_learner(meta_batch=1)
+    for _ in range(3):
+        learner.submit(sub(learner))
+    assert learner.version == 3
+    theta = learner.theta.copy()
+    assert learner.submit(sub(learner, version=0)) is None  # staleness 3 > 2
+    assert learner.counters["dropped_stale"] == 1
+    np.testing.assert_array_equal(learner.theta, theta)
+    row = learner.submit(sub(learner, version=1))  # staleness 2: accepted
+    assert row is not None and row["staleness_mean"] == 2 and row["dropped_stale"] == 1
+
+
+def test_nonfinite_gradient_dropped_and_counted():
+    learner = make_learner(meta_batch=2)
+    bad = np.ones(P, np.float32)
+    bad[7] = np.nan
+    assert learner.submit(sub(learner, bad)) is None
+    assert learner.submit(sub(learner, loss=float("inf"))) is None
+    assert learner.submit(sub(learner, finite=False)) is None
+    assert learner.counters["dropped_nonfinite"] == 3
+    assert learner._count == 0 and not learner._grad_sum.any()
+    learner.submit(sub(learner))
+    row = learner.submit(sub(learner))
+    assert row["dropped_nonfinite"] == 3 and np.isfinite(learner.theta).all()
+
+
+def test_other_generation_dropped():
+    learner = make_learner(meta_batch=1)
+    assert learner.submit(sub(learner, generation="dead-learner")) is None
+    assert learner.counters["dropped_generation"] == 1 and learner.step == 0
+
+
+def test_schedule_and_curriculum():
+    config = LearnerConfig(lr_values=(3e-4, 1e-4, 2e-5), lr_boundaries=(10, 15))
+    assert [lr_at(config, s) for s in (0, 9, 10, 14, 15, 99)] == [3e-4, 3e-4, 1e-4, 1e-4,
+                                                                   2e-5, 2e-5]
+    # The jitted optax schedule agrees with lr_at: updates scale with the lr.
+    opt = make_optimizer(dataclasses.replace(config, clip_norm=1e9))
+    state = opt.init(np.zeros(1, np.float32))
+    scales = []
+    for _ in range(16):
+        updates, state = opt.update(np.ones(1, np.float32), state)
+        scales.append(-float(updates[0]))
+    np.testing.assert_allclose(scales[:10], 3e-4, rtol=1e-3)
+    np.testing.assert_allclose(scales[10:15], 1e-4, rtol=1e-3)
+    np.testing.assert_allclose(scales[15], 2e-5, rtol=1e-3)
+    cur = CurriculumConfig(unroll_start=(2, 4), unroll_end=(8, 15), unroll_ramp_steps=100)
+    assert (curriculum_at(cur, 0).unroll_low, curriculum_at(cur, 0).unroll_high) == (2, 4)
+    assert (curriculum_at(cur, 50).unroll_low, curriculum_at(cur, 50).unroll_high) == (5, 10)
+    assert (curriculum_at(cur, 10 ** 6).unroll_low,
+            curriculum_at(cur, 10 ** 6).unroll_high) == (8, 15)
+    c = curriculum_at(cur, 0)
+    rng = np.random.default_rng(0)
+    us = [c.sample_unroll(rng) for _ in range(200)]
+    assert set(us) == {2, 3, 4}
+    counts = [c.sample_truncations(rng) for _ in range(500)]
+    assert min(counts) >= 1 and 3 < np.mean(counts) < 8
+
+
+def test_state_roundtrip_resumes_exact_step():
+    a = make_learner()
+    rng = np.random.default_rng(1)
+    grads = [rng.normal(size=P).astype(np.float32) for _ in range(30)]
+    for i, g in enumerate(grads[:14]):  # 3 updates + 2 buffered
+        a.submit(sub(a, g, loss=float(i), dataset=f"d{i % 2}"))
+    arrays, meta = a.state()
+    b = make_learner()
+    b.load_state(arrays, meta, keep_generation=True)
+    assert (b.step, b.version, b._count) == (3, 3, 2)
+    assert b.new_stream_seeds(3) == a.new_stream_seeds(3)
+    rows_a = [a.submit(sub(a, g, loss=1.0, dataset="d0")) for g in grads[14:]]
+    rows_b = [b.submit(sub(b, g, loss=1.0, dataset="d0")) for g in grads[14:]]
+    np.testing.assert_array_equal(a.theta, b.theta)
+    assert a.step == b.step == 7
+    for ra, rb in zip(rows_a, rows_b):
+        assert (ra is None) == (rb is None)
+        if ra:
+            for k in ra:
+                if k not in ("wall_s", "grads_per_s"):
+                    assert ra[k] == rb[k], k
+    # A restored learner is a new generation by default.
+    c = make_learner()
+    c.load_state(arrays, meta)
+    assert c.generation != a.generation
+
+
+def test_wrong_shape_rejected():
+    learner = make_learner()
+    with pytest.raises(ValueError, match="parameters"):
+        learner.submit(sub(learner, np.ones(P + 1, np.float32)))
