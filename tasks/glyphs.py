@@ -89,9 +89,10 @@ class GlyphConfig:
     system_fonts: bool = True  # also scan SYSTEM_FONT_DIRS
     font_dirs: tuple[str, ...] = ()  # extra folders scanned before the system ones
     max_fonts: int = 0  # use only the first N usable fonts (0 = all; tests)
-    # Placeholder / symbol-encoded fonts whose cmap lies about what they draw.
+    # Placeholder / symbol-encoded fonts whose cmap lies about what they draw, and
+    # decorative faces that frame every letter (keyboard keys, drop-cap initials).
     exclude_fonts: tuple[str, ...] = ("LastResort", "STIXSiz", "STIXNonUni", "cmex10",
-                                      "cmsy10", "cmmi10")
+                                      "cmsy10", "cmmi10", "Keyboard", "Initials")
     # TeX fonts in a legacy encoding: only their letters and digits are what they claim.
     alnum_only_fonts: tuple[str, ...] = ("cmr10", "cmb10", "cmss10", "cmti10", "cmtt10")
     max_cmap: int = 100_000  # a cmap larger than this is a fallback/placeholder font
@@ -301,7 +302,7 @@ def render_all(config: GlyphConfig, fonts: list[FontFile], chars: list[str],
             kept_here += 1
         if kept_here:
             used_fonts.append(font.name)
-        bar.set_postfix(chars=sum(1 for v in renders.values() if v))
+        bar.set_postfix(renders=sum(len(v) for v in renders.values()))
 
     kept = [ch for ch in chars
             if renders[ch]
