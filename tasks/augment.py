@@ -202,7 +202,7 @@ def warp_table(h: int, w: int, bins: int, interpolation: str, pad: int):
 
 
 def warp(images: np.ndarray, angle_bin: np.ndarray, shift: np.ndarray, *, bins: int = 360,
-         interpolation: str = "bilinear") -> np.ndarray:
+         interpolation: str = "nearest") -> np.ndarray:
     """Rotate about the centre by ``angle_bin * 360 / bins`` degrees and translate by the
     integer ``shift``, as one affine map; zero where the source falls outside.
 

@@ -34,7 +34,7 @@ class PreprocessConfig:
 
     def __post_init__(self):
         if self.image_size not in (0, *IMAGE_SIZES):
-            raise ConfigError(f"image_size must be one of {list(IMAGE_SIZES)} or 0 (native), "
+            raise ConfigError(f"preprocess.image_size must be one of {list(IMAGE_SIZES)} or 0 (native), "
                               f"got {self.image_size}")
 
 

@@ -50,14 +50,17 @@ class ComponentConfig:
     augment: aug_lib.AugmentConfig = aug_lib.AugmentConfig()
 
     def __post_init__(self):
-        check_name(self.source)
+        # Messages start "component.<field>" so from_dict re-anchors them at components[i].
+        try:
+            check_name(self.source)
+        except ConfigError as err:
+            raise ConfigError(f"component.source: {err}") from None
         if not self.weight >= 0:
-            raise ConfigError(f"weight of {self.source} must be >= 0, got {self.weight}")
+            raise ConfigError(f"component.weight must be >= 0, got {self.weight}")
         if not self.ways or any(w < 2 for w in self.ways):
-            raise ConfigError(f"ways of {self.source} must be integers >= 2, got "
-                              f"{list(self.ways)}")
+            raise ConfigError(f"component.ways must be integers >= 2, got {list(self.ways)}")
         if self.fixed and len(set(self.ways)) != 1:
-            raise ConfigError(f"a fixed subset of {self.source} needs a single ways value")
+            raise ConfigError("component.ways: a fixed subset needs a single ways value")
 
     @property
     def label(self) -> str:
@@ -77,9 +80,9 @@ class ArchitectureConfig:
 
     def __post_init__(self):
         if not 1 <= self.min_layers <= self.max_layers:
-            raise ConfigError("architecture: need 1 <= min_layers <= max_layers")
+            raise ConfigError("architecture.min_layers: need 1 <= min_layers <= max_layers")
         if not 1 <= self.min_width <= self.max_width:
-            raise ConfigError("architecture: need 1 <= min_width <= max_width")
+            raise ConfigError("architecture.min_width: need 1 <= min_width <= max_width")
         bad = [a for a in self.activations if a not in ACTIVATIONS]
         if not self.activations or bad:
             raise ConfigError(f"architecture.activations: unknown {bad}; choose from "
@@ -97,7 +100,7 @@ class LengthConfig:
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps or self.scale <= 0:
-            raise ConfigError("length: need scale > 0 and 1 <= min_steps <= max_steps")
+            raise ConfigError("length.scale: need scale > 0 and 1 <= min_steps <= max_steps")
 
 
 @dataclasses.dataclass(frozen=True)
