@@ -65,6 +65,9 @@ class Checkpointer:
     def save(self, step: int, arrays, meta: dict, *, wait: bool = True) -> None:
         ocp = _ocp()
         self.manager.wait_until_finished()
+        if step in self.manager.all_steps():
+            # Only after a fallback restore (the newer step was unreadable): replace it.
+            self.manager.delete(step)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
         if wait:

@@ -88,6 +88,37 @@ def ridge_accuracy(feat_train, labels_train, feat_test, labels_test, num_classes
     return jnp.mean(jnp.argmax(a @ weights, axis=1) == labels_test)
 
 
+def make_pair(x_train, labels_train, x_test, labels_test, num_classes: int,
+              regression_train=None, regression_test=None) -> LabelledPair:
+    """Build a LabelledPair from integer labels, checking class balance.
+
+    x_*: [M, B_l, N_0]; labels_*: [M, B_l] ints in [0, num_classes);
+    regression_*: optional [M, B_l, R] extra targets (e.g. augmentation parameters).
+    """
+    import numpy as np
+
+    for name, labels in (("labels_train", labels_train), ("labels_test", labels_test)):
+        labels = np.asarray(labels)
+        if labels.ndim != 2:
+            raise ConfigError(f"{name} must be [draws, batch], got shape {labels.shape}")
+        if labels.shape[1] < num_classes:
+            raise ConfigError(f"{name}: a batch of {labels.shape[1]} examples is too small for "
+                              f"{num_classes} classes; the meta-objective needs "
+                              f"meta_objective.samples_per_class >= 1 example of every class")
+        counts = np.stack([np.bincount(row, minlength=num_classes) for row in labels])
+        if counts.shape[1] > num_classes:
+            raise ConfigError(f"{name} has labels >= num_classes ({num_classes})")
+        if not np.all(counts == counts[:, :1]):
+            raise ConfigError(f"{name} is not class-balanced: per-class counts "
+                              f"{counts[0].tolist()} (first draw)")
+    pair = LabelledPair(jnp.asarray(x_train),
+                        make_targets(jnp.asarray(labels_train), num_classes, regression_train),
+                        jnp.asarray(x_test),
+                        make_targets(jnp.asarray(labels_test), num_classes, regression_test))
+    check_pair(pair, num_classes, pair.x_train.shape[-1])
+    return pair
+
+
 def check_pair(pair: LabelledPair, num_classes: int, input_size: int) -> None:
     """Shape checks in Python with errors naming the field."""
     for name in LabelledPair._fields:

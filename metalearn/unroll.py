@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metalearn.base_model import Architecture, BaseParams
+from metalearn.base_model import Architecture, BaseParams, check_params
 from metalearn.config import ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig
-from metalearn.meta_objective import LabelledPair, meta_objective
-from metalearn.update_rule import inner_step
+from metalearn.meta_objective import LabelledPair, check_pair, meta_objective
+from metalearn.update_rule import check_inputs, inner_step
 
 
 class TruncationBatch(NamedTuple):
@@ -192,12 +192,33 @@ class MetaGradient:
         self._scan = jax.jit(vm(scan, (None, tasks, tasks, None)))
 
     def __call__(self, theta, params: BaseParams, batch: TruncationBatch) -> TruncationResult:
-        steps = batch.num_steps
-        if steps < 1:
-            raise ConfigError(f"a truncation needs at least one inner step, got {steps}")
+        self.validate(params, batch)
         if self.unroll.method == "scan":
             return self._call_scan(theta, params, batch)
         return self._call_stepwise(theta, params, batch)
+
+    def validate(self, params: BaseParams, batch: TruncationBatch) -> None:
+        """Python-side shape checks (errors name the field), before anything is traced."""
+        lead = 1 if self.num_tasks else 0
+        if self.num_tasks and batch.inner_x.shape[0] != self.num_tasks:
+            raise ConfigError(f"batch.inner_x has {batch.inner_x.shape[0]} tasks on its leading "
+                              f"axis, the estimator was built for num_tasks={self.num_tasks}")
+        if batch.inner_x.ndim != 3 + lead:
+            raise ConfigError(f"batch.inner_x must be [{'tasks, ' if lead else ''}steps, batch, "
+                              f"features], got shape {tuple(batch.inner_x.shape)}")
+        if batch.num_steps < 1:
+            raise ConfigError(f"a truncation needs at least one inner step, got {batch.num_steps}")
+        one = jax.tree.map(lambda a: a[0], params) if lead else params
+        arch = Architecture((one.w[0].shape[0],) + tuple(w.shape[1] for w in one.w),
+                            self.problem.activation)
+        check_params(one, arch)
+        check_inputs(one, batch.inner_x[(0,) * (1 + lead)], self.problem.rule)
+        pair = LabelledPair(*[f[(0,) * (1 + lead)] for f in batch.pair])
+        check_pair(pair, num_classes=1, input_size=arch.input_size)
+        for name, field in zip(LabelledPair._fields, batch.pair):
+            if field.shape[lead] != batch.num_steps:
+                raise ConfigError(f"batch.pair.{name} has {field.shape[lead]} steps, "
+                                  f"batch.inner_x has {batch.num_steps}")
 
     def _call_scan(self, theta, params, batch):
         padded, mask = pad_to_bucket(batch, self.unroll.bucket(batch.num_steps))

@@ -1,0 +1,443 @@
+"""The driver of asynchronous meta-training (DESIGN data flow steps 1-4).
+
+It starts (or joins) Ray, starts one learner actor on its own node (the learner writes
+the run folder's checkpoints) and N worker actors, and loops over ``ray.wait``:
+
+* a worker's finished truncation goes to the learner by reference (the gradient travels
+  worker -> object store -> learner; the driver only checks it arrived) and the worker
+  is given its next truncation with the newest ``[generation, version, theta ref]``;
+* the learner's replies carry metrics rows (kept for ``metrics.parquet`` and
+  TensorBoard) and the theta version; a new version makes the driver ask the learner
+  for theta once (one object-store copy shared by every worker);
+* a worker that died is restarted by Ray; the driver gives it a fresh task-stream seed
+  from the learner and resubmits. A worker whose truncation raised is reseeded too;
+* a learner that died is replaced by one restored from the last checkpoint (a new
+  generation: in-flight gradients for the dead one are dropped by the new one), and
+  metrics rows beyond the restored step are discarded.
+
+The run stops at ``run.steps`` (an absolute learner step) or after ``run.minutes``;
+then the learner writes a final checkpoint and ``theta_latest.npz``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import sys
+import time
+from typing import Callable
+
+from metalearn.config import ConfigError, to_dict
+from metalearn.train_config import TrainConfig, config_from_dict, config_to_yaml
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.parquet"
+
+
+# ---------------------------------------------------------------------------
+# run folders
+
+def is_run_dir(path: str) -> bool:
+    return (os.path.isfile(os.path.join(path, CONFIG_FILE))
+            and os.path.isdir(os.path.join(path, "checkpoints")))
+
+
+def read_run_config(path: str) -> TrainConfig:
+    import yaml
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"run folder not found: {path}")
+    if not is_run_dir(path):
+        raise ConfigError(f"{path} is not a metalearn run folder (needs {CONFIG_FILE} and "
+                          f"checkpoints/)")
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        return config_from_dict(yaml.safe_load(f) or {})
+
+
+def theta_shapes(rule) -> dict:
+    """Leaf path -> shape of theta for ``rule`` (no allocation)."""
+    import functools
+
+    import jax
+
+    from metalearn.update_rule import init_theta
+
+    shapes = jax.eval_shape(functools.partial(init_theta, config=rule), jax.random.key(0))
+    return {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
+
+
+def check_resume_compatible(saved: TrainConfig, config: TrainConfig, run_dir: str) -> None:
+    """A resumed run must have theta of the same structure and shapes."""
+    old, new = theta_shapes(saved.rule), theta_shapes(config.rule)
+    if old != new:
+        differing = sorted(set(old.items()) ^ set(new.items()))
+        first = differing[0][0] if differing else "structure"
+        raise ConfigError(
+            f"cannot resume {run_dir}: its rule gives theta of {sum(map(math.prod, old.values()))}"
+            f" parameters, this config {sum(map(math.prod, new.values()))} (first difference "
+            f"at theta{first}); resume with the run's own rule settings")
+    if saved.learner.meta_batch != config.learner.meta_batch:
+        pass  # allowed: the buffer is a sum plus a count, valid for any meta-batch
+
+
+# ---------------------------------------------------------------------------
+# metrics
+
+class MetricsLog:
+    """Rows of learner steps; ``metrics.parquet`` rewritten atomically; TensorBoard."""
+
+    def __init__(self, run_dir: str, tensorboard: bool):
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        self.rows: list[dict] = []
+        self.writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def load(self, up_to_step: int) -> None:
+        if os.path.exists(self.path):
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(self.path).to_pylist()
+            self.rows = [{k: v for k, v in r.items() if v is not None}
+                         for r in rows if r["step"] <= up_to_step]
+
+    def truncate(self, up_to_step: int) -> None:
+        self.rows = [r for r in self.rows if r["step"] <= up_to_step]
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def write(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from metalearn.checkpoint import atomic_write_bytes
+
+        if not self.rows:
+            return
+        columns: dict[str, None] = {}
+        for row in self.rows:
+            columns.update(dict.fromkeys(row))
+        table = pa.table({c: [r.get(c) for r in self.rows] for c in columns})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.write()
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ---------------------------------------------------------------------------
+# progress line
+
+class Progress:
+    def __init__(self, every_s: float, stream=sys.stderr):
+        self.every_s = every_s
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = 0.0
+
+    def show(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------
+# the training run
+
+@dataclasses.dataclass
+class RunSummary:
+    run_dir: str
+    start_step: int
+    final_step: int
+    rows: int
+    wall_s: float
+    worker_failures: int
+    worker_errors: int
+    learner_restarts: int
+    checkpoint_step: int
+    dropped_stale: int = 0
+    dropped_nonfinite: int = 0
+    dropped_generation: int = 0
+
+
+class Trainer:
+    """One ``metalearn train`` session. ``on_reply(trainer, reply)`` is a test hook,
+    called after every learner reply (used to kill actors mid-run)."""
+
+    def __init__(self, config: TrainConfig, run_dir: str, *, resume: bool = False,
+                 num_workers: int | None = None,
+                 on_reply: Callable[["Trainer", dict], None] | None = None):
+        self.config = config
+        self.run_dir = os.path.abspath(run_dir)
+        self.resume = resume
+        self.num_workers = num_workers
+        self.on_reply = on_reply
+        self.worker_failures = 0
+        self.worker_errors = 0
+        self.learner_restarts = 0
+        self.learner = None
+        self.workers: list = []
+
+    # -- actors
+
+    def _start_learner(self, resume: bool):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from metalearn.distributed.actors import LearnerActor
+
+        node = ray.get_runtime_context().get_node_id()
+        learner = LearnerActor.options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote(to_dict(self.config), self.run_dir, resume)
+        info = ray.get(learner.info.remote())
+        for message in info["warnings"]:
+            print(f"warning: {message}", file=sys.stderr)
+        return learner, info
+
+    def _theta_box(self, info: dict) -> list:
+        return [info["generation"], info["version"], self.learner.get_theta.remote()]
+
+    def _worker_count(self) -> int:
+        import ray
+
+        if self.num_workers:
+            return self.num_workers
+        if self.config.worker.num_workers:
+            return self.config.worker.num_workers
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        return max(1, cpus // self.config.worker.cpus_per_worker)
+
+    def _start_workers(self, seeds: list[int]) -> list:
+        from metalearn.distributed.actors import WorkerActor, thread_env
+
+        w = self.config.worker
+        config = to_dict(self.config)
+        return [WorkerActor.options(
+            num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker,
+            runtime_env={"env_vars": thread_env(w.cpus_per_worker)},
+        ).remote(config, i, seed, w.cpus_per_worker) for i, seed in enumerate(seeds)]
+
+    # -- main loop
+
+    def run(self) -> RunSummary:
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+        run = self.config.run
+        start = time.monotonic()
+        deadline = start + run.minutes * 60.0 if run.minutes > 0 else math.inf
+        metrics = MetricsLog(self.run_dir, run.tensorboard)
+        progress = Progress(run.progress_every_s)
+
+        self.learner, info = self._start_learner(self.resume)
+        start_step = info["step"]
+        if self.resume:
+            metrics.load(start_step)
+            print(f"resumed {self.run_dir} at step {start_step}", file=sys.stderr)
+        else:
+            ray.get(self.learner.checkpoint.remote())  # step 0: the folder is a run now
+        checkpoint_step = start_step
+        curriculum = info["curriculum"]
+        box = self._theta_box(info)
+        count = self._worker_count()
+        self.workers = self._start_workers(ray.get(self.learner.new_stream_seeds.remote(count)))
+        print(f"training with {count} workers, learner at step {start_step}; run folder "
+              f"{self.run_dir}", file=sys.stderr)
+        pending: dict = {w.compute.remote(box, curriculum): i
+                         for i, w in enumerate(self.workers)}
+        learner_pending: set = set()
+        last_flush = time.monotonic()
+        step, successes, last_row = start_step, 0, None
+        stop = run.steps and step >= run.steps
+
+        def restart_learner():
+            nonlocal box, curriculum, step, checkpoint_step
+            self.learner_restarts += 1
+            try:
+                ray.kill(self.learner, no_restart=True)
+            except Exception:  # noqa: BLE001 - it is already dead
+                pass
+            learner_pending.clear()
+            self.learner, new_info = self._start_learner(True)
+            step = checkpoint_step = new_info["step"]
+            metrics.truncate(step)
+            curriculum = new_info["curriculum"]
+            box = self._theta_box(new_info)
+            print(f"\nlearner died; restarted from checkpoint step {step} "
+                  f"(generation {new_info['generation']})", file=sys.stderr)
+
+        def handle_reply(reply: dict) -> None:
+            nonlocal box, curriculum, step, checkpoint_step, last_row, last_flush, stop
+            if reply["generation"] != box[0]:
+                return  # a reply of a replaced learner
+            if reply["row"] is not None:
+                last_row = reply["row"]
+                metrics.add(last_row)
+                step = reply["step"]
+                curriculum = reply["curriculum"]
+                box = [reply["generation"], reply["version"], self.learner.get_theta.remote()]
+            if "checkpoint" in reply:
+                checkpoint_step = reply["checkpoint"]
+                metrics.write()
+                last_flush = time.monotonic()
+            if self.on_reply is not None:
+                self.on_reply(self, reply)
+            if run.steps and step >= run.steps:
+                stop = True
+
+        while not stop and time.monotonic() < deadline:
+            waiting = list(pending) + list(learner_pending)
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
+            if ready:  # take everything that is ready, not just the first
+                ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
+            finished = []
+            for ref in ready:
+                if ref not in learner_pending:
+                    finished.append(ref)
+                    continue
+                learner_pending.discard(ref)
+                try:
+                    replies = ray.get(ref)
+                except (RayActorError, ActorUnavailableError):
+                    restart_learner()
+                    continue
+                for reply in replies:
+                    handle_reply(reply)
+            to_submit = []
+            for ref in finished:
+                index = pending.pop(ref)
+                worker = self.workers[index]
+                try:
+                    ray.get(ref)  # raises if the worker died or its truncation failed
+                    successes += 1
+                    to_submit.append(ref)
+                except (RayActorError, ActorUnavailableError):
+                    self.worker_failures += 1
+                    self._reseed(worker, restart_learner)
+                except RayTaskError as err:
+                    self.worker_errors += 1
+                    print(f"\nworker {index}: truncation failed: "
+                          f"{str(err).strip().splitlines()[-1][:300]}", file=sys.stderr)
+                    if successes == 0 and self.worker_errors > 2 * len(self.workers) + 2:
+                        raise RuntimeError(f"every truncation fails; last error: {err}") from None
+                    self._reseed(worker, restart_learner)
+                if not stop:
+                    pending[worker.compute.remote(box, curriculum)] = index
+            if to_submit:
+                learner_pending.add(self.learner.submit_refs.remote(to_submit))
+            if last_row is not None:
+                elapsed = time.monotonic() - start
+                progress.show(
+                    f"step {step:6d} | meta-loss {last_row['meta_loss_rolling']:.4f} | "
+                    f"{last_row['grads_per_s']:6.2f} grads/s | staleness "
+                    f"{last_row['staleness_mean']:4.2f} | dropped "
+                    f"{last_row['dropped_stale']}/{last_row['dropped_nonfinite']} | "
+                    f"U {last_row['unroll_min']}-{last_row['unroll_max']} | "
+                    f"{elapsed / 60:5.1f} min")
+            if time.monotonic() - last_flush > run.metrics_flush_s:
+                metrics.write()
+                last_flush = time.monotonic()
+        progress.done()
+
+        # Let submitted gradients reach the learner, then save and stop.
+        for ref in list(learner_pending):
+            try:
+                replies = ray.get(ref, timeout=60)
+            except Exception:  # noqa: BLE001 - a dead learner loses only unsaved work
+                continue
+            for reply in replies:
+                if reply["row"] is not None and reply["generation"] == box[0]:
+                    metrics.add(reply["row"])
+                    step = reply["step"]
+        for worker in self.workers:
+            ray.kill(worker, no_restart=True)
+        try:
+            checkpoint_step = ray.get(self.learner.close.remote())
+            final = ray.get(self.learner.info.remote())
+        except (RayActorError, ActorUnavailableError):
+            final = {}
+            print("learner died at exit; the last checkpoint stands", file=sys.stderr)
+        metrics.truncate(checkpoint_step)
+        metrics.close()
+        ray.kill(self.learner, no_restart=True)
+        return RunSummary(
+            run_dir=self.run_dir, start_step=start_step, final_step=checkpoint_step,
+            rows=len(metrics.rows), wall_s=time.monotonic() - start,
+            worker_failures=self.worker_failures, worker_errors=self.worker_errors,
+            learner_restarts=self.learner_restarts, checkpoint_step=checkpoint_step,
+            dropped_stale=final.get("dropped_stale", 0),
+            dropped_nonfinite=final.get("dropped_nonfinite", 0),
+            dropped_generation=final.get("dropped_generation", 0))
+
+    def _reseed(self, worker, restart_learner) -> None:
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        try:
+            seed = ray.get(self.learner.new_stream_seeds.remote(1))[0]
+        except (RayActorError, ActorUnavailableError):
+            restart_learner()
+            seed = ray.get(self.learner.new_stream_seeds.remote(1))[0]
+        worker.reseed.remote(seed)
+
+
+def init_ray(address: str) -> bool:
+    """Join ``address`` or start a local Ray with every core; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def prepare_run_dir(config: TrainConfig, run_dir: str, resume: bool) -> None:
+    """Create the run folder and write config.yaml (validation already happened)."""
+    from metalearn.checkpoint import atomic_write_bytes
+
+    os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    atomic_write_bytes(os.path.join(run_dir, CONFIG_FILE), config_to_yaml(config).encode())
+
+
+def train(config: TrainConfig, run_dir: str, *, resume: bool = False,
+          num_workers: int | None = None, on_reply=None) -> RunSummary:
+    """Validate, start Ray if needed, run, shut Ray down if we started it."""
+    started = init_ray(config.run.address)
+    try:
+        prepare_run_dir(config, run_dir, resume)
+        return Trainer(config, run_dir, resume=resume, num_workers=num_workers,
+                       on_reply=on_reply).run()
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+
