@@ -266,9 +266,12 @@ def apply(aug: TaskAugment, x: np.ndarray, labels: np.ndarray, rng: np.random.Ge
         x = warp(x, angle_bin, shift, bins=aug.rotation_bins, interpolation=aug.interpolation)
     x = x.reshape(b, -1)
     if aug.example_dropout:
-        rate = rng.uniform(0.0, aug.example_dropout_max, b).astype(np.float32)
-        x = x * (rng.random(x.shape, dtype=np.float32) >= rate[:, None])
-        targets.append(rate / aug.example_dropout_max)
+        # Rates in 1/256 steps compared with random bytes: a third of the cost of
+        # float uniforms, and the target is still exactly the rate applied.
+        level = np.round(rng.uniform(0.0, aug.example_dropout_max, b) * 256.0)
+        noise = np.frombuffer(rng.bytes(x.size), np.uint8).reshape(x.shape)
+        x = x * (noise >= level[:, None].astype(np.uint8))
+        targets.append((level / 256.0 / aug.example_dropout_max).astype(np.float32))
     if aug.task_mask is not None:
         x = x * aug.task_mask[None, :]
     if aug.feature_index is not None:

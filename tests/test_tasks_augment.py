@@ -41,8 +41,10 @@ def _task_augment(config, num_classes=4, dim=196, permute=False, seed=0):
                         premade_seed=0)
 
 
-def test_geometric_targets_match_the_transform_applied():
-    aug = _task_augment(AugmentConfig(geometric_prob=1.0, x_shift_prob=1.0))
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_geometric_targets_match_the_transform_applied(interpolation):
+    aug = _task_augment(AugmentConfig(geometric_prob=1.0, x_shift_prob=1.0,
+                                      interpolation=interpolation))
     assert aug.target_names == ["sin_rotation", "cos_rotation", "shift_x", "shift_y",
                                 "x_shift"]
     x = _images(64)
