@@ -1,11 +1,15 @@
 """``metalearn data`` and ``metalearn bench tasks`` end to end (in process)."""
 
 import json
+import atexit
 import os
+import shutil
 import tempfile
 
+# One throwaway parquet cache per test process, never the user's.
 os.environ["METALEARN_CACHE"] = os.path.join(tempfile.gettempdir(),
                                              f"metalearn-test-cache-{os.getpid()}")
+atexit.register(shutil.rmtree, os.environ["METALEARN_CACHE"], True)
 
 import pytest
 

@@ -1,11 +1,15 @@
 """Fashion-MNIST from IDX files: the real Debian files, the parser, clear errors."""
 
+import atexit
 import gzip
 import os
+import shutil
 import tempfile
 
+# One throwaway parquet cache per test process, never the user's.
 os.environ["METALEARN_CACHE"] = os.path.join(tempfile.gettempdir(),
                                              f"metalearn-test-cache-{os.getpid()}")
+atexit.register(shutil.rmtree, os.environ["METALEARN_CACHE"], True)
 
 import numpy as np
 import pytest

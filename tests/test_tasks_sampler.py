@@ -1,11 +1,15 @@
 """The task sampler: determinism, class balance, shapes of the contract, bad configs."""
 
 import json
+import atexit
 import os
+import shutil
 import tempfile
 
+# One throwaway parquet cache per test process, never the user's.
 os.environ["METALEARN_CACHE"] = os.path.join(tempfile.gettempdir(),
                                              f"metalearn-test-cache-{os.getpid()}")
+atexit.register(shutil.rmtree, os.environ["METALEARN_CACHE"], True)
 
 import numpy as np
 import pytest
