@@ -249,7 +249,11 @@ class TaskSampler:
     """Draws tasks from a mix. Loads every source with weight > 0 once, up front, so
     bad configs (missing data, N-way larger than a source's classes) fail here."""
 
-    def __init__(self, mix: Any, data_dir: str | None = None, *, progress: bool = False):
+    def __init__(self, mix: Any, data_dir: str | None = None, *, progress: bool = False,
+                 datasets: dict[str, Dataset] | None = None):
+        """mix: path, dict or MixConfig. data_dir: TFDS data dir (overrides the mix's).
+        datasets: already loaded sources by name (e.g. read from Ray's object store),
+        used instead of ``tasks.sources.load``."""
         self.mix = load_mix(mix)
         options = self.mix.sources
         if data_dir is not None:
@@ -263,7 +267,8 @@ class TaskSampler:
         self._pools: list[np.ndarray] = []
         self._fixed: list[np.ndarray | None] = []
         for comp in self._active:
-            source = load(comp.source, options=options, progress=progress)
+            source = ((datasets or {}).get(comp.source)
+                      or load(comp.source, options=options, progress=progress))
             pool = self._pool(comp, source)
             self._sources.append(source)
             self._data.append(preprocess.prepared(source, comp.preprocess))

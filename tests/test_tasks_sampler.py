@@ -200,3 +200,22 @@ def test_paper_mix_under_mock_tfds(tmp_path):
         pair = task.labelled_pair(2, 3)
         assert pair.x_train.shape[-1] == task.input_size
     assert dims == {"glyphs": 196, "cifar10": 256, "imagenet16": 256}
+
+
+def test_preloaded_datasets_are_used_as_given():
+    # What a Ray worker does with arrays from the object store (read-only numpy).
+    from tasks.sources import load
+    digits = load("digits")
+    frozen = type(digits)(digits.name, digits.x.copy(), digits.y.copy(), digits.class_names,
+                          digits.modality)
+    frozen.x.setflags(write=False)
+    frozen.y.setflags(write=False)
+    sampler = TaskSampler({"components": [{"source": "digits", "augment": NOISE}]},
+                          datasets={"digits": frozen})
+    assert sampler.dataset("digits") is frozen
+    task = sampler.sample(1)
+    assert task.inner_batch(8).shape == (8, 64)
+    reference = TaskSampler({"components": [{"source": "digits", "augment": NOISE}]}).sample(1)
+    reference.inner_batch(8)  # same position in the task's stream
+    np.testing.assert_array_equal(task.labelled_pair(2, 3).x_train,
+                                  reference.labelled_pair(2, 3).x_train)
