@@ -16,9 +16,11 @@ meta-objective as extra regression columns:
                  pre-made permutations (no target: the class already identifies it)
   and always (``permute_inputs``) one per-task permutation of the features.
 
-Images are warped by tabulated gathers (rotation quantised to ``rotation_bins``
-angles, then integer shifts), bilinear or nearest, zero outside the image. Order per example: warp, flatten, dropout masks, class permutation, task
-permutation; the two permutations are composed into one gather index per class.
+Semantics per example: warp (rotation quantised to ``rotation_bins`` angles and integer
+shifts, one affine map, nearest or bilinear, zero outside the image), flatten, dropout
+masks, class permutation, task permutation. ``assemble`` folds all of it into index
+arithmetic on the dataset array: one gather per interpolation tap, no per-example
+Python.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class TaskAugment:
     task_dropout_rate: float
     class_perm_ids: np.ndarray | None  # [n_classes] ids into the pre-made set
     feature_index: np.ndarray | None
+    # Index plans per example shape, built on the first batch (see ``_plan``).
+    plans: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def target_names(self) -> list[str]:
@@ -234,53 +238,137 @@ def warp(images: np.ndarray, angle_bin: np.ndarray, shift: np.ndarray, *, bins: 
     return out.transpose(0, 2, 1).reshape(b, h, w, c)
 
 
-def apply(aug: TaskAugment, x: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-          is_image: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Augment one batch.
-
-    x: [B, H, W, C] float32 images or [B, D] float32 vectors; labels: [B] task-local
-    class ids. Returns (features [B, D] float32, targets [B, R] float32 with R =
-    ``aug.num_targets``).
-    """
-    b = x.shape[0]
+def _draw_geometry(aug: TaskAugment, b: int, rng: np.random.Generator):
+    """Per-example warp parameters and their targets: (angle_bin [B], shift [B, 2], list)."""
+    angle_bin = np.zeros(b, np.int64)
+    shift = np.zeros((b, 2), np.int64)
     targets = []
+    if aug.geometric:
+        # Uniform in [-max/2, max/2) degrees, quantised to the tabulated bins; the
+        # target is the angle actually applied.
+        step = 360.0 / aug.rotation_bins
+        half = aug.max_rotation / 2.0
+        degrees = np.round(rng.uniform(-half, half, b) / step) * step
+        angle_bin = np.mod(np.round(degrees / step), aug.rotation_bins).astype(np.int64)
+        angle = np.deg2rad(degrees)
+        shift = rng.integers(-aug.max_shift, aug.max_shift + 1, (b, 2))
+        targets += [np.sin(angle), np.cos(angle), shift[:, 0] / aug.max_shift,
+                    shift[:, 1] / aug.max_shift]
+    if aug.x_shift:
+        extra = rng.integers(-aug.max_x_shift, aug.max_x_shift + 1, b)
+        shift = shift.copy()
+        shift[:, 0] += extra
+        targets.append(extra / aug.max_x_shift)
+    return angle_bin, shift, targets
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Per-task constants of ``assemble`` for one example shape; arrays are [F, D] with
+    F = 1 (shared) or n_classes (per-class permutations), indexed by label if F > 1."""
+
+    feature: np.ndarray  # input feature read by each output feature
+    mask: np.ndarray | None  # task dropout mask in output order, float32
+    start: np.ndarray | None  # warp-table position of each output feature's pixel
+    channel: np.ndarray | None  # colour channel of each output feature (C > 1)
+    pad: int  # shift bound of the warp table (power of two)
+
+
+def _plan(aug: TaskAugment, shape: tuple[int, ...], is_image: bool) -> _Plan:
+    key = (shape, is_image)
+    plan = aug.plans.get(key)
+    if plan is not None:
+        return plan
+    d = int(np.prod(shape))
+    feature = (np.arange(d)[None, :] if aug.feature_index is None else aug.feature_index)
+    feature = feature.astype(np.int32)
+    mask = None if aug.task_mask is None else aug.task_mask[feature]
+    start = channel = None
+    pad = 0
     if is_image and (aug.geometric or aug.x_shift):
-        angle_bin = np.zeros(b, np.int64)
-        shift = np.zeros((b, 2), np.int64)
-        if aug.geometric:
-            # Uniform in [-max/2, max/2) degrees, quantised to the tabulated bins; the
-            # target is the angle actually applied.
-            step = 360.0 / aug.rotation_bins
-            half = aug.max_rotation / 2.0
-            degrees = np.round(rng.uniform(-half, half, b) / step) * step
-            angle_bin = np.mod(np.round(degrees / step), aug.rotation_bins).astype(np.int64)
-            angle = np.deg2rad(degrees)
-            shift = rng.integers(-aug.max_shift, aug.max_shift + 1, (b, 2))
-            targets += [np.sin(angle), np.cos(angle), shift[:, 0] / aug.max_shift,
-                        shift[:, 1] / aug.max_shift]
-        if aug.x_shift:
-            extra = rng.integers(-aug.max_x_shift, aug.max_x_shift + 1, b)
-            shift = shift.copy()
-            shift[:, 0] += extra
-            targets.append(extra / aug.max_x_shift)
-        x = warp(x, angle_bin, shift, bins=aug.rotation_bins, interpolation=aug.interpolation)
-    x = x.reshape(b, -1)
+        h, w = shape[:2]
+        c = shape[2] if len(shape) == 3 else 1
+        bound = aug.max_shift * aug.geometric + aug.max_x_shift * aug.x_shift
+        pad = 1 << (max(1, bound) - 1).bit_length()
+        pixel, channel = (feature, None) if c == 1 else np.divmod(feature, c)
+        pi, pj = np.divmod(pixel, w)
+        start = ((pi + pad) * (w + 2 * pad) + pj + pad).astype(np.int32)
+    plan = _Plan(feature, mask, start, channel, pad)
+    aug.plans[key] = plan
+    return plan
+
+
+def assemble(aug: TaskAugment, data: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+             rng: np.random.Generator, is_image: bool,
+             scale=None) -> tuple[np.ndarray, np.ndarray]:
+    """Gather, warp, mask and permute a batch straight from the dataset array.
+
+    data: [N, H, W, C] images (uint8 or float) or [N, D] vectors, C-contiguous;
+    ids: [B] example ids; labels: [B] task-local class ids; scale: maps the gathered
+    [B, D] values to float32 (default: cast).
+    Returns (features [B, D] float32, targets [B, R] float32, R = ``aug.num_targets``).
+
+    Every step is folded into index arithmetic, so the whole batch costs one gather
+    from ``data`` per interpolation tap: output feature k of example b is input
+    feature f = perm_b[k] (class and task permutations composed), i.e. pixel p = f // C,
+    channel f % C, of the warped image, which the warp table maps to a source pixel.
+    """
+    b = ids.shape[0]
+    n = data.shape[0]
+    shape = tuple(data.shape[1:])
+    d = int(np.prod(shape))
+    flat = data.reshape(-1)  # a view: prepared arrays are contiguous
+    plan = _plan(aug, shape, is_image)
+    per_class = plan.feature.shape[0] > 1
+    pick = (lambda a: a[labels]) if per_class else (lambda a: a)
+    # int32 index arithmetic halves memory traffic; int64 only for huge arrays.
+    itype = np.int32 if n * d < 2 ** 31 - 1 else np.int64
+    base = (ids.astype(itype) * itype(d))[:, None]
+    targets = []
+    if plan.start is not None:
+        h, w = shape[:2]
+        c = shape[2] if len(shape) == 3 else 1
+        hw = h * w
+        angle_bin, shift, targets = _draw_geometry(aug, b, rng)
+        index, weight = warp_table(h, w, aug.rotation_bins, aug.interpolation, plan.pad)
+        wp = w + 2 * plan.pad
+        grid = (h + 2 * plan.pad) * wp
+        offset = (angle_bin * grid - shift[:, 1] * wp - shift[:, 0]).astype(np.int32)
+        row = pick(plan.start) + offset[:, None]  # [B, D] positions in the table
+        x = None
+        for tap in range(index.shape[0]):
+            src = np.take(index[tap], row).astype(itype, copy=False)
+            inside = src < hw  # index hw marks "outside the image"
+            np.minimum(src, hw - 1, out=src)
+            if plan.channel is not None:
+                src *= c
+                src += pick(plan.channel)
+            src += base
+            vals = np.take(flat, src)
+            vals = scale(vals) if scale else vals.astype(np.float32)
+            wts = np.take(weight[tap], row) * inside if index.shape[0] > 1 else inside
+            vals *= wts
+            x = vals if x is None else x + vals
+    else:
+        x = np.take(flat, base + pick(plan.feature))
+        x = scale(x) if scale else x.astype(np.float32)
     if aug.example_dropout:
         # Rates in 1/256 steps compared with random bytes: a third of the cost of
         # float uniforms, and the target is still exactly the rate applied.
         level = np.round(rng.uniform(0.0, aug.example_dropout_max, b) * 256.0)
         noise = np.frombuffer(rng.bytes(x.size), np.uint8).reshape(x.shape)
-        x = x * (noise >= level[:, None].astype(np.uint8))
-        targets.append((level / 256.0 / aug.example_dropout_max).astype(np.float32))
-    if aug.task_mask is not None:
-        x = x * aug.task_mask[None, :]
-    if aug.feature_index is not None:
-        if aug.feature_index.shape[0] == 1:
-            x = x[:, aug.feature_index[0]]
-        else:
-            d = x.shape[1]
-            flat_index = aug.feature_index[labels] + (np.arange(b) * d)[:, None]
-            x = x.reshape(-1)[flat_index]
+        x *= noise >= level[:, None].astype(np.uint8)
+        targets.append(level / 256.0 / aug.example_dropout_max)
+    if plan.mask is not None:
+        x *= pick(plan.mask)  # the task's mask lives in input-feature space
     y = (np.stack(targets, axis=1).astype(np.float32) if targets
          else np.zeros((b, 0), np.float32))
     return np.ascontiguousarray(x, dtype=np.float32), y
+
+
+def apply(aug: TaskAugment, x: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+          is_image: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Augment a batch already in memory: x [B, H, W, C] images or [B, D] vectors
+    (float32). Same as ``assemble`` with the batch as the dataset."""
+    x = np.ascontiguousarray(x)
+    return assemble(aug, x, np.arange(x.shape[0]), labels, rng, is_image)

@@ -87,14 +87,15 @@ _LOCK = threading.Lock()
 def prepared(dataset: Dataset, config: PreprocessConfig) -> np.ndarray:
     """The dataset's examples preprocessed once per process.
 
-    images: [N, S, S, C] uint8; vectors/text: [N, D] float32 (unchanged).
+    images: [N, S, S, C] uint8; vectors/text: [N, D] float32 (unchanged), C-contiguous.
     """
-    if dataset.modality != "image":
-        return dataset.x
     key = (id(dataset), config)
     with _LOCK:
         if key not in _PREPARED:
-            _PREPARED[key] = (dataset, prepare_images(dataset.x, config))
+            # Contiguous, so batches can gather from a flat view without copies.
+            x = (prepare_images(dataset.x, config) if dataset.modality == "image"
+                 else dataset.x)
+            _PREPARED[key] = (dataset, np.ascontiguousarray(x))
         return _PREPARED[key][1]
 
 

@@ -199,8 +199,11 @@ class Task:
         """Features [B, D] and regression targets [B, R] of examples given by task-local
         class ids and positions within their class (both [B])."""
         ids = self._order[self._offsets[local] + positions]
-        x = preprocess.scale(self._data[ids], self._config.preprocess, self._source.modality)
-        return aug_lib.apply(self.augment, x, local, self._rng, self._is_image)
+        return aug_lib.assemble(self.augment, self._data, ids, local, self._rng,
+                                self._is_image, scale=self._scale)
+
+    def _scale(self, values: np.ndarray) -> np.ndarray:
+        return preprocess.scale(values, self._config.preprocess, self._source.modality)
 
     def inner_batch(self, batch_size: int) -> np.ndarray:
         """[B, D] float32 unlabelled examples (classes uniform), augmented and permuted."""

@@ -114,3 +114,27 @@ def test_bad_config():
         AugmentConfig(geometric_prob=1.5)
     with pytest.raises(ConfigError, match="interpolation"):
         AugmentConfig(interpolation="cubic")
+
+
+@pytest.mark.parametrize("channels,interpolation", [(1, "nearest"), (3, "nearest"),
+                                                    (1, "bilinear"), (3, "bilinear")])
+def test_folded_gather_equals_warp_mask_then_permute(channels, interpolation):
+    """assemble() does everything in one gather; check it against the plain pipeline."""
+    size, n = 16, 40
+    config = AugmentConfig(geometric_prob=1.0, x_shift_prob=1.0, task_dropout_prob=1.0,
+                           class_permutation_prob=1.0, interpolation=interpolation)
+    aug = _task_augment(config, num_classes=3, dim=size * size * channels, permute=True)
+    data = np.random.default_rng(1).integers(0, 256, (100, size, size, channels)).astype(np.uint8)
+    ids = np.random.default_rng(2).integers(0, 100, n)
+    labels = np.arange(n) % 3
+    scale = lambda v: v.astype(np.float32) / 255  # noqa: E731
+    out, targets = augment.assemble(aug, data, ids, labels, np.random.default_rng(3), True,
+                                    scale=scale)
+    bins = np.mod(np.round(np.rad2deg(np.arctan2(targets[:, 0], targets[:, 1]))), 360)
+    dx = np.round(targets[:, 2] * aug.max_shift + targets[:, 4] * aug.max_x_shift)
+    dy = np.round(targets[:, 3] * aug.max_shift)
+    warped = augment.warp(scale(data[ids]), bins.astype(int),
+                          np.stack([dx, dy], 1).astype(int), interpolation=interpolation)
+    flat = warped.reshape(n, -1) * aug.task_mask
+    expected = np.stack([flat[i, aug.feature_index[labels[i]]] for i in range(n)])
+    np.testing.assert_allclose(out, expected, atol=1e-5)
