@@ -112,7 +112,7 @@ def source_options(args, base=None):
 def _load(args):
     from tasks.sources import load
 
-    return load(args.name, options=source_options(args), progress=sys.stderr.isatty())
+    return load(args.name, options=source_options(args), progress=True)  # bar on stderr
 
 
 def run_list(args) -> int:
@@ -166,7 +166,7 @@ def run_sample(args) -> int:
 
     mix = load_mix(args.mix or DEFAULT_MIX)
     mix = dataclasses.replace(mix, sources=source_options(args, mix.sources))
-    sampler = TaskSampler(mix, progress=sys.stderr.isatty())
+    sampler = TaskSampler(mix, progress=True)
     task = sampler.sample(args.seed)
     meta = task.metadata()
     if args.json:

@@ -105,7 +105,7 @@ class LengthConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MixConfig:
-    components: tuple[ComponentConfig, ...]
+    components: tuple[ComponentConfig, ...] = ()
     architecture: ArchitectureConfig = ArchitectureConfig()
     length: LengthConfig = LengthConfig()
     sources: SourceOptions = SourceOptions()
@@ -131,7 +131,11 @@ def load_mix(mix: str | os.PathLike | dict | MixConfig) -> MixConfig:
         if not os.path.exists(path):
             raise FileNotFoundError(f"task mix file {path} not found")
         with open(path) as f:
-            mix = yaml.safe_load(f) or {}
+            try:
+                mix = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                message = " ".join(str(err).split())  # one line for the CLI
+                raise ConfigError(f"task mix {path} is not valid YAML: {message}") from None
     if not isinstance(mix, dict):
         raise ConfigError(f"a task mix must be a mapping, got {type(mix).__name__}")
     return from_dict(MixConfig, mix)

@@ -147,6 +147,10 @@ def test_sampling_is_fast(sampler):
 def test_bad_mixes_are_clear_errors():
     with pytest.raises(ConfigError, match="unknown config key components\\[0\\]|bogus"):
         load_mix(small_mix(components=[{"source": "digits", "bogus": 1}]))
+    with pytest.raises(ConfigError, match="components: need at least one"):
+        load_mix({})
+    with pytest.raises(ConfigError, match="components: need at least one"):
+        load_mix({"components": [{"source": "digits", "weight": 0}]})
     with pytest.raises(ConfigError, match="unknown config key wat"):
         load_mix(small_mix(wat=1))
     with pytest.raises(ConfigError, match="components\\[0\\].source: unknown source 'nope'"):
