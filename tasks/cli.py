@@ -8,7 +8,7 @@
 
 Source options: --data-dir DIR (TFDS data dir), --fashion-mnist-dir DIR, --download,
 --cache-dir DIR, --no-cache, --glyph-blocks a,b (subset of Unicode blocks),
---glyph-max-fonts N. Errors about missing data print as one line saying what to
+--glyph-max-fonts N, --glyph-bundled-only. Errors about missing data print as one line saying what to
 install or pass.
 """
 
@@ -77,6 +77,8 @@ def _source_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated Unicode blocks to render (default all)")
     g.add_argument("--glyph-max-fonts", type=int, default=None,
                    help="render from at most N fonts (quick looks)")
+    g.add_argument("--glyph-bundled-only", action="store_true",
+                   help="only matplotlib's bundled fonts (what a bare machine has)")
 
 
 def source_options(args, base=None):
@@ -100,6 +102,8 @@ def source_options(args, base=None):
         glyphs["blocks"] = [b.strip() for b in args.glyph_blocks.split(",") if b.strip()]
     if args.glyph_max_fonts is not None:
         glyphs["max_fonts"] = args.glyph_max_fonts
+    if args.glyph_bundled_only:
+        glyphs["system_fonts"] = False
     if glyphs != options.glyphs:
         changes["glyphs"] = glyphs
     options = dataclasses.replace(options, **changes)

@@ -45,9 +45,15 @@ def build_digits(options: SourceOptions, progress: bool = True) -> Dataset:
 def build_two_moons(options: SourceOptions, progress: bool = True) -> Dataset:
     from sklearn.datasets import make_moons
 
+    import sklearn
+
     cfg = TWO_MOONS
-    x, y = make_moons(n_samples=cfg.num_examples, noise=cfg.noise, random_state=cfg.seed)
-    # Cheap to generate: no cache file.
-    return Dataset("two_moons", x.astype(np.float32), y.astype(np.int32), ("upper", "lower"),
-                   "vector", info={"origin": "sklearn.datasets.make_moons",
-                                   **dataclasses.asdict(cfg)})
+
+    def build() -> Dataset:
+        x, y = make_moons(n_samples=cfg.num_examples, noise=cfg.noise, random_state=cfg.seed)
+        return Dataset("two_moons", x.astype(np.float32), y.astype(np.int32),
+                       ("upper", "lower"), "vector",
+                       info={"origin": "sklearn.datasets.make_moons", **dataclasses.asdict(cfg)})
+
+    return cached("two_moons", {"sklearn": sklearn.__version__, **dataclasses.asdict(cfg)},
+                  build, options)

@@ -56,12 +56,17 @@ def _open(tfds_name: str, split: str, options: SourceOptions):
             f"--data-dir (TFDS said: {type(err).__name__}: {str(err)[:200]})") from None
 
 
-def _read_all(source, desc: str, progress: bool) -> list[dict]:
-    """Every example of a data source as a list of dicts (read once, then cached)."""
+def _read_all(source, desc: str, progress: bool, convert=None) -> list:
+    """Every example of a data source, read once in chunks (then cached as parquet).
+
+    convert: maps a chunk (list of example dicts) to something compact (e.g. stacked
+    arrays), so a million-example split is never held as a million dicts.
+    Returns the list of converted chunks (or of examples when ``convert`` is None).
+    """
     from tqdm import tqdm
 
     n = len(source)
-    out: list[dict] = []
+    out: list = []
     with tqdm(total=n, desc=desc, unit="ex", disable=not progress) as bar:
         for start in range(0, n, _CHUNK):
             keys = list(range(start, min(n, start + _CHUNK)))
@@ -69,7 +74,10 @@ def _read_all(source, desc: str, progress: bool) -> list[dict]:
                 chunk = list(source.__getitems__(keys))
             except Exception:  # noqa: BLE001 - some sources lack batched reads
                 chunk = [source[k] for k in keys]
-            out.extend(chunk)
+            if convert is None:
+                out.extend(chunk)
+            else:
+                out.append(convert(chunk))
             bar.update(len(keys))
     return out
 
@@ -98,10 +106,14 @@ def _image_source(name: str, tfds_name: str, splits: tuple[str, ...], options: S
 
     def build() -> Dataset:
         xs, ys = [], []
+        def convert(chunk):
+            return (np.stack([np.asarray(e["image"], np.uint8) for e in chunk]),
+                    np.asarray([int(e["label"]) for e in chunk], np.int32))
+
         for split, src in sources.items():
-            examples = _read_all(src, f"{name}:{split}", progress)
-            xs.append(np.stack([np.asarray(e["image"], np.uint8) for e in examples]))
-            ys.append(np.asarray([int(e["label"]) for e in examples], np.int32))
+            for images, labels in _read_all(src, f"{name}:{split}", progress, convert):
+                xs.append(images)
+                ys.append(labels)
         x = np.concatenate(xs)
         if x.ndim == 4 and x.shape[-1] == 1:
             x = x[..., 0]  # grey images are stored [N, H, W]
