@@ -172,18 +172,11 @@ class MetaGradient:
             _, pullback = fwd_store(theta, params, x, pair)
             return pullback((g_params, weight))
 
-        def bwd_recompute_first(theta, params, x, pair, g_params, weight):
-            # At the truncation's start phi is a constant: skip its cotangent.
-            _, pullback = jax.vjp(lambda th: fwd(th, params, x, pair), theta)
-            return pullback((g_params, weight))[0]
-
         tasks = 0 if num_tasks else None
         self._fwd = jax.jit(vm(fwd, (None, tasks, tasks, tasks)))
         self._fwd_store = jax.jit(vm(fwd_store, (None, tasks, tasks, tasks)))
         self._pull = jax.jit(vm(lambda pb, ct: pb(ct), (tasks, tasks)))
         self._bwd = jax.jit(vm(bwd_recompute, (None, tasks, tasks, tasks, tasks, tasks)))
-        self._bwd_first = jax.jit(vm(bwd_recompute_first,
-                                     (None, tasks, tasks, tasks, tasks, tasks)))
         self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
         self._finite = jax.jit(vm(lambda loss, g: jnp.logical_and(jnp.all(jnp.isfinite(loss)),
                                                                   _all_finite(g)), (tasks, tasks)))
@@ -252,10 +245,11 @@ class MetaGradient:
             if store:
                 g_th, g_params = self._pull(pullbacks[t], (g_params, weight))
                 pullbacks[t] = None  # free residuals as soon as they are used
-            elif t > 0:
-                g_th, g_params = self._bwd(theta, history[t], xs[t], pairs[t], g_params, weight)
             else:
-                g_th = self._bwd_first(theta, history[t], xs[t], pairs[t], g_params, weight)
+                # (At t = 0 the phi cotangent is computed and dropped: phi at the start
+                # of a truncation is a constant. A theta-only VJP would spare that
+                # work at the price of one more compilation.)
+                g_th, g_params = self._bwd(theta, history[t], xs[t], pairs[t], g_params, weight)
             g_theta = g_th if g_theta is None else self._add(g_theta, g_th)
 
         step_losses = jnp.stack(losses, axis=-1)
