@@ -134,10 +134,12 @@ class Learner:
         self._apply = jax.jit(apply, donate_argnums=(1,))
         self.step = 0
         self.version = 0
+        self.stop_step = 0  # > 0: apply no update beyond this step
         self.rng = np.random.default_rng(config.seed)
         self._reset_buffer()
         self.counters = collections.Counter(received=0, applied=0, dropped_stale=0,
-                                            dropped_nonfinite=0, dropped_generation=0)
+                                            dropped_nonfinite=0, dropped_generation=0,
+                                            after_stop=0)
         self.losses: collections.deque = collections.deque(maxlen=config.loss_window)
         self.dataset_losses: dict[str, collections.deque] = {}
         self.wall_offset = 0.0  # wall seconds of earlier sessions (restored)
@@ -164,6 +166,9 @@ class Learner:
         """Take one gradient; returns the metrics row if it completed a meta-batch."""
         self.counters["received"] += 1
         self._received_since_update += 1
+        if self.stop_step and self.step >= self.stop_step:
+            self.counters["after_stop"] += 1  # the run is over: never applied
+            return None
         if sub.generation != self.generation:
             self.counters["dropped_generation"] += 1
             return None

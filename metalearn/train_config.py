@@ -145,6 +145,17 @@ class TasksConfig:
 
     mix: str = "experiments/tasks/local.yaml"  # relative paths: from the repository root
     data_dir: str | None = None
+    # Every new base-model shape (architecture, N-way, number of targets) costs one
+    # compilation of the meta-gradient (about a minute on one CPU core for the small
+    # rule), so CPU runs bound the shapes: ``architecture`` overrides keys of the mix's
+    # architecture section (min_layers, max_layers, min_width, max_width, activations),
+    # and a non-empty ``ways`` replaces the N-way choices of every non-fixed component.
+    architecture: dict = dataclasses.field(default_factory=dict)
+    ways: tuple[int, ...] = ()
+
+    def __hash__(self):
+        return hash((self.mix, self.data_dir, tuple(sorted(self.architecture.items())),
+                     self.ways))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,8 +53,25 @@ def make_sampler(config: TrainConfig):
     """The task sampler of ``config.tasks`` (import deferred: tasks may be heavy)."""
     from tasks.sampler import TaskSampler, load_mix
 
-    mix = load_mix(resolve_path(config.tasks.mix))
-    return TaskSampler(mix, data_dir=config.tasks.data_dir)
+    return TaskSampler(load_mix(mix_dict(config)), data_dir=config.tasks.data_dir)
+
+
+def mix_dict(config: TrainConfig) -> dict:
+    """The task mix of ``config.tasks`` as a dict, with its shape-bounding overrides."""
+    import yaml
+
+    path = resolve_path(config.tasks.mix)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"task mix file {path} not found")
+    with open(path) as f:
+        mix = yaml.safe_load(f) or {}
+    tasks = config.tasks
+    if tasks.architecture:
+        mix["architecture"] = {**(mix.get("architecture") or {}), **tasks.architecture}
+    if tasks.ways:
+        mix["components"] = [c if c.get("fixed") else {**c, "ways": list(tasks.ways)}
+                             for c in mix.get("components", [])]
+    return mix
 
 
 def task_dataset_name(task) -> str:

@@ -117,6 +117,7 @@ class LearnerActor:
         theta = init_theta(jax.random.key(self.config.learner.seed), self.config.rule)
         flat = ravel_pytree(theta)[0]
         self.learner = Learner(flat, self.config.learner, self.config.curriculum)
+        self.learner.stop_step = self.config.run.steps
         self.checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR),
                                          keep=self.config.learner.keep_checkpoints)
         self.restored_step = None

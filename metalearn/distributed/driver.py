@@ -316,11 +316,10 @@ class Trainer:
             ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
             if ready:  # take everything that is ready, not just the first
                 ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-            finished = []
-            for ref in ready:
+            finished = [ref for ref in ready if ref in pending]
+            for ref in [ref for ref in ready if ref in learner_pending]:
                 if ref not in learner_pending:
-                    finished.append(ref)
-                    continue
+                    continue  # the learner was replaced while handling an earlier reply
                 learner_pending.discard(ref)
                 try:
                     replies = ray.get(ref)

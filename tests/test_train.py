@@ -1,0 +1,133 @@
+"""`metalearn train` end to end on a local Ray (2 CPUs): runs, resume, faults, bad input."""
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from metalearn.cli import main
+from metalearn.config import ConfigError
+from metalearn.train_config import config_to_yaml
+from train_helpers import tiny_config
+
+REQUIRED = ["step", "meta_loss", "grads_per_s", "staleness_mean", "dropped_stale",
+            "dropped_nonfinite", "lr", "unroll_min", "unroll_max", "wall_s"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("config")
+    path = directory / "tiny.yaml"
+    path.write_text(config_to_yaml(tiny_config(directory)))
+    return str(path)
+
+
+def snapshot(folder) -> dict:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            out[path] = (os.path.getsize(path), os.path.getmtime(path))
+    return out
+
+
+def steps_of(run_dir) -> list[int]:
+    return pq.read_table(os.path.join(run_dir, "metrics.parquet")).column("step").to_pylist()
+
+
+def test_train_then_resume_continues_step_count(ray_session, config_file, tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert main(["train", "--config", config_file, "--out", run_dir, "--steps", "3",
+                 "--tensorboard"]) == 0
+    table = pq.read_table(os.path.join(run_dir, "metrics.parquet"))
+    assert set(REQUIRED) <= set(table.column_names)
+    assert "loss/digits" in table.column_names
+    assert table.column("step").to_pylist() == [1, 2, 3]
+    assert np.isfinite(table.column("meta_loss").to_numpy()).all()
+    assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+    assert os.path.isfile(os.path.join(run_dir, "theta_latest.npz"))
+    assert os.listdir(os.path.join(run_dir, "tensorboard"))
+    from metalearn.checkpoint import Checkpointer, load_theta
+    assert Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True).steps()[-1] == 3
+    assert load_theta(run_dir)[2] == 3
+
+    assert main(["train", "--resume", run_dir, "--steps", "5"]) == 0
+    assert steps_of(run_dir) == [1, 2, 3, 4, 5]
+    assert load_theta(run_dir)[2] == 5
+
+
+def test_killed_worker_replaced_and_killed_learner_resumes(ray_session, tmp_path):
+    from metalearn.distributed.driver import train
+
+    config = tiny_config(tmp_path, learner={"meta_batch": 2, "checkpoint_minutes": 1e-5},
+                         run={"steps": 6, "minutes": 4.0})
+    killed = {}
+
+    def on_reply(trainer, reply):
+        import ray
+        row = reply["row"]
+        if row is None:
+            return
+        if row["step"] == 1 and "worker" not in killed:
+            killed["worker"] = row["step"]
+            ray.kill(trainer.workers[0], no_restart=False)
+        if row["step"] == 3 and "learner" not in killed:
+            killed["learner"] = row["step"]
+            ray.kill(trainer.learner, no_restart=True)
+
+    summary = train(config, str(tmp_path / "faults"), on_reply=on_reply)
+    assert killed == {"worker": 1, "learner": 3}
+    assert summary.worker_failures >= 1
+    assert summary.learner_restarts == 1
+    assert summary.final_step == 6
+    # The learner checkpoints every update here, so it resumed at step 3 and the step
+    # count continued: every step appears once in the metrics.
+    assert steps_of(str(tmp_path / "faults")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_bad_inputs_are_clear_and_touch_nothing(config_file, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(open(config_file).read().replace("meta_batch:", "meta_bach:"))
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown config key learner.meta_bach" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+    not_run = tmp_path / "not_a_run"
+    not_run.mkdir()
+    (not_run / "notes.txt").write_text("hello")
+    before = snapshot(not_run)
+    assert main(["train", "--resume", str(not_run)]) == 2
+    assert "not a metalearn run folder" in capsys.readouterr().err
+    assert snapshot(not_run) == before
+
+    assert main(["train", "--config", config_file, "--out", str(not_run)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert snapshot(not_run) == before
+
+
+def test_resume_with_different_rule_shape_refused(config_file, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(open(config_file).read())
+    before = snapshot(run_dir)
+    assert main(["train", "--resume", str(run_dir), "--set", "rule.compute_h_size=7"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "parameters" in err
+    assert snapshot(run_dir) == before
+    with pytest.raises(ConfigError):
+        from metalearn.train import resolve
+        import argparse
+        resolve(argparse.Namespace(resume=str(run_dir), config=None, out=None, minutes=None,
+                                   steps=None, workers=None, address=None,
+                                   set=["rule.kernel=5"], tensorboard=False))

@@ -1,0 +1,98 @@
+"""Worker logic without Ray: seeded task streams, truncations, theta versions."""
+
+import jax
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from metalearn.learner import Curriculum, Learner, Submission
+from metalearn.update_rule import init_theta
+from metalearn.worker import Worker, enable_compilation_cache, mix_dict
+from train_helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    config = tiny_config(tmp_path_factory.mktemp("tiny"))
+    enable_compilation_cache(config.worker.compilation_cache)  # as worker actors do
+    theta = np.asarray(ravel_pytree(init_theta(jax.random.key(0), config.rule))[0])
+    return config, theta
+
+
+def make_worker(config, theta, seed=7, index=0):
+    worker = Worker(config, index, seed)
+    worker.set_theta("gen", 3, theta)
+    return worker
+
+
+def test_truncations_carry_phi_then_new_task(setup):
+    config, theta = setup
+    worker = make_worker(config, theta)
+    assert not worker.needs_theta("gen", 3) and worker.needs_theta("gen", 4)
+    curriculum = Curriculum(2, 2, 2.0, min_truncations=3)
+    subs = [worker.run_truncation(curriculum) for _ in range(4)]
+    for s in subs:
+        assert isinstance(s, Submission) and s.grad.dtype == np.float32
+        assert s.grad.shape == theta.shape and np.isfinite(s.grad).all() and s.finite
+        assert (s.version, s.generation, s.num_steps, s.dataset) == (3, "gen", 2, "digits")
+        assert s.timings["grad_s"] > 0 and s.metadata["arch"] == [64, 8, 8]
+    seeds = [s.metadata["task_seed"] for s in subs]
+    counts = [s.metadata["truncation"] for s in subs]
+    # Truncations of one task share its seed; the count restarts with a new task.
+    assert counts[0] == 1 and counts[1] == 2 and seeds[1] == seeds[0]
+    assert counts[-1] == 1 and seeds[-1] != seeds[0]
+    # The learner accepts these gradients and applies them.
+    learner = Learner(theta, config.learner, config.curriculum, generation="gen")
+    learner.version = 3
+    rows = [learner.submit(s) for s in subs]
+    assert rows[1] is not None and rows[1]["step"] == 1
+    assert not np.array_equal(learner.theta, theta)
+
+
+def test_stream_is_seeded_and_reseed_draws_new_tasks(setup):
+    config, theta = setup
+    curriculum = Curriculum(2, 2, 2.0)
+    a = make_worker(config, theta, seed=11).run_truncation(curriculum)
+    b = make_worker(config, theta, seed=11).run_truncation(curriculum)
+    assert a.metadata["task_seed"] == b.metadata["task_seed"]
+    np.testing.assert_allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    worker = make_worker(config, theta, seed=11)
+    worker.reseed(12)
+    c = worker.run_truncation(curriculum)
+    assert c.metadata["task_seed"] != a.metadata["task_seed"]
+
+
+def test_nonfinite_theta_gives_nonfinite_submission_and_new_task(setup):
+    config, theta = setup
+    worker = make_worker(config, theta)
+    bad = theta.copy()
+    bad[:] = np.nan
+    worker.set_theta("gen", 4, bad)
+    first = worker.run_truncation(Curriculum(2, 2, 50.0))
+    assert not first.finite
+    worker.set_theta("gen", 5, theta)
+    second = worker.run_truncation(Curriculum(2, 2, 50.0))
+    assert second.finite and second.metadata["truncation"] == 1
+    assert second.metadata["task_seed"] != first.metadata["task_seed"]
+    learner = Learner(theta, config.learner, config.curriculum, generation="gen")
+    learner.version = 4
+    assert learner.submit(first) is None
+    assert learner.counters["dropped_nonfinite"] == 1
+
+
+def test_theta_of_wrong_size_rejected(setup):
+    config, theta = setup
+    worker = Worker(config, 0, 1)
+    with pytest.raises(ValueError, match="parameters"):
+        worker.set_theta("gen", 0, theta[:-1])
+    with pytest.raises(RuntimeError, match="no theta"):
+        Worker(config, 0, 1).run_truncation(Curriculum(2, 2, 1.0))
+
+
+def test_mix_overrides_bound_shapes(setup):
+    config, _ = setup
+    import dataclasses
+    tasks = dataclasses.replace(config.tasks, ways=(2,), architecture={"max_width": 16})
+    mix = mix_dict(dataclasses.replace(config, tasks=tasks))
+    assert mix["components"][0]["ways"] == [2]
+    assert mix["architecture"]["max_width"] == 16 and mix["architecture"]["min_width"] == 8
