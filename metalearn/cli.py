@@ -16,6 +16,7 @@ import sys
 COMMANDS = {
     "bench": ("metalearn.bench", "measure speed: inner-step, tasks"),
     "data": ("tasks.cli", "list, build, inspect and show data sources and tasks"),
+    "sweep": ("metalearn.sweep", "Ray Tune sweeps of meta-trainings (ASHA, PBT)"),
     "train": ("metalearn.train", "meta-train the update rule on Ray (asynchronous workers)"),
 }
 

@@ -1,0 +1,472 @@
+"""``metalearn sweep``: Ray Tune sweeps of whole asynchronous meta-trainings.
+
+    metalearn sweep experiments/sweeps/smoke.yaml --out sweeps/smoke
+    metalearn sweep experiments/sweeps/curriculum.yaml --out sweeps/curriculum --address auto
+    metalearn sweep experiments/sweeps/smoke.yaml --out sweeps/smoke --resume
+
+Each trial is one ``metalearn train`` session (driver loop, learner actor, N worker
+actors) inside a Tune function trainable. The trial reserves its resources as one
+placement group: a head bundle for the trial's driver and learner, one bundle per
+worker. Every ``trial.report_every`` learner steps the trial forces a learner
+checkpoint and reports the learner's metrics row together with a copy of its run
+folder (orbax checkpoints, config, metrics) as a ``tune.Checkpoint``. A trial started
+from a checkpoint (a resumed sweep, a retried failure, or PBT cloning a better trial)
+restores the learner from it and continues the donor's step count under its own,
+possibly mutated, config. The output folder gets ``results.parquet``, ``results.md``,
+``history.parquet`` (every report of every trial) and ``meta_loss.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import yaml
+
+from metalearn.config import ConfigError
+
+SPEC_FILE = "sweep.yaml"
+TUNE_DIR = "tune"
+SWEEP_META = "sweep.json"
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+# ---------------------------------------------------------------------------
+# the sweep definition
+
+@dataclasses.dataclass(frozen=True)
+class TrialSettings:
+    """Resources and limits of every trial."""
+
+    workers: int = 2  # worker actors per trial (one placement-group bundle each)
+    learner_cpus: float = 1.0  # head bundle: the trial's driver loop and its learner
+    steps: int = 100  # each trial stops at this learner step
+    minutes: float = 30.0  # and after this long (wall clock, per trial session)
+    report_every: int = 5  # learner steps between reports (each with a checkpoint)
+    spread: bool = False  # place the trial's bundles on different nodes if possible
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ConfigError(f"trial.workers must be >= 1, got {self.workers!r}")
+        if self.learner_cpus < 0:
+            raise ConfigError(f"trial.learner_cpus must be >= 0, got {self.learner_cpus!r}")
+        if self.steps < 1 or self.report_every < 1:
+            raise ConfigError("trial.steps and trial.report_every must be >= 1")
+        if not self.minutes > 0:
+            raise ConfigError(f"trial.minutes must be positive, got {self.minutes!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    base: str  # training config YAML the trials start from
+    overrides: tuple[str, ...]  # fixed ``key=value`` overrides on top of the base
+    search: dict  # dotted key -> {grid|choice|uniform|loguniform|randint: ...} or value
+    num_samples: int
+    metric: str
+    mode: str
+    max_concurrent: int
+    max_failures: int
+    trial: TrialSettings
+    scheduler: dict  # {"type": fifo|asha|pbt, ...}
+    path: str = ""
+
+
+def _check_search(key: str, value) -> None:
+    if isinstance(value, dict):
+        if len(value) != 1 or next(iter(value)) not in SEARCH_KINDS:
+            raise ConfigError(f"search.{key}: give one of {', '.join(SEARCH_KINDS)}, "
+                              f"got {sorted(value)}")
+        kind, arg = next(iter(value.items()))
+        if not isinstance(arg, list) or not arg:
+            raise ConfigError(f"search.{key}.{kind} must be a non-empty list")
+        if kind in ("uniform", "loguniform", "randint") and len(arg) != 2:
+            raise ConfigError(f"search.{key}.{kind} must be [low, high]")
+
+
+def load_spec(path: str) -> SweepSpec:
+    """Read and validate a sweep YAML; the trial config it makes is validated too."""
+    from metalearn.train_config import _Loader, resolve_path
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"sweep spec not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.load(f, Loader=_Loader) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    known = {"name", "base", "set", "search", "num_samples", "metric", "mode",
+             "max_concurrent", "max_failures", "trial", "scheduler"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sweep key {unknown[0]}")
+    search = raw.get("search") or {}
+    for key, value in search.items():
+        _check_search(key, value)
+    fixed = raw.get("set") or {}
+    overrides = tuple(f"{k}={json.dumps(v)}" for k, v in fixed.items())
+    trial_raw = raw.get("trial") or {}
+    bad = sorted(set(trial_raw) - {f.name for f in dataclasses.fields(TrialSettings)})
+    if bad:
+        raise ConfigError(f"{path}: unknown sweep key trial.{bad[0]}")
+    scheduler = dict(raw.get("scheduler") or {"type": "fifo"})
+    if scheduler.get("type", "fifo") not in ("fifo", "asha", "pbt"):
+        raise ConfigError(f"scheduler.type must be fifo, asha or pbt, "
+                          f"got {scheduler.get('type')!r}")
+    mode = raw.get("mode", "min")
+    if mode not in ("min", "max"):
+        raise ConfigError(f"mode must be min or max, got {mode!r}")
+    spec = SweepSpec(
+        name=str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]),
+        base=resolve_path(str(raw.get("base", "experiments/local.yaml"))),
+        overrides=overrides, search=dict(search),
+        num_samples=int(raw.get("num_samples", 1)),
+        metric=str(raw.get("metric", "meta_loss_rolling")), mode=mode,
+        max_concurrent=int(raw.get("max_concurrent", 0)),
+        max_failures=int(raw.get("max_failures", 2)),
+        trial=TrialSettings(**trial_raw), scheduler=scheduler,
+        path=os.path.abspath(path))
+    for key, value in spec.search.items():  # every searched value must make a valid config
+        if isinstance(value, dict):
+            kind, arg = next(iter(value.items()))
+            candidates = arg if kind in ("grid", "choice") else arg[:1]
+        else:
+            candidates = [value]
+        for candidate in candidates:
+            trial_config(spec, {key: candidate})
+    for key, value in (scheduler.get("mutations") or {}).items():
+        _check_search(key, value)
+        if "grid" in value or "randint" in value:
+            raise ConfigError(f"scheduler.mutations.{key}: use choice, uniform or loguniform")
+    return spec
+
+
+def trial_config(spec: SweepSpec, params: dict):
+    """The TrainConfig of one trial: base, fixed overrides, sampled values, trial limits."""
+    from metalearn.train_config import load_config
+
+    sampled = [f"{k}={json.dumps(v)}" for k, v in params.items()
+               if not k.startswith("_")]
+    limits = [f"run.steps={spec.trial.steps}", f"run.minutes={spec.trial.minutes}",
+              f"worker.num_workers={spec.trial.workers}"]
+    return load_config(spec.base, list(spec.overrides) + sampled + limits)
+
+
+def param_space(spec: SweepSpec) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, value in spec.search.items():
+        if not isinstance(value, dict):
+            space[key] = value
+            continue
+        kind, arg = next(iter(value.items()))
+        space[key] = {"grid": tune.grid_search, "choice": tune.choice}[kind](arg) \
+            if kind in ("grid", "choice") else getattr(tune, kind)(*arg)
+    return space
+
+
+def resources(spec: SweepSpec):
+    from ray import tune
+
+    trial = spec.trial
+    cpus = trial_config(spec, {}).worker.cpus_per_worker
+    return tune.PlacementGroupFactory(
+        [{"CPU": trial.learner_cpus}] + [{"CPU": cpus}] * trial.workers,
+        strategy="SPREAD" if trial.spread else "PACK")
+
+
+# ---------------------------------------------------------------------------
+# the trainable
+
+def _copy_run(run_dir: str, dest: str, meta: dict) -> None:
+    """Copy what a learner needs to resume (checkpoints, config, metrics) into dest."""
+    os.makedirs(dest, exist_ok=True)
+    shutil.copytree(os.path.join(run_dir, "checkpoints"), os.path.join(dest, "checkpoints"),
+                    ignore=shutil.ignore_patterns("*.orbax-checkpoint-tmp*"))
+    for name in ("config.yaml", "metrics.parquet", "theta_latest.npz"):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            shutil.copy2(path, dest)
+    with open(os.path.join(dest, SWEEP_META), "w") as f:
+        json.dump(meta, f)
+
+
+def run_trial(params: dict, spec: SweepSpec) -> None:
+    """Tune function trainable: one asynchronous meta-training, reported every
+    ``report_every`` learner steps with its checkpoint."""
+    import ray
+    from ray import tune
+
+    from metalearn.distributed.driver import Trainer, prepare_run_dir
+
+    config = trial_config(spec, params)
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    run_dir = tempfile.mkdtemp(prefix=f"metalearn-{trial_id}-")
+    extra = {"trial_id": trial_id, "restored_from": "", "restored_step": -1}
+    checkpoint = tune.get_checkpoint()
+    resume = checkpoint is not None
+    if resume:
+        with checkpoint.as_directory() as folder:
+            shutil.copytree(folder, run_dir, dirs_exist_ok=True)
+        with open(os.path.join(run_dir, SWEEP_META)) as f:
+            donor = json.load(f)
+        extra["restored_from"], extra["restored_step"] = donor["trial_id"], donor["step"]
+        print(f"trial {trial_id}: restoring step {donor['step']} of trial "
+              f"{donor['trial_id']}", file=sys.stderr)
+    prepare_run_dir(config, run_dir, resume)
+    state = {"reported": -1}
+
+    def report(trainer, row: dict) -> None:
+        step = ray.get(trainer.learner.checkpoint.remote())
+        staging = tempfile.mkdtemp(prefix=f"metalearn-report-{trial_id}-")
+        try:
+            _copy_run(run_dir, staging, {"trial_id": trial_id, "step": step})
+            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
+            metrics.update(extra, worker_failures=trainer.worker_failures,
+                           learner_restarts=trainer.learner_restarts)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        state["reported"] = row["step"]
+
+    def on_reply(trainer, reply: dict) -> None:
+        row = reply["row"]
+        if row is None or row["step"] <= state["reported"]:
+            return
+        if row["step"] % spec.trial.report_every == 0 or row["step"] >= spec.trial.steps:
+            report(trainer, row)
+
+    try:
+        Trainer(config, run_dir, resume=resume, num_workers=spec.trial.workers,
+                on_reply=on_reply).run()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Tune setup
+
+def make_scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    options = dict(spec.scheduler)
+    kind = options.pop("type", "fifo")
+    if kind == "fifo":
+        return FIFOScheduler()
+    if kind == "asha":
+        return ASHAScheduler(time_attr="step", max_t=spec.trial.steps,
+                             grace_period=int(options.get("grace_period", spec.trial.report_every)),
+                             reduction_factor=float(options.get("reduction_factor", 2)))
+    mutations = {}
+    from ray import tune
+    for key, value in (options.get("mutations") or {}).items():
+        kind_, arg = next(iter(value.items()))
+        mutations[key] = list(arg) if kind_ == "choice" else getattr(tune, kind_)(*arg)
+    if not mutations:
+        raise ConfigError("scheduler.mutations is required for pbt")
+    return PopulationBasedTraining(
+        time_attr="step",
+        perturbation_interval=int(options.get("perturbation_interval",
+                                              spec.trial.report_every)),
+        hyperparam_mutations=mutations,
+        quantile_fraction=float(options.get("quantile_fraction", 0.5)),
+        resample_probability=float(options.get("resample_probability", 0.25)),
+        synch=bool(options.get("synch", False)),
+        seed=options.get("seed"))
+
+
+def trainable(spec: SweepSpec):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(run_trial, spec=spec),
+                               resources(spec))
+
+
+def run_sweep(spec: SweepSpec, out: str, *, resume: bool = False):
+    """Run (or continue) the sweep in ``out``; returns the ResultGrid."""
+    from ray import tune
+
+    out = os.path.abspath(out)
+    storage = os.path.join(out, TUNE_DIR)
+    if resume:
+        if not tune.Tuner.can_restore(os.path.join(storage, spec.name)):
+            raise ConfigError(f"nothing to resume in {out} (no Tune experiment "
+                              f"{spec.name} in {storage})")
+        tuner = tune.Tuner.restore(os.path.join(storage, spec.name), trainable(spec),
+                                   resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable(spec),
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                scheduler=make_scheduler(spec),
+                max_concurrent_trials=spec.max_concurrent or None,
+                reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=spec.name, storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                verbose=1))
+    return tuner.fit()
+
+
+# ---------------------------------------------------------------------------
+# results
+
+def collect(results, spec: SweepSpec):
+    """(summary rows, history rows) of a ResultGrid."""
+    summary, history = [], []
+    for result in results:
+        frame = result.metrics_dataframe
+        rows = [] if frame is None else frame.to_dict("records")
+        trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(
+            str(result.path))
+        for row in rows:
+            history.append({
+                "trial_id": trial_id, "step": int(row.get("step", -1)),
+                "training_iteration": int(row.get("training_iteration", 0)),
+                "meta_loss": float(row.get("meta_loss", math.nan)),
+                "meta_loss_rolling": float(row.get("meta_loss_rolling", math.nan)),
+                "lr": float(row.get("lr", math.nan)),
+                "unroll_max": int(row.get("unroll_max", -1)),
+                "restored_from": str(row.get("restored_from", "") or ""),
+                "config": json.dumps({k[len("config/"):]: row[k] for k in row
+                                      if k.startswith("config/")}, default=str),
+            })
+        losses = [r.get(spec.metric) for r in rows if r.get(spec.metric) is not None]
+        best = (min if spec.mode == "min" else max)(losses) if losses else math.nan
+        last = rows[-1] if rows else {}
+        final_step = int(last.get("step", -1)) if rows else -1
+        status = ("ERROR" if result.error else "DONE" if final_step >= spec.trial.steps
+                  else "STOPPED")  # stopped early by the scheduler (or out of time)
+        entry = {"trial_id": trial_id, "status": status,
+                 "reports": len(rows),
+                 "final_step": final_step,
+                 f"final_{spec.metric}": float(last.get(spec.metric, math.nan)),
+                 f"best_{spec.metric}": float(best),
+                 "exploits": len({r.get("restored_step") for r in rows
+                                  if r.get("restored_from") not in (None, "", trial_id)}),
+                 "wall_s": float(last.get("time_total_s", math.nan))}
+        for key, value in sorted((result.config or {}).items()):
+            entry[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
+        summary.append(entry)
+    summary.sort(key=lambda r: (math.isnan(r[f"best_{spec.metric}"]),
+                                r[f"best_{spec.metric}"] * (1 if spec.mode == "min" else -1)))
+    return summary, history
+
+
+def _markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "(no trials)\n"
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v):
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.4g}"
+        return str(v).replace("|", "\\|")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    trials = list(dict.fromkeys(r["trial_id"] for r in history))
+    for index, trial in enumerate(trials):
+        rows = [r for r in history if r["trial_id"] == trial]
+        color = plt.cm.tab10(index % 10)
+        ax.plot([r["step"] for r in rows], [r["meta_loss_rolling"] for r in rows], "-o",
+                color=color, markersize=3, label=trial)
+        ax.plot([r["step"] for r in rows], [r["meta_loss"] for r in rows], ":",
+                color=color, alpha=0.5)
+        for previous, row in zip(rows, rows[1:]):
+            if row["restored_from"] and row["restored_from"] != previous["restored_from"]:
+                ax.annotate(f"from {row['restored_from'][-5:]}", (row["step"],
+                            row["meta_loss_rolling"]), fontsize=7, color=color)
+    ax.set_xlabel("learner step")
+    ax.set_ylabel("meta-loss (solid: rolling mean, dotted: meta-batch)")
+    ax.set_title(f"sweep {spec.name}: {len(trials)} trials, scheduler "
+                 f"{spec.scheduler.get('type', 'fifo')}")
+    ax.grid(alpha=0.3)
+    if trials:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(results, spec: SweepSpec, out: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    summary, history = collect(results, spec)
+    if summary:
+        pq.write_table(pa.Table.from_pylist(summary), os.path.join(out, "results.parquet"))
+    if history:
+        pq.write_table(pa.Table.from_pylist(history), os.path.join(out, "history.parquet"))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(f"# Sweep {spec.name}\n\nSpec: `{spec.path}`; metric `{spec.metric}` "
+                f"({spec.mode}), scheduler `{spec.scheduler.get('type', 'fifo')}`; sorted by "
+                f"the best value reached.\n\n")
+        f.write(_markdown(summary))
+    plot(history, spec, os.path.join(out, "meta_loss.png"))
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# command line
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("sweep", help="Ray Tune sweep of meta-trainings",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", help="sweep YAML (experiments/sweeps/*.yaml)")
+    parser.add_argument("--out", help="output folder (default sweeps/<name>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep in --out")
+    parser.add_argument("--address", help="join this Ray cluster (e.g. auto)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from metalearn.distributed.driver import init_ray
+
+    spec = load_spec(args.spec)
+    out = os.path.abspath(args.out or os.path.join("sweeps", spec.name))
+    if args.resume:
+        if not os.path.isdir(os.path.join(out, TUNE_DIR)):
+            raise ConfigError(f"nothing to resume in {out}")
+    elif os.path.exists(out) and os.listdir(out):
+        raise ConfigError(f"{out} is not empty; choose a new --out or use --resume")
+    os.makedirs(out, exist_ok=True)
+    shutil.copy2(spec.path, os.path.join(out, SPEC_FILE))
+    started = init_ray(args.address or "")
+    start = time.monotonic()
+    try:
+        results = run_sweep(spec, out, resume=args.resume)
+        summary = write_outputs(results, spec, out)
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    errors = sum(r["status"] == "ERROR" for r in summary)
+    print(f"sweep {spec.name}: {len(summary)} trials ({errors} errored) in "
+          f"{(time.monotonic() - start) / 60:.1f} min; results in {out}/results.md, plot "
+          f"{out}/meta_loss.png", file=sys.stderr)
+    return 1 if errors == len(summary) else 0
+
+
+__all__ = ["SweepSpec", "TrialSettings", "add_parser", "collect", "load_spec", "run",
+           "run_sweep", "run_trial", "trial_config", "write_outputs"]
