@@ -107,7 +107,11 @@ class Worker:
         import jax  # noqa: F401 - after the caller set affinity / XLA flags
 
         from metalearn.checkpoint import theta_unravel
+        from metalearn.config import ConfigError
 
+        if config.worker.tasks_per_worker != 1:
+            raise ConfigError("worker.tasks_per_worker > 1 (vmapped multi-task workers) is "
+                              "not implemented yet; use 1")
         self.config = config
         self.index = index
         self.num_params, self._unravel = theta_unravel(config.rule)

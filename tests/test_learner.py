@@ -137,3 +137,11 @@ def test_wrong_shape_rejected():
     learner = make_learner()
     with pytest.raises(ValueError, match="parameters"):
         learner.submit(sub(learner, np.ones(P + 1, np.float32)))
+
+
+def test_nothing_applied_beyond_stop_step():
+    learner = make_learner(meta_batch=1)
+    learner.stop_step = 2
+    rows = [learner.submit(sub(learner)) for _ in range(4)]
+    assert [r is not None for r in rows] == [True, True, False, False]
+    assert learner.step == 2 and learner.counters["after_stop"] == 2

@@ -134,11 +134,12 @@ class LearnerActor:
             self.restored_step = step
         self.last_checkpoint = time.monotonic()
         self.last_checkpoint_step = self.learner.step
+        self.busy_s = 0.0  # time inside submit_refs (fetching, checking, applying)
 
     def info(self) -> dict:
         return {**self.learner.summary(), "curriculum": self.learner.curriculum(),
                 "restored_step": self.restored_step, "warnings": self.warnings,
-                "num_params": self.learner.num_params}
+                "num_params": self.learner.num_params, "busy_s": self.busy_s}
 
     def get_theta(self):
         return self.learner.theta
@@ -160,7 +161,10 @@ class LearnerActor:
     def submit_refs(self, refs: list) -> list[dict]:
         """Submit several workers' results at once (one actor call, amortised); refs are
         nested in a list so they resolve here, straight from the object store."""
-        return [self.submit(s) for s in ray.get(refs)]
+        start = time.perf_counter()
+        replies = [self.submit(s) for s in ray.get(refs)]
+        self.busy_s += time.perf_counter() - start
+        return replies
 
     def checkpoint(self) -> int:
         """Save the full state now (and theta_latest.npz); returns the step saved."""

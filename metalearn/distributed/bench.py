@@ -135,6 +135,7 @@ def run_learner_bench(args) -> int:
                 now = time.perf_counter()
                 if start is None and now >= warm_until:
                     start, received, first_step = now, 0, applied_steps
+                    busy_start = ray.get(learner.info.remote())["busy_s"]
                 if start is not None and now - start >= args.seconds:
                     break
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
@@ -153,7 +154,9 @@ def run_learner_bench(args) -> int:
                         applied_steps = reply["step"]
             elapsed = time.perf_counter() - start
             summary = ray.get(learner.info.remote())
+            busy = summary["busy_s"] - busy_start
             report.update(grads_per_s=received / elapsed, seconds=elapsed,
+                          learner_busy_s=busy, learner_busy_grads_per_s=received / busy,
                           updates=applied_steps - first_step,
                           updates_per_s=(applied_steps - first_step) / elapsed,
                           dropped_stale=summary["dropped_stale"])
@@ -165,7 +168,8 @@ def run_learner_bench(args) -> int:
     report["target_grads_per_s"] = 1000
     report["meets_target"] = report["grads_per_s"] >= 1000
     print(f"learner: {report['grads_per_s']:.0f} gradients/s through Ray "
-          f"({report['updates_per_s']:.2f} updates/s of {args.meta_batch}); in-process "
+          f"({report['updates_per_s']:.2f} updates/s of {args.meta_batch}); "
+          f"{report['learner_busy_grads_per_s']:.0f}/s of learner busy time; in-process "
           f"{report['in_process_grads_per_s']:.0f}/s; theta {theta.size:,} parameters; "
           f"dropped stale {report['dropped_stale']}", flush=True)
     if args.json:

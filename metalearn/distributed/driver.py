@@ -148,12 +148,17 @@ class Progress:
         self.stream = stream
         self.tty = stream.isatty()
         self.last = 0.0
+        self.last_key = None
 
-    def show(self, text: str, force: bool = False) -> None:
+    def show(self, text: str, key=None, force: bool = False) -> None:
+        """Show ``text`` at most every ``every_s``; without a terminal, only when ``key``
+        (the learner step) changed or 30 s passed, so logs do not repeat lines."""
         now = time.monotonic()
         if not force and now - self.last < self.every_s:
             return
-        self.last = now
+        if not self.tty and key == self.last_key and now - self.last < 30.0:
+            return
+        self.last, self.last_key = now, key
         if self.tty:
             self.stream.write("\r\033[K" + text)
         else:
@@ -236,11 +241,17 @@ class Trainer:
     def _start_workers(self, seeds: list[int]) -> list:
         from metalearn.distributed.actors import WorkerActor, thread_env
 
+        import ray
+
         w = self.config.worker
         config = to_dict(self.config)
+        # Spread workers over nodes (a lost node takes few of them), except inside a
+        # placement group (a Tune trial), whose bundles decide the placement.
+        spread = ({} if ray.util.get_current_placement_group() is not None
+                  else {"scheduling_strategy": "SPREAD"})
         return [WorkerActor.options(
             num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker,
-            runtime_env={"env_vars": thread_env(w.cpus_per_worker)},
+            runtime_env={"env_vars": thread_env(w.cpus_per_worker)}, **spread,
         ).remote(config, i, seed, w.cpus_per_worker) for i, seed in enumerate(seeds)]
 
     # -- main loop
@@ -358,7 +369,7 @@ class Trainer:
                     f"{last_row['staleness_mean']:4.2f} | dropped "
                     f"{last_row['dropped_stale']}/{last_row['dropped_nonfinite']} | "
                     f"U {last_row['unroll_min']}-{last_row['unroll_max']} | "
-                    f"{elapsed / 60:5.1f} min")
+                    f"{elapsed / 60:5.1f} min", key=step)
             if time.monotonic() - last_flush > run.metrics_flush_s:
                 metrics.write()
                 last_flush = time.monotonic()
