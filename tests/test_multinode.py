@@ -1,0 +1,196 @@
+"""Multi-node behaviour: workers spread over nodes, a lost node is survived, and the fake
+multi-node autoscaler (clusters/local-fake.yaml) adds worker nodes for a training run.
+
+Each test starts (and stops) its own Ray cluster; none may run while another Ray is
+initialised in this process (tests/test_train.py's module fixture is torn down by then).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from metalearn.train_config import REPO_ROOT, config_to_yaml
+from train_helpers import tiny_config
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+@pytest.fixture
+def no_ray():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield ray
+    ray.shutdown()
+
+
+def node_of(actor) -> str:
+    """The node an actor lives on (waits while the actor restarts)."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            return ray.get(actor.__ray_call__.remote(
+                lambda self: ray.get_runtime_context().get_node_id()), timeout=120)
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def test_node_lost_mid_run_workers_replaced_learner_intact(no_ray, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    from metalearn.distributed.driver import train
+
+    ray = no_ray
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        # Two worker nodes of 2 CPUs: SPREAD must put one worker on each.
+        first = [cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        head_id = ray.get_runtime_context().get_node_id()
+        config = tiny_config(tmp_path, run={"steps": 8, "minutes": 5.0},
+                             worker={"num_workers": 2, "batch_size": 8})
+        seen = {}
+
+        def on_reply(trainer, reply):
+            row = reply["row"]
+            if row is None:
+                return
+            if row["step"] == 2 and "removed" not in seen:
+                nodes = [node_of(w) for w in trainer.workers]
+                seen["before"] = nodes
+                seen["generation"] = reply["generation"]
+                replacement = cluster.add_node(num_cpus=2)
+                seen["replacement"] = replacement.node_id
+                victim = next(n for n in first if n.node_id == nodes[0])
+                cluster.remove_node(victim)
+                seen["removed"] = victim.node_id
+                seen["removed_at"] = row["step"]
+            elif "removed" in seen and row["step"] >= 6 and "after" not in seen:
+                seen["after"] = [node_of(w) for w in trainer.workers]
+                seen["generation_after"] = reply["generation"]
+
+        summary = train(config, str(tmp_path / "run"), on_reply=on_reply)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    before, after = seen["before"], seen["after"]
+    assert len(set(before)) == 2 and head_id not in before, before  # spread, not on head
+    assert seen["removed"] == before[0]
+    assert seen["removed"] not in after  # the lost worker came back on another node
+    assert set(after) <= {before[1], seen["replacement"]}
+    assert summary.worker_failures >= 1
+    assert summary.learner_restarts == 0  # the learner (on the head) never noticed
+    assert seen["generation_after"] == seen["generation"]
+    assert summary.final_step == 8
+    steps = pq.read_table(str(tmp_path / "run" / "metrics.parquet")).column("step").to_pylist()
+    assert sorted(steps) == list(range(1, 9))  # no step lost or repeated around the failure
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_started(group: subprocess.Popen, marker: str) -> None:
+    """Stop the fake cluster: the head's process group, then any process (a fake node's
+    raylet, a worker) whose command line names this cluster's GCS address."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(group.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            group.wait(timeout=15)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for _ in range(2):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(1)
+
+
+def alive_nodes(address: str) -> list[dict]:
+    script = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
+              "print(json.dumps([{'id': n['NodeID'], 'cpu': n['Resources'].get('CPU', 0)} "
+              "for n in ray.nodes() if n['Alive']]))" % address)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=os.environ)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fake_multinode_autoscaler_adds_worker_nodes(no_ray, tmp_path):
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    with open(os.path.join(REPO_ROOT, "clusters", "local-fake.yaml")) as f:
+        cluster = yaml.safe_load(f)
+    # Same cluster, but on a free port so it cannot meet another Ray on this host.
+    cluster["provider"]["gcs_address"] = address
+    config_path = tmp_path / "fake.yaml"
+    config_path.write_text(yaml.safe_dump(cluster))
+    train_config = tmp_path / "tiny.yaml"
+    train_config.write_text(config_to_yaml(tiny_config(tmp_path)))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
+           "RAY_ADDRESS": address}
+    head = subprocess.Popen(
+        [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block",
+         f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+         # `ray start` does not take the head's resources from the autoscaling config
+         "--num-cpus=0", '--resources={"learner": 1}',
+         f"--autoscaling-config={config_path}"],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                before = alive_nodes(address)
+                break
+            except (AssertionError, IndexError, ValueError):
+                if time.monotonic() > deadline or head.poll() is not None:
+                    raise
+                time.sleep(3)
+        assert len(before) == 1 and before[0]["cpu"] == 0  # only the CPU-less head
+        run_dir = tmp_path / "run"
+        result = subprocess.run(
+            [os.path.join(VENV_BIN, "metalearn"), "train", "--config", str(train_config),
+             "--address", address, "--workers", "2", "--steps", "4", "--minutes", "6",
+             "--out", str(run_dir)],
+            env=env, capture_output=True, text=True, timeout=480)
+        assert result.returncode == 0, result.stderr[-3000:]
+        after = alive_nodes(address)
+        assert len(after) >= 3, after  # the autoscaler added a node per worker
+        assert sum(n["cpu"] for n in after) >= 2
+        steps = pq.read_table(str(run_dir / "metrics.parquet")).column("step").to_pylist()
+        assert sorted(steps) == [1, 2, 3, 4]  # (the driver may write the last rows unordered)
+    finally:
+        kill_started(head, address)
