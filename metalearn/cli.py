@@ -16,6 +16,9 @@ import sys
 COMMANDS = {
     "bench": ("metalearn.bench", "measure speed: inner-step, tasks"),
     "data": ("tasks.cli", "list, build, inspect and show data sources and tasks"),
+    "eval": ("metalearn.eval_cli", "evaluate an exported rule on held-out data vs baselines"),
+    "export": ("metalearn.export", "export a run's theta as a self-describing checkpoint"),
+    "plot": ("metalearn.report", "plot a run's meta-training curves per dataset"),
     "sweep": ("metalearn.sweep", "Ray Tune sweeps of meta-trainings (ASHA, PBT)"),
     "train": ("metalearn.train", "meta-train the update rule on Ray (asynchronous workers)"),
 }

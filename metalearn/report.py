@@ -1,0 +1,361 @@
+"""The evaluation report: results tables (parquet + markdown) and PNG plots.
+
+Files written by ``write_report`` into the output folder:
+
+* ``results.parquet``: one row per (method, seed, evaluation step) with both readouts;
+* ``summary.parquet``, ``results.md``: mean and standard error over seeds;
+* ``accuracy_vs_steps.png``: 10-shot accuracy of every method along its training;
+* ``receptive_fields.png``: first-layer weights of the learned-rule base model (seed 0)
+  before and after inner training, one tile per unit;
+* ``representation_pca.png``: PCA of the 32-d top-layer representation of the test set
+  before and after inner training, coloured by class, with explained variance;
+* ``sweep.png`` (with ``--sweep``): accuracy against the swept setting.
+
+``plot_meta_training(run_dir)`` draws a run's ``metrics.parquet`` (``metalearn plot``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+# Colours fixed per method so figures compare across datasets.
+COLOURS = {"learned": "tab:red", "random_init": "tab:gray", "vae": "tab:blue",
+           "supervised": "tab:green", "pca": "tab:orange", "protonet": "tab:purple",
+           "protonet_intact": "plum"}
+LABELS = {"learned": "learned rule", "random_init": "random init", "vae": "VAE",
+          "supervised": "supervised (10/class)", "pca": "PCA",
+          "protonet": "protonet (permuted)", "protonet_intact": "protonet (intact)"}
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _write_parquet(rows: Sequence[dict], path: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), path)
+
+
+def _fmt(mean: float, se: float) -> str:
+    return "n/a" if not math.isfinite(mean) else f"{mean:.3f} ± {se:.3f}"
+
+
+def markdown_table(summary: Sequence[dict], title: str, info: dict) -> str:
+    """Final accuracies per method, then every evaluation point."""
+    lines = [f"# {title}", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += ["", "Accuracy: mean ± standard error over seeds, 10-shot linear readouts on "
+              "the test set.", ""]
+    sweeps = sorted({(r.get("sweep"), str(r.get("sweep_value"))) for r in summary},
+                    key=lambda t: (str(t[0]), _sort_key(t[1])))
+    for sweep, value in sweeps:
+        rows = [r for r in summary if (r.get("sweep"), str(r.get("sweep_value"))) ==
+                (sweep, value)]
+        if sweep is not None:
+            lines += [f"## {sweep} = {value}", ""]
+        finals: dict[str, dict] = {}
+        for r in rows:
+            if r["method"] not in finals or r["step"] > finals[r["method"]]["step"]:
+                finals[r["method"]] = r
+        lines += ["| method | steps | ridge accuracy | logistic accuracy | seeds |",
+                  "|---|---:|---:|---:|---:|"]
+        for method, r in finals.items():
+            lines.append(f"| {method} | {r['step']} | {_fmt(r['accuracy'], r['accuracy_se'])} "
+                         f"| {_fmt(r['logreg_accuracy'], r['logreg_accuracy_se'])} "
+                         f"| {r['seeds']} |")
+        lines += ["", "<details><summary>every evaluation point</summary>", "",
+                  "| method | step | ridge accuracy | logistic accuracy |", "|---|---:|---:|---:|"]
+        for r in sorted(rows, key=lambda r: (r["method"], r["step"])):
+            lines.append(f"| {r['method']} | {r['step']} | "
+                         f"{_fmt(r['accuracy'], r['accuracy_se'])} | "
+                         f"{_fmt(r['logreg_accuracy'], r['logreg_accuracy_se'])} |")
+        lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+def _sort_key(value: str):
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def plot_accuracy(summary: Sequence[dict], path: str, title: str) -> None:
+    """Accuracy (ridge, with standard-error bands) against each method's training steps;
+    methods without training (PCA, random init) as horizontal lines."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    max_step = max([r["step"] for r in summary] + [1])
+    for ax, metric, name in ((axes[0], "accuracy", "ridge readout"),
+                             (axes[1], "logreg_accuracy", "logistic-regression readout")):
+        for method in dict.fromkeys(r["method"] for r in summary):
+            rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["step"])
+            steps = np.array([r["step"] for r in rows], float)
+            mean = np.array([r[metric] for r in rows])
+            se = np.array([r[f"{metric}_se"] for r in rows])
+            colour, label = COLOURS.get(method), LABELS.get(method, method)
+            if len(rows) == 1:
+                ax.axhline(mean[0], color=colour, ls="--", label=label)
+                ax.axhspan(mean[0] - se[0], mean[0] + se[0], color=colour, alpha=0.15)
+            else:
+                ax.plot(steps, mean, "o-", color=colour, label=label, ms=3)
+                ax.fill_between(steps, mean - se, mean + se, color=colour, alpha=0.2)
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(0, max_step * 1.1)
+        ax.set_xlabel("training steps (inner steps for the learned rule)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("10-shot test accuracy")
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _tiles(w: np.ndarray, image_shape, max_units: int) -> list[np.ndarray]:
+    units = min(w.shape[1], max_units)
+    h, wd = image_shape[:2]
+    c = image_shape[2] if len(image_shape) > 2 else 1
+    tiles = []
+    for j in range(units):
+        tile = w[:, j].reshape(h, wd, c)
+        tile = tile.mean(axis=-1) if c > 1 else tile[..., 0]
+        tiles.append(tile)
+    return tiles
+
+
+def plot_receptive_fields(w_before: np.ndarray, w_after: np.ndarray, image_shape, path: str,
+                          title: str, max_units: int = 32) -> None:
+    """First-layer weights [N_0, N_1] as images (one tile per unit, each scaled to its own
+    range) before and after training; for vector data, the matrices as heat maps."""
+    plt = _plt()
+    if image_shape is None:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, w, name in ((axes[0], w_before, "before"), (axes[1], w_after, "after")):
+            lim = float(np.abs(w).max()) or 1.0
+            im = ax.imshow(w[:, :max_units].T, cmap="RdBu_r", vmin=-lim, vmax=lim,
+                           aspect="auto")
+            ax.set_title(f"{name}: W1 (units x inputs)")
+            fig.colorbar(im, ax=ax)
+    else:
+        cols = 8
+        rows = math.ceil(min(w_before.shape[1], max_units) / cols)
+        fig, axes = plt.subplots(rows, 2 * cols + 1, figsize=(2 * cols * 0.9 + 0.5, rows * 0.95))
+        axes = np.atleast_2d(axes)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for offset, w, name in ((0, w_before, "before"), (cols + 1, w_after, "after")):
+            for j, tile in enumerate(_tiles(w, image_shape, max_units)):
+                lim = float(np.abs(tile).max()) or 1.0
+                axes[j // cols, offset + j % cols].imshow(tile, cmap="RdBu_r", vmin=-lim,
+                                                          vmax=lim)
+            axes[0, offset + cols // 2].set_title(f"{name} inner training", fontsize=9)
+    change = float(np.linalg.norm(w_after - w_before) / (np.linalg.norm(w_before) or 1.0))
+    fig.suptitle(f"{title}\nfirst-layer receptive fields (||W_after - W_before|| / "
+                 f"||W_before|| = {change:.3g})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_representation_pca(reps: dict, labels: np.ndarray, path: str, title: str) -> None:
+    """reps: name -> [N, 32] representations of the same examples. For each: scatter of
+    the first two principal components by class, and the explained variance ratio."""
+    from sklearn.decomposition import PCA
+
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(reps), figsize=(5 * len(reps), 8.5), squeeze=False)
+    for i, (name, rep) in enumerate(reps.items()):
+        rep = np.asarray(rep, np.float64)
+        if not np.isfinite(rep).all():
+            axes[0, i].set_title(f"{name}: non-finite representation")
+            continue
+        pca = PCA(n_components=min(rep.shape[1], rep.shape[0])).fit(rep)
+        proj = pca.transform(rep)
+        ax = axes[0, i]
+        scatter = ax.scatter(proj[:, 0], proj[:, 1] if proj.shape[1] > 1 else 0 * proj[:, 0],
+                             c=labels, cmap="tab10", s=6, alpha=0.7)
+        ax.set_title(f"{name}: first two principal components")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.legend(*scatter.legend_elements(), fontsize=6, title="class", loc="best")
+        ratio = pca.explained_variance_ratio_
+        ax = axes[1, i]
+        ax.bar(np.arange(1, len(ratio) + 1), ratio, color="tab:blue", label="per component")
+        ax.plot(np.arange(1, len(ratio) + 1), np.cumsum(ratio), "k.-", label="cumulative")
+        ax.set_xlabel("principal component")
+        ax.set_ylabel("explained variance ratio")
+        ax.set_ylim(0, 1.02)
+        k90 = int(np.searchsorted(np.cumsum(ratio), 0.9) + 1)
+        ax.set_title(f"{name}: {k90} components explain 90%")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(summary: Sequence[dict], path: str, title: str) -> None:
+    """Learned rule: accuracy at step 0 (random init) and at the last step per value."""
+    plt = _plt()
+    rows = [r for r in summary if r["method"] == "learned" and r.get("sweep")]
+    sweep = rows[0]["sweep"]
+    values = sorted({str(r["sweep_value"]) for r in rows}, key=_sort_key)
+    last = max(r["step"] for r in rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = np.arange(len(values))
+    for step, style, label in ((0, "s--", "before inner training (step 0)"),
+                               (last, "o-", f"after {last} inner steps")):
+        pts = [next((r for r in rows if str(r["sweep_value"]) == v and r["step"] == step),
+                    None) for v in values]
+        mean = np.array([p["accuracy"] if p else np.nan for p in pts])
+        se = np.array([p["accuracy_se"] if p else 0.0 for p in pts])
+        ax.errorbar(x, mean, yerr=se, fmt=style, capsize=3, label=label,
+                    color="tab:gray" if step == 0 else "tab:red")
+    ax.set_xticks(x, values)
+    ax.set_xlabel(sweep)
+    ax.set_ylabel("10-shot test accuracy (ridge)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: str, rows: Sequence[dict], title: str, info: dict,
+                 extras: dict | None = None) -> dict:
+    """Tables and plots; returns {name: path}. ``extras`` may hold ``params_init``,
+    ``params_final``, ``arch``, ``rule``, ``task`` (seed 0) and ``image_shape`` for the
+    receptive-field and representation plots."""
+    from metalearn.evaluate import summarise
+
+    os.makedirs(out_dir, exist_ok=True)
+    summary = summarise(rows)
+    paths = {"results": os.path.join(out_dir, "results.parquet"),
+             "summary": os.path.join(out_dir, "summary.parquet"),
+             "markdown": os.path.join(out_dir, "results.md")}
+    _write_parquet(rows, paths["results"])
+    _write_parquet(summary, paths["summary"])
+    with open(paths["markdown"], "w") as f:
+        f.write(markdown_table(summary, title, info))
+    with open(os.path.join(out_dir, "info.json"), "w") as f:
+        json.dump(info, f, indent=2, default=str)
+    if any(r.get("sweep") for r in summary):
+        paths["sweep"] = os.path.join(out_dir, "sweep.png")
+        plot_sweep(summary, paths["sweep"], title)
+    else:
+        paths["accuracy"] = os.path.join(out_dir, "accuracy_vs_steps.png")
+        plot_accuracy(summary, paths["accuracy"], title)
+    extras = extras or {}
+    if extras.get("params_final") is not None:
+        before, after = extras["params_init"], extras["params_final"]
+        paths["receptive_fields"] = os.path.join(out_dir, "receptive_fields.png")
+        plot_receptive_fields(np.asarray(before.w[0]), np.asarray(after.w[0]),
+                              extras.get("image_shape"), paths["receptive_fields"], title)
+        from metalearn.evaluate import base_features
+        task, arch, rule = extras["task"], extras["arch"], extras["rule"]
+        x = np.concatenate([task.x_train, task.x_test])
+        reps = {"before inner training": base_features(before, arch, rule.base_bn_eps)(x),
+                "after inner training": base_features(after, arch, rule.base_bn_eps)(x)}
+        n = len(task.x_train)
+        reps = {k: v[n:] for k, v in reps.items()}
+        paths["representation_pca"] = os.path.join(out_dir, "representation_pca.png")
+        plot_representation_pca(reps, task.y_test, paths["representation_pca"],
+                                 f"{title}: 32-d representation of the test set")
+    return paths
+
+
+# ---------------------------------------------------------------------------
+# meta-training curves
+
+def plot_meta_training(run_dir: str, out: str | None = None) -> str:
+    """Meta-training curves from ``RUN_DIR/metrics.parquet``: the rolling meta-loss and
+    the per-dataset meta-train losses (``loss/<dataset>``) against learner steps, with the
+    held-out evaluator's ``eval/<dataset>/meta_loss`` beside them and its accuracies
+    (``eval/<dataset>/accuracy``) in a second panel when present."""
+    import pyarrow.parquet as pq
+
+    path = os.path.join(run_dir, "metrics.parquet")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: not a training run folder, or the run "
+                                f"has not logged metrics yet")
+    rows = pq.read_table(path).to_pylist()
+    if not rows:
+        raise FileNotFoundError(f"{path} has no rows yet")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    train_cols = [c for c in columns if c.startswith("loss/")]
+    eval_loss = [c for c in columns if c.startswith("eval/") and c.endswith("/meta_loss")]
+    eval_acc = [c for c in columns if c.startswith("eval/") and c.endswith("/accuracy")]
+
+    def series(col):
+        pts = [(r["step"], r[col]) for r in rows
+               if r.get(col) is not None and r.get("step") is not None
+               and math.isfinite(r[col])]
+        return np.array(pts, float).reshape(-1, 2)
+
+    plt = _plt()
+    panels = 2 if eval_acc else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    cmap = plt.get_cmap("tab10")
+    for i, col in enumerate(train_cols):
+        s = series(col)
+        ax.plot(s[:, 0], s[:, 1], color=cmap(i % 10), label=f"meta-train {col[5:]}")
+    for i, col in enumerate(eval_loss):
+        s = series(col)
+        ax.plot(s[:, 0], s[:, 1], "o--", ms=3, color=cmap((len(train_cols) + i) % 10),
+                label=f"held-out {col[5:-10]}")
+    if "meta_loss_rolling" in columns:
+        s = series("meta_loss_rolling")
+        ax.plot(s[:, 0], s[:, 1], "k-", lw=2, alpha=0.6, label="all (rolling)")
+    ax.set_xlabel("learner step")
+    ax.set_ylabel("meta-objective (ridge loss)")
+    ax.set_title("meta-training curves per dataset")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if eval_acc:
+        ax = axes[0, 1]
+        for i, col in enumerate(eval_acc):
+            s = series(col)
+            ax.plot(s[:, 0], s[:, 1], "o-", ms=3, color=cmap((len(train_cols) + i) % 10),
+                    label=col[5:-9])
+        ax.set_xlabel("learner step")
+        ax.set_ylabel("10-shot accuracy (held out)")
+        ax.set_title("held-out evaluation")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
+    fig.tight_layout()
+    out = out or os.path.join(run_dir, "meta_training.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def add_parser(subparsers) -> None:
+    """``metalearn plot RUN_DIR [--out PNG]``."""
+    p = subparsers.add_parser("plot", help="plot a run's meta-training curves per dataset",
+                              description="Draw RUN_DIR/metrics.parquet: meta-training loss "
+                                          "per dataset and held-out evaluation curves.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/meta_training.png)")
+    p.set_defaults(func=lambda args: print(plot_meta_training(args.run_dir, args.out)) or 0)
+
+
+__all__ = ["add_parser", "write_report", "plot_meta_training", "plot_accuracy", "plot_receptive_fields",
+           "plot_representation_pca", "plot_sweep", "markdown_table"]
