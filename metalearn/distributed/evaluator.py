@@ -1,0 +1,55 @@
+"""Ray actor around ``metalearn.evaluate.ContinuousEvaluator`` (issue 5, item 5).
+
+The actor owns the held-out data and the fixed evaluation tasks; the driver hands it
+the latest theta (the learner's flat numpy vector) every ``ContinuousEvalConfig.every``
+learner steps and merges the returned row into the run's metrics::
+
+    evaluator = EvaluatorActor.remote(to_dict(eval_config), to_dict(rule), to_dict(objective))
+    pending = evaluator.evaluate.remote(step, theta_flat)    # non-blocking
+    ...
+    row = ray.get(pending)   # {"step", "eval/<dataset>/meta_loss", "eval/<dataset>/accuracy",
+                             #  "eval/<dataset>/logreg_accuracy", "eval_s"}
+
+Configs cross the actor boundary as plain dicts (validated by ``from_dict``); theta as
+numpy (zero-copy through the object store). JAX is imported inside the actor after it
+has pinned itself to its CPU allotment (``actors.claim_cpus``), like the workers.
+"""
+
+from __future__ import annotations
+
+import ray
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class EvaluatorActor:
+    def __init__(self, eval_config: dict, rule: dict, objective: dict | None = None,
+                 cpus: int = 1):
+        from metalearn.distributed.actors import claim_cpus
+        claim_cpus(cpus)
+        from metalearn.config import MetaObjectiveConfig, RuleConfig, from_dict
+        from metalearn.evaluate import ContinuousEvalConfig, ContinuousEvaluator
+
+        self.config = from_dict(ContinuousEvalConfig, dict(eval_config), "evaluator")
+        self.evaluator = ContinuousEvaluator(
+            self.config, from_dict(RuleConfig, dict(rule), "rule"),
+            from_dict(MetaObjectiveConfig, dict(objective or {}), "objective"))
+
+    def evaluate(self, step: int, theta) -> dict:
+        """Metrics row for ``theta`` (flat numpy vector or pytree) at learner ``step``."""
+        return self.evaluator.evaluate(step, theta)
+
+    def every(self) -> int:
+        return self.config.every
+
+
+def start_evaluator(eval_config, rule, objective=None, cpus: int = 1):
+    """Start the actor (typed configs in, dicts across the boundary)."""
+    from metalearn.config import to_dict
+    from metalearn.distributed.actors import thread_env
+
+    return EvaluatorActor.options(
+        num_cpus=cpus, runtime_env={"env_vars": thread_env(cpus)}).remote(
+        to_dict(eval_config), to_dict(rule), to_dict(objective) if objective else None, cpus)
+
+
+__all__ = ["EvaluatorActor", "start_evaluator"]

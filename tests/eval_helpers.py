@@ -1,0 +1,30 @@
+"""Run-like folders for export / eval tests, built with the real ``save_theta``."""
+
+import os
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from jax.flatten_util import ravel_pytree
+
+from metalearn.checkpoint import save_theta
+from metalearn.config import to_dict
+from metalearn.update_rule import init_theta
+
+
+def make_run(run_dir, rule, step=7, perturb=0.0, metrics=True):
+    """A run folder with theta_latest.npz (init theta, optionally perturbed) and metrics."""
+    os.makedirs(run_dir, exist_ok=True)
+    flat, _ = ravel_pytree(init_theta(jax.random.key(0), rule))
+    flat = np.asarray(flat, np.float32)
+    if perturb:
+        flat = flat + perturb * np.random.default_rng(1).normal(size=flat.shape).astype(np.float32)
+    save_theta(str(run_dir), flat, to_dict(rule), step)
+    if metrics:
+        pq.write_table(pa.table({"step": [step - 2, step, step + 3],
+                                 "meta_loss": [1.9, 1.5, 1.1],
+                                 "meta_loss_rolling": [1.95, 1.6, 1.2],
+                                 "loss/glyphs": [1.8, 1.4, 1.0]}),
+                       os.path.join(run_dir, "metrics.parquet"))
+    return flat
