@@ -339,6 +339,7 @@ def collect(results, spec: SweepSpec):
                 "lr": float(row.get("lr", math.nan)),
                 "unroll_max": int(row.get("unroll_max", -1)),
                 "restored_from": str(row.get("restored_from", "") or ""),
+                "restored_step": int(row.get("restored_step", -1)),
                 "config": json.dumps({k[len("config/"):]: row[k] for k in row
                                       if k.startswith("config/")}, default=str),
             })

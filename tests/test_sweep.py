@@ -1,0 +1,151 @@
+"""`metalearn sweep`: the smoke sweep end to end, PBT cloning a trial, resume, bad specs.
+
+Each test starts its own 2-CPU Ray (and shuts it down); trials are whole tiny
+meta-trainings (tiny rule, 3-way 8x8 digits), one worker each, two at a time.
+"""
+
+import json
+import os
+import struct
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from metalearn.cli import main
+from metalearn.train_config import REPO_ROOT
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+SMOKE = os.path.join(REPO_ROOT, "experiments", "sweeps", "smoke.yaml")
+
+
+@pytest.fixture
+def ray2():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_spec(tmp_path, name, **changes) -> str:
+    with open(SMOKE) as f:
+        spec = yaml.safe_load(f)
+    spec["base"] = os.path.join(REPO_ROOT, spec["base"])
+    spec["name"] = name
+    for key, value in changes.items():
+        if key in ("trial", "set"):  # merged; search and scheduler are replaced
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def png_size(path) -> tuple[int, int]:
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_smoke_sweep_every_trial_reports_then_resume(ray2, tmp_path):
+    # The smoke sweep, shortened: 2 trials (the LR-schedule grid), 8 steps, FIFO.
+    spec = write_spec(tmp_path, "smoke_test",
+                      search={"learner.lr_values": {"grid": [[3.0e-3, 1.0e-3, 3.0e-4],
+                                                             [3.0e-4, 1.0e-4, 3.0e-5]]},
+                              "learner.lr_boundaries": [10, 20]},
+                      trial={"steps": 8, "report_every": 4}, scheduler={"type": "fifo"})
+    out = tmp_path / "out"
+    assert main(["sweep", spec, "--out", str(out)]) == 0
+    results = pq.read_table(str(out / "results.parquet")).to_pylist()
+    assert len(results) == 2
+    assert {json.loads(r["learner.lr_values"])[0] for r in results} == {3e-3, 3e-4}
+    for row in results:
+        assert row["status"] == "DONE" and row["final_step"] == 8 and row["reports"] == 2
+        assert 0 < row["best_meta_loss_rolling"] < 10
+    history = pq.read_table(str(out / "history.parquet")).to_pylist()
+    for trial in {r["trial_id"] for r in results}:
+        assert [h["step"] for h in history if h["trial_id"] == trial] == [4, 8]
+    # Both trials report the LR of their own schedule (step < 10: the first value).
+    assert sorted({round(h["lr"], 8) for h in history}) == [3e-4, 3e-3]
+    width, height = png_size(out / "meta_loss.png")
+    assert width > 400 and height > 300
+    markdown = (out / "results.md").read_text()
+    assert all(r["trial_id"] in markdown for r in results)
+    # Every trial handed Tune checkpoints holding the orbax run folder.
+    trial_dirs = [d for d in (out / "tune" / "smoke_test").iterdir() if d.is_dir()]
+    assert len(trial_dirs) == 2
+    for d in trial_dirs:
+        checkpoints = sorted(d.glob("checkpoint_*"))
+        assert checkpoints
+        assert (checkpoints[-1] / "checkpoints" / "8").is_dir()
+        assert json.loads((checkpoints[-1] / "sweep.json").read_text())["step"] == 8
+
+    # --resume of a finished sweep restores Tune's state and rewrites the outputs.
+    (out / "results.md").unlink()
+    assert main(["sweep", spec, "--out", str(out), "--resume"]) == 0
+    assert len(pq.read_table(str(out / "results.parquet"))) == 2
+    assert (out / "results.md").exists()
+    # A new sweep into a used folder is refused without touching it.
+    assert main(["sweep", spec, "--out", str(out)]) == 2
+
+
+def test_pbt_clones_a_trial_and_changes_its_config_mid_run(ray2, tmp_path):
+    # Two trials, very different LRs; every 4 steps PBT replaces the worse trial by a
+    # clone of the better one's checkpoint, with mutated curriculum / LR values.
+    spec = write_spec(
+        tmp_path, "pbt_test",
+        search={"learner.lr_values": {"grid": [[3.0e-3, 1.0e-3, 3.0e-4],
+                                               [1.0e-5, 1.0e-5, 1.0e-5]]},
+                "learner.lr_boundaries": [10, 20],
+                "curriculum.truncations_std_start": {"uniform": [1.0, 4.0]}},
+        trial={"steps": 12, "report_every": 4},
+        scheduler={"type": "pbt", "perturbation_interval": 4, "quantile_fraction": 0.5,
+                   "resample_probability": 0.0,
+                   "mutations": {
+                       "curriculum.truncations_std_start": {"uniform": [1.0, 4.0]},
+                       "learner.lr_values": {"choice": [[3.0e-3, 1.0e-3, 3.0e-4],
+                                                        [1.0e-3, 3.0e-4, 1.0e-4],
+                                                        [1.0e-5, 1.0e-5, 1.0e-5]]}}})
+    out = tmp_path / "out"
+    assert main(["sweep", spec, "--out", str(out)]) == 0
+    history = pq.read_table(str(out / "history.parquet")).to_pylist()
+    trials = {r["trial_id"] for r in history}
+    assert len(trials) == 2
+    clones = [(i, r) for i, r in enumerate(history)
+              if r["restored_from"] and r["restored_from"] != r["trial_id"]]
+    assert clones, "no trial was exploited"
+    index, first = clones[0]
+    trial, donor = first["trial_id"], first["restored_from"]
+    own = [r for r in history if r["trial_id"] == trial]
+    before = [r for r in own if not r["restored_from"]]
+    assert before, "the exploited trial reported before it was cloned"
+    donor_steps = {r["step"] for r in history if r["trial_id"] == donor}
+    # The clone continued the donor's step count from one of the donor's checkpoints.
+    assert first["restored_step"] in donor_steps
+    assert first["step"] > first["restored_step"] >= 4
+    # ... under a config that changed mid-run (the float mutation always moves).
+    old_config, new_config = json.loads(before[-1]["config"]), json.loads(first["config"])
+    key = "curriculum.truncations_std_start"
+    assert old_config[key] != new_config[key]
+    # Tune's own PBT log records the exploit of this trial by the donor.
+    policy_log = (out / "tune" / "pbt_test" / "pbt_global.txt").read_text()
+    assert trial in policy_log and donor in policy_log
+    results = {r["trial_id"]: r for r in pq.read_table(str(out / "results.parquet")).to_pylist()}
+    assert results[trial]["exploits"] >= 1
+    assert all(r["final_step"] == 12 for r in results.values())
+
+
+def test_bad_spec_is_one_clear_line(tmp_path, capsys):
+    spec = write_spec(tmp_path, "bad", search={"learner.meta_bach": 3})
+    assert main(["sweep", spec, "--out", str(tmp_path / "o")]) == 2
+    assert "learner.meta_bach" in capsys.readouterr().err
+    spec = write_spec(tmp_path, "bad2", search={"learner.meta_batch": {"pick": [1, 2]}})
+    assert main(["sweep", spec, "--out", str(tmp_path / "o")]) == 2
+    assert "search.learner.meta_batch" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["sweep", SMOKE, "--out", str(tmp_path / "none"), "--resume"]) == 2
