@@ -47,10 +47,13 @@ def _log(message: str) -> None:
 
 
 def _init_ray() -> bool:
+    from metalearn.distributed.driver import local_system_config
+
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             _system_config=local_system_config())
     return True
 
 
