@@ -279,8 +279,7 @@ def make_scheduler(spec: SweepSpec):
         hyperparam_mutations=mutations,
         quantile_fraction=float(options.get("quantile_fraction", 0.5)),
         resample_probability=float(options.get("resample_probability", 0.25)),
-        synch=bool(options.get("synch", False)),
-        seed=options.get("seed"))
+        synch=bool(options.get("synch", False)))
 
 
 def trainable(spec: SweepSpec):
