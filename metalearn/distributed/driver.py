@@ -258,7 +258,8 @@ class Trainer:
 
     def run(self) -> RunSummary:
         import ray
-        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+        from ray.exceptions import (ActorUnavailableError, OutOfMemoryError, RayActorError,
+                                    RayTaskError)
 
         run = self.config.run
         start = time.monotonic()
@@ -334,7 +335,7 @@ class Trainer:
                 learner_pending.discard(ref)
                 try:
                     replies = ray.get(ref)
-                except (RayActorError, ActorUnavailableError):
+                except (RayActorError, ActorUnavailableError, OutOfMemoryError):
                     restart_learner()
                     continue
                 for reply in replies:
@@ -347,7 +348,8 @@ class Trainer:
                     ray.get(ref)  # raises if the worker died or its truncation failed
                     successes += 1
                     to_submit.append(ref)
-                except (RayActorError, ActorUnavailableError):
+                except (RayActorError, ActorUnavailableError, OutOfMemoryError):
+                    # Died (crash, kill, node OOM killer): Ray restarts it.
                     self.worker_failures += 1
                     self._reseed(worker, restart_learner)
                 except RayTaskError as err:
