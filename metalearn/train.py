@@ -58,6 +58,9 @@ def resolve(args):
         else:
             config = config_from_dict(apply_overrides(to_dict(saved), overrides))
         check_resume_compatible(saved, config, args.resume)
+        checkpoints = os.path.join(args.resume, "checkpoints")
+        if not any(name.isdigit() for name in os.listdir(checkpoints)):
+            raise ConfigError(f"{args.resume} has no complete checkpoint to resume from")
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise ConfigError("--out and --resume name different folders; a resumed run "
                               "continues in its own folder")

@@ -125,6 +125,9 @@ def test_resume_with_different_rule_shape_refused(config_file, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "cannot resume" in err and "parameters" in err
     assert snapshot(run_dir) == before
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
     with pytest.raises(ConfigError):
         from metalearn.train import resolve
         import argparse
