@@ -25,6 +25,9 @@ def ray2():
 
     if ray.is_initialized():
         ray.shutdown()
+    # The machine is shared: Ray's memory monitor would kill our actors for memory that
+    # other processes use (it looks at the whole node). The kernel's OOM killer stays.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -133,8 +136,11 @@ def test_pbt_clones_a_trial_and_changes_its_config_mid_run(ray2, tmp_path):
     key = "curriculum.truncations_std_start"
     assert old_config[key] != new_config[key]
     # Tune's own PBT log records the exploit of this trial by the donor.
-    policy_log = (out / "tune" / "pbt_test" / "pbt_global.txt").read_text()
-    assert trial in policy_log and donor in policy_log
+    # Tune's own PBT log: [target tag, clone tag, iterations, donor config, new config];
+    # the new config it recorded is the one the clone reported with.
+    policies = [json.loads(line) for line in
+                (out / "tune" / "pbt_test" / "pbt_global.txt").read_text().splitlines()]
+    assert any(p[5][key] == new_config[key] for p in policies)
     results = {r["trial_id"]: r for r in pq.read_table(str(out / "results.parquet")).to_pylist()}
     assert results[trial]["exploits"] >= 1
     assert all(r["final_step"] == 12 for r in results.values())
