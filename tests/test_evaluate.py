@@ -1,0 +1,151 @@
+"""Evaluation of a rule: data splits, readouts, every activation, wide models, the CLI."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from eval_helpers import make_run
+from metalearn.cli import main
+from metalearn.config import ACTIVATIONS, ConfigError
+from metalearn.evaluate import (ContinuousEvalConfig, ContinuousEvaluator, DataConfig,
+                                architecture, eval_points_for, learned_rule_curve, load_data,
+                                make_task, readout_accuracies, summarise)
+from metalearn.update_rule import init_theta
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data(DataConfig(dataset="digits", test_size=300))
+
+
+def test_split_and_task_are_disjoint_and_balanced(digits):
+    task = make_task(digits, seed=3, ways=10, shots=10)
+    assert np.all(np.bincount(task.y_train, minlength=10) == 10)
+    pool_rows = {r.tobytes() for r in task.x_pool}
+    train_rows = {r.tobytes() for r in task.x_train}
+    assert train_rows <= pool_rows
+    # digits has duplicate images; check by index instead: pool and test come from one
+    # permutation, so their sizes add up and no example is in both.
+    assert len(digits.x_pool) + len(digits.x_test) <= 1797
+    assert digits.x_pool.min() >= 0 and digits.x_pool.max() <= 1
+    again = make_task(digits, seed=3, ways=10, shots=10)
+    np.testing.assert_array_equal(task.x_train, again.x_train)
+    other = make_task(digits, seed=4, ways=10, shots=10)
+    assert not np.array_equal(task.x_train, other.x_train)
+    sub = make_task(digits, seed=0, ways=4, shots=5)  # class subset, relabelled 0..3
+    assert sub.num_classes == 4 and set(np.unique(sub.y_test)) == {0, 1, 2, 3}
+
+
+def test_readouts_separate_informative_from_useless_features():
+    rng = np.random.default_rng(0)
+    y_train, y_test = np.repeat(np.arange(5), 10), np.repeat(np.arange(5), 40)
+    good = lambda y: np.eye(5)[y] * 3 + rng.normal(size=(len(y), 5))  # noqa: E731
+    acc = readout_accuracies(good(y_train), y_train, good(y_test), y_test, 5)
+    assert acc["ridge_accuracy"] > 0.8 and acc["logreg_accuracy"] > 0.8
+    noise = readout_accuracies(rng.normal(size=(50, 8)), y_train, rng.normal(size=(200, 8)),
+                               y_test, 5)
+    assert noise["ridge_accuracy"] < 0.4 and noise["logreg_accuracy"] < 0.4
+    nan = readout_accuracies(np.full((50, 8), np.nan), y_train, good(y_test), y_test, 5)
+    assert np.isnan(nan["ridge_accuracy"])
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_initial_theta_trains_every_activation(activation, tiny_rule, digits):
+    theta = init_theta(jax.random.key(0), tiny_rule)
+    arch = architecture(digits.input_size, 16, 1, activation, tiny_rule.top_units)
+    task = make_task(digits, seed=0, ways=10, shots=10)
+    rows, extras = learned_rule_curve(theta, tiny_rule, arch, task, [0, 2], batch_size=32,
+                                      keep_params=True)
+    assert [r["step"] for r in rows] == [0, 2]
+    for r in rows:
+        assert 0.0 <= r["ridge_accuracy"] <= 1.0 and np.isfinite(r["logreg_accuracy"])
+    moved = np.abs(extras["params_final"].w[0] - extras["params_init"].w[0]).max()
+    assert moved > 0  # the rule changed the model
+
+
+def test_initial_theta_runs_on_width_1000_plus(tiny_rule, digits):
+    theta = init_theta(jax.random.key(0), tiny_rule)
+    arch = architecture(digits.input_size, 1024, 1, "relu", tiny_rule.top_units)
+    task = make_task(digits, seed=0, ways=10, shots=10)
+    rows, extras = learned_rule_curve(theta, tiny_rule, arch, task, [1], batch_size=32,
+                                      keep_params=True)
+    assert extras["params_final"].w[0].shape == (64, 1024)
+    assert np.isfinite(extras["params_final"].w[0]).all()
+    assert rows[0]["ridge_accuracy"] > 0.2  # 1024 random features of digits
+
+
+def test_rule_and_model_mismatch_is_named(tiny_rule, digits):
+    from metalearn.evaluate import check_rule_fits
+    with pytest.raises(ConfigError, match="top_units"):
+        check_rule_fits(tiny_rule, architecture(64, 16, 2, "relu", 32))
+
+
+def test_eval_points_and_summary():
+    assert eval_points_for(200) == [0, 12, 25, 50, 100, 200]
+    assert eval_points_for(0) == [0]
+    rows = [{"method": "m", "step": 5, "ridge_accuracy": a, "logreg_accuracy": a}
+            for a in (0.5, 0.7, np.nan)]
+    (entry,) = summarise(rows)
+    assert entry["accuracy"] == pytest.approx(0.6)
+    assert entry["accuracy_se"] == pytest.approx(np.std([0.5, 0.7], ddof=1) / np.sqrt(2))
+    assert entry["seeds"] == 3 and entry["diverged"] == 1
+
+
+def test_continuous_evaluator(tiny_rule):
+    from jax.flatten_util import ravel_pytree
+    config = ContinuousEvalConfig(datasets=("two_moons",), width=16, depth=1, steps=2,
+                                  test_size=200)
+    evaluator = ContinuousEvaluator(config, tiny_rule)
+    flat, _ = ravel_pytree(init_theta(jax.random.key(0), tiny_rule))
+    row = evaluator.evaluate(12, np.asarray(flat))
+    assert row["step"] == 12
+    assert 0.0 < row["eval/two_moons/meta_loss"] < 3.0
+    assert 0.5 <= row["eval/two_moons/accuracy"] <= 1.0
+    again = evaluator.evaluate(12, init_theta(jax.random.key(0), tiny_rule))  # pytree
+    assert again["eval/two_moons/meta_loss"] == pytest.approx(
+        row["eval/two_moons/meta_loss"], rel=1e-5)
+    other = evaluator.evaluate(13, np.asarray(flat) * 3.0)
+    assert other["eval/two_moons/meta_loss"] != row["eval/two_moons/meta_loss"]
+    with pytest.raises(ConfigError, match="parameters"):
+        evaluator.evaluate(0, np.zeros(5, np.float32))
+    with pytest.raises(ConfigError, match="every"):
+        ContinuousEvalConfig(every=0)
+
+
+def test_cli_eval_writes_report_and_json(tmp_path, tiny_rule, capsys):
+    make_run(tmp_path / "run", tiny_rule)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e")]) == 0
+    out = tmp_path / "report"
+    code = main(["eval", str(tmp_path / "e"), "--dataset", "digits", "--steps", "2",
+                 "--seeds", "2", "--width", "16", "--depth", "1", "--batch-size", "32",
+                 "--baselines", "pca,random_init", "--test-size", "200", "--out", str(out),
+                 "--json", "--quiet"])
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(payload["methods"]) == {"learned", "pca", "random_init"}
+    assert payload["methods"]["learned"]["step"] == 2
+    assert payload["methods"]["pca"]["accuracy"] > 0.5
+    for name in ("results.parquet", "summary.parquet", "results.md", "accuracy_vs_steps.png",
+                 "receptive_fields.png", "representation_pca.png"):
+        assert (out / name).stat().st_size > 100, name
+    assert "| learned | 2 |" in (out / "results.md").read_text()
+
+
+def test_cli_sweep_and_errors(tmp_path, tiny_rule, capsys):
+    make_run(tmp_path / "run", tiny_rule)
+    main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e")])
+    capsys.readouterr()
+    code = main(["eval", str(tmp_path / "e"), "--dataset", "digits", "--sweep", "depth",
+                 "--sweep-values", "1,2", "--steps", "1", "--seeds", "1", "--width", "8",
+                 "--batch-size", "16", "--test-size", "100", "--out", str(tmp_path / "s"),
+                 "--json", "--quiet"])
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert payload["sweep"] == "depth" and set(payload["values"]) == {"1", "2"}
+    assert (tmp_path / "s" / "sweep.png").stat().st_size > 100
+    assert main(["eval", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "not a metalearn export" in err and "export it first" in err
+    assert main(["eval", str(tmp_path / "e"), "--dataset", "nope", "--quiet"]) == 2

@@ -1,0 +1,45 @@
+"""Report tables and plots, and `metalearn plot` on a run's metrics."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from metalearn.cli import main
+from metalearn.report import markdown_table, plot_meta_training
+
+
+def _png_ok(path):
+    data = open(path, "rb").read()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_plot_meta_training_with_eval_columns(tmp_path, capsys):
+    steps = list(range(1, 41))
+    table = {"step": steps, "meta_loss": [2.0 - 0.02 * s for s in steps],
+             "meta_loss_rolling": [2.0 - 0.02 * s for s in steps],
+             "loss/glyphs": [2.0 - 0.025 * s for s in steps],
+             "loss/digits": [1.9 - 0.01 * s for s in steps],
+             "eval/fashion_mnist/meta_loss": [None if s % 10 else 1.9 - 0.005 * s for s in steps],
+             "eval/fashion_mnist/accuracy": [None if s % 10 else 0.3 + 0.005 * s for s in steps]}
+    pq.write_table(pa.table(table), tmp_path / "metrics.parquet")
+    assert main(["plot", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.endswith("meta_training.png") and _png_ok(out)
+    path = plot_meta_training(str(tmp_path), str(tmp_path / "x.png"))
+    assert _png_ok(path)
+
+
+def test_plot_without_metrics_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="metrics.parquet"):
+        plot_meta_training(str(tmp_path))
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "metrics.parquet" in capsys.readouterr().err
+
+
+def test_markdown_table_reports_final_step_per_method():
+    summary = [{"method": "learned", "step": s, "accuracy": a, "accuracy_se": 0.01,
+                "logreg_accuracy": a, "logreg_accuracy_se": 0.02, "seeds": 3}
+               for s, a in ((0, 0.4), (100, 0.55))]
+    text = markdown_table(summary, "t", {"dataset": "digits"})
+    assert "| learned | 100 | 0.550 ± 0.010 | 0.550 ± 0.020 | 3 |" in text
+    assert "- dataset: digits" in text
