@@ -9,8 +9,8 @@ evaluation base model (196 -> 128 x4 -> 32, batch 128) and the paper-size rule:
   undercount that scans suffer);
 * ``meta_grads_per_s`` for U = 10 with the default estimator, and
   ``meta_grad_over_forward`` = time of one U = 10 meta-gradient / time of 10 inner steps;
-* ``python_overhead_frac``: the stepwise driver's per-call Python/dispatch cost (timed on a
-  near-zero-compute problem) times its 2U calls, over one U = 10 truncation's time;
+* ``python_overhead_frac``: the meta-gradient driver's Python and dispatch cost (one
+  U-step truncation timed on a negligible-compute problem) over one truncation's time;
 * ``compile_s``: compile time of the default estimator (it serves every U).
 
 ``--variants`` also times and compiles the other estimators (stepwise with recompute,
@@ -123,6 +123,40 @@ def compiled_inner_step(theta, params, x, activation, rule):
     return compiled, compile_s, float(cost["flops"])
 
 
+def analytic_inner_step_flops(sizes, rule, batch: int) -> float:
+    """Multiply-add FLOPs (x2) of one inner step's convolutions and matmuls.
+
+    Elementwise work (batch norms, activations, normalisations) is left out, so this is
+    a lower bound; it is backend-independent, unlike XLA's cost analysis (which on GPU
+    leaves out convolutions that run as library calls).
+    """
+    from metalearn.update_rule import NUM_INPUT_CHANNELS, NUM_WEIGHT_STATS, READOUT_NAMES
+
+    b, k, h = batch, rule.kernel, rule.compute_h_size
+    top, c_top, delta = rule.top_units, rule.top_delta_size, rule.delta_dim
+
+    def conv(units, c_in, c_out, kernel=k):
+        return 2.0 * b * units * kernel * c_in * c_out
+
+    flops = conv(top, 1, c_top, rule.top_first_kernel)
+    flops += rule.top_unit_mix_layers * conv(c_top, top, top)
+    flops += rule.top_delta_layers * conv(top, c_top, c_top) + conv(top, c_top, delta)
+    first_in = NUM_WEIGHT_STATS + 1 + NUM_INPUT_CHANNELS + delta
+    readout_channels = len(READOUT_NAMES) * rule.num_grad_channels
+    for n in sizes:  # ComputeH and readouts, every layer including the input
+        flops += conv(n, first_in, h) + rule.compute_h_layers * conv(n, h, h)
+        flops += (1 + rule.compute_h_layers) * 2 * conv(n, h, h)
+        flops += 2.0 * b * n * h * readout_channels
+    c = rule.num_grad_channels
+    for lower, upper in zip(sizes[:-1], sizes[1:]):
+        flops += 2.0 * b * lower * upper  # base-model forward
+        flops += 2.0 * b * upper * h * delta + 2.0 * b * upper * delta * lower  # d^{l-1}
+        flops += 2.0 * b * c * (3 * lower * upper + 3 * upper * upper + 2 * lower * lower)
+        flops += 2.0 * b * upper * upper + 2.0 * b * lower * upper  # correlations
+        flops += 2.0 * lower * upper * upper * 4 + 2.0 * lower * lower * upper * 2  # planes
+    return flops
+
+
 def time_inner_step(rule=None, repeats: int = 3) -> float:
     """Seconds per inner step of the (paper-size by default) rule on the paper's model."""
     from metalearn.unroll import timed
@@ -144,11 +178,12 @@ def _time_meta_gradient(estimator, theta, params, batch, repeats):
     return seconds, max(first - seconds, 0.0), result
 
 
-def python_overhead_per_call(objective, repeats: int = 20) -> float:
-    """Driver seconds per jitted call on a problem whose compute is negligible."""
+def driver_overhead_s(objective, unroll, steps: int, repeats: int = 10) -> float:
+    """Seconds of one U-step truncation of ``unroll``'s estimator on a problem whose
+    compute is negligible (2 units, batch 4): the driver's Python and dispatch cost."""
     import jax
     from metalearn.base_model import Architecture, init_params
-    from metalearn.config import RuleConfig, UnrollConfig
+    from metalearn.config import RuleConfig
     from metalearn.unroll import make_meta_gradient
     from metalearn.update_rule import init_theta
 
@@ -157,13 +192,12 @@ def python_overhead_per_call(objective, repeats: int = 20) -> float:
                       num_grad_channels=1, top_units=2)
     arch = Architecture((2, 2), "relu")
     tiny_objective = dataclasses.replace(objective, num_draws=1, samples_per_class=1)
-    steps = 10
     batch = random_truncation(steps, arch, tiny_objective, num_classes=2, batch=4)
-    estimator = make_meta_gradient("relu", rule, tiny_objective, UnrollConfig())
+    estimator = make_meta_gradient("relu", rule, tiny_objective, unroll)
     theta = init_theta(jax.random.key(0), rule)
     params = init_params(jax.random.key(1), arch)
     seconds, _, _ = _time_meta_gradient(estimator, theta, params, batch, repeats)
-    return seconds / (2 * steps)
+    return seconds
 
 
 def run_inner_step(args) -> int:
@@ -187,8 +221,11 @@ def run_inner_step(args) -> int:
     report["theta_params"] = num_params(theta)
     compiled, compile_s, flops = compiled_inner_step(theta, params, x, arch.activation, rule)
     step_s, _ = timed(compiled, theta, params, x, repeats=args.repeats)
+    analytic = analytic_inner_step_flops(arch.sizes, rule, PAPER_BATCH)
     report.update(inner_step_compile_s=compile_s, flops_per_inner_step=flops,
                   flops_source="xla_cost_analysis(single step)", inner_step_s=step_s,
+                  analytic_flops_per_inner_step=analytic,
+                  analytic_gflops_per_s=analytic / step_s / 1e9,
                   inner_steps_per_s=1.0 / step_s, gflops_per_s=flops / step_s / 1e9)
     report["matmul_fraction"] = report["gflops_per_s"] / report["matmul_gflops_per_s"]
 
@@ -198,15 +235,15 @@ def run_inner_step(args) -> int:
     estimator = make_meta_gradient(arch.activation, rule, objective, unroll)
     grad_s, compile_grad_s, result = _time_meta_gradient(estimator, theta, params, batch,
                                                          args.repeats)
-    report.update(estimator=f"{unroll.method}/{unroll.residuals}", meta_grad_s=grad_s,
+    report.update(estimator=f"{estimator.method}/{unroll.residuals}", meta_grad_s=grad_s,
                   meta_grads_per_s=1.0 / grad_s, meta_grad_compile_s=compile_grad_s,
                   meta_grad_over_forward=grad_s / (steps * step_s),
                   meta_grad_finite=bool(result.finite))
 
-    _log("[4/4] Python overhead of the stepwise driver ...")
-    per_call = python_overhead_per_call(objective)
-    report["python_overhead_per_call_s"] = per_call
-    report["python_overhead_frac"] = per_call * 2 * steps / grad_s
+    _log("[4/4] Python overhead of the meta-gradient driver ...")
+    overhead = driver_overhead_s(objective, unroll, steps)
+    report["python_overhead_s"] = overhead
+    report["python_overhead_frac"] = overhead / grad_s
 
     if args.variants:
         report["variants"] = _variants(theta, params, arch, rule, objective, steps, step_s,
@@ -256,11 +293,14 @@ def _print_report(r: dict) -> None:
         f"inner step:   {r['inner_step_s'] * 1e3:8.1f} ms  {r['inner_steps_per_s']:.2f} steps/s  "
         f"{r['gflops_per_s']:.1f} GFLOP/s ({100 * r['matmul_fraction']:.0f}% of matmul; "
         f"{r['flops_per_inner_step'] / 1e9:.2f} GFLOP/step by {r['flops_source']})",
+        f"              analytic conv+matmul count: {r['analytic_flops_per_inner_step'] / 1e9:.2f}"
+        f" GFLOP/step -> {r['analytic_gflops_per_s']:.1f} GFLOP/s",
         f"meta-grad U={r['unroll']}: {r['meta_grad_s']:8.3f} s  {r['meta_grads_per_s']:.3f}/s  "
         f"{r['meta_grad_over_forward']:.2f}x the time of {r['unroll']} inner steps "
         f"[{r['estimator']}]; compile {r['meta_grad_compile_s']:.1f} s (once for every U)",
         f"python overhead: {100 * r['python_overhead_frac']:.2f}% of a truncation "
-        f"({r['python_overhead_per_call_s'] * 1e6:.0f} us per jitted call)",
+        f"({r['python_overhead_s'] * 1e3:.1f} ms per truncation, timed on a "
+        f"negligible-compute problem)",
     ]
     for name, v in r.get("variants", {}).items():
         lines.append(f"  {name:22s} {v['meta_grad_s']:7.3f} s ({v['over_forward']:.2f}x fwd), "

@@ -121,7 +121,9 @@ class UnrollConfig:
     """How a truncation's meta-gradient is computed (SPEC section 4).
 
     method:
-      ``stepwise`` (default): one jitted inner step (+ meta-objective) forward and its
+      ``auto`` (default): ``stepwise`` on CPU, ``scan`` on GPU/TPU (measured fastest on
+        each; see docs/rule.md).
+      ``stepwise``: one jitted inner step (+ meta-objective) forward and its
         jitted VJP driven backwards from Python. Compiles once for every U, and was the
         fastest variant on XLA's CPU backend (see ``metalearn bench inner-step``).
       ``scan``: the whole truncation in one ``lax.scan``, differentiated by
@@ -135,15 +137,16 @@ class UnrollConfig:
     remat (scan only): ``jax.checkpoint`` the scan body, for long unrolls.
     """
 
-    method: Literal["stepwise", "scan"] = "stepwise"
+    method: Literal["auto", "stepwise", "scan"] = "auto"
     residuals: Literal["recompute", "store"] = "store"
     scan_unroll: bool = False  # fully unroll the scan (fast on CPU, long compiles)
     remat: bool = False
     scan_buckets: tuple[int, ...] = (4, 8, 16)
 
     def __post_init__(self):
-        if self.method not in ("stepwise", "scan"):
-            raise ConfigError(f"unroll.method must be 'stepwise' or 'scan', got {self.method!r}")
+        if self.method not in ("auto", "stepwise", "scan"):
+            raise ConfigError(f"unroll.method must be 'auto', 'stepwise' or 'scan', got "
+                              f"{self.method!r}")
         if self.residuals not in ("recompute", "store"):
             raise ConfigError(
                 f"unroll.residuals must be 'recompute' or 'store', got {self.residuals!r}")
@@ -151,6 +154,17 @@ class UnrollConfig:
             raise ConfigError(f"unroll.scan_buckets must be positive sizes, got "
                               f"{self.scan_buckets!r}")
         object.__setattr__(self, "scan_buckets", tuple(sorted(int(b) for b in self.scan_buckets)))
+
+    def resolved_method(self, backend: str | None = None) -> str:
+        """The estimator ``auto`` stands for on ``backend`` (default: JAX's default)."""
+        if self.method != "auto":
+            return self.method
+        if backend is None:
+            import jax
+            backend = jax.default_backend()
+        # On CPU, XLA differentiates a rolled scan slowly and per-call dispatch is cheap
+        # next to a step; on accelerators a step is ~ms and per-call latency dominates.
+        return "stepwise" if backend == "cpu" else "scan"
 
     def bucket(self, num_steps: int) -> int:
         """Smallest bucket that holds ``num_steps`` (or ``num_steps`` itself if larger)."""

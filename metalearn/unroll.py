@@ -158,6 +158,7 @@ class MetaGradient:
     def __init__(self, problem: Problem, unroll: UnrollConfig, num_tasks: int | None = None):
         self.problem = problem
         self.unroll = unroll
+        self.method = unroll.resolved_method()
         self.num_tasks = num_tasks
         self.timings: dict[str, float] = {}
         vm = (lambda f, axes: jax.vmap(f, in_axes=axes)) if num_tasks else (lambda f, axes: f)
@@ -186,7 +187,7 @@ class MetaGradient:
 
     def __call__(self, theta, params: BaseParams, batch: TruncationBatch) -> TruncationResult:
         self.validate(params, batch)
-        if self.unroll.method == "scan":
+        if self.method == "scan":
             return self._call_scan(theta, params, batch)
         return self._call_stepwise(theta, params, batch)
 
