@@ -190,7 +190,6 @@ def run_eval(args) -> int:
           f"{total:.0f} s", file=sys.stderr)
     if args.json:
         if sweep:
-            from metalearn.evaluate import summarise
             summary = {}
             for value, _ in runs:
                 part = [r for r in rows if r.get("sweep_value") == str(value)]

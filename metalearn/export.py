@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import sys
-from typing import Any
 
 import numpy as np
 

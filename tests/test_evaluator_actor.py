@@ -1,0 +1,29 @@
+"""The Ray actor around the continuous evaluator (slow: starts a Ray instance)."""
+
+import jax
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from metalearn.evaluate import ContinuousEvalConfig
+from metalearn.update_rule import init_theta
+
+
+@pytest.mark.slow
+def test_evaluator_actor_returns_metrics_row(tiny_rule):
+    import ray
+
+    from metalearn.distributed.evaluator import start_evaluator
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        config = ContinuousEvalConfig(datasets=("two_moons",), width=16, depth=1, steps=2,
+                                      test_size=200, every=5)
+        actor = start_evaluator(config, tiny_rule)
+        flat, _ = ravel_pytree(init_theta(jax.random.key(0), tiny_rule))
+        row = ray.get(actor.evaluate.remote(10, np.asarray(flat)), timeout=300)
+        assert row["step"] == 10 and 0.0 < row["eval/two_moons/meta_loss"] < 3.0
+        assert 0.5 <= row["eval/two_moons/accuracy"] <= 1.0
+        assert ray.get(actor.every.remote()) == 5
+    finally:
+        ray.shutdown()
