@@ -171,8 +171,11 @@ def run_eval(args) -> int:
             "baselines": list(config.baselines), "baseline_steps": config.baseline_steps,
             "supervised_steps": config.supervised_steps, "sweep": sweep,
             "seconds_per_method": {k: round(v, 1) for k, v in seconds.items()}}
-    title = (f"{args.dataset} ({image_size or 'native'} px), {config.width}x{config.depth} "
-             f"{config.activation}, rule {exported.meta.get('run')}@{exported.step}")
+    model = f"{config.width}x{config.depth} {config.activation}"
+    if sweep:
+        model = f"{sweep} sweep (others as {model})"
+    title = (f"{args.dataset} ({image_size or 'native'} px), {model}, "
+             f"rule {exported.meta.get('run')}@{exported.step}")
     extras = None
     if not sweep:
         extras = {"params_init": first.params_init, "params_final": first.params_final,

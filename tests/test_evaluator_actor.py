@@ -15,7 +15,7 @@ def test_evaluator_actor_returns_metrics_row(tiny_rule):
 
     from metalearn.distributed.evaluator import start_evaluator
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         config = ContinuousEvalConfig(datasets=("two_moons",), width=16, depth=1, steps=2,
                                       test_size=200, every=5)
