@@ -29,7 +29,6 @@ import dataclasses
 import math
 import time
 import uuid
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ import pytest
 
 from metalearn.checkpoint import (CheckpointWarning, Checkpointer, load_theta, save_theta,
                                   theta_unravel)
-from metalearn.config import RuleConfig, to_dict
+from metalearn.config import to_dict
 from metalearn.learner import Learner, Submission
 from metalearn.train_config import CurriculumConfig, LearnerConfig
 
