@@ -174,7 +174,8 @@ def run_eval(args) -> int:
     model = f"{config.width}x{config.depth} {config.activation}"
     if sweep:
         model = f"{sweep} sweep (others as {model})"
-    title = (f"{args.dataset} ({image_size or 'native'} px), {model}, "
+    pixels = "resolution swept" if sweep == "resolution" else f"{image_size or 'native'} px"
+    title = (f"{args.dataset} ({pixels}), {model}, "
              f"rule {exported.meta.get('run')}@{exported.step}")
     extras = None
     if not sweep:

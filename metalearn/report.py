@@ -231,7 +231,7 @@ def plot_sweep(summary: Sequence[dict], path: str, title: str) -> None:
     ax.set_ylabel("10-shot test accuracy (ridge)")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
