@@ -495,10 +495,17 @@ class ContinuousEvaluator:
 
         self.config, self.rule, self.objective = config, rule, objective
         self._datasets = []
+        self.skipped: dict[str, str] = {}
         for name in config.datasets:
-            data = load_data(DataConfig(dataset=name, image_size=config.image_size,
-                                        data_dir=config.data_dir, shots=config.shots,
-                                        test_size=config.test_size))
+            try:
+                data = load_data(DataConfig(dataset=name, image_size=config.image_size,
+                                            data_dir=config.data_dir, shots=config.shots,
+                                            test_size=config.test_size))
+            except FileNotFoundError as err:
+                # A held-out set missing on this machine must not stop meta-training.
+                self.skipped[name] = str(err)
+                print(f"continuous evaluation: skipping {name}: {err}", file=sys.stderr)
+                continue
             arch = architecture(data.input_size, config.width, config.depth,
                                 config.activation, rule.top_units)
             tasks = [make_task(data, seed, 10, config.shots) for seed in range(config.seeds)]
@@ -516,6 +523,9 @@ class ContinuousEvaluator:
                                   task.y_test[te]))
                 pairs.append(make_pair(*(np.stack(d) for d in zip(*draws)), k))
             self._datasets.append((name, arch, tasks, pairs))
+        if not self._datasets:
+            raise ConfigError(f"evaluator.datasets: none of {list(config.datasets)} is "
+                              f"available here ({'; '.join(self.skipped.values())})")
         self._loss = jax.jit(meta_objective, static_argnums=(2, 3, 4))
 
     def _unravel(self, theta):

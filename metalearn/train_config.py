@@ -22,6 +22,7 @@ import yaml
 
 from metalearn.config import (ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig,
                               from_dict, to_dict)
+from metalearn.evaluate import ContinuousEvalConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +186,8 @@ class TrainConfig:
     worker: WorkerConfig = WorkerConfig()
     tasks: TasksConfig = TasksConfig()
     run: RunConfig = RunConfig()
+    # Continuous held-out evaluation (an evaluator actor; off unless a config turns it on).
+    evaluator: ContinuousEvalConfig = ContinuousEvalConfig(enabled=False)
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

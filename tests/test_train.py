@@ -67,6 +67,25 @@ def test_train_then_resume_continues_step_count(ray_session, config_file, tmp_pa
     assert load_theta(run_dir)[2] == 5
 
 
+def test_continuous_evaluation_writes_meta_test_columns(ray_session, tmp_path):
+    from metalearn.distributed.driver import train
+
+    config = tiny_config(tmp_path, evaluator={
+        "enabled": True, "every": 2, "datasets": ["two_moons"],
+        "width": 8, "depth": 1, "steps": 2, "seeds": 1, "batch_size": 16, "test_size": 40},
+        run={"steps": 6})
+    run_dir = str(tmp_path / "run")
+    train(config, run_dir)
+    table = pq.read_table(os.path.join(run_dir, "metrics.parquet")).to_pylist()
+    assert sorted(r["step"] for r in table) == [1, 2, 3, 4, 5, 6]  # merged, not appended
+    evaluated = [r for r in table if r.get("eval/two_moons/accuracy") is not None]
+    assert evaluated, "no evaluation reached the metrics"
+    for row in evaluated:
+        assert 0.0 <= row["eval/two_moons/accuracy"] <= 1.0
+        assert np.isfinite(row["eval/two_moons/meta_loss"])
+        assert row["eval_s"] > 0
+
+
 def test_killed_worker_replaced_and_killed_learner_resumes(ray_session, tmp_path):
     from metalearn.distributed.driver import train
 

@@ -84,6 +84,67 @@ def check_resume_compatible(saved: TrainConfig, config: TrainConfig, run_dir: st
 
 
 # ---------------------------------------------------------------------------
+# continuous evaluation
+
+class _ContinuousEvaluation:
+    """Drives the evaluator actor from the driver loop, never blocking it.
+
+    Every ``evaluator.every`` learner steps it hands the newest theta (the same object
+    ref the workers get) to the actor; a finished evaluation's columns
+    (``eval/<dataset>/meta_loss``, ``.../accuracy``, ``.../logreg_accuracy``, ``eval_s``)
+    are merged into the metrics row of the step it evaluated. A failing evaluator is
+    reported once and switched off: it must never stop meta-training.
+    """
+
+    def __init__(self, config: TrainConfig, start_step: int):
+        self.every = config.evaluator.every
+        self.actor, self.pending, self.last_step = None, None, start_step
+        if config.evaluator.enabled:
+            from metalearn.distributed.evaluator import start_evaluator
+            self.actor = start_evaluator(config.evaluator, config.rule, config.objective,
+                                         reserve=False)
+
+    def poll(self, step: int, box: list, metrics: "MetricsLog") -> None:
+        import ray
+
+        if self.actor is None:
+            return
+        if self.pending is not None:
+            done, _ = ray.wait([self.pending], timeout=0)
+            if not done:
+                return
+            self._collect(metrics)
+        if step - self.last_step >= self.every:
+            self.pending = self.actor.evaluate.remote(step, box[2])
+            self.last_step = step
+
+    def _collect(self, metrics: "MetricsLog") -> None:
+        import ray
+
+        try:
+            metrics.merge(ray.get(self.pending))
+        except Exception as err:  # noqa: BLE001 - evaluation is optional
+            message = str(err).strip().splitlines()[-1][:300]
+            print(f"\ncontinuous evaluation failed and is switched off: {message}",
+                  file=sys.stderr)
+            ray.kill(self.actor, no_restart=True)
+            self.actor = None
+        self.pending = None
+
+    def finish(self, metrics: "MetricsLog") -> None:
+        import ray
+
+        if self.actor is None:
+            return
+        if self.pending is not None:
+            ready, _ = ray.wait([self.pending], timeout=120)
+            if ready:
+                self._collect(metrics)
+        if self.actor is not None:
+            ray.kill(self.actor, no_restart=True)
+
+
+# ---------------------------------------------------------------------------
 # metrics
 
 class MetricsLog:
@@ -104,6 +165,18 @@ class MetricsLog:
             rows = pq.read_table(self.path).to_pylist()
             self.rows = [{k: v for k, v in r.items() if v is not None}
                          for r in rows if r["step"] <= up_to_step]
+
+    def merge(self, row: dict) -> bool:
+        """Add ``row``'s columns to the existing row of the same step (evaluations)."""
+        for existing in reversed(self.rows):
+            if existing["step"] == row["step"]:
+                existing.update(row)
+                if self.writer is not None:
+                    for key, value in row.items():
+                        if key != "step" and isinstance(value, (int, float)):
+                            self.writer.add_scalar(key, value, row["step"])
+                return True
+        return False
 
     def truncate(self, up_to_step: int) -> None:
         self.rows = [r for r in self.rows if r["step"] <= up_to_step]
@@ -283,6 +356,7 @@ class Trainer:
               f"{self.run_dir}", file=sys.stderr)
         pending: dict = {w.compute.remote(box, curriculum): i
                          for i, w in enumerate(self.workers)}
+        evaluation = _ContinuousEvaluation(self.config, start_step)
         learner_pending: set = set()
         last_flush = time.monotonic()
         step, successes, last_row = start_step, 0, None
@@ -372,10 +446,12 @@ class Trainer:
                     f"{last_row['dropped_stale']}/{last_row['dropped_nonfinite']} | "
                     f"U {last_row['unroll_min']}-{last_row['unroll_max']} | "
                     f"{elapsed / 60:5.1f} min", key=step)
+            evaluation.poll(step, box, metrics)
             if time.monotonic() - last_flush > run.metrics_flush_s:
                 metrics.write()
                 last_flush = time.monotonic()
         progress.done()
+        evaluation.finish(metrics)
 
         # Let submitted gradients reach the learner, then save and stop.
         for ref in list(learner_pending):

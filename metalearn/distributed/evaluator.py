@@ -42,13 +42,18 @@ class EvaluatorActor:
         return self.config.every
 
 
-def start_evaluator(eval_config, rule, objective=None, cpus: int = 1):
-    """Start the actor (typed configs in, dicts across the boundary)."""
+def start_evaluator(eval_config, rule, objective=None, cpus: int = 1, reserve: bool = True):
+    """Start the actor (typed configs in, dicts across the boundary).
+
+    ``reserve=False`` schedules it without reserving Ray CPUs (it still limits itself to
+    ``cpus`` threads): on a laptop whose every core runs a worker, a small evaluation
+    budget shares a core rather than waiting forever for a free one.
+    """
     from metalearn.config import to_dict
     from metalearn.distributed.actors import thread_env
 
     return EvaluatorActor.options(
-        num_cpus=cpus, runtime_env={"env_vars": thread_env(cpus)}).remote(
+        num_cpus=cpus if reserve else 0, runtime_env={"env_vars": thread_env(cpus)}).remote(
         to_dict(eval_config), to_dict(rule), to_dict(objective) if objective else None, cpus)
 
 
