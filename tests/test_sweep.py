@@ -107,6 +107,10 @@ def test_pbt_clones_a_trial_and_changes_its_config_mid_run(ray2, tmp_path):
                 "learner.lr_boundaries": [10, 20],
                 "curriculum.truncations_std_start": {"uniform": [1.0, 4.0]}},
         trial={"steps": 12, "report_every": 4},
+        # The metric is the reported learning rate (maximised), not the noisy meta-loss
+        # of a few steps: the 1e-5 trial is then always the worse one, so PBT must
+        # replace it by a clone of the other as soon as both have reported.
+        metric="lr", mode="max",
         scheduler={"type": "pbt", "perturbation_interval": 4, "quantile_fraction": 0.5,
                    "resample_probability": 0.0,
                    "mutations": {
