@@ -27,8 +27,6 @@ import sys
 import tempfile
 import time
 
-import yaml
-
 from metalearn.config import ConfigError
 
 SPEC_FILE = "sweep.yaml"
@@ -92,15 +90,9 @@ def _check_search(key: str, value) -> None:
 
 def load_spec(path: str) -> SweepSpec:
     """Read and validate a sweep YAML; the trial config it makes is validated too."""
-    from metalearn.train_config import _Loader, resolve_path
+    from metalearn.train_config import read_yaml, resolve_path
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"sweep spec not found: {path}")
-    with open(path) as f:
-        try:
-            raw = yaml.load(f, Loader=_Loader) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = read_yaml(path, "sweep spec")
     known = {"name", "base", "set", "search", "num_samples", "metric", "mode",
              "max_concurrent", "max_failures", "trial", "scheduler"}
     unknown = sorted(set(raw) - known)

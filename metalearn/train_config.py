@@ -256,15 +256,19 @@ def config_from_dict(values: dict) -> TrainConfig:
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML training config (default ``experiments/local.yaml``) plus overrides."""
-    path = path or DEFAULT_CONFIG
+    values = read_yaml(path or DEFAULT_CONFIG, "config file")
+    return config_from_dict(apply_overrides(values, overrides or []))
+
+
+def read_yaml(path: str, what: str) -> Any:
+    """Parse a YAML file (``3e-4`` read as a float); errors name the file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     with open(path) as f:
         try:
-            values = yaml.load(f, Loader=_Loader) or {}
+            return yaml.load(f, Loader=_Loader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return config_from_dict(apply_overrides(values, overrides or []))
 
 
 def config_to_yaml(config: TrainConfig) -> str:
