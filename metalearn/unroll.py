@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metalearn.base_model import Architecture, BaseParams, check_params
+from metalearn.base_model import BaseParams, check_params
 from metalearn.config import ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig
 from metalearn.meta_objective import LabelledPair, check_pair, meta_objective
-from metalearn.update_rule import check_inputs, inner_step
+from metalearn.update_rule import architecture_of, check_inputs, inner_step
 
 
 class TruncationBatch(NamedTuple):
@@ -80,8 +80,7 @@ class Problem:
 def step_and_loss(theta, params: BaseParams, x, pair: LabelledPair, problem: Problem):
     """One inner step, then the meta-objective of the new phi. x: [B, N_0]."""
     new_params = inner_step(theta, params, x, problem.activation, problem.rule)
-    arch = Architecture((params.w[0].shape[0],) + tuple(w.shape[1] for w in params.w),
-                        problem.activation)
+    arch = architecture_of(params, problem.activation)
     loss = meta_objective(new_params, pair, arch, problem.objective, problem.rule.base_bn_eps)
     return new_params, loss
 
@@ -203,8 +202,7 @@ class MetaGradient:
         if batch.num_steps < 1:
             raise ConfigError(f"a truncation needs at least one inner step, got {batch.num_steps}")
         one = jax.tree.map(lambda a: a[0], params) if lead else params
-        arch = Architecture((one.w[0].shape[0],) + tuple(w.shape[1] for w in one.w),
-                            self.problem.activation)
+        arch = architecture_of(one, self.problem.activation)
         check_params(one, arch)
         check_inputs(one, batch.inner_x[(0,) * (1 + lead)], self.problem.rule)
         pair = LabelledPair(*[f[(0,) * (1 + lead)] for f in batch.pair])
@@ -265,16 +263,6 @@ def make_meta_gradient(activation: str, rule: RuleConfig = RuleConfig(),
                        num_tasks: int | None = None) -> MetaGradient:
     """Build the truncated meta-gradient estimator for one activation and configs."""
     return MetaGradient(Problem(activation, rule, objective), unroll, num_tasks)
-
-
-def unroll_inner(theta, params: BaseParams, xs, activation: str, rule: RuleConfig,
-                 *, jit_step: Callable | None = None) -> BaseParams:
-    """Apply the rule over batches xs: [T, B, N_0] (no gradients): evaluation helper."""
-    step = jit_step or jax.jit(functools.partial(inner_step, activation=activation,
-                                                 config=rule))
-    for x in xs:
-        params = step(theta, params, x)
-    return params
 
 
 def timed(fn: Callable, *args, repeats: int = 3, **kwargs) -> tuple[float, Any]:
