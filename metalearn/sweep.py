@@ -8,12 +8,14 @@ Each trial is one ``metalearn train`` session (driver loop, learner actor, N wor
 actors) inside a Tune function trainable. The trial reserves its resources as one
 placement group: a head bundle for the trial's driver and learner, one bundle per
 worker. Every ``trial.report_every`` learner steps the trial forces a learner
-checkpoint and reports the learner's metrics row together with a copy of its run
-folder (orbax checkpoints, config, metrics) as a ``tune.Checkpoint``. A trial started
-from a checkpoint (a resumed sweep, a retried failure, or PBT cloning a better trial)
-restores the learner from it and continues the donor's step count under its own,
-possibly mutated, config. The output folder gets ``results.parquet``, ``results.md``,
-``history.parquet`` (every report of every trial) and ``meta_loss.png``.
+checkpoint and reports the learner's metrics row of exactly that checkpoint's step
+together with a copy of its run folder (orbax checkpoints, config, metrics) as a
+``tune.Checkpoint``; the report at ``trial.steps`` is the last (``done``). A trial
+started from a checkpoint (a resumed sweep, a retried failure, or PBT cloning a better
+trial) restores the learner from it and continues the donor's step count under its
+own, possibly mutated, config. The driver logs every result Tune processes to
+``reports.jsonl``; the output folder gets ``results.parquet``, ``results.md``,
+``history.parquet`` (every report of every trial, from that log) and ``meta_loss.png``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ from metalearn.config import ConfigError
 SPEC_FILE = "sweep.yaml"
 TUNE_DIR = "tune"
 SWEEP_META = "sweep.json"
+REPORTS_FILE = "reports.jsonl"
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+# The options each scheduler type takes (anything else is a typo: refused, not ignored).
+SCHEDULER_KEYS = {
+    "fifo": {"type"},
+    "asha": {"type", "grace_period", "reduction_factor"},
+    "pbt": {"type", "perturbation_interval", "quantile_fraction", "resample_probability",
+            "mutations", "synch"},
+}
 
 
 # ---------------------------------------------------------------------------
@@ -108,9 +118,17 @@ def load_spec(path: str) -> SweepSpec:
     if bad:
         raise ConfigError(f"{path}: unknown sweep key trial.{bad[0]}")
     scheduler = dict(raw.get("scheduler") or {"type": "fifo"})
-    if scheduler.get("type", "fifo") not in ("fifo", "asha", "pbt"):
+    kind = scheduler.get("type", "fifo")
+    if kind not in SCHEDULER_KEYS:
         raise ConfigError(f"scheduler.type must be fifo, asha or pbt, "
                           f"got {scheduler.get('type')!r}")
+    bad = sorted(set(scheduler) - SCHEDULER_KEYS[kind])
+    if bad:
+        raise ConfigError(f"{path}: unknown {kind} scheduler key scheduler.{bad[0]} "
+                          f"(known: {', '.join(sorted(SCHEDULER_KEYS[kind] - {'type'}))})")
+    if not isinstance(scheduler.get("synch", False), bool):
+        raise ConfigError(f"scheduler.synch must be true or false, "
+                          f"got {scheduler['synch']!r}")
     mode = raw.get("mode", "min")
     if mode not in ("min", "max"):
         raise ConfigError(f"mode must be min or max, got {mode!r}")
@@ -178,10 +196,23 @@ def resources(spec: SweepSpec):
 # the trainable
 
 def _copy_run(run_dir: str, dest: str, meta: dict) -> None:
-    """Copy what a learner needs to resume (checkpoints, config, metrics) into dest."""
+    """Copy what a learner needs to resume (checkpoints, config, metrics) into dest.
+
+    Only checkpoints up to ``meta["step"]`` are copied: the learner keeps training while
+    we copy and may save a newer one (its periodic checkpoint), which a restore would
+    otherwise pick instead of the step this copy is reported as.
+    """
+    source = os.path.join(run_dir, "checkpoints")
+    temporary = shutil.ignore_patterns("*.orbax-checkpoint-tmp*")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skip = set(temporary(folder, names))
+        if os.path.abspath(folder) == os.path.abspath(source):
+            skip |= {n for n in names if n.isdigit() and int(n) > meta["step"]}
+        return skip
+
     os.makedirs(dest, exist_ok=True)
-    shutil.copytree(os.path.join(run_dir, "checkpoints"), os.path.join(dest, "checkpoints"),
-                    ignore=shutil.ignore_patterns("*.orbax-checkpoint-tmp*"))
+    shutil.copytree(source, os.path.join(dest, "checkpoints"), ignore=ignore)
     for name in ("config.yaml", "metrics.parquet", "theta_latest.npz"):
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
@@ -192,7 +223,17 @@ def _copy_run(run_dir: str, dest: str, meta: dict) -> None:
 
 def run_trial(params: dict, spec: SweepSpec) -> None:
     """Tune function trainable: one asynchronous meta-training, reported every
-    ``report_every`` learner steps with its checkpoint."""
+    ``report_every`` learner steps with its checkpoint.
+
+    A report's ``step`` is always the step of the checkpoint handed over with it: a
+    scheduler's time (PBT's perturbation points, ASHA's rungs) and a clone's restored
+    step then agree. The learner keeps taking gradients while the driver handles a row,
+    so the checkpoint forced for row ``r`` may hold a later step ``s``; the report then
+    waits for row ``s`` (it arrives shortly: rows come in step order). The report at
+    ``trial.steps`` says ``done``: Tune ends the trial there without asking the
+    scheduler, so PBT never pauses or clones a trial that has nothing left to train (a
+    clone restored at the last step would end without reporting anything).
+    """
     import ray
     from ray import tune
 
@@ -205,25 +246,35 @@ def run_trial(params: dict, spec: SweepSpec) -> None:
     extra = {"trial_id": trial_id, "restored_from": "", "restored_step": -1}
     checkpoint = tune.get_checkpoint()
     resume = checkpoint is not None
+    start_step = 0
     if resume:
         with checkpoint.as_directory() as folder:
             shutil.copytree(folder, run_dir, dirs_exist_ok=True)
         with open(os.path.join(run_dir, SWEEP_META)) as f:
             donor = json.load(f)
         extra["restored_from"], extra["restored_step"] = donor["trial_id"], donor["step"]
+        start_step = donor["step"]
         print(f"trial {trial_id}: restoring step {donor['step']} of trial "
               f"{donor['trial_id']}", file=sys.stderr)
     prepare_run_dir(config, run_dir, resume)
-    state = {"reported": -1}
+    every, last = spec.trial.report_every, spec.trial.steps
+    # reported: the step of the last report (or of the restored checkpoint);
+    # pending: (checkpoint step, its copy) waiting for that step's row.
+    state: dict = {"reported": start_step, "pending": None}
 
-    def report(trainer, row: dict) -> None:
+    def stage(trainer) -> tuple[int, str]:
         step = ray.get(trainer.learner.checkpoint.remote())
         staging = tempfile.mkdtemp(prefix=f"metalearn-report-{trial_id}-")
+        _copy_run(run_dir, staging, {"trial_id": trial_id, "step": step})
+        return step, staging
+
+    def report(trainer, row: dict, staging: str) -> None:
         try:
-            _copy_run(run_dir, staging, {"trial_id": trial_id, "step": step})
             metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
             metrics.update(extra, worker_failures=trainer.worker_failures,
                            learner_restarts=trainer.learner_restarts)
+            if row["step"] >= last:
+                metrics["done"] = True
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -233,13 +284,29 @@ def run_trial(params: dict, spec: SweepSpec) -> None:
         row = reply["row"]
         if row is None or row["step"] <= state["reported"]:
             return
-        if row["step"] % spec.trial.report_every == 0 or row["step"] >= spec.trial.steps:
-            report(trainer, row)
+        if state["pending"] is not None:
+            step, staging = state["pending"]
+            if row["step"] < step:
+                return  # rows the staged checkpoint already holds
+            state["pending"] = None
+            if row["step"] == step:
+                report(trainer, row, staging)
+                return
+            shutil.rmtree(staging, ignore_errors=True)  # skipped (a restarted learner)
+        if row["step"] < last and row["step"] // every <= state["reported"] // every:
+            return  # no report boundary crossed since the last report
+        step, staging = stage(trainer)
+        if step == row["step"]:
+            report(trainer, row, staging)
+        else:
+            state["pending"] = (step, staging)
 
     try:
         Trainer(config, run_dir, resume=resume, num_workers=spec.trial.workers,
                 on_reply=on_reply).run()
     finally:
+        if state["pending"] is not None:
+            shutil.rmtree(state["pending"][1], ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -281,6 +348,30 @@ def trainable(spec: SweepSpec):
                                resources(spec))
 
 
+def report_log():
+    """A Tune callback appending every result Tune processes, as it processes it, to
+    ``<experiment>/reports.jsonl`` (one flat JSON object a line).
+
+    ``history.parquet`` is built from this log, not from Tune's per-trial
+    ``result.json``: when a trial restarts from a checkpoint (every PBT perturbation
+    in synch mode, every clone) Tune copies that file back from the storage folder,
+    which is synced from the driver's staging folder only every ~10 s, so the reports
+    of the last seconds before a restart can vanish from it. The log lives in the
+    experiment folder (found from the trial's path), so it follows the folder and a
+    resumed sweep appends to it.
+    """
+    from ray import tune
+    from ray.tune.utils import flatten_dict
+
+    class ReportLog(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            row = flatten_dict({**result, "trial_dir": os.path.basename(trial.path)})
+            with open(os.path.join(os.path.dirname(trial.path), REPORTS_FILE), "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+
+    return ReportLog()
+
+
 def run_sweep(spec: SweepSpec, out: str, *, resume: bool = False):
     """Run (or continue) the sweep in ``out``; returns the ResultGrid."""
     from ray import tune
@@ -306,21 +397,40 @@ def run_sweep(spec: SweepSpec, out: str, *, resume: bool = False):
                 name=spec.name, storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-                verbose=1))
+                callbacks=[report_log()], verbose=1))
     return tuner.fit()
 
 
 # ---------------------------------------------------------------------------
 # results
 
-def collect(results, spec: SweepSpec):
-    """(summary rows, history rows) of a ResultGrid."""
+def read_reports(path: str) -> list[dict]:
+    """The rows of a ``reports.jsonl`` (none if there is no such file)."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a killed driver
+    return rows
+
+
+def collect(results, spec: SweepSpec, reports: list[dict] = ()):
+    """(summary rows, history rows) of a ResultGrid and its ``reports.jsonl`` rows."""
+    by_trial: dict = {}
+    for row in reports:
+        by_trial.setdefault(row.get("trial_dir"), []).append(row)
     summary, history = [], []
     for result in results:
-        frame = result.metrics_dataframe
-        rows = [] if frame is None else frame.to_dict("records")
-        trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(
-            str(result.path))
+        rows = by_trial.get(os.path.basename(str(result.path)))
+        if rows is None:  # a sweep from before the report log: Tune's per-trial log
+            frame = result.metrics_dataframe
+            rows = [] if frame is None else frame.to_dict("records")
+        # The trial's own rows name it; result.metrics may be a donor's last result
+        # (Tune hands a restored trial the metrics of the checkpoint it starts from).
+        trial_id = rows[-1].get("trial_id") if rows else os.path.basename(str(result.path))
         for row in rows:
             history.append({
                 "trial_id": trial_id, "step": int(row.get("step", -1)),
@@ -404,7 +514,8 @@ def write_outputs(results, spec: SweepSpec, out: str) -> list[dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    summary, history = collect(results, spec)
+    reports = read_reports(os.path.join(out, TUNE_DIR, spec.name, REPORTS_FILE))
+    summary, history = collect(results, spec, reports)
     if summary:
         pq.write_table(pa.Table.from_pylist(summary), os.path.join(out, "results.parquet"))
     if history:
@@ -460,5 +571,5 @@ def run(args) -> int:
     return 1 if errors == len(summary) else 0
 
 
-__all__ = ["SweepSpec", "TrialSettings", "add_parser", "collect", "load_spec", "run",
-           "run_sweep", "run_trial", "trial_config", "write_outputs"]
+__all__ = ["SweepSpec", "TrialSettings", "add_parser", "collect", "load_spec", "read_reports",
+           "report_log", "run", "run_sweep", "run_trial", "trial_config", "write_outputs"]
