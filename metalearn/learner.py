@@ -9,7 +9,8 @@ with, the task's metadata, loss and timings. The learner
   versions mean nothing here), one staler than ``max_staleness`` versions, or one that
   is not finite (loss or any gradient entry), counting each kind; nothing dropped is
   ever added to the buffer;
-* sums accepted gradients into one float64 buffer and, once it holds ``meta_batch`` of
+* sums accepted gradients into one float64 buffer (a vmapped worker's submission, the
+  mean of ``count`` tasks, counts ``count`` times) and, once it holds ``meta_batch`` of
   them, applies their mean with optax (global-norm clip, Adam, piecewise-constant
   learning rate), bumps ``step`` and the theta ``version``, and returns one metrics row;
 * owns the curriculum: the U range and the truncations-per-task spread at the current
@@ -42,11 +43,17 @@ from metalearn.train_config import CurriculumConfig, LearnerConfig
 class Submission:
     """One truncation's result, as a worker sends it."""
 
-    grad: np.ndarray  # [P] float32, theta's ravel_pytree order
+    grad: np.ndarray  # [P] float32, theta's ravel_pytree order (mean over ``count`` tasks)
     version: int  # theta version the gradient was computed with
     generation: str  # learner incarnation that published that version
-    loss: float  # mean meta-objective over the truncation's steps
+    loss: float  # mean meta-objective over the truncation's steps (and tasks)
     finite: bool = True  # the worker's own check of loss and gradient
+    count: int = 1  # task gradients averaged in ``grad`` (a vmapped worker's T)
+    # The meta-objective after the task's first inner step (phi ~ its random init), for
+    # the same task(s): loss - loss_start is how much the rule has improved the task's
+    # features so far, free of how hard the task is. NaN: not known.
+    loss_start: float = float("nan")
+    nonfinite_tasks: int = 0  # further tasks of this truncation left out as not finite
     dataset: str = "unknown"
     num_steps: int = 0  # U
     worker: int = -1
@@ -140,6 +147,7 @@ class Learner:
                                             dropped_nonfinite=0, dropped_generation=0,
                                             after_stop=0)
         self.losses: collections.deque = collections.deque(maxlen=config.loss_window)
+        self.gains: collections.deque = collections.deque(maxlen=config.loss_window)
         self.dataset_losses: dict[str, collections.deque] = {}
         self.wall_offset = 0.0  # wall seconds of earlier sessions (restored)
         self._started = clock()
@@ -162,19 +170,27 @@ class Learner:
         return [int(s) for s in self.rng.integers(0, 2 ** 63 - 1, size=count)]
 
     def submit(self, sub: Submission) -> dict | None:
-        """Take one gradient; returns the metrics row if it completed a meta-batch."""
-        self.counters["received"] += 1
-        self._received_since_update += 1
+        """Take one submission; returns the metrics row if it completed a meta-batch.
+
+        A submission of ``count`` task gradients (their mean) counts ``count`` toward the
+        meta-batch and is weighted by it; every counter counts task gradients.
+        """
+        count = int(sub.count)
+        if count < 1 and sub.finite:
+            raise ValueError(f"submission of worker {sub.worker} averages {count} gradients")
+        tasks = count + int(sub.nonfinite_tasks)
+        self.counters["received"] += tasks
+        self._received_since_update += tasks
         if self.stop_step and self.step >= self.stop_step:
-            self.counters["after_stop"] += 1  # the run is over: never applied
+            self.counters["after_stop"] += tasks  # the run is over: never applied
             return None
         if sub.generation != self.generation:
-            self.counters["dropped_generation"] += 1
+            self.counters["dropped_generation"] += tasks
             return None
         staleness = self.version - int(sub.version)
         if staleness < 0 or staleness > self.config.max_staleness:
             # Negative staleness cannot come from this generation; treat it as invalid.
-            self.counters["dropped_stale"] += 1
+            self.counters["dropped_stale"] += tasks
             return None
         grad = np.asarray(sub.grad)
         if grad.shape != (self.num_params,):
@@ -182,24 +198,36 @@ class Learner:
                              f"theta has {self.num_params} parameters")
         loss = float(sub.loss)
         if not (sub.finite and math.isfinite(loss) and np.isfinite(grad).all()):
-            self.counters["dropped_nonfinite"] += 1
+            self.counters["dropped_nonfinite"] += tasks
             return None
-        np.add(self._grad_sum, grad, out=self._grad_sum)
-        self._count += 1
-        self._loss_sum += loss
+        self.counters["dropped_nonfinite"] += int(sub.nonfinite_tasks)
+        if count == 1:
+            np.add(self._grad_sum, grad, out=self._grad_sum)
+        else:
+            self._grad_sum += count * grad.astype(np.float64)
+        self._count += count
+        self._loss_sum += count * loss
         self._staleness.append(staleness)
-        self.losses.append(loss)
+        self.losses.extend([loss] * count)
+        if math.isfinite(float(sub.loss_start)):
+            self.gains.extend([loss - float(sub.loss_start)] * count)
         window = self.dataset_losses.get(sub.dataset)
         if window is None:
             window = self.dataset_losses[sub.dataset] = collections.deque(
                 maxlen=self.config.loss_window)
-        window.append(loss)
+        window.extend([loss] * count)
         if self._count >= self.config.meta_batch:
             return self._update()
         return None
 
     def rolling_loss(self) -> float:
         return float(np.mean(self.losses)) if self.losses else float("nan")
+
+    def rolling_gain(self) -> float:
+        """Mean of (loss - loss_start) over the window: < 0 when the rule improves
+        tasks' features. The task's difficulty cancels, so unlike the rolling loss it is
+        comparable across a run whatever tasks were drawn."""
+        return float(np.mean(self.gains)) if self.gains else float("nan")
 
     # ------------------------------------------------------------------ update
 
@@ -222,6 +250,7 @@ class Learner:
             "step": self.step + 1,
             "meta_loss": self._loss_sum / self._count,
             "meta_loss_rolling": self.rolling_loss(),
+            "loss_vs_start_rolling": self.rolling_gain(),
             "grads_per_s": self._received_since_update / interval,
             "staleness_mean": float(np.mean(self._staleness)),
             "staleness_max": int(np.max(self._staleness)),
@@ -264,6 +293,7 @@ class Learner:
                        "staleness": list(self._staleness)},
             "counters": dict(self.counters),
             "losses": list(self.losses),
+            "gains": list(self.gains),
             "dataset_losses": {k: list(v) for k, v in self.dataset_losses.items()},
             "wall_s": self.wall_s(),
             "rng": self.rng.bit_generator.state,
@@ -295,6 +325,7 @@ class Learner:
         self._staleness = [int(s) for s in buffer["staleness"]]
         self.counters = collections.Counter({k: int(v) for k, v in meta["counters"].items()})
         self.losses = collections.deque(meta["losses"], maxlen=self.config.loss_window)
+        self.gains = collections.deque(meta.get("gains", []), maxlen=self.config.loss_window)
         self.dataset_losses = {k: collections.deque(v, maxlen=self.config.loss_window)
                                for k, v in meta["dataset_losses"].items()}
         self.wall_offset = float(meta["wall_s"])
@@ -308,4 +339,5 @@ class Learner:
     def summary(self) -> dict:
         """Small status for the driver's progress line."""
         return {"step": self.step, "version": self.version, "generation": self.generation,
-                "meta_loss_rolling": self.rolling_loss(), **dict(self.counters)}
+                "meta_loss_rolling": self.rolling_loss(),
+            "loss_vs_start_rolling": self.rolling_gain(), **dict(self.counters)}

@@ -3,9 +3,10 @@
 Plain Python, testable without Ray (``metalearn.distributed`` wraps it as an actor).
 A worker
 
-* samples a task from its own stream (``reseed`` starts a fresh stream; the learner
-  issues the seeds, so a restarted worker draws new tasks), initialises phi, and draws
-  the number of truncations for that task from the learner's current curriculum;
+* samples a task (or T tasks of one shape, vmapped) from its own stream (``reseed``
+  starts a fresh stream; the learner issues the seeds, so a restarted worker draws new
+  tasks), initialises phi, and draws the number of truncations for that task from the
+  learner's current curriculum;
 * for each truncation draws U from the curriculum, asks the task for U steps of data
   and runs the core's meta-gradient estimator (one ``MetaGradient`` per activation,
   reused, so every base-model shape compiles once per process; the persistent XLA
@@ -21,6 +22,7 @@ published version differs from ``theta_key``.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -85,35 +87,45 @@ def task_dataset_name(task) -> str:
     return value if isinstance(value, str) else getattr(value, "name", "unknown")
 
 
-class _TaskState:
-    """A task in progress: its phi and how many truncations / steps remain."""
+class _TaskGroup:
+    """Tasks in progress (one, or a vmapped worker's T of one shape): their phi (stacked
+    on a leading task axis when T > 1) and how many truncations / steps remain."""
 
-    def __init__(self, task, seed: int, params, truncations: int):
-        self.task = task
-        self.seed = seed
+    def __init__(self, tasks: list, seeds: list[int], params, truncations: int):
+        self.tasks = tasks
+        self.seeds = seeds
         self.params = params
         self.truncations_left = truncations
+        self.loss_start = float("nan")  # meta-objective after the first inner step
         self.truncations_done = 0
         self.steps_done = 0
-        self.metadata = task.metadata()
-        self.dataset = task_dataset_name(task)
+        self.metadata = tasks[0].metadata()
+        self.dataset = task_dataset_name(tasks[0])
+
+    @property
+    def arch(self):
+        return self.tasks[0].arch
 
 
 class Worker:
-    """Computes truncated meta-gradients on a stream of sampled tasks."""
+    """Computes truncated meta-gradients on a stream of sampled tasks.
+
+    With ``worker.tasks_per_worker`` = T > 1 the worker runs T tasks of one shape at once
+    (the template task's component, classes count, architecture and length; see
+    ``TaskSampler.sample(like=...)``) through one vmapped estimator, and submits the mean
+    of their finite gradients with ``count`` = how many there were. A group of tasks
+    starts and ends together.
+    """
 
     def __init__(self, config: TrainConfig, index: int, stream_seed: int, *,
                  sampler: Any = None):
         import jax  # noqa: F401 - after the caller set affinity / XLA flags
 
         from metalearn.checkpoint import theta_unravel
-        from metalearn.config import ConfigError
 
-        if config.worker.tasks_per_worker != 1:
-            raise ConfigError("worker.tasks_per_worker > 1 (vmapped multi-task workers) is "
-                              "not implemented yet; use 1")
         self.config = config
         self.index = index
+        self.tasks_per_worker = config.worker.tasks_per_worker
         self.num_params, self._unravel = theta_unravel(config.rule)
         self.sampler = sampler if sampler is not None else make_sampler(config)
         self._estimators: dict[str, Any] = {}
@@ -126,11 +138,11 @@ class Worker:
     # ------------------------------------------------------------------ theta / stream
 
     def reseed(self, stream_seed: int) -> None:
-        """Start a new task stream (drops the task in progress)."""
+        """Start a new task stream (drops the tasks in progress)."""
         self.stream_seed = int(stream_seed)
         self.rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed,
                                                                  self.index]))
-        self._task: _TaskState | None = None
+        self._task: _TaskGroup | None = None
 
     def set_theta(self, generation: str, version: int, theta_flat: np.ndarray) -> None:
         theta_flat = np.asarray(theta_flat, np.float32)
@@ -152,25 +164,43 @@ class Worker:
         if estimator is None:
             from metalearn.unroll import make_meta_gradient
 
+            tasks = self.tasks_per_worker if self.tasks_per_worker > 1 else None
             estimator = make_meta_gradient(activation, self.config.rule,
-                                           self.config.objective, self.config.unroll)
+                                           self.config.objective, self.config.unroll,
+                                           num_tasks=tasks)
             self._estimators[activation] = estimator
         return estimator
 
-    def _new_task(self, curriculum: Curriculum) -> _TaskState:
+    def _new_tasks(self, curriculum: Curriculum) -> _TaskGroup:
         import jax
 
         from metalearn.base_model import init_params
 
-        seed = int(self.rng.integers(0, 2 ** 62))
-        task = self.sampler.sample(seed)
+        seeds = [int(s) for s in self.rng.integers(0, 2 ** 62, size=self.tasks_per_worker)]
+        first = self.sampler.sample(seeds[0])
+        tasks = [first] + [self.sampler.sample(s, like=first) for s in seeds[1:]]
         rule = self.config.rule
-        params = init_params(jax.random.key(seed % (2 ** 31)), task.arch,
-                             w_std=rule.init_w_std, b_std=rule.init_b_std)
-        return _TaskState(task, seed, params, curriculum.sample_truncations(self.rng))
+        params = [init_params(jax.random.key(s % (2 ** 31)), first.arch,
+                              w_std=rule.init_w_std, b_std=rule.init_b_std) for s in seeds]
+        if len(params) == 1:
+            stacked = params[0]
+        else:
+            stacked = jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *params)
+        return _TaskGroup(tasks, seeds, stacked, curriculum.sample_truncations(self.rng))
+
+    def _batch(self, group: _TaskGroup, steps: int):
+        objective = self.config.objective
+        batches = [task.truncation_batch(steps, self.config.worker.batch_size,
+                                         objective.num_draws, objective.samples_per_class)
+                   for task in group.tasks]
+        if len(batches) == 1:
+            return batches[0]
+        import jax
+
+        return jax.tree.map(lambda *leaves: np.stack(leaves), *batches)
 
     def run_truncation(self, curriculum: Curriculum) -> Submission:
-        """One truncation of the current task (a new task if none is in progress)."""
+        """One truncation of the current task(s) (new ones if none is in progress)."""
         import jax
         from jax.flatten_util import ravel_pytree
 
@@ -178,44 +208,60 @@ class Worker:
             raise RuntimeError("worker has no theta yet: call set_theta first")
         start = time.perf_counter()
         if self._task is None:
-            self._task = self._new_task(curriculum)
+            self._task = self._new_tasks(curriculum)
         state = self._task
         sampled = time.perf_counter()
         steps = curriculum.sample_unroll(self.rng)
-        total_steps = getattr(state.task, "total_steps", None)
+        total_steps = getattr(state.tasks[0], "total_steps", None)
         if total_steps:
             steps = max(1, min(steps, int(total_steps) - state.steps_done))
-        objective = self.config.objective
-        batch = state.task.truncation_batch(steps, self.config.worker.batch_size,
-                                            objective.num_draws, objective.samples_per_class)
+        batch = self._batch(state, steps)
         data = time.perf_counter()
-        arch = state.task.arch
+        arch = state.arch
         shape_key = (arch.activation, tuple(arch.sizes))
         new_shape = shape_key not in self._shapes_seen
         self._shapes_seen.add(shape_key)
         result = self._estimator(arch.activation)(self.theta, state.params, batch)
         result = jax.block_until_ready(result)
         grad_done = time.perf_counter()
-        grad = np.asarray(ravel_pytree(result.grad)[0], np.float32)
-        loss = float(result.loss)
-        finite = bool(np.all(np.asarray(result.finite))) and np.isfinite(loss)
+        losses = np.atleast_1d(np.asarray(result.loss, np.float64))
+        finite = np.atleast_1d(np.asarray(result.finite)) & np.isfinite(losses)
+        if len(state.tasks) == 1:
+            grad = np.asarray(ravel_pytree(result.grad)[0], np.float32)
+            count, nonfinite, loss = 1, 0, float(losses[0])
+        else:
+            grads = np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(result.grad), np.float32)
+            keep = finite if finite.any() else np.ones_like(finite)
+            grad = grads[keep].mean(axis=0, dtype=np.float64).astype(np.float32)
+            loss = float(losses[keep].mean())
+            count = int(keep.sum()) if finite.any() else len(state.tasks)
+            nonfinite = len(state.tasks) - count if finite.any() else 0
+        all_finite = bool(finite.any()) and bool(np.isfinite(loss))
+        if state.truncations_done == 0:
+            first = np.atleast_2d(np.asarray(result.step_losses, np.float64))[:, 0]
+            state.loss_start = float(first[finite].mean()) if finite.any() else math.nan
         state.params = result.params
         state.steps_done += steps
         state.truncations_done += 1
         state.truncations_left -= 1
-        finished = (not finite or state.truncations_left <= 0
+        # A non-finite task ends its group: its phi is lost, and the group moves together.
+        finished = (not finite.all() or state.truncations_left <= 0
                     or (total_steps and state.steps_done >= int(total_steps)))
         if finished:
             self._task = None
         self.truncations += 1
         generation, version = self.theta_key
         metadata = dict(state.metadata)
-        metadata.update(task_seed=state.seed, truncation=state.truncations_done,
+        metadata.update(task_seed=state.seeds[0], truncation=state.truncations_done,
                         arch=list(arch.sizes), activation=arch.activation)
+        if len(state.tasks) > 1:
+            metadata.update(task_seeds=state.seeds, task_losses=losses.tolist())
         end = time.perf_counter()
         return Submission(
-            grad=grad, version=version, generation=generation, loss=loss, finite=finite,
-            dataset=state.dataset, num_steps=steps, worker=self.index, metadata=metadata,
+            grad=grad, version=version, generation=generation, loss=loss, finite=all_finite,
+            count=count, nonfinite_tasks=nonfinite, loss_start=state.loss_start,
+            dataset=state.dataset, num_steps=steps,
+            worker=self.index, metadata=metadata,
             timings={"sample_s": sampled - start, "data_s": data - sampled,
                      "grad_s": grad_done - data, "total_s": end - start,
                      "new_shape": float(new_shape)})

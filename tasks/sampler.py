@@ -145,6 +145,10 @@ def mix_to_dict(mix: MixConfig) -> dict:
     return to_dict(mix)
 
 
+# Augmentation redraws allowed to match a template task's regression targets.
+_MATCH_TRIES = 200
+
+
 class Task:
     """One task: a class subset of a source, its augmentations and base model.
 
@@ -312,23 +316,47 @@ class TaskSampler:
                 return source
         raise KeyError(name)
 
-    def sample(self, seed: int, *, steps_scale: float | None = None) -> Task:
-        """The task of ``seed`` (a non-negative int): same seed, same task and batches."""
+    def sample(self, seed: int, *, steps_scale: float | None = None,
+               like: Task | None = None) -> Task:
+        """The task of ``seed`` (a non-negative int): same seed, same task and batches.
+
+        ``like``: a task whose shapes this one must share, so both can be vmapped in one
+        estimator call (a multi-task worker): same component (so source and input size),
+        number of classes, base-model architecture and length, and the same number of
+        regression targets (augmentations are redrawn until it matches). Classes,
+        augmentations, permutations and batches are this seed's own.
+        """
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"task seed must be a non-negative integer, got {seed!r}")
         seed = int(seed)
         rng = np.random.default_rng([seed, 0])
-        i = int(rng.choice(len(self._active), p=self._probs))
+        if like is None:
+            i = int(rng.choice(len(self._active), p=self._probs))
+        else:
+            matches = [j for j, c in enumerate(self._active) if c.label == like.component]
+            if not matches:
+                raise ConfigError(f"task component {like.component!r} is not in this mix")
+            i = matches[0]
         comp, source, data = self._active[i], self._sources[i], self._data[i]
-        ways = int(rng.choice(comp.ways))
+        ways = int(rng.choice(comp.ways)) if like is None else like.num_classes
         classes = (self._fixed[i] if self._fixed[i] is not None
                    else np.sort(rng.choice(self._pools[i], ways, replace=False)))
         dim = int(np.prod(data.shape[1:]))
-        augment = aug_lib.draw(comp.augment, rng, num_classes=classes.size, dim=dim,
-                               is_image=source.modality == "image",
-                               permute_inputs=self.mix.permute_inputs,
-                               num_premade=self.mix.premade_permutations,
-                               premade_seed=self.mix.premade_seed)
+        for _ in range(_MATCH_TRIES):
+            augment = aug_lib.draw(comp.augment, rng, num_classes=classes.size, dim=dim,
+                                   is_image=source.modality == "image",
+                                   permute_inputs=self.mix.permute_inputs,
+                                   num_premade=self.mix.premade_permutations,
+                                   premade_seed=self.mix.premade_seed)
+            if like is None or augment.num_targets == like.num_targets - like.num_classes:
+                break
+        else:
+            raise ConfigError(f"component {comp.label}: no augmentation with "
+                              f"{like.num_targets - like.num_classes} regression targets in "
+                              f"{_MATCH_TRIES} draws")
+        if like is not None:
+            return Task(seed=seed, component=comp, source=source, data=data, classes=classes,
+                        augment=augment, arch=like.arch, total_steps=like.total_steps)
         a = self.mix.architecture
         layers = int(rng.integers(a.min_layers, a.max_layers + 1))
         widths = np.exp(rng.uniform(math.log(a.min_width), math.log(a.max_width), layers - 1))

@@ -111,7 +111,7 @@ def test_state_roundtrip_resumes_exact_step():
     rng = np.random.default_rng(1)
     grads = [rng.normal(size=P).astype(np.float32) for _ in range(30)]
     for i, g in enumerate(grads[:14]):  # 3 updates + 2 buffered
-        a.submit(sub(a, g, loss=float(i), dataset=f"d{i % 2}"))
+        a.submit(sub(a, g, loss=float(i), dataset=f"d{i % 2}", loss_start=2.0 * i))
     arrays, meta = a.state()
     b = make_learner()
     b.load_state(arrays, meta, keep_generation=True)
@@ -121,6 +121,7 @@ def test_state_roundtrip_resumes_exact_step():
     rows_b = [b.submit(sub(b, g, loss=1.0, dataset="d0")) for g in grads[14:]]
     np.testing.assert_array_equal(a.theta, b.theta)
     assert a.step == b.step == 7
+    assert a.rolling_gain() == b.rolling_gain() < 0  # the task-relative losses came back
     for ra, rb in zip(rows_a, rows_b):
         assert (ra is None) == (rb is None)
         if ra:
@@ -145,3 +146,28 @@ def test_nothing_applied_beyond_stop_step():
     rows = [learner.submit(sub(learner)) for _ in range(4)]
     assert [r is not None for r in rows] == [True, True, False, False]
     assert learner.step == 2 and learner.counters["after_stop"] == 2
+
+
+def test_weighted_submission_counts_its_tasks():
+    import dataclasses
+    config = dataclasses.replace(LearnerConfig(), meta_batch=4)
+    rng = np.random.default_rng(3)
+    theta = rng.normal(size=20).astype(np.float32)
+    g1, g2 = (rng.normal(size=20).astype(np.float32) for _ in range(2))
+    weighted = Learner(theta, config, CurriculumConfig(), generation="g")
+    plain = Learner(theta, config, CurriculumConfig(), generation="g")
+    assert weighted.submit(Submission(g1, 0, "g", 1.0, count=3, nonfinite_tasks=1)) is None
+    row = weighted.submit(Submission(g2, 0, "g", 2.0))
+    for grad, loss in ((g1, 1.0), (g1, 1.0), (g1, 1.0), (g2, 2.0)):
+        plain_row = plain.submit(Submission(grad, 0, "g", loss))
+    np.testing.assert_allclose(weighted.theta, plain.theta, rtol=1e-6)
+    assert row["meta_loss"] == plain_row["meta_loss"] == 1.25
+    assert weighted.counters["received"] == 5 and weighted.counters["dropped_nonfinite"] == 1
+    assert weighted.counters["applied"] == 4
+    assert np.isnan(row["loss_vs_start_rolling"])  # no submission knew its start
+    weighted.submit(Submission(g1, 1, "g", 1.0, loss_start=1.5, count=2))
+    assert weighted.rolling_gain() == -0.5
+    # Dropped submissions drop all of their tasks.
+    weighted.submit(Submission(g1, 0, "g", 1.0, count=2))  # stale by one: allowed
+    assert weighted.submit(Submission(g1, 0, "other", 1.0, count=2)) is None
+    assert weighted.counters["dropped_generation"] == 2

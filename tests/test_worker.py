@@ -40,6 +40,9 @@ def test_truncations_carry_phi_then_new_task(setup):
     counts = [s.metadata["truncation"] for s in subs]
     # Truncations of one task share its seed; the count restarts with a new task.
     assert counts[0] == 1 and counts[1] == 2 and seeds[1] == seeds[0]
+    # The task's starting loss is its first truncation's first step, kept for the task.
+    assert np.isfinite(subs[0].loss_start) and subs[1].loss_start == subs[0].loss_start
+    assert subs[-1].loss_start != subs[0].loss_start
     assert counts[-1] == 1 and seeds[-1] != seeds[0]
     # The learner accepts these gradients and applies them.
     learner = Learner(theta, config.learner, config.curriculum, generation="gen")
@@ -96,3 +99,49 @@ def test_mix_overrides_bound_shapes(setup):
     mix = mix_dict(dataclasses.replace(config, tasks=tasks))
     assert mix["components"][0]["ways"] == [2]
     assert mix["architecture"]["max_width"] == 16 and mix["architecture"]["min_width"] == 8
+
+
+def test_vmapped_worker_submits_the_mean_of_its_tasks_gradients(setup, tmp_path):
+    import dataclasses
+
+    from metalearn.base_model import init_params
+    from metalearn.unroll import make_meta_gradient
+
+    config, theta = setup
+    config = dataclasses.replace(
+        config, worker=dataclasses.replace(config.worker, tasks_per_worker=3))
+    worker = make_worker(config, theta, seed=5)
+    sub = worker.run_truncation(Curriculum(2, 2, 2.0, min_truncations=2))
+    assert (sub.count, sub.nonfinite_tasks, sub.finite) == (3, 0, True)
+    seeds = sub.metadata["task_seeds"]
+    assert len(set(seeds)) == 3 and seeds[0] == sub.metadata["task_seed"]
+    # Rebuild the three tasks (same seeds, same first batches) and run them one by one.
+    first = worker.sampler.sample(seeds[0])
+    tasks = [first] + [worker.sampler.sample(s, like=first) for s in seeds[1:]]
+    assert {(t.arch, t.num_classes, t.num_targets) for t in tasks} == {
+        (first.arch, first.num_classes, first.num_targets)}
+    assert len({tuple(t.classes) for t in tasks}) > 1  # different tasks, one shape
+    single = make_meta_gradient(first.arch.activation, config.rule, config.objective,
+                                config.unroll)
+    theta_tree = worker.theta
+    grads, losses = [], []
+    for task, seed in zip(tasks, seeds):
+        params = init_params(jax.random.key(seed % (2 ** 31)), first.arch,
+                             w_std=config.rule.init_w_std, b_std=config.rule.init_b_std)
+        o = config.objective
+        result = single(theta_tree, params, task.truncation_batch(
+            2, config.worker.batch_size, o.num_draws, o.samples_per_class))
+        grads.append(np.asarray(ravel_pytree(result.grad)[0]))
+        losses.append(float(result.loss))
+    np.testing.assert_allclose(sub.metadata["task_losses"], losses, rtol=1e-4)
+    np.testing.assert_allclose(sub.loss, np.mean(losses), rtol=1e-4)
+    np.testing.assert_allclose(sub.grad, np.mean(grads, axis=0), rtol=2e-3, atol=1e-6)
+    # The group carries on together: the next truncation continues the same tasks.
+    second = worker.run_truncation(Curriculum(2, 2, 2.0, min_truncations=2))
+    assert second.metadata["task_seeds"] == seeds and second.metadata["truncation"] == 2
+    # The learner counts it as three gradients of a meta-batch.
+    learner = Learner(theta, dataclasses.replace(config.learner, meta_batch=4),
+                      config.curriculum, generation="gen")
+    learner.version = 3
+    assert learner.submit(sub) is None and learner.counters["received"] == 3
+    assert learner.submit(second)["step"] == 1
