@@ -73,7 +73,7 @@ def test_continuous_evaluation_writes_meta_test_columns(ray_session, tmp_path):
     config = tiny_config(tmp_path, evaluator={
         "enabled": True, "every": 2, "datasets": ["two_moons"],
         "width": 8, "depth": 1, "steps": 2, "seeds": 1, "batch_size": 16, "test_size": 40},
-        run={"steps": 6})
+        run={"steps": 6, "minutes": 6.0})  # slack for a loaded CI machine
     run_dir = str(tmp_path / "run")
     train(config, run_dir)
     table = pq.read_table(os.path.join(run_dir, "metrics.parquet")).to_pylist()

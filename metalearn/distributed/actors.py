@@ -15,6 +15,7 @@ which exist before the process imports anything.
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import os
 import tempfile
@@ -88,13 +89,25 @@ class WorkerActor:
     def reseed(self, stream_seed: int) -> None:
         self.worker.reseed(stream_seed)
 
-    def compute(self, theta_box: list, curriculum):
-        """One truncation. theta_box = [generation, version, ObjectRef of flat theta];
-        the reference is nested so Ray does not fetch theta unless the version changed."""
+    def compute(self, theta_box: list, curriculum, learner) -> dict:
+        """One truncation, pushed straight to ``learner``; returns the learner's reply.
+
+        theta_box = [generation, version, ObjectRef of flat theta]; the reference is
+        nested so Ray does not fetch theta unless the version changed. The gradient goes
+        worker -> learner in one call (inline up to ``max_direct_call_object_size``);
+        the driver only sees the small reply. A learner that is gone gives
+        ``{"learner_lost": True, "generation": ...}`` instead: the driver replaces it.
+        """
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
         generation, version, theta_ref = theta_box
         if self.worker.needs_theta(generation, version):
             self.worker.set_theta(generation, version, ray.get(theta_ref))
-        return self.worker.run_truncation(curriculum)
+        submission = self.worker.run_truncation(curriculum)
+        try:
+            return ray.get(learner.submit.remote(submission))
+        except (RayActorError, ActorUnavailableError):
+            return {"learner_lost": True, "generation": generation, "row": None}
 
 
 @ray.remote(max_restarts=0)
@@ -134,7 +147,10 @@ class LearnerActor:
             self.restored_step = step
         self.last_checkpoint = time.monotonic()
         self.last_checkpoint_step = self.learner.step
-        self.busy_s = 0.0  # time inside submit_refs (fetching, checking, applying)
+        self.busy_s = 0.0  # time inside submit (checking, summing, applying, saving)
+        # Recent rows, for replies lost with a dead worker (the driver drains them
+        # every step, so a few thousand is far more than it can fall behind).
+        self.rows: collections.deque = collections.deque(maxlen=4096)
 
     def info(self) -> dict:
         return {**self.learner.summary(), "curriculum": self.learner.curriculum(),
@@ -148,23 +164,26 @@ class LearnerActor:
         return self.learner.new_stream_seeds(count)
 
     def submit(self, submission) -> dict:
+        """Take one worker's ``Submission``; the reply tells the worker (and, through
+        it, the driver) the newest step, theta version and, after an update, the metrics
+        row and curriculum."""
+        start = time.perf_counter()
         row = self.learner.submit(submission)
         out = {"row": row, "step": self.learner.step, "version": self.learner.version,
                "generation": self.learner.generation}
         if row is not None:
+            self.rows.append(row)
             out["curriculum"] = self.learner.curriculum()
             minutes = (time.monotonic() - self.last_checkpoint) / 60.0
             if minutes >= self.config.learner.checkpoint_minutes:
                 out["checkpoint"] = self.checkpoint()
+        self.busy_s += time.perf_counter() - start
         return out
 
-    def submit_refs(self, refs: list) -> list[dict]:
-        """Submit several workers' results at once (one actor call, amortised); refs are
-        nested in a list so they resolve here, straight from the object store."""
-        start = time.perf_counter()
-        replies = [self.submit(s) for s in ray.get(refs)]
-        self.busy_s += time.perf_counter() - start
-        return replies
+    def rows_after(self, step: int) -> list[dict]:
+        """Metrics rows of this learner's updates after ``step`` (the driver fetches the
+        ones whose reply died with a worker)."""
+        return [row for row in self.rows if row["step"] > step]
 
     def checkpoint(self) -> int:
         """Save the full state now (and theta_latest.npz); returns the step saved."""

@@ -2,10 +2,13 @@
 
 ``learner``: gradients per second one learner actor ingests and applies with a
 paper-size theta (``RuleConfig()``, ~115k parameters), fed by synthetic worker actors
-that return pre-made random gradients (no meta-gradient compute), through the same
-path as training: worker -> object store -> ``LearnerActor.submit_refs`` batches
-gathered with ``ray.wait``. Also reports the in-process rate of ``Learner.submit``
-(no Ray). JSON key ``grads_per_s`` is the Ray-path rate; target >= 1000.
+that push pre-made random gradients (no meta-gradient compute) with the call training
+workers make (``LearnerActor.submit`` of a ``Submission``, worker -> learner). JSON key
+``grads_per_s`` is that rate, counted by the learner itself over a timed window;
+target >= 1000. Also: ``driver_loop_grads_per_s``, the same gradients when the driver
+issues one worker call per gradient and reads its reply (the training loop's shape,
+whose per-gradient cost falls on the driver), and the in-process rate of
+``Learner.submit`` (no Ray).
 
 ``scaling``: real meta-gradients per second of one and then two worker actors, each
 pinned to one core with XLA single-threaded, on one fixed task of the training config
@@ -62,23 +65,45 @@ def _init_ray() -> bool:
 
 @ray.remote(num_cpus=0)
 class SyntheticWorker:
-    """Returns pre-made random gradients tagged with the version it was given."""
+    """Pushes pre-made random gradients to the learner, as ``WorkerActor.compute`` does
+    after a truncation (same call, same ``Submission``), with no meta-gradient compute."""
 
-    def __init__(self, num_params: int, generation: str, seed: int):
+    def __init__(self, num_params: int, index: int):
         import numpy as np
 
         from metalearn.learner import Submission
 
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(index)
         self.grads = [rng.normal(size=num_params).astype(np.float32) for _ in range(4)]
-        self.generation = generation
+        self.index = index
         self.count = 0
         self.submission = Submission
 
-    def compute(self, version: int):
+    def _submit(self, learner, generation: str, version: int):
         self.count += 1
-        return self.submission(self.grads[self.count % 4], version, self.generation,
-                               loss=1.0, dataset="synthetic", worker=0)
+        return learner.submit.remote(self.submission(
+            self.grads[self.count % 4], version, generation, loss=1.0, dataset="synthetic",
+            worker=self.index))
+
+    def compute(self, box: list, learner) -> dict:
+        """One gradient per driver call (the training path: the driver sees the reply)."""
+        return ray.get(self._submit(learner, box[0], box[1]))
+
+    def push_until(self, learner, generation: str, version: int, until_unix: float,
+                   in_flight: int = 2) -> int:
+        """Push back to back until ``until_unix`` with ``in_flight`` calls outstanding
+        (a worker whose truncation takes less than a learner round trip)."""
+        import collections
+
+        pending: collections.deque = collections.deque()
+        sent = 0
+        while time.time() < until_unix:
+            while len(pending) < in_flight:
+                pending.append(self._submit(learner, generation, version))
+                sent += 1
+            version = ray.get(pending.popleft())["version"]
+        ray.get(list(pending))
+        return sent
 
 
 def _in_process_rate(theta, meta_batch: int, seconds: float = 3.0) -> float:
@@ -98,10 +123,53 @@ def _in_process_rate(theta, meta_batch: int, seconds: float = 3.0) -> float:
     return count / (time.perf_counter() - start)
 
 
+def _learner_counts(learner) -> tuple[float, int, int, float]:
+    info = ray.get(learner.info.remote())
+    return time.perf_counter(), info["received"], info["step"], info["busy_s"]
+
+
+def _pushed_rate(learner, workers, generation: str, seconds: float) -> dict:
+    """Workers push back to back; rates from the learner's own counters over a window
+    that starts after a 2 s warm-up and ends before the pushers stop."""
+    warm = 2.0
+    until = time.time() + warm + seconds + 1.0
+    runs = [w.push_until.remote(learner, generation, 0, until) for w in workers]
+    time.sleep(warm)
+    t0, received0, step0, busy0 = _learner_counts(learner)
+    time.sleep(seconds)
+    t1, received1, step1, busy1 = _learner_counts(learner)
+    ray.get(runs)
+    received, elapsed = received1 - received0, t1 - t0
+    return {"grads_per_s": received / elapsed, "seconds": elapsed,
+            "updates_per_s": (step1 - step0) / elapsed,
+            "learner_busy_fraction": (busy1 - busy0) / elapsed,
+            "learner_busy_grads_per_s": received / max(busy1 - busy0, 1e-9)}
+
+
+def _driver_rate(learner, workers, info: dict, seconds: float) -> float:
+    """The training driver's loop: one driver-issued call per gradient, replies read
+    by the driver, the next call given the newest version."""
+    box = [info["generation"], info["version"]]
+    pending = {w.compute.remote(box, learner): w for w in workers}
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in ready:
+            worker = pending.pop(ref)
+            box = [box[0], max(box[1], ray.get(ref)["version"])]
+            count += 1
+            pending[worker.compute.remote(box, learner)] = worker
+    rate = count / (time.perf_counter() - start)
+    ray.get(list(pending))
+    return rate
+
+
 def run_learner_bench(args) -> int:
     import tempfile
 
     import jax
+    import numpy as np
     from jax.flatten_util import ravel_pytree
 
     from metalearn.config import RuleConfig, to_dict
@@ -109,15 +177,11 @@ def run_learner_bench(args) -> int:
     from metalearn.train_config import LearnerConfig, TrainConfig
     from metalearn.update_rule import init_theta
 
-    theta = ravel_pytree(init_theta(jax.random.key(0), RuleConfig()))[0]
-    import numpy as np
-    theta = np.asarray(theta)
+    theta = np.asarray(ravel_pytree(init_theta(jax.random.key(0), RuleConfig()))[0])
     report = {"theta_params": int(theta.size), "meta_batch": args.meta_batch,
               "synthetic_workers": args.workers}
-    _log(f"[1/2] in-process Learner.submit, {theta.size:,} parameters ...")
+    _log(f"[1/3] in-process Learner.submit, {theta.size:,} parameters ...")
     report["in_process_grads_per_s"] = _in_process_rate(theta, args.meta_batch)
-    _log(f"[2/2] learner actor fed by {args.workers} synthetic workers for "
-         f"{args.seconds:.0f} s ...")
     started = _init_ray()
     try:
         config = TrainConfig(learner=LearnerConfig(meta_batch=args.meta_batch,
@@ -125,54 +189,33 @@ def run_learner_bench(args) -> int:
         with tempfile.TemporaryDirectory() as run_dir:
             learner = LearnerActor.options(num_cpus=0).remote(to_dict(config), run_dir, False)
             info = ray.get(learner.info.remote())
-            workers = [SyntheticWorker.remote(theta.size, info["generation"], i)
-                       for i in range(args.workers)]
-            version = info["version"]
-            ray.get([w.compute.remote(version) for w in workers])  # all started
-            pending = {w.compute.remote(version): w for w in workers}
-            in_flight: list = []
-            received, applied_steps = 0, 0
-            warm_until = time.perf_counter() + 2.0
-            start = None
-            while True:
-                now = time.perf_counter()
-                if start is None and now >= warm_until:
-                    start, received, first_step = now, 0, applied_steps
-                    busy_start = ray.get(learner.info.remote())["busy_s"]
-                if start is not None and now - start >= args.seconds:
-                    break
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-                for ref in ready:
-                    worker = pending.pop(ref)
-                    pending[worker.compute.remote(version)] = worker
-                if ready:
-                    in_flight.append(learner.submit_refs.remote(ready))
-                # Keep at most a few learner calls in flight (back-pressure).
-                while len(in_flight) > 4 or (in_flight and ray.wait(in_flight, timeout=0)[0]):
-                    done, in_flight = ray.wait(in_flight, num_returns=1)
-                    for reply in ray.get(done[0]):
-                        received += 1
-                        version = reply["version"]
-                        applied_steps = reply["step"]
-            elapsed = time.perf_counter() - start
+            workers = [SyntheticWorker.remote(theta.size, i) for i in range(args.workers)]
+            ray.get([w.compute.remote([info["generation"], 0], learner)
+                     for w in workers])  # all started, the update compiled soon after
+            _log(f"[2/3] {args.workers} synthetic workers pushing to the learner actor "
+                 f"for {args.seconds:.0f} s ...")
+            report.update(_pushed_rate(learner, workers, info["generation"], args.seconds))
+            _log(f"[3/3] the same through the driver loop, one call per gradient, for "
+                 f"{args.seconds:.0f} s ...")
+            info = ray.get(learner.info.remote())
+            report["driver_loop_grads_per_s"] = _driver_rate(learner, workers, info,
+                                                             args.seconds)
             summary = ray.get(learner.info.remote())
-            busy = summary["busy_s"] - busy_start
-            report.update(grads_per_s=received / elapsed, seconds=elapsed,
-                          learner_busy_s=busy, learner_busy_grads_per_s=received / busy,
-                          updates=applied_steps - first_step,
-                          updates_per_s=(applied_steps - first_step) / elapsed,
-                          dropped_stale=summary["dropped_stale"])
+            report.update(dropped_stale=summary["dropped_stale"],
+                          dropped_nonfinite=summary["dropped_nonfinite"])
             for actor in workers + [learner]:
                 ray.kill(actor)
     finally:
         if started:
             ray.shutdown()
+    report["cpus"] = os.cpu_count()
     report["target_grads_per_s"] = 1000
     report["meets_target"] = report["grads_per_s"] >= 1000
-    print(f"learner: {report['grads_per_s']:.0f} gradients/s through Ray "
-          f"({report['updates_per_s']:.2f} updates/s of {args.meta_batch}); "
-          f"{report['learner_busy_grads_per_s']:.0f}/s of learner busy time; in-process "
+    print(f"learner: {report['grads_per_s']:.0f} gradients/s ingested through Ray "
+          f"({report['updates_per_s']:.2f} updates/s of {args.meta_batch}; learner busy "
+          f"{100 * report['learner_busy_fraction']:.0f}% of the time, "
+          f"{report['learner_busy_grads_per_s']:.0f}/s of busy time); through the driver "
+          f"loop {report['driver_loop_grads_per_s']:.0f}/s; in-process "
           f"{report['in_process_grads_per_s']:.0f}/s; theta {theta.size:,} parameters; "
           f"dropped stale {report['dropped_stale']}", flush=True)
     if args.json:

@@ -3,17 +3,20 @@
 It starts (or joins) Ray, starts one learner actor on its own node (the learner writes
 the run folder's checkpoints) and N worker actors, and loops over ``ray.wait``:
 
-* a worker's finished truncation goes to the learner by reference (the gradient travels
-  worker -> object store -> learner; the driver only checks it arrived) and the worker
-  is given its next truncation with the newest ``[generation, version, theta ref]``;
-* the learner's replies carry metrics rows (kept for ``metrics.parquet`` and
-  TensorBoard) and the theta version; a new version makes the driver ask the learner
-  for theta once (one object-store copy shared by every worker);
+* a worker pushes each finished truncation's gradient straight to the learner actor
+  (one call, worker -> learner; the driver never touches a gradient) and hands the
+  learner's small reply back to the driver, which gives it its next truncation with
+  the newest ``[generation, version, theta ref]`` and curriculum;
+* the replies carry metrics rows (kept for ``metrics.parquet`` and TensorBoard) and
+  the theta version; a new version makes the driver ask the learner for theta once
+  (one object-store copy shared by every worker). A row whose reply died with its
+  worker is fetched from the learner, which keeps recent rows;
 * a worker that died is restarted by Ray; the driver gives it a fresh task-stream seed
   from the learner and resubmits. A worker whose truncation raised is reseeded too;
-* a learner that died is replaced by one restored from the last checkpoint (a new
-  generation: in-flight gradients for the dead one are dropped by the new one), and
-  metrics rows beyond the restored step are discarded.
+* a learner that died (a worker's push failed, or a driver call did) is replaced by
+  one restored from the last checkpoint (a new generation: in-flight gradients for the
+  dead one are lost with it or dropped by the new one), and metrics rows beyond the
+  restored step are discarded.
 
 The run stops at ``run.steps`` (an absolute learner step) or after ``run.minutes``;
 then the learner writes a final checkpoint and ``theta_latest.npz``.
@@ -356,78 +359,89 @@ class Trainer:
         self.workers = self._start_workers(ray.get(self.learner.new_stream_seeds.remote(count)))
         print(f"training with {count} workers, learner at step {start_step}; run folder "
               f"{self.run_dir}", file=sys.stderr)
-        pending: dict = {w.compute.remote(box, curriculum): i
+        pending: dict = {w.compute.remote(box, curriculum, self.learner): i
                          for i, w in enumerate(self.workers)}
         evaluation = _ContinuousEvaluation(self.config, start_step)
-        learner_pending: set = set()
         last_flush = time.monotonic()
         step, successes, last_row = start_step, 0, None
+        recorded = start_step  # the newest step whose metrics row is in ``metrics``
         stop = run.steps and step >= run.steps
 
         def restart_learner():
-            nonlocal box, curriculum, step, checkpoint_step
+            nonlocal box, curriculum, step, checkpoint_step, recorded
             self.learner_restarts += 1
             try:
                 ray.kill(self.learner, no_restart=True)
             except Exception:  # noqa: BLE001 - it is already dead
                 pass
-            learner_pending.clear()
             self.learner, new_info = self._start_learner(True)
-            step = checkpoint_step = new_info["step"]
+            step = checkpoint_step = recorded = new_info["step"]
             metrics.truncate(step)
             curriculum = new_info["curriculum"]
             box = self._theta_box(new_info)
             print(f"\nlearner died; restarted from checkpoint step {step} "
                   f"(generation {new_info['generation']})", file=sys.stderr)
 
+        def learner_alive() -> bool:
+            try:
+                ray.get(self.learner.info.remote(), timeout=60)
+                return True
+            except (RayActorError, ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                return False
+
+        def add_row(row: dict, reply: dict) -> None:
+            nonlocal step, last_row, recorded, stop
+            metrics.add(row)
+            last_row, step, recorded = row, row["step"], row["step"]
+            if self.on_reply is not None:
+                self.on_reply(self, {**reply, "row": row, "step": row["step"]})
+            if run.steps and step >= run.steps:
+                stop = True
+
         def handle_reply(reply: dict) -> None:
-            nonlocal box, curriculum, step, checkpoint_step, last_row, last_flush, stop
+            """A learner reply a worker brought back (its gradient's fate)."""
+            nonlocal box, curriculum, checkpoint_step, last_flush
             if reply["generation"] != box[0]:
                 return  # a reply of a replaced learner
-            if reply["row"] is not None:
-                last_row = reply["row"]
-                metrics.add(last_row)
-                step = reply["step"]
+            row = reply["row"]
+            if row is not None and row["step"] <= recorded:
+                row = None  # already fetched from the learner (below)
+            newest = row["step"] - 1 if row is not None else reply["step"]
+            if newest > recorded:
+                # Rows that no reply brought here: the worker holding one died, or its
+                # reply is later in this batch. The learner keeps them; take them in order.
+                for missing in ray.get(self.learner.rows_after.remote(recorded)):
+                    if missing["step"] <= newest:
+                        add_row(missing, reply)
+            if row is not None:
+                add_row(row, reply)
+            elif self.on_reply is not None:
+                self.on_reply(self, reply)
+            if "curriculum" in reply:
                 curriculum = reply["curriculum"]
-                box = [reply["generation"], reply["version"], self.learner.get_theta.remote()]
+            if reply["version"] > box[1]:
+                box = [reply["generation"], reply["version"], None]  # theta fetched below
             if "checkpoint" in reply:
                 checkpoint_step = reply["checkpoint"]
                 metrics.write()
                 last_flush = time.monotonic()
-            if self.on_reply is not None:
-                self.on_reply(self, reply)
-            if run.steps and step >= run.steps:
-                stop = True
 
         while not stop and time.monotonic() < deadline:
-            waiting = list(pending) + list(learner_pending)
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             if ready:  # take everything that is ready, not just the first
-                ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
-            finished = [ref for ref in ready if ref in pending]
-            for ref in [ref for ref in ready if ref in learner_pending]:
-                if ref not in learner_pending:
-                    continue  # the learner was replaced while handling an earlier reply
-                learner_pending.discard(ref)
-                try:
-                    replies = ray.get(ref)
-                except (RayActorError, ActorUnavailableError, OutOfMemoryError):
-                    restart_learner()
-                    continue
-                for reply in replies:
-                    handle_reply(reply)
-            to_submit = []
-            for ref in finished:
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            replies = []
+            for ref in ready:
                 index = pending.pop(ref)
                 worker = self.workers[index]
                 try:
-                    ray.get(ref)  # raises if the worker died or its truncation failed
+                    reply = ray.get(ref)  # raises if the worker died or its truncation failed
                     successes += 1
-                    to_submit.append(ref)
                 except (RayActorError, ActorUnavailableError, OutOfMemoryError):
                     # Died (crash, kill, node OOM killer): Ray restarts it.
                     self.worker_failures += 1
                     self._reseed(worker, restart_learner)
+                    continue
                 except RayTaskError as err:
                     self.worker_errors += 1
                     print(f"\nworker {index}: truncation failed: "
@@ -435,14 +449,27 @@ class Trainer:
                     if successes == 0 and self.worker_errors > 2 * len(self.workers) + 2:
                         raise RuntimeError(f"every truncation fails; last error: {err}") from None
                     self._reseed(worker, restart_learner)
-                if not stop:
-                    pending[worker.compute.remote(box, curriculum)] = index
-            if to_submit:
-                learner_pending.add(self.learner.submit_refs.remote(to_submit))
+                    continue
+                if reply.get("learner_lost"):
+                    # The learner this worker pushed to is gone; replace it once.
+                    if reply["generation"] == box[0] and not learner_alive():
+                        restart_learner()
+                else:
+                    replies.append(reply)
+            # In learner order, so rows arrive in step order and few need fetching.
+            for reply in sorted(replies, key=lambda r: (r["step"], r["row"] is None)):
+                handle_reply(reply)
+            if box[2] is None:  # a new version: one theta copy shared by every worker
+                box[2] = self.learner.get_theta.remote()
+            if not stop:
+                for index in sorted(set(range(len(self.workers))) - set(pending.values())):
+                    pending[self.workers[index].compute.remote(box, curriculum,
+                                                               self.learner)] = index
             if last_row is not None:
                 elapsed = time.monotonic() - start
                 progress.show(
-                    f"step {step:6d} | meta-loss {last_row['meta_loss_rolling']:.4f} | "
+                    f"step {step:6d} | meta-loss {last_row['meta_loss_rolling']:.4f} "
+                    f"(vs task start {last_row['loss_vs_start_rolling']:+.4f}) | "
                     f"{last_row['grads_per_s']:6.2f} grads/s | staleness "
                     f"{last_row['staleness_mean']:4.2f} | dropped "
                     f"{last_row['dropped_stale']}/{last_row['dropped_nonfinite']} | "
@@ -455,19 +482,12 @@ class Trainer:
         progress.done()
         evaluation.finish(metrics)
 
-        # Let submitted gradients reach the learner, then save and stop.
-        for ref in list(learner_pending):
-            try:
-                replies = ray.get(ref, timeout=60)
-            except Exception:  # noqa: BLE001 - a dead learner loses only unsaved work
-                continue
-            for reply in replies:
-                if reply["row"] is not None and reply["generation"] == box[0]:
-                    metrics.add(reply["row"])
-                    step = reply["step"]
         for worker in self.workers:
-            ray.kill(worker, no_restart=True)
+            ray.kill(worker, no_restart=True)  # their unsent gradients are not needed
         try:
+            # Rows of updates whose replies were still with the workers.
+            for row in ray.get(self.learner.rows_after.remote(recorded)):
+                metrics.add(row)
             checkpoint_step = ray.get(self.learner.close.remote())
             final = ray.get(self.learner.info.remote())
         except (RayActorError, ActorUnavailableError):
