@@ -223,3 +223,24 @@ def test_preloaded_datasets_are_used_as_given():
     reference.inner_batch(8)  # same position in the task's stream
     np.testing.assert_array_equal(task.labelled_pair(2, 3).x_train,
                                   reference.labelled_pair(2, 3).x_train)
+
+
+def test_sample_like_shares_the_shape_not_the_task(sampler):
+    # Templates from every component, with and without regression targets.
+    templates = [sampler.sample(seed) for seed in range(12)]
+    assert len({t.component for t in templates}) == 3
+    assert len({t.num_targets - t.num_classes for t in templates}) > 1
+    for template in templates:
+        likes = [sampler.sample(1000 + i, like=template) for i in range(4)]
+        for task in likes:
+            assert (task.component, task.arch, task.num_classes, task.num_targets,
+                    task.total_steps) == (template.component, template.arch,
+                                          template.num_classes, template.num_targets,
+                                          template.total_steps)
+            pair = task.labelled_pair(2, 3)
+            assert pair.y_train.shape == template.labelled_pair(2, 3).y_train.shape
+        if not template.metadata()["fixed"] and template.dataset == "glyphs":  # digits: 10 of 10
+            assert len({tuple(t.classes) for t in likes + [template]}) > 1
+        # Seeded like any task: the same seed and template give the same task.
+        again = sampler.sample(1000, like=template)
+        assert again.metadata() == likes[0].metadata()
