@@ -13,7 +13,8 @@ whose per-gradient cost falls on the driver), and the in-process rate of
 ``scaling``: real meta-gradients per second of one and then two worker actors, each
 pinned to one core with XLA single-threaded, on one fixed task of the training config
 (the tasks package; its first sampled task), U fixed. Compilation is excluded (warm-up
-truncations first). JSON keys ``grads_per_s_1``, ``grads_per_s_2`` and ``speedup``
+truncations first); 1-worker and 2-worker phases alternate (``--rounds``), so a
+neighbour's load changing mid-run lands on both sides of the ratio. JSON keys ``grads_per_s_1``, ``grads_per_s_2`` and ``speedup``
 (target >= 1.8 on 2 cores).
 
 The last line with ``--json`` is one JSON object.
@@ -39,7 +40,9 @@ def add_bench_parsers(benches) -> None:
     scaling = benches.add_parser("scaling", help="meta-gradients/s with 1 and 2 workers")
     scaling.add_argument("--json", action="store_true")
     scaling.add_argument("--config", help="training config (default experiments/local.yaml)")
-    scaling.add_argument("--seconds", type=float, default=30.0, help="timed phase length")
+    scaling.add_argument("--seconds", type=float, default=15.0, help="timed phase length")
+    scaling.add_argument("--rounds", type=int, default=3,
+                         help="alternating 1-worker / 2-worker phase pairs")
     scaling.add_argument("--unroll", type=int, default=4, help="U of every truncation")
     scaling.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     scaling.set_defaults(func=run_scaling_bench)
@@ -300,16 +303,20 @@ def run_scaling_bench(args) -> int:
         if cpus < 2:
             raise RuntimeError(f"the scaling benchmark needs 2 CPUs, Ray has {cpus}")
         options = {"runtime_env": {"env_vars": thread_env(1)}}
-        _log("[1/3] starting worker 1, compiling ...")
-        first = ScalingWorker.options(**options).remote(to_dict(config), 0, args.unroll)
-        ray.get(first.truncation.remote())
+        _log("[1/2] starting 2 workers, compiling ...")
+        first, second = (ScalingWorker.options(**options).remote(to_dict(config), 0, args.unroll)
+                         for _ in range(2))
+        ray.get([first.truncation.remote(), second.truncation.remote()])
         info = ray.get(first.info.remote())
-        _log(f"[2/3] 1 worker for {args.seconds:.0f} s (arch {info['arch']}, U={args.unroll}) ...")
-        rate_1 = _timed_phase([first], args.seconds)
-        second = ScalingWorker.options(**options).remote(to_dict(config), 0, args.unroll)
-        ray.get(second.truncation.remote())
-        _log(f"[3/3] 2 workers for {args.seconds:.0f} s ...")
-        rate_2 = _timed_phase([first, second], args.seconds)
+        # Alternate 1-worker and 2-worker phases so that load changing on a shared machine
+        # falls on both sides of the ratio, not on one.
+        _log(f"[2/2] {args.rounds} rounds of 1 worker then 2 workers, {args.seconds:.0f} s "
+             f"each (arch {info['arch']}, U={args.unroll}) ...")
+        rates_1, rates_2 = [], []
+        for _ in range(args.rounds):
+            rates_1.append(_timed_phase([first], args.seconds))
+            rates_2.append(_timed_phase([first, second], args.seconds))
+        rate_1, rate_2 = sum(rates_1) / len(rates_1), sum(rates_2) / len(rates_2)
         cores = [ray.get(w.info.remote())["cores"] for w in (first, second)]
         for w in (first, second):
             ray.kill(w)
@@ -318,7 +325,8 @@ def run_scaling_bench(args) -> int:
             ray.shutdown()
     report = {"grads_per_s_1": rate_1, "grads_per_s_2": rate_2, "speedup": rate_2 / rate_1,
               "unroll": args.unroll, "arch": info["arch"], "rule": config.rule_preset,
-              "cores": cores, "seconds": args.seconds, "target_speedup": 1.8,
+              "cores": cores, "seconds": args.seconds, "rounds": args.rounds,
+              "round_speedups": [b / a for a, b in zip(rates_1, rates_2)], "target_speedup": 1.8,
               "meets_target": rate_2 / rate_1 >= 1.8}
     print(f"scaling: 1 worker {rate_1:.3f} meta-grads/s, 2 workers {rate_2:.3f}/s, speedup "
           f"{report['speedup']:.2f}x (cores {cores}, arch {info['arch']}, U={args.unroll})",
