@@ -143,6 +143,7 @@ class Worker:
         self.rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed,
                                                                  self.index]))
         self._task: _TaskGroup | None = None
+        self._prefetched = None  # (task group, U, batch) of its next truncation
 
     def set_theta(self, generation: str, version: int, theta_flat: np.ndarray) -> None:
         theta_flat = np.asarray(theta_flat, np.float32)
@@ -199,6 +200,12 @@ class Worker:
 
         return jax.tree.map(lambda *leaves: np.stack(leaves), *batches)
 
+    def _draw_steps(self, curriculum: Curriculum, total_steps, steps_done: int) -> int:
+        steps = curriculum.sample_unroll(self.rng)
+        if total_steps:
+            steps = max(1, min(steps, int(total_steps) - steps_done))
+        return steps
+
     def run_truncation(self, curriculum: Curriculum) -> Submission:
         """One truncation of the current task(s) (new ones if none is in progress)."""
         import jax
@@ -211,17 +218,30 @@ class Worker:
             self._task = self._new_tasks(curriculum)
         state = self._task
         sampled = time.perf_counter()
-        steps = curriculum.sample_unroll(self.rng)
         total_steps = getattr(state.tasks[0], "total_steps", None)
-        if total_steps:
-            steps = max(1, min(steps, int(total_steps) - state.steps_done))
-        batch = self._batch(state, steps)
+        prefetched = self._prefetched is not None and self._prefetched[0] is state
+        if prefetched:
+            _, steps, batch = self._prefetched
+        else:
+            steps = self._draw_steps(curriculum, total_steps, state.steps_done)
+            batch = self._batch(state, steps)
+        self._prefetched = None
         data = time.perf_counter()
         arch = state.arch
         shape_key = (arch.activation, tuple(arch.sizes))
         new_shape = shape_key not in self._shapes_seen
         self._shapes_seen.add(shape_key)
         result = self._estimator(arch.activation)(self.theta, state.params, batch)
+        # JAX dispatches asynchronously (the scan estimator is one call): build the next
+        # truncation's data while the device computes, if this task goes on. On GPU the
+        # host-side batches of T tasks are a third of a truncation otherwise. The draws
+        # come in the same order as without prefetching.
+        goes_on = state.truncations_left > 1 and not (
+            total_steps and state.steps_done + steps >= int(total_steps))
+        if goes_on:
+            next_steps = self._draw_steps(curriculum, total_steps, state.steps_done + steps)
+            self._prefetched = (state, next_steps, self._batch(state, next_steps))
+        prefetch_done = time.perf_counter()
         result = jax.block_until_ready(result)
         grad_done = time.perf_counter()
         losses = np.atleast_1d(np.asarray(result.loss, np.float64))
@@ -263,5 +283,6 @@ class Worker:
             dataset=state.dataset, num_steps=steps,
             worker=self.index, metadata=metadata,
             timings={"sample_s": sampled - start, "data_s": data - sampled,
-                     "grad_s": grad_done - data, "total_s": end - start,
-                     "new_shape": float(new_shape)})
+                     "prefetch_s": prefetch_done - data, "grad_s": grad_done - data,
+                     "total_s": end - start, "new_shape": float(new_shape),
+                     "prefetched": float(prefetched)})

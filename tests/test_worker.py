@@ -43,6 +43,8 @@ def test_truncations_carry_phi_then_new_task(setup):
     # The task's starting loss is its first truncation's first step, kept for the task.
     assert np.isfinite(subs[0].loss_start) and subs[1].loss_start == subs[0].loss_start
     assert subs[-1].loss_start != subs[0].loss_start
+    # The second truncation's data was built while the first computed; a new task's not.
+    assert [s.timings["prefetched"] for s in subs] == [0.0, 1.0, 1.0, 0.0]
     assert counts[-1] == 1 and seeds[-1] != seeds[0]
     # The learner accepts these gradients and applies them.
     learner = Learner(theta, config.learner, config.curriculum, generation="gen")
