@@ -410,7 +410,12 @@ class Trainer:
             if newest > recorded:
                 # Rows that no reply brought here: the worker holding one died, or its
                 # reply is later in this batch. The learner keeps them; take them in order.
-                for missing in ray.get(self.learner.rows_after.remote(recorded)):
+                try:
+                    missing_rows = ray.get(self.learner.rows_after.remote(recorded))
+                except (RayActorError, ActorUnavailableError):
+                    restart_learner()  # e.g. killed by a hook while handling this batch
+                    return
+                for missing in missing_rows:
                     if missing["step"] <= newest:
                         add_row(missing, reply)
             if row is not None:
