@@ -340,4 +340,4 @@ class Learner:
         """Small status for the driver's progress line."""
         return {"step": self.step, "version": self.version, "generation": self.generation,
                 "meta_loss_rolling": self.rolling_loss(),
-            "loss_vs_start_rolling": self.rolling_gain(), **dict(self.counters)}
+                "loss_vs_start_rolling": self.rolling_gain(), **dict(self.counters)}

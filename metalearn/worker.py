@@ -244,19 +244,20 @@ class Worker:
         prefetch_done = time.perf_counter()
         result = jax.block_until_ready(result)
         grad_done = time.perf_counter()
+        # One row per task: [T] losses, [T, P] flat gradients (T = 1 unvmapped).
         losses = np.atleast_1d(np.asarray(result.loss, np.float64))
         finite = np.atleast_1d(np.asarray(result.finite)) & np.isfinite(losses)
         if len(state.tasks) == 1:
-            grad = np.asarray(ravel_pytree(result.grad)[0], np.float32)
-            count, nonfinite, loss = 1, 0, float(losses[0])
+            grads = np.asarray(ravel_pytree(result.grad)[0], np.float32)[None]
         else:
             grads = np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(result.grad), np.float32)
-            keep = finite if finite.any() else np.ones_like(finite)
-            grad = grads[keep].mean(axis=0, dtype=np.float64).astype(np.float32)
-            loss = float(losses[keep].mean())
-            count = int(keep.sum()) if finite.any() else len(state.tasks)
-            nonfinite = len(state.tasks) - count if finite.any() else 0
-        all_finite = bool(finite.any()) and bool(np.isfinite(loss))
+        # Submit the mean of the finite tasks; if none is, all of them (the learner then
+        # drops the submission whole and counts every task).
+        keep = finite if finite.any() else np.ones_like(finite)
+        grad = grads[keep].mean(axis=0, dtype=np.float64).astype(np.float32)
+        loss = float(losses[keep].mean())
+        count = int(keep.sum())
+        nonfinite = len(state.tasks) - count
         if state.truncations_done == 0:
             first = np.atleast_2d(np.asarray(result.step_losses, np.float64))[:, 0]
             state.loss_start = float(first[finite].mean()) if finite.any() else math.nan
@@ -278,7 +279,8 @@ class Worker:
             metadata.update(task_seeds=state.seeds, task_losses=losses.tolist())
         end = time.perf_counter()
         return Submission(
-            grad=grad, version=version, generation=generation, loss=loss, finite=all_finite,
+            grad=grad, version=version, generation=generation, loss=loss,
+            finite=bool(finite.any()),
             count=count, nonfinite_tasks=nonfinite, loss_start=state.loss_start,
             dataset=state.dataset, num_steps=steps,
             worker=self.index, metadata=metadata,

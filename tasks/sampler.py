@@ -342,18 +342,18 @@ class TaskSampler:
         classes = (self._fixed[i] if self._fixed[i] is not None
                    else np.sort(rng.choice(self._pools[i], ways, replace=False)))
         dim = int(np.prod(data.shape[1:]))
+        targets = None if like is None else like.num_targets - like.num_classes
         for _ in range(_MATCH_TRIES):
             augment = aug_lib.draw(comp.augment, rng, num_classes=classes.size, dim=dim,
                                    is_image=source.modality == "image",
                                    permute_inputs=self.mix.permute_inputs,
                                    num_premade=self.mix.premade_permutations,
                                    premade_seed=self.mix.premade_seed)
-            if like is None or augment.num_targets == like.num_targets - like.num_classes:
+            if targets is None or augment.num_targets == targets:
                 break
         else:
-            raise ConfigError(f"component {comp.label}: no augmentation with "
-                              f"{like.num_targets - like.num_classes} regression targets in "
-                              f"{_MATCH_TRIES} draws")
+            raise ConfigError(f"component {comp.label}: no augmentation with {targets} "
+                              f"regression targets in {_MATCH_TRIES} draws")
         if like is not None:
             return Task(seed=seed, component=comp, source=source, data=data, classes=classes,
                         augment=augment, arch=like.arch, total_steps=like.total_steps)

@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 LOCK_DIR = os.path.join(tempfile.gettempdir(), "metalearn-cpu-locks")
 _held_locks: list = []  # keep lock files open for the life of the process
@@ -98,8 +99,6 @@ class WorkerActor:
         the driver only sees the small reply. A learner that is gone gives
         ``{"learner_lost": True, "generation": ...}`` instead: the driver replaces it.
         """
-        from ray.exceptions import ActorUnavailableError, RayActorError
-
         generation, version, theta_ref = theta_box
         if self.worker.needs_theta(generation, version):
             self.worker.set_theta(generation, version, ray.get(theta_ref))

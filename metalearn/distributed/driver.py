@@ -199,8 +199,6 @@ class MetricsLog:
 
         if not self.rows:
             return
-        # Learner replies can be collected out of order (several in flight at exit).
-        self.rows.sort(key=lambda r: r["step"])
         columns: dict[str, None] = {}
         for row in self.rows:
             columns.update(dict.fromkeys(row))
