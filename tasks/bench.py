@@ -3,7 +3,7 @@
 Measures, over many seeds of a task mix, the seconds to draw a task and assemble one
 unlabelled inner batch plus one labelled pair (M draws, class-balanced), and divides
 by the seconds of one inner step of the paper-size rule on the paper's base model
-(``metalearn.bench.time_inner_step``, measured in the same run). Target: ratio < 5%.
+(``metalearn.core.bench.time_inner_step``, measured in the same run). Target: ratio < 5%.
 The last line with ``--json`` is one JSON object with ``task_s``, ``inner_step_s``,
 ``ratio`` and per-component means.
 """
@@ -16,7 +16,7 @@ import time
 
 
 def add_bench_parsers(benches) -> None:
-    from tasks.cli import DEFAULT_MIX, _source_args
+    from metalearn.cli.data import DEFAULT_MIX, _source_args
 
     p = benches.add_parser("tasks", help="task draw + inner batch + labelled pair, "
                            "as a fraction of one inner step")
@@ -64,7 +64,7 @@ def time_tasks(sampler, num_tasks: int, batch: int, draws: int, spc: int,
 def run_tasks(args) -> int:
     import dataclasses
 
-    from tasks.cli import DEFAULT_MIX, source_options
+    from metalearn.cli.data import DEFAULT_MIX, source_options
     from tasks.sampler import TaskSampler, load_mix
 
     mix = load_mix(args.mix or DEFAULT_MIX)
@@ -77,7 +77,7 @@ def run_tasks(args) -> int:
                              args.samples_per_class))
     if not args.skip_inner_step:
         print("[2/2] timing one inner step of the paper-size rule ...", file=sys.stderr)
-        from metalearn.bench import time_inner_step
+        from metalearn.core.bench import time_inner_step
         report["inner_step_s"] = time_inner_step()
         report["ratio"] = report["task_s"] / report["inner_step_s"]
     print(f"task draw + inner batch ({args.batch}) + labelled pair ({args.draws} draws x "

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from metalearn.config import ConfigError
+from metalearn.core.config import ConfigError
 from tasks.sources import Dataset, SourceOptions
 
 

@@ -35,7 +35,7 @@ import unicodedata
 
 import numpy as np
 
-from metalearn.config import ConfigError, from_dict
+from metalearn.core.config import ConfigError, from_dict
 from tasks.cache import cached
 from tasks.sources import Dataset, SourceOptions, register
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from metalearn.config import ConfigError
+from metalearn.core.config import ConfigError
 from tasks.sources import Dataset
 
 IMAGE_SIZES = (14, 16, 28)

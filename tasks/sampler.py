@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from metalearn.base_model import Architecture
-from metalearn.config import ACTIVATIONS, ConfigError, from_dict, to_dict
-from metalearn.meta_objective import LabelledPair
-from metalearn.unroll import TruncationBatch
+from metalearn.core.base_model import Architecture
+from metalearn.core.config import ACTIVATIONS, ConfigError, from_dict, to_dict
+from metalearn.core.meta_objective import LabelledPair
+from metalearn.core.unroll import TruncationBatch
 from tasks import augment as aug_lib
 from tasks import preprocess
 from tasks.sources import Dataset, SourceOptions, check_name, load

@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from metalearn.config import ConfigError
+from metalearn.core.config import ConfigError
 
 Modality = Literal["image", "vector", "text"]
 

@@ -12,7 +12,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from metalearn.config import MetaObjectiveConfig, RuleConfig  # noqa: E402
+from metalearn.core.config import MetaObjectiveConfig, RuleConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")

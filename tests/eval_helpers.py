@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from jax.flatten_util import ravel_pytree
 
-from metalearn.checkpoint import save_theta
-from metalearn.config import to_dict
-from metalearn.update_rule import init_theta
+from metalearn.training.checkpoint import save_theta
+from metalearn.core.config import to_dict
+from metalearn.core.update_rule import init_theta
 
 
 def make_run(run_dir, rule, step=7, perturb=0.0, metrics=True):

@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn.base_model import (Architecture, BaseParams, check_params, features, forward,
+from metalearn.core.base_model import (Architecture, BaseParams, check_params, features, forward,
                                   init_params)
-from metalearn.config import ACTIVATIONS, ConfigError
+from metalearn.core.config import ACTIVATIONS, ConfigError
 
 
 @pytest.mark.parametrize("sizes", [(7, 1, 32), (12, 512, 3, 32), (20, 64, 5, 300, 32),

@@ -5,8 +5,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from metalearn import baselines
-from metalearn.evaluate import (DataConfig, EvalConfig, architecture, load_data, make_task)
+from metalearn.evaluation import baselines
+from metalearn.evaluation.evaluate import (DataConfig, EvalConfig, architecture, load_data, make_task)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,6 @@ def test_permuted_protonet_beats_chance_on_two_moons():
 
 
 def test_unknown_baseline_is_a_config_error():
-    from metalearn.config import ConfigError
+    from metalearn.core.config import ConfigError
     with pytest.raises(ConfigError, match="unknown baseline"):
         EvalConfig(baselines=("kmeans",))

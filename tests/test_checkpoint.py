@@ -7,11 +7,11 @@ import warnings
 import numpy as np
 import pytest
 
-from metalearn.checkpoint import (CheckpointWarning, Checkpointer, load_theta, save_theta,
+from metalearn.training.checkpoint import (CheckpointWarning, Checkpointer, load_theta, save_theta,
                                   theta_unravel)
-from metalearn.config import to_dict
-from metalearn.learner import Learner, Submission
-from metalearn.train_config import CurriculumConfig, LearnerConfig
+from metalearn.core.config import to_dict
+from metalearn.training.learner import Learner, Submission
+from metalearn.training.config import CurriculumConfig, LearnerConfig
 
 P = 40
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from metalearn.cli import main
-from metalearn.train_config import config_to_yaml
+from metalearn.training.config import config_to_yaml
 from train_helpers import tiny_config
 
 os.environ["RAY_AUTH_MODE"] = "disabled"

@@ -8,11 +8,11 @@ import pytest
 
 from eval_helpers import make_run
 from metalearn.cli import main
-from metalearn.config import ACTIVATIONS, ConfigError
-from metalearn.evaluate import (ContinuousEvalConfig, ContinuousEvaluator, DataConfig,
+from metalearn.core.config import ACTIVATIONS, ConfigError
+from metalearn.evaluation.evaluate import (ContinuousEvalConfig, ContinuousEvaluator, DataConfig,
                                 architecture, eval_points_for, learned_rule_curve, load_data,
                                 make_task, readout_accuracies, summarise)
-from metalearn.update_rule import init_theta
+from metalearn.core.update_rule import init_theta
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_initial_theta_runs_on_width_1000_plus(tiny_rule, digits):
 
 
 def test_rule_and_model_mismatch_is_named(tiny_rule, digits):
-    from metalearn.evaluate import check_rule_fits
+    from metalearn.evaluation.evaluate import check_rule_fits
     with pytest.raises(ConfigError, match="top_units"):
         check_rule_fits(tiny_rule, architecture(64, 16, 2, "relu", 32))
 

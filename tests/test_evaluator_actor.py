@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from metalearn.evaluate import ContinuousEvalConfig
-from metalearn.update_rule import init_theta
+from metalearn.evaluation.evaluate import ContinuousEvalConfig
+from metalearn.core.update_rule import init_theta
 
 
 @pytest.mark.slow

@@ -8,8 +8,8 @@ from jax.flatten_util import ravel_pytree
 
 from eval_helpers import make_run
 from metalearn.cli import main
-from metalearn.config import ConfigError, RuleConfig
-from metalearn.export import export_run, load_export, read_export_meta
+from metalearn.core.config import ConfigError, RuleConfig
+from metalearn.training.export import export_run, load_export, read_export_meta
 
 
 def _tree_bytes(root):

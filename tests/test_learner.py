@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from metalearn.learner import Learner, Submission, curriculum_at, lr_at, make_optimizer
-from metalearn.train_config import CurriculumConfig, LearnerConfig
+from metalearn.training.learner import Learner, Submission, curriculum_at, lr_at, make_optimizer
+from metalearn.training.config import CurriculumConfig, LearnerConfig
 
 P = 50
 

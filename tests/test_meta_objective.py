@@ -3,9 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn.base_model import Architecture, init_params
-from metalearn.config import ConfigError, MetaObjectiveConfig
-from metalearn.meta_objective import (LabelledPair, make_pair, make_targets, meta_objective,
+from metalearn.core.base_model import Architecture, init_params
+from metalearn.core.config import ConfigError, MetaObjectiveConfig
+from metalearn.core.meta_objective import (LabelledPair, make_pair, make_targets, meta_objective,
                                       ridge_accuracy, ridge_loss, solve_ridge)
 
 CLASSES, PER_CLASS = 10, 10
@@ -42,7 +42,7 @@ def test_random_features_give_chance_loss():
 
 
 def test_targets_are_centred_and_scaled():
-    from metalearn.meta_objective import _centre_and_scale
+    from metalearn.core.meta_objective import _centre_and_scale
     y = _centre_and_scale(make_targets(jnp.arange(5), 5, jnp.ones((5, 2)) * 3.0))
     assert abs(float(jnp.mean(y))) < 1e-6
     np.testing.assert_allclose(jnp.mean(jnp.sum(y ** 2, axis=1)), 1.0, rtol=1e-5)

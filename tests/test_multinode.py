@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from metalearn.train_config import REPO_ROOT, config_to_yaml
+from metalearn.training.config import REPO_ROOT, config_to_yaml
 from train_helpers import tiny_config
 
 os.environ["RAY_AUTH_MODE"] = "disabled"

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from metalearn.cli import main
-from metalearn.report import markdown_table, plot_meta_training
+from metalearn.evaluation.report import markdown_table, plot_meta_training
 
 
 def _png_ok(path):

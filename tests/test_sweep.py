@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from metalearn.cli import main
-from metalearn.train_config import REPO_ROOT
+from metalearn.training.config import REPO_ROOT
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 SMOKE = os.path.join(REPO_ROOT, "experiments", "sweeps", "smoke.yaml")

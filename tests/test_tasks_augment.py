@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from metalearn.config import ConfigError
+from metalearn.core.config import ConfigError
 from tasks import augment
 from tasks.augment import AugmentConfig
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from fontTools.ttLib import TTFont
 
-from metalearn.config import ConfigError
+from metalearn.core.config import ConfigError
 from tasks import glyphs
 from tasks.sources import SourceOptions, load
 

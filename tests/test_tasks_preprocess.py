@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from metalearn.config import ConfigError
+from metalearn.core.config import ConfigError
 from tasks import preprocess
 from tasks.preprocess import PreprocessConfig
 from tasks.sources import Dataset

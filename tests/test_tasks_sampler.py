@@ -14,10 +14,10 @@ atexit.register(shutil.rmtree, os.environ["METALEARN_CACHE"], True)
 import numpy as np
 import pytest
 
-from metalearn.base_model import Architecture
-from metalearn.config import ConfigError
-from metalearn.meta_objective import LabelledPair
-from metalearn.unroll import TruncationBatch
+from metalearn.core.base_model import Architecture
+from metalearn.core.config import ConfigError
+from metalearn.core.meta_objective import LabelledPair
+from metalearn.core.unroll import TruncationBatch
 from tasks.sampler import TaskSampler, load_mix
 
 # Quick glyphs: a few blocks, a few bundled fonts.

@@ -13,7 +13,7 @@ atexit.register(shutil.rmtree, os.environ["METALEARN_CACHE"], True)
 import numpy as np
 import pytest
 
-from metalearn.config import ConfigError
+from metalearn.core.config import ConfigError
 from tasks import sources
 from tasks.sources import Dataset, SourceOptions, check_name, load, registry
 

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from metalearn.cli import main
-from metalearn.config import ConfigError
-from metalearn.train_config import config_to_yaml
+from metalearn.core.config import ConfigError
+from metalearn.training.config import config_to_yaml
 from train_helpers import tiny_config
 
 REQUIRED = ["step", "meta_loss", "grads_per_s", "staleness_mean", "dropped_stale",
@@ -58,7 +58,7 @@ def test_train_then_resume_continues_step_count(ray_session, config_file, tmp_pa
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
     assert os.path.isfile(os.path.join(run_dir, "theta_latest.npz"))
     assert os.listdir(os.path.join(run_dir, "tensorboard"))
-    from metalearn.checkpoint import Checkpointer, load_theta
+    from metalearn.training.checkpoint import Checkpointer, load_theta
     assert Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True).steps()[-1] == 3
     assert load_theta(run_dir)[2] == 3
 
@@ -148,7 +148,7 @@ def test_resume_with_different_rule_shape_refused(config_file, tmp_path, capsys)
     assert "no complete checkpoint" in capsys.readouterr().err
     assert snapshot(run_dir) == before
     with pytest.raises(ConfigError):
-        from metalearn.train import resolve
+        from metalearn.cli.train import resolve
         import argparse
         resolve(argparse.Namespace(resume=str(run_dir), config=None, out=None, minutes=None,
                                    steps=None, workers=None, address=None,

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn import update_rule as ur
-from metalearn.base_model import Architecture, init_params
-from metalearn.config import ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig
-from metalearn.meta_objective import LabelledPair, make_targets
-from metalearn.unroll import (Problem, TruncationBatch, make_meta_gradient, pad_to_bucket,
+from metalearn.core import update_rule as ur
+from metalearn.core.base_model import Architecture, init_params
+from metalearn.core.config import ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.meta_objective import LabelledPair, make_targets
+from metalearn.core.unroll import (Problem, TruncationBatch, make_meta_gradient, pad_to_bucket,
                               truncation_loss_scan)
 
 SIZES = (10, 12, 8)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn import update_rule as ur
-from metalearn.base_model import Architecture, init_params
-from metalearn.config import ACTIVATIONS, ConfigError, RuleConfig
+from metalearn.core import update_rule as ur
+from metalearn.core.base_model import Architecture, init_params
+from metalearn.core.config import ACTIVATIONS, ConfigError, RuleConfig
 
 
 def _problem(rule, sizes, activation="relu", batch=16, seed=0):
@@ -102,7 +102,7 @@ def test_planes_are_named_and_shaped(tiny_rule):
     theta, params, x = _problem(tiny_rule, (12, 24, 8))
     internals = _internals(theta, params, x, "relu", tiny_rule)
     readouts = [ur.readout_all(theta["readouts"], h) for h in internals.hs]
-    from metalearn.base_model import forward
+    from metalearn.core.base_model import forward
     fwd = forward(params, x, Architecture((12, 24, 8)))
     planes = ur.weight_planes(params.w[0], fwd.xs[0], fwd.xs[1], readouts[0], readouts[1])
     assert tuple(planes) == ur.PLANE_NAMES

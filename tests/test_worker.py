@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from metalearn.learner import Curriculum, Learner, Submission
-from metalearn.update_rule import init_theta
-from metalearn.worker import Worker, enable_compilation_cache, mix_dict
+from metalearn.training.learner import Curriculum, Learner, Submission
+from metalearn.core.update_rule import init_theta
+from metalearn.training.worker import Worker, enable_compilation_cache, mix_dict
 from train_helpers import tiny_config
 
 
@@ -106,8 +106,8 @@ def test_mix_overrides_bound_shapes(setup):
 def test_vmapped_worker_submits_the_mean_of_its_tasks_gradients(setup, tmp_path):
     import dataclasses
 
-    from metalearn.base_model import init_params
-    from metalearn.unroll import make_meta_gradient
+    from metalearn.core.base_model import init_params
+    from metalearn.core.unroll import make_meta_gradient
 
     config, theta = setup
     config = dataclasses.replace(

@@ -4,8 +4,8 @@ import os
 
 import yaml
 
-from metalearn.config import to_dict
-from metalearn.train_config import config_from_dict
+from metalearn.core.config import to_dict
+from metalearn.training.config import config_from_dict
 
 TINY_RULE = {"top_units": 8, "top_delta_size": 4, "compute_h_size": 6, "delta_dim": 3}
 

@@ -10,9 +10,9 @@ import time
 
 import jax
 
-from metalearn import bench
-from metalearn.config import MetaObjectiveConfig, UnrollConfig
-from metalearn.unroll import make_meta_gradient
+from metalearn.core import bench
+from metalearn.core.config import MetaObjectiveConfig, UnrollConfig
+from metalearn.core.unroll import make_meta_gradient
 
 
 def vmapped_throughput(tasks_list=(1, 4, 16), steps=10, unroll=UnrollConfig()):

@@ -1,4 +1,4 @@
-"""GPU check of vmapped multi-task workers: a real ``metalearn.worker.Worker`` (no Ray)
+"""GPU check of vmapped multi-task workers: a real ``metalearn.training.worker.Worker`` (no Ray)
 with ``worker.tasks_per_worker`` = T on real 10-way digits tasks (14x14, base model
 196 -> 128 -> 32), the paper-size rule, U fixed; meta-gradients/s for each T.
 
@@ -18,10 +18,10 @@ import numpy as np
 import yaml
 from jax.flatten_util import ravel_pytree
 
-from metalearn.learner import Curriculum
-from metalearn.train_config import load_config
-from metalearn.update_rule import init_theta
-from metalearn.worker import Worker
+from metalearn.training.learner import Curriculum
+from metalearn.training.config import load_config
+from metalearn.core.update_rule import init_theta
+from metalearn.training.worker import Worker
 
 DIGITS_MIX = {
     "components": [{"source": "digits", "weight": 1.0, "ways": [10],

@@ -1,4 +1,4 @@
-"""Thin Ray actor wrappers around ``metalearn.learner`` and ``metalearn.worker``.
+"""Thin Ray actor wrappers around ``metalearn.training.learner`` and ``metalearn.training.worker``.
 
 Worker actors restart forever (``max_restarts=-1``); a restart reruns ``__init__`` and
 the driver then gives the worker a fresh task-stream seed. The learner actor is not
@@ -70,13 +70,13 @@ def claim_cpus(count: int) -> list[int]:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class WorkerActor:
-    """Ray wrapper of ``metalearn.worker.Worker``."""
+    """Ray wrapper of ``metalearn.training.worker.Worker``."""
 
     def __init__(self, config: dict, index: int, stream_seed: int, cpus: int = 1,
                  pin: bool = True):
         self.cores = claim_cpus(cpus) if pin else []
-        from metalearn.train_config import config_from_dict
-        from metalearn.worker import Worker, enable_compilation_cache
+        from metalearn.training.config import config_from_dict
+        from metalearn.training.worker import Worker, enable_compilation_cache
 
         train_config = config_from_dict(config)
         enable_compilation_cache(train_config.worker.compilation_cache)
@@ -111,7 +111,7 @@ class WorkerActor:
 
 @ray.remote(max_restarts=0)
 class LearnerActor:
-    """Ray wrapper of ``metalearn.learner.Learner`` that also owns the checkpoints."""
+    """Ray wrapper of ``metalearn.training.learner.Learner`` that also owns the checkpoints."""
 
     def __init__(self, config: dict, run_dir: str, resume: bool):
         import warnings
@@ -119,10 +119,10 @@ class LearnerActor:
         import jax
         from jax.flatten_util import ravel_pytree
 
-        from metalearn.checkpoint import CHECKPOINT_DIR, Checkpointer
-        from metalearn.learner import Learner
-        from metalearn.train_config import config_from_dict
-        from metalearn.update_rule import init_theta
+        from metalearn.training.checkpoint import CHECKPOINT_DIR, Checkpointer
+        from metalearn.training.learner import Learner
+        from metalearn.training.config import config_from_dict
+        from metalearn.core.update_rule import init_theta
 
         self.config = config_from_dict(config)
         self.run_dir = run_dir
@@ -186,8 +186,8 @@ class LearnerActor:
 
     def checkpoint(self) -> int:
         """Save the full state now (and theta_latest.npz); returns the step saved."""
-        from metalearn.checkpoint import save_theta
-        from metalearn.config import to_dict
+        from metalearn.training.checkpoint import save_theta
+        from metalearn.core.config import to_dict
 
         step = self.learner.step
         if step != self.last_checkpoint_step or not self.checkpointer.steps():

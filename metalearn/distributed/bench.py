@@ -74,7 +74,7 @@ class SyntheticWorker:
     def __init__(self, num_params: int, index: int):
         import numpy as np
 
-        from metalearn.learner import Submission
+        from metalearn.training.learner import Submission
 
         rng = np.random.default_rng(index)
         self.grads = [rng.normal(size=num_params).astype(np.float32) for _ in range(4)]
@@ -112,8 +112,8 @@ class SyntheticWorker:
 def _in_process_rate(theta, meta_batch: int, seconds: float = 3.0) -> float:
     import numpy as np
 
-    from metalearn.learner import Learner, Submission
-    from metalearn.train_config import CurriculumConfig, LearnerConfig
+    from metalearn.training.learner import Learner, Submission
+    from metalearn.training.config import CurriculumConfig, LearnerConfig
 
     learner = Learner(theta, LearnerConfig(meta_batch=meta_batch), CurriculumConfig())
     grad = np.random.default_rng(0).normal(size=theta.size).astype(np.float32)
@@ -175,10 +175,10 @@ def run_learner_bench(args) -> int:
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
-    from metalearn.config import RuleConfig, to_dict
+    from metalearn.core.config import RuleConfig, to_dict
     from metalearn.distributed.actors import LearnerActor
-    from metalearn.train_config import LearnerConfig, TrainConfig
-    from metalearn.update_rule import init_theta
+    from metalearn.training.config import LearnerConfig, TrainConfig
+    from metalearn.core.update_rule import init_theta
 
     theta = np.asarray(ravel_pytree(init_theta(jax.random.key(0), RuleConfig()))[0])
     report = {"theta_params": int(theta.size), "meta_batch": args.meta_batch,
@@ -240,11 +240,11 @@ class ScalingWorker:
         import jax
         from jax.flatten_util import ravel_pytree
 
-        from metalearn.base_model import init_params
-        from metalearn.train_config import config_from_dict
-        from metalearn.unroll import make_meta_gradient
-        from metalearn.update_rule import init_theta
-        from metalearn.worker import enable_compilation_cache, make_sampler
+        from metalearn.core.base_model import init_params
+        from metalearn.training.config import config_from_dict
+        from metalearn.core.unroll import make_meta_gradient
+        from metalearn.core.update_rule import init_theta
+        from metalearn.training.worker import enable_compilation_cache, make_sampler
 
         self.config = config_from_dict(config)
         enable_compilation_cache(self.config.worker.compilation_cache)
@@ -292,9 +292,9 @@ def _timed_phase(workers, seconds: float) -> float:
 
 
 def run_scaling_bench(args) -> int:
-    from metalearn.config import to_dict
+    from metalearn.core.config import to_dict
     from metalearn.distributed.actors import thread_env
-    from metalearn.train_config import load_config
+    from metalearn.training.config import load_config
 
     config = load_config(args.config, args.set)
     started = _init_ray()

@@ -32,8 +32,8 @@ import sys
 import time
 from typing import Callable
 
-from metalearn.config import ConfigError, to_dict
-from metalearn.train_config import TrainConfig, config_from_dict, config_to_yaml
+from metalearn.core.config import ConfigError, to_dict
+from metalearn.training.config import TrainConfig, config_from_dict, config_to_yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.parquet"
@@ -65,7 +65,7 @@ def theta_shapes(rule) -> dict:
 
     import jax
 
-    from metalearn.update_rule import init_theta
+    from metalearn.core.update_rule import init_theta
 
     shapes = jax.eval_shape(functools.partial(init_theta, config=rule), jax.random.key(0))
     return {jax.tree_util.keystr(path): tuple(leaf.shape)
@@ -195,7 +195,7 @@ class MetricsLog:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from metalearn.checkpoint import atomic_write_bytes
+        from metalearn.training.checkpoint import atomic_write_bytes
 
         if not self.rows:
             return
@@ -547,7 +547,7 @@ def init_ray(address: str) -> bool:
 
 def prepare_run_dir(config: TrainConfig, run_dir: str, resume: bool) -> None:
     """Create the run folder and write config.yaml (validation already happened)."""
-    from metalearn.checkpoint import atomic_write_bytes
+    from metalearn.training.checkpoint import atomic_write_bytes
 
     os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
     atomic_write_bytes(os.path.join(run_dir, CONFIG_FILE), config_to_yaml(config).encode())

@@ -1,4 +1,4 @@
-"""Ray actor around ``metalearn.evaluate.ContinuousEvaluator`` (issue 5, item 5).
+"""Ray actor around ``metalearn.evaluation.evaluate.ContinuousEvaluator`` (issue 5, item 5).
 
 The actor owns the held-out data and the fixed evaluation tasks; the driver hands it
 the latest theta (the learner's flat numpy vector) every ``ContinuousEvalConfig.every``
@@ -26,8 +26,8 @@ class EvaluatorActor:
                  cpus: int = 1):
         from metalearn.distributed.actors import claim_cpus
         claim_cpus(cpus)
-        from metalearn.config import MetaObjectiveConfig, RuleConfig, from_dict
-        from metalearn.evaluate import ContinuousEvalConfig, ContinuousEvaluator
+        from metalearn.core.config import MetaObjectiveConfig, RuleConfig, from_dict
+        from metalearn.evaluation.evaluate import ContinuousEvalConfig, ContinuousEvaluator
 
         self.config = from_dict(ContinuousEvalConfig, dict(eval_config), "evaluator")
         self.evaluator = ContinuousEvaluator(
@@ -49,7 +49,7 @@ def start_evaluator(eval_config, rule, objective=None, cpus: int = 1, reserve: b
     ``cpus`` threads): on a laptop whose every core runs a worker, a small evaluation
     budget shares a core rather than waiting forever for a free one.
     """
-    from metalearn.config import to_dict
+    from metalearn.core.config import to_dict
     from metalearn.distributed.actors import thread_env
 
     return EvaluatorActor.options(

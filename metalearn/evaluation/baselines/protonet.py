@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metalearn.baselines.common import dense_init, mlp, feature_fn, train
-from metalearn.evaluate import Task, eval_points_for, evaluate_features
+from metalearn.evaluation.baselines.common import dense_init, mlp, feature_fn, train
+from metalearn.evaluation.evaluate import Task, eval_points_for, evaluate_features
 
 HIDDEN = (128, 128, 128)
 LEARNING_RATE = 1e-3

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import jax
 
-from metalearn.base_model import init_params
-from metalearn.evaluate import base_features, evaluate_features
+from metalearn.core.base_model import init_params
+from metalearn.evaluation.evaluate import base_features, evaluate_features
 
 
 def run(task, arch, config, progress=None) -> list[dict]:
-    from metalearn.config import RuleConfig
+    from metalearn.core.config import RuleConfig
     rule = RuleConfig()  # its init scales (w 0.01, b 0.1) and batch-norm eps
     params = init_params(jax.random.key(task.seed), arch, w_std=rule.init_w_std,
                          b_std=rule.init_b_std)

@@ -147,7 +147,7 @@ def save_theta(run_dir: str, theta_flat: np.ndarray, rule: dict, step: int) -> s
 
 def load_theta(path: str):
     """(theta pytree, rule config, step) from a ``theta_latest.npz`` or a run folder."""
-    from metalearn.config import RuleConfig, from_dict
+    from metalearn.core.config import RuleConfig, from_dict
 
     if os.path.isdir(path):
         path = os.path.join(path, THETA_FILE)
@@ -164,7 +164,7 @@ def theta_unravel(rule):
     import functools
 
     from jax.flatten_util import ravel_pytree
-    from metalearn.update_rule import init_theta
+    from metalearn.core.update_rule import init_theta
 
     shapes = jax.eval_shape(functools.partial(init_theta, config=rule), jax.random.key(0))
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)

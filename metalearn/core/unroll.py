@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metalearn.base_model import BaseParams, check_params
-from metalearn.config import ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig
-from metalearn.meta_objective import LabelledPair, check_pair, meta_objective
-from metalearn.update_rule import architecture_of, check_inputs, inner_step
+from metalearn.core.base_model import BaseParams, check_params
+from metalearn.core.config import ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.meta_objective import LabelledPair, check_pair, meta_objective
+from metalearn.core.update_rule import architecture_of, check_inputs, inner_step
 
 
 class TruncationBatch(NamedTuple):

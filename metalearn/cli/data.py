@@ -20,8 +20,9 @@ import json
 import os
 import sys
 
-DEFAULT_MIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "experiments", "tasks", "local.yaml")
+from metalearn.training.config import REPO_ROOT
+
+DEFAULT_MIX = os.path.join(REPO_ROOT, "experiments", "tasks", "local.yaml")
 
 
 def add_parser(subparsers) -> None:

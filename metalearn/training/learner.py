@@ -19,7 +19,7 @@ with, the task's metadata, loss and timings. The learner
   restarted worker, or a resumed run, draws new tasks.
 
 ``state()`` / ``load_state()`` give the whole learner as (arrays pytree, JSON dict) for
-``metalearn.checkpoint``; restoring them reproduces the exact step, optimiser state,
+``metalearn.training.checkpoint``; restoring them reproduces the exact step, optimiser state,
 buffer, counters, rolling losses and RNG.
 """
 
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metalearn.train_config import CurriculumConfig, LearnerConfig
+from metalearn.training.config import CurriculumConfig, LearnerConfig
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from metalearn.config import ConfigError
+from metalearn.core.config import ConfigError
 
 SPEC_FILE = "sweep.yaml"
 TUNE_DIR = "tune"
@@ -100,7 +100,7 @@ def _check_search(key: str, value) -> None:
 
 def load_spec(path: str) -> SweepSpec:
     """Read and validate a sweep YAML; the trial config it makes is validated too."""
-    from metalearn.train_config import read_yaml, resolve_path
+    from metalearn.training.config import read_yaml, resolve_path
 
     raw = read_yaml(path, "sweep spec")
     known = {"name", "base", "set", "search", "num_samples", "metric", "mode",
@@ -159,7 +159,7 @@ def load_spec(path: str) -> SweepSpec:
 
 def trial_config(spec: SweepSpec, params: dict):
     """The TrainConfig of one trial: base, fixed overrides, sampled values, trial limits."""
-    from metalearn.train_config import load_config
+    from metalearn.training.config import load_config
 
     sampled = [f"{k}={json.dumps(v)}" for k, v in params.items()
                if not k.startswith("_")]

@@ -1,6 +1,6 @@
 """Baselines for ``metalearn eval``: each trains (or builds) a feature extractor on the
 same data, base architecture and labelled examples as the learned rule, and is scored
-with the same readouts (``metalearn.evaluate.evaluate_features``).
+with the same readouts (``metalearn.evaluation.evaluate.evaluate_features``).
 
 Every baseline module exposes ``run(task, arch, config, progress) -> rows``: one row
 per evaluation point along its own training, ``{"step", "ridge_accuracy",
@@ -22,18 +22,18 @@ from __future__ import annotations
 import importlib
 
 MODULES = {
-    "random_init": "metalearn.baselines.random_init",
-    "vae": "metalearn.baselines.vae",
-    "supervised": "metalearn.baselines.supervised",
-    "pca": "metalearn.baselines.pca",
-    "protonet": "metalearn.baselines.protonet",
-    "protonet_intact": "metalearn.baselines.protonet",
+    "random_init": "metalearn.evaluation.baselines.random_init",
+    "vae": "metalearn.evaluation.baselines.vae",
+    "supervised": "metalearn.evaluation.baselines.supervised",
+    "pca": "metalearn.evaluation.baselines.pca",
+    "protonet": "metalearn.evaluation.baselines.protonet",
+    "protonet_intact": "metalearn.evaluation.baselines.protonet",
 }
 
 
 def run(name: str, task, arch, config, progress=None) -> list[dict]:
     """Rows of baseline ``name`` on ``task`` (see the module docstring)."""
-    from metalearn.config import ConfigError
+    from metalearn.core.config import ConfigError
     if name not in MODULES:
         raise ConfigError(f"unknown baseline {name!r}; choose from {', '.join(MODULES)}")
     module = importlib.import_module(MODULES[name])

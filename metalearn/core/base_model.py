@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from metalearn.config import ACTIVATIONS, ConfigError
+from metalearn.core.config import ACTIVATIONS, ConfigError
 
 
 class BaseParams(NamedTuple):

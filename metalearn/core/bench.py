@@ -66,7 +66,7 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     """Dense float32 matmul throughput through XLA (GFLOP/s)."""
     import jax
     import jax.numpy as jnp
-    from metalearn.unroll import timed
+    from metalearn.core.unroll import timed
 
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     matmul = jax.jit(lambda m: m @ m)
@@ -77,9 +77,9 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
 def paper_problem(rule=None, batch: int = PAPER_BATCH, num_classes: int = 10, seed: int = 0):
     """Random inputs of the paper's evaluation shapes: (theta, phi, x, arch, rule)."""
     import jax
-    from metalearn.base_model import Architecture, init_params
-    from metalearn.config import RuleConfig
-    from metalearn.update_rule import init_theta
+    from metalearn.core.base_model import Architecture, init_params
+    from metalearn.core.config import RuleConfig
+    from metalearn.core.update_rule import init_theta
 
     rule = rule or RuleConfig()
     arch = Architecture(PAPER_SIZES, "relu")
@@ -95,8 +95,8 @@ def random_truncation(steps: int, arch, objective, num_classes: int = 10,
     """A TruncationBatch of random data with class-balanced labelled pairs."""
     import jax
     import jax.numpy as jnp
-    from metalearn.meta_objective import LabelledPair, make_targets
-    from metalearn.unroll import TruncationBatch
+    from metalearn.core.meta_objective import LabelledPair, make_targets
+    from metalearn.core.unroll import TruncationBatch
 
     per_pair = num_classes * objective.samples_per_class
     keys = jax.random.split(jax.random.key(seed), 3)
@@ -112,7 +112,7 @@ def random_truncation(steps: int, arch, objective, num_classes: int = 10,
 def compiled_inner_step(theta, params, x, activation, rule):
     """(compiled step, compile seconds, XLA FLOPs of one step)."""
     import jax
-    from metalearn.update_rule import inner_step
+    from metalearn.core.update_rule import inner_step
 
     start = time.perf_counter()
     compiled = jax.jit(inner_step, static_argnums=(3, 4)).lower(
@@ -130,7 +130,7 @@ def analytic_inner_step_flops(sizes, rule, batch: int) -> float:
     a lower bound; it is backend-independent, unlike XLA's cost analysis (which on GPU
     leaves out convolutions that run as library calls).
     """
-    from metalearn.update_rule import NUM_INPUT_CHANNELS, NUM_WEIGHT_STATS, READOUT_NAMES
+    from metalearn.core.update_rule import NUM_INPUT_CHANNELS, NUM_WEIGHT_STATS, READOUT_NAMES
 
     b, k, h = batch, rule.kernel, rule.compute_h_size
     top, c_top, delta = rule.top_units, rule.top_delta_size, rule.delta_dim
@@ -159,7 +159,7 @@ def analytic_inner_step_flops(sizes, rule, batch: int) -> float:
 
 def time_inner_step(rule=None, repeats: int = 3) -> float:
     """Seconds per inner step of the (paper-size by default) rule on the paper's model."""
-    from metalearn.unroll import timed
+    from metalearn.core.unroll import timed
 
     theta, params, x, arch, rule = paper_problem(rule)
     compiled, _, _ = compiled_inner_step(theta, params, x, arch.activation, rule)
@@ -169,7 +169,7 @@ def time_inner_step(rule=None, repeats: int = 3) -> float:
 
 def _time_meta_gradient(estimator, theta, params, batch, repeats):
     import jax
-    from metalearn.unroll import timed
+    from metalearn.core.unroll import timed
 
     start = time.perf_counter()
     jax.block_until_ready(estimator(theta, params, batch))
@@ -182,10 +182,10 @@ def driver_overhead_s(objective, unroll, steps: int, repeats: int = 10) -> float
     """Seconds of one U-step truncation of ``unroll``'s estimator on a problem whose
     compute is negligible (2 units, batch 4): the driver's Python and dispatch cost."""
     import jax
-    from metalearn.base_model import Architecture, init_params
-    from metalearn.config import RuleConfig
-    from metalearn.unroll import make_meta_gradient
-    from metalearn.update_rule import init_theta
+    from metalearn.core.base_model import Architecture, init_params
+    from metalearn.core.config import RuleConfig
+    from metalearn.core.unroll import make_meta_gradient
+    from metalearn.core.update_rule import init_theta
 
     rule = RuleConfig(top_delta_size=2, top_delta_layers=0, top_unit_mix_layers=0,
                       compute_h_size=2, compute_h_layers=0, delta_dim=1,
@@ -202,9 +202,9 @@ def driver_overhead_s(objective, unroll, steps: int, repeats: int = 10) -> float
 
 def run_inner_step(args) -> int:
     import jax
-    from metalearn.config import MetaObjectiveConfig, RuleConfig, UnrollConfig
-    from metalearn.unroll import make_meta_gradient, timed
-    from metalearn.update_rule import num_params
+    from metalearn.core.config import MetaObjectiveConfig, RuleConfig, UnrollConfig
+    from metalearn.core.unroll import make_meta_gradient, timed
+    from metalearn.core.update_rule import num_params
 
     rule = RuleConfig.small() if args.small else RuleConfig()
     objective = MetaObjectiveConfig()
@@ -256,8 +256,8 @@ def run_inner_step(args) -> int:
 
 
 def _variants(theta, params, arch, rule, objective, steps, step_s, repeats) -> dict:
-    from metalearn.config import UnrollConfig
-    from metalearn.unroll import make_meta_gradient
+    from metalearn.core.config import UnrollConfig
+    from metalearn.core.unroll import make_meta_gradient
 
     out = {}
     candidates = {

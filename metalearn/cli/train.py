@@ -37,11 +37,11 @@ def add_parser(subparsers) -> None:
 
 def resolve(args):
     """(config, run_dir, resume) from the arguments; raises ConfigError on bad input."""
-    from metalearn.config import ConfigError
+    from metalearn.core.config import ConfigError
     from metalearn.distributed.driver import (check_resume_compatible, is_run_dir,
                                               read_run_config)
-    from metalearn.config import to_dict
-    from metalearn.train_config import apply_overrides, config_from_dict, load_config
+    from metalearn.core.config import to_dict
+    from metalearn.training.config import apply_overrides, config_from_dict, load_config
 
     overrides = list(args.set)
     for name, key in (("minutes", "run.minutes"), ("steps", "run.steps"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from metalearn.evaluate import evaluate_features
+from metalearn.evaluation.evaluate import evaluate_features
 
 NUM_COMPONENTS = 32
 

@@ -14,7 +14,7 @@ The protocol, per seed:
 4. accuracy on the test set is averaged over seeds (mean and standard error).
 
 ``run_evaluation`` does this for the learned rule and the baselines
-(``metalearn.baselines``); ``ContinuousEvaluator`` is the small-budget version used
+(``metalearn.evaluation.baselines``); ``ContinuousEvaluator`` is the small-budget version used
 during meta-training (see ``metalearn.distributed.evaluator``).
 
 Inner steps run as one jitted ``inner_step`` per step, dispatched from Python. A
@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from metalearn.config import ACTIVATIONS, ConfigError, MetaObjectiveConfig, RuleConfig
+from metalearn.core.config import ACTIVATIONS, ConfigError, MetaObjectiveConfig, RuleConfig
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
 
@@ -186,7 +186,7 @@ def readout_accuracies(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndar
     """{"ridge_accuracy", "logreg_accuracy"} of features [N, F]; NaN if non-finite."""
     if not (np.isfinite(f_train).all() and np.isfinite(f_test).all()):
         return {"ridge_accuracy": float("nan"), "logreg_accuracy": float("nan")}
-    from metalearn.meta_objective import ridge_accuracy
+    from metalearn.core.meta_objective import ridge_accuracy
 
     ridge_acc = float(ridge_accuracy(np.asarray(f_train, np.float32), y_train,
                                      np.asarray(f_test, np.float32), y_test, num_classes, ridge))
@@ -209,7 +209,7 @@ def evaluate_features(feature_fn: FeatureFn, task: Task, ridge: float = 0.1) -> 
 
 def architecture(input_size: int, width: int, depth: int, activation: str,
                  output_size: int = 32):
-    from metalearn.base_model import Architecture
+    from metalearn.core.base_model import Architecture
     if activation not in ACTIVATIONS:
         raise ConfigError(f"unknown activation {activation!r}; choose one of "
                           f"{', '.join(ACTIVATIONS)}")
@@ -222,8 +222,8 @@ def architecture(input_size: int, width: int, depth: int, activation: str,
 def _jitted():
     import jax
 
-    from metalearn.base_model import features
-    from metalearn.update_rule import inner_step
+    from metalearn.core.base_model import features
+    from metalearn.core.update_rule import inner_step
     return (jax.jit(inner_step, static_argnums=(3, 4)),
             jax.jit(features, static_argnums=(2, 3)))
 
@@ -251,7 +251,7 @@ def learned_rule_curve(theta, rule: RuleConfig, arch, task: Task, eval_points: S
     import jax
     import jax.numpy as jnp
 
-    from metalearn.base_model import init_params
+    from metalearn.core.base_model import init_params
 
     check_rule_fits(rule, arch)
     step_fn, _ = _jitted()
@@ -361,7 +361,7 @@ def run_evaluation(config: EvalConfig, theta, rule: RuleConfig, *,
                    data: EvalData | None = None, progress: Progress | None = None
                    ) -> EvalResult:
     """The learned rule and ``config.baselines`` on ``config.data``, over seeds."""
-    from metalearn import baselines as bl
+    from metalearn.evaluation import baselines as bl
 
     progress = progress or Progress(False)
     data = data or load_data(config.data)
@@ -491,7 +491,7 @@ class ContinuousEvaluator:
                  objective: MetaObjectiveConfig = MetaObjectiveConfig()):
         import jax
 
-        from metalearn.meta_objective import make_pair, meta_objective
+        from metalearn.core.meta_objective import make_pair, meta_objective
 
         self.config, self.rule, self.objective = config, rule, objective
         self._datasets = []
@@ -530,7 +530,7 @@ class ContinuousEvaluator:
 
     def _unravel(self, theta):
         if isinstance(theta, np.ndarray) or getattr(theta, "ndim", None) == 1:
-            from metalearn.checkpoint import theta_unravel
+            from metalearn.training.checkpoint import theta_unravel
             size, unravel = theta_unravel(self.rule)
             flat = np.asarray(theta, np.float32)
             if flat.shape != (size,):
@@ -542,7 +542,7 @@ class ContinuousEvaluator:
         import jax
         import jax.numpy as jnp
 
-        from metalearn.base_model import init_params
+        from metalearn.core.base_model import init_params
 
         started = time.monotonic()
         theta = jax.tree.map(jnp.asarray, self._unravel(theta))

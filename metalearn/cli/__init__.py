@@ -14,13 +14,13 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "bench": ("metalearn.bench", "measure speed: inner-step, tasks"),
-    "data": ("tasks.cli", "list, build, inspect and show data sources and tasks"),
-    "eval": ("metalearn.eval_cli", "evaluate an exported rule on held-out data vs baselines"),
-    "export": ("metalearn.export", "export a run's theta as a self-describing checkpoint"),
-    "plot": ("metalearn.report", "plot a run's meta-training curves per dataset"),
-    "sweep": ("metalearn.sweep", "Ray Tune sweeps of meta-trainings (ASHA, PBT)"),
-    "train": ("metalearn.train", "meta-train the update rule on Ray (asynchronous workers)"),
+    "bench": ("metalearn.core.bench", "measure speed: inner-step, tasks"),
+    "data": ("metalearn.cli.data", "list, build, inspect and show data sources and tasks"),
+    "eval": ("metalearn.cli.eval", "evaluate an exported rule on held-out data vs baselines"),
+    "export": ("metalearn.training.export", "export a run's theta as a self-describing checkpoint"),
+    "plot": ("metalearn.evaluation.report", "plot a run's meta-training curves per dataset"),
+    "sweep": ("metalearn.distributed.sweep", "Ray Tune sweeps of meta-trainings (ASHA, PBT)"),
+    "train": ("metalearn.cli.train", "meta-train the update rule on Ray (asynchronous workers)"),
 }
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - user-facing errors become one clear line
-        from metalearn.config import ConfigError
+        from metalearn.core.config import ConfigError
         if isinstance(err, (ConfigError, FileNotFoundError)):
             print(f"metalearn: error: {err}", file=sys.stderr)
             return 2

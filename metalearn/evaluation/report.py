@@ -242,7 +242,7 @@ def write_report(out_dir: str, rows: Sequence[dict], title: str, info: dict,
     """Tables and plots; returns {name: path}. ``extras`` may hold ``params_init``,
     ``params_final``, ``arch``, ``rule``, ``task`` (seed 0) and ``image_shape`` for the
     receptive-field and representation plots."""
-    from metalearn.evaluate import summarise
+    from metalearn.evaluation.evaluate import summarise
 
     os.makedirs(out_dir, exist_ok=True)
     summary = summarise(rows)
@@ -267,7 +267,7 @@ def write_report(out_dir: str, rows: Sequence[dict], title: str, info: dict,
         paths["receptive_fields"] = os.path.join(out_dir, "receptive_fields.png")
         plot_receptive_fields(np.asarray(before.w[0]), np.asarray(after.w[0]),
                               extras.get("image_shape"), paths["receptive_fields"], title)
-        from metalearn.evaluate import base_features
+        from metalearn.evaluation.evaluate import base_features
         task, arch, rule = extras["task"], extras["arch"], extras["rule"]
         x = np.concatenate([task.x_train, task.x_test])
         reps = {"before inner training": base_features(before, arch, rule.base_bn_eps)(x),

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metalearn.base_model import Architecture, BaseParams, features
-from metalearn.config import ConfigError, MetaObjectiveConfig
+from metalearn.core.base_model import Architecture, BaseParams, features
+from metalearn.core.config import ConfigError, MetaObjectiveConfig
 
 
 class LabelledPair(NamedTuple):

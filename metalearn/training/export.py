@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from metalearn.config import ConfigError, RuleConfig, from_dict, to_dict
+from metalearn.core.config import ConfigError, RuleConfig, from_dict, to_dict
 
 FORMAT = "metalearn-rule-export"
 FORMAT_VERSION = 1
@@ -167,7 +167,7 @@ def _leaves(tree) -> list:
 
 def export_run(run_dir: str, out: str, *, force: bool = False) -> dict:
     """Export the run's ``theta_latest.npz`` to ``out``; returns the written metadata."""
-    from metalearn.checkpoint import THETA_FILE, load_theta
+    from metalearn.training.checkpoint import THETA_FILE, load_theta
 
     run_dir = os.path.abspath(run_dir)
     if not os.path.isdir(run_dir):
@@ -200,7 +200,7 @@ def read_export_meta(path: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not is_export(path):
-        from metalearn.checkpoint import THETA_FILE
+        from metalearn.training.checkpoint import THETA_FILE
         hint = (f"; it looks like a training run: export it first with "
                 f"`metalearn export {path} --out EXPORT_DIR`"
                 if os.path.exists(os.path.join(path, THETA_FILE)) else "")
@@ -222,7 +222,7 @@ def _shape_template(rule: RuleConfig) -> dict:
 
     import jax
 
-    from metalearn.update_rule import init_theta
+    from metalearn.core.update_rule import init_theta
     return jax.eval_shape(functools.partial(init_theta, config=rule), jax.random.key(0))
 
 

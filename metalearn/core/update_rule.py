@@ -31,9 +31,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metalearn import rule_layers as rl
-from metalearn.base_model import Architecture, BaseParams, forward
-from metalearn.config import ConfigError, RuleConfig
+from metalearn.core import rule_layers as rl
+from metalearn.core.base_model import Architecture, BaseParams, forward
+from metalearn.core.config import ConfigError, RuleConfig
 
 # The twelve weight-update planes, in the order of the merge's mixing weights.
 PLANE_NAMES = (
@@ -422,7 +422,7 @@ def inner_step(theta: dict, params: BaseParams, x: jax.Array, activation: str,
 def unsupervised_update(config: RuleConfig = RuleConfig(),
                         activation: str = "relu") -> UnsupervisedUpdate:
     """Factory: the rule as pure init/step functions closed over its config."""
-    from metalearn.base_model import init_params as _init_params
+    from metalearn.core.base_model import init_params as _init_params
 
     def init_params(key, arch: Architecture):
         if arch.output_size != config.top_units:

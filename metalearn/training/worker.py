@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from metalearn.learner import Curriculum, Submission
-from metalearn.train_config import TrainConfig, resolve_path
+from metalearn.training.learner import Curriculum, Submission
+from metalearn.training.config import TrainConfig, resolve_path
 
 DEFAULT_JAX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "metalearn", "jax")
 
@@ -121,7 +121,7 @@ class Worker:
                  sampler: Any = None):
         import jax  # noqa: F401 - after the caller set affinity / XLA flags
 
-        from metalearn.checkpoint import theta_unravel
+        from metalearn.training.checkpoint import theta_unravel
 
         self.config = config
         self.index = index
@@ -163,7 +163,7 @@ class Worker:
     def _estimator(self, activation: str):
         estimator = self._estimators.get(activation)
         if estimator is None:
-            from metalearn.unroll import make_meta_gradient
+            from metalearn.core.unroll import make_meta_gradient
 
             tasks = self.tasks_per_worker if self.tasks_per_worker > 1 else None
             estimator = make_meta_gradient(activation, self.config.rule,
@@ -175,7 +175,7 @@ class Worker:
     def _new_tasks(self, curriculum: Curriculum) -> _TaskGroup:
         import jax
 
-        from metalearn.base_model import init_params
+        from metalearn.core.base_model import init_params
 
         seeds = [int(s) for s in self.rng.integers(0, 2 ** 62, size=self.tasks_per_worker)]
         first = self.sampler.sample(seeds[0])

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metalearn.base_model import Architecture, BaseParams, features
-from metalearn.baselines.common import dense_init, feature_fn, train
-from metalearn.evaluate import eval_points_for, evaluate_features
+from metalearn.core.base_model import Architecture, BaseParams, features
+from metalearn.evaluation.baselines.common import dense_init, feature_fn, train
+from metalearn.evaluation.evaluate import eval_points_for, evaluate_features
 
 LEARNING_RATE = 3e-3
 

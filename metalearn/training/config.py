@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 import yaml
 
-from metalearn.config import (ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig,
+from metalearn.core.config import (ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig,
                               from_dict, to_dict)
-from metalearn.evaluate import ContinuousEvalConfig
+from metalearn.evaluation.evaluate import ContinuousEvalConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +190,7 @@ class TrainConfig:
     evaluator: ContinuousEvalConfig = ContinuousEvalConfig(enabled=False)
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "experiments", "local.yaml")
 
 

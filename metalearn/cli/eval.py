@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from metalearn.config import ACTIVATIONS, ConfigError
+from metalearn.core.config import ACTIVATIONS, ConfigError
 
 DEFAULT_BASELINES = ("random_init", "vae", "supervised", "pca", "protonet", "protonet_intact")
 SWEEPS = ("width", "depth", "activation", "resolution")
@@ -29,7 +29,7 @@ DEFAULT_SWEEP_VALUES = {
 
 
 def add_parser(subparsers) -> None:
-    """Register ``eval`` (``plot`` lives in ``metalearn.report``)."""
+    """Register ``eval`` (``plot`` lives in ``metalearn.evaluation.report``)."""
     p = subparsers.add_parser(
         "eval", help="evaluate an exported rule on held-out data against baselines",
         description="Train fresh base models with the learned rule on unlabelled data and "
@@ -88,7 +88,7 @@ def _parse_baselines(text: str | None, sweep: str | None) -> tuple[str, ...]:
 
 def _sweep_configs(base, kind: str, values_text: str | None, dataset_image_size):
     """[(value, EvalConfig)] for a sweep."""
-    from metalearn.evaluate import DataConfig
+    from metalearn.evaluation.evaluate import DataConfig
 
     values = [v.strip() for v in (values_text or DEFAULT_SWEEP_VALUES[kind]).split(",")
               if v.strip()]
@@ -115,10 +115,10 @@ def _sweep_configs(base, kind: str, values_text: str | None, dataset_image_size)
 
 
 def run_eval(args) -> int:
-    from metalearn.evaluate import (DataConfig, EvalConfig, Progress, final_accuracies,
+    from metalearn.evaluation.evaluate import (DataConfig, EvalConfig, Progress, final_accuracies,
                                     run_evaluation)
-    from metalearn.export import load_export
-    from metalearn.report import write_report
+    from metalearn.training.export import load_export
+    from metalearn.evaluation.report import write_report
 
     started = time.monotonic()
     exported = load_export(args.checkpoint)  # fails fast on a wrong folder
