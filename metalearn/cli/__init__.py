@@ -19,7 +19,7 @@ COMMANDS = {
     "eval": ("metalearn.cli.eval", "evaluate an exported rule on held-out data vs baselines"),
     "export": ("metalearn.training.export", "export a run's theta as a self-describing checkpoint"),
     "plot": ("metalearn.evaluation.report", "plot a run's meta-training curves per dataset"),
-    "sweep": ("metalearn.distributed.sweep", "Ray Tune sweeps of meta-trainings (ASHA, PBT)"),
+    "sweep": ("metalearn.cli.sweep", "Ray Tune sweeps of meta-trainings (ASHA, PBT)"),
     "train": ("metalearn.cli.train", "meta-train the update rule on Ray (asynchronous workers)"),
 }
 

@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the field."""
+from metalearn.core.config_io import ConfigError, from_dict, to_dict  # noqa: F401 (re-exported)
 
 
 ACTIVATIONS = ("relu", "leaky_relu", "swish", "tanh", "sigmoid", "step", "identity")
@@ -172,84 +168,3 @@ class UnrollConfig:
             if num_steps <= size:
                 return size
         return num_steps
-
-
-# ---------------------------------------------------------------------------
-# dict <-> dataclass conversion with field-naming errors
-
-def to_dict(config: Any) -> dict:
-    """Plain, JSON/YAML-serialisable dict of a (nested) config dataclass."""
-    out = {}
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if dataclasses.is_dataclass(value):
-            value = to_dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[field.name] = value
-    return out
-
-
-def _coerce(value: Any, annotation: Any, path: str) -> Any:
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path} must be a mapping, got {type(value).__name__}")
-        return from_dict(annotation, value, path)
-    if origin is Literal:
-        choices = typing.get_args(annotation)
-        if value not in choices:
-            raise ConfigError(f"{path} must be one of {list(choices)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], path)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
-        item_type = typing.get_args(annotation)[0]
-        return tuple(_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path} must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{path} must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path} must be a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def from_dict(cls: type, values: dict, path: str = "") -> Any:
-    """Build config ``cls`` from ``values``; unknown keys and bad types name the field."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    prefix = f"{path}." if path else ""
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys here: "
-                          f"{', '.join(sorted(names))}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        # Field validators name the field relative to their own section; re-anchor it.
-        message = str(err)
-        if path and not message.startswith(path):
-            section = message.split(".", 1)
-            message = f"{path}.{section[1]}" if len(section) == 2 else message
-        raise ConfigError(message) from None

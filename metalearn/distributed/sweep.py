@@ -20,152 +20,20 @@ own, possibly mutated, config. The driver logs every result Tune processes to
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import shutil
 import sys
 import tempfile
-import time
 
 from metalearn.core.config import ConfigError
+from metalearn.distributed.sweep_spec import SweepSpec, trial_config
 
 SPEC_FILE = "sweep.yaml"
 TUNE_DIR = "tune"
 SWEEP_META = "sweep.json"
 REPORTS_FILE = "reports.jsonl"
-SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-# The options each scheduler type takes (anything else is a typo: refused, not ignored).
-SCHEDULER_KEYS = {
-    "fifo": {"type"},
-    "asha": {"type", "grace_period", "reduction_factor"},
-    "pbt": {"type", "perturbation_interval", "quantile_fraction", "resample_probability",
-            "mutations", "synch"},
-}
-
-
-# ---------------------------------------------------------------------------
-# the sweep definition
-
-@dataclasses.dataclass(frozen=True)
-class TrialSettings:
-    """Resources and limits of every trial."""
-
-    workers: int = 2  # worker actors per trial (one placement-group bundle each)
-    learner_cpus: float = 1.0  # head bundle: the trial's driver loop and its learner
-    steps: int = 100  # each trial stops at this learner step
-    minutes: float = 30.0  # and after this long (wall clock, per trial session)
-    report_every: int = 5  # learner steps between reports (each with a checkpoint)
-    spread: bool = False  # place the trial's bundles on different nodes if possible
-
-    def __post_init__(self):
-        if self.workers < 1:
-            raise ConfigError(f"trial.workers must be >= 1, got {self.workers!r}")
-        if self.learner_cpus < 0:
-            raise ConfigError(f"trial.learner_cpus must be >= 0, got {self.learner_cpus!r}")
-        if self.steps < 1 or self.report_every < 1:
-            raise ConfigError("trial.steps and trial.report_every must be >= 1")
-        if not self.minutes > 0:
-            raise ConfigError(f"trial.minutes must be positive, got {self.minutes!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepSpec:
-    name: str
-    base: str  # training config YAML the trials start from
-    overrides: tuple[str, ...]  # fixed ``key=value`` overrides on top of the base
-    search: dict  # dotted key -> {grid|choice|uniform|loguniform|randint: ...} or value
-    num_samples: int
-    metric: str
-    mode: str
-    max_concurrent: int
-    max_failures: int
-    trial: TrialSettings
-    scheduler: dict  # {"type": fifo|asha|pbt, ...}
-    path: str = ""
-
-
-def _check_search(key: str, value) -> None:
-    if isinstance(value, dict):
-        if len(value) != 1 or next(iter(value)) not in SEARCH_KINDS:
-            raise ConfigError(f"search.{key}: give one of {', '.join(SEARCH_KINDS)}, "
-                              f"got {sorted(value)}")
-        kind, arg = next(iter(value.items()))
-        if not isinstance(arg, list) or not arg:
-            raise ConfigError(f"search.{key}.{kind} must be a non-empty list")
-        if kind in ("uniform", "loguniform", "randint") and len(arg) != 2:
-            raise ConfigError(f"search.{key}.{kind} must be [low, high]")
-
-
-def load_spec(path: str) -> SweepSpec:
-    """Read and validate a sweep YAML; the trial config it makes is validated too."""
-    from metalearn.training.config import read_yaml, resolve_path
-
-    raw = read_yaml(path, "sweep spec")
-    known = {"name", "base", "set", "search", "num_samples", "metric", "mode",
-             "max_concurrent", "max_failures", "trial", "scheduler"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown sweep key {unknown[0]}")
-    search = raw.get("search") or {}
-    for key, value in search.items():
-        _check_search(key, value)
-    fixed = raw.get("set") or {}
-    overrides = tuple(f"{k}={json.dumps(v)}" for k, v in fixed.items())
-    trial_raw = raw.get("trial") or {}
-    bad = sorted(set(trial_raw) - {f.name for f in dataclasses.fields(TrialSettings)})
-    if bad:
-        raise ConfigError(f"{path}: unknown sweep key trial.{bad[0]}")
-    scheduler = dict(raw.get("scheduler") or {"type": "fifo"})
-    kind = scheduler.get("type", "fifo")
-    if kind not in SCHEDULER_KEYS:
-        raise ConfigError(f"scheduler.type must be fifo, asha or pbt, "
-                          f"got {scheduler.get('type')!r}")
-    bad = sorted(set(scheduler) - SCHEDULER_KEYS[kind])
-    if bad:
-        raise ConfigError(f"{path}: unknown {kind} scheduler key scheduler.{bad[0]} "
-                          f"(known: {', '.join(sorted(SCHEDULER_KEYS[kind] - {'type'}))})")
-    if not isinstance(scheduler.get("synch", False), bool):
-        raise ConfigError(f"scheduler.synch must be true or false, "
-                          f"got {scheduler['synch']!r}")
-    mode = raw.get("mode", "min")
-    if mode not in ("min", "max"):
-        raise ConfigError(f"mode must be min or max, got {mode!r}")
-    spec = SweepSpec(
-        name=str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]),
-        base=resolve_path(str(raw.get("base", "experiments/local.yaml"))),
-        overrides=overrides, search=dict(search),
-        num_samples=int(raw.get("num_samples", 1)),
-        metric=str(raw.get("metric", "meta_loss_rolling")), mode=mode,
-        max_concurrent=int(raw.get("max_concurrent", 0)),
-        max_failures=int(raw.get("max_failures", 2)),
-        trial=TrialSettings(**trial_raw), scheduler=scheduler,
-        path=os.path.abspath(path))
-    for key, value in spec.search.items():  # every searched value must make a valid config
-        if isinstance(value, dict):
-            kind, arg = next(iter(value.items()))
-            candidates = arg if kind in ("grid", "choice") else arg[:1]
-        else:
-            candidates = [value]
-        for candidate in candidates:
-            trial_config(spec, {key: candidate})
-    for key, value in (scheduler.get("mutations") or {}).items():
-        _check_search(key, value)
-        if "grid" in value or "randint" in value:
-            raise ConfigError(f"scheduler.mutations.{key}: use choice, uniform or loguniform")
-    return spec
-
-
-def trial_config(spec: SweepSpec, params: dict):
-    """The TrainConfig of one trial: base, fixed overrides, sampled values, trial limits."""
-    from metalearn.training.config import load_config
-
-    sampled = [f"{k}={json.dumps(v)}" for k, v in params.items()
-               if not k.startswith("_")]
-    limits = [f"run.steps={spec.trial.steps}", f"run.minutes={spec.trial.minutes}",
-              f"worker.num_workers={spec.trial.workers}"]
-    return load_config(spec.base, list(spec.overrides) + sampled + limits)
 
 
 def param_space(spec: SweepSpec) -> dict:
@@ -529,47 +397,5 @@ def write_outputs(results, spec: SweepSpec, out: str) -> list[dict]:
     return summary
 
 
-# ---------------------------------------------------------------------------
-# command line
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("sweep", help="Ray Tune sweep of meta-trainings",
-                                   description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec", help="sweep YAML (experiments/sweeps/*.yaml)")
-    parser.add_argument("--out", help="output folder (default sweeps/<name>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted sweep in --out")
-    parser.add_argument("--address", help="join this Ray cluster (e.g. auto)")
-    parser.set_defaults(func=run)
-
-
-def run(args) -> int:
-    from metalearn.distributed.driver import init_ray
-
-    spec = load_spec(args.spec)
-    out = os.path.abspath(args.out or os.path.join("sweeps", spec.name))
-    if args.resume:
-        if not os.path.isdir(os.path.join(out, TUNE_DIR)):
-            raise ConfigError(f"nothing to resume in {out}")
-    elif os.path.exists(out) and os.listdir(out):
-        raise ConfigError(f"{out} is not empty; choose a new --out or use --resume")
-    os.makedirs(out, exist_ok=True)
-    shutil.copy2(spec.path, os.path.join(out, SPEC_FILE))
-    started = init_ray(args.address or "")
-    start = time.monotonic()
-    try:
-        results = run_sweep(spec, out, resume=args.resume)
-        summary = write_outputs(results, spec, out)
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
-    errors = sum(r["status"] == "ERROR" for r in summary)
-    print(f"sweep {spec.name}: {len(summary)} trials ({errors} errored) in "
-          f"{(time.monotonic() - start) / 60:.1f} min; results in {out}/results.md, plot "
-          f"{out}/meta_loss.png", file=sys.stderr)
-    return 1 if errors == len(summary) else 0
-
-
-__all__ = ["SweepSpec", "TrialSettings", "add_parser", "collect", "load_spec", "read_reports",
-           "report_log", "run", "run_sweep", "run_trial", "trial_config", "write_outputs"]
+__all__ = ["collect", "read_reports", "report_log", "run_sweep", "run_trial",
+           "write_outputs"]

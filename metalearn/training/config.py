@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
-from metalearn.core.config import (ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig,
-                              from_dict, to_dict)
+from metalearn.core.config import MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.config_io import (ConfigError, apply_overrides, from_dict, read_yaml,
+                                      to_dict)
 from metalearn.evaluation.evaluate import ContinuousEvalConfig
 
 
@@ -194,49 +194,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "experiments", "local.yaml")
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1 wants ``3.0e-4``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: YAML scalar or list (``3e-4``, ``true``, ``[2, 4]``, ``name``)."""
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse value {text!r}: {err}") from None
-
-
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """Set ``a.b=value`` entries in a nested dict (copying the touched mappings)."""
-    values = dict(values)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"--set: bad key {key!r}")
-        node = values
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set: {'.'.join(parts[:depth + 1])} is not a section")
-            node[part] = child = dict(child)
-            node = child
-        node[parts[-1]] = parse_value(text)
-    return values
-
-
 def config_from_dict(values: dict) -> TrainConfig:
     """Validate a nested dict into a TrainConfig (unknown keys name their dotted path)."""
     if not isinstance(values, dict):
@@ -258,17 +215,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     """Read a YAML training config (default ``experiments/local.yaml``) plus overrides."""
     values = read_yaml(path or DEFAULT_CONFIG, "config file")
     return config_from_dict(apply_overrides(values, overrides or []))
-
-
-def read_yaml(path: str, what: str) -> Any:
-    """Parse a YAML file (``3e-4`` read as a float); errors name the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path) as f:
-        try:
-            return yaml.load(f, Loader=_Loader) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
 def config_to_yaml(config: TrainConfig) -> str:

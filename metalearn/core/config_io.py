@@ -1,0 +1,167 @@
+"""The one config dialect: typed, frozen dataclasses read from YAML or dicts.
+
+Every config of the project (the rule's, a training run's, a task mix, a sweep spec,
+an evaluation) is a frozen dataclass built by ``from_dict``, which rejects unknown keys
+and wrongly typed values with an error naming the dotted path of the field
+(``rule.compute_h_size``). YAML files are read by ``read_yaml`` (``3e-4`` is a float,
+not a string as in plain YAML 1.1), and ``--set a.b=value`` overrides are applied by
+``apply_overrides`` before validation. ``load`` does all three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the field."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3e-4`` as a float (YAML 1.1 wants ``3.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML scalar or list (``3e-4``, ``true``, ``[2, 4]``, ``name``)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse value {text!r}: {err}") from None
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Set ``a.b=value`` entries in a nested dict (copying the touched mappings)."""
+    values = dict(values)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set: bad key {key!r}")
+        node = values
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set: {'.'.join(parts[:depth + 1])} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = parse_value(text)
+    return values
+
+
+def read_yaml(path: str, what: str) -> Any:
+    """Parse a YAML file (``3e-4`` read as a float); errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path) as f:
+        try:
+            return yaml.load(f, Loader=_Loader) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+
+def to_dict(config: Any) -> dict:
+    """Plain, JSON/YAML-serialisable dict of a (nested) config dataclass."""
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[field.name] = value
+    return out
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {type(value).__name__}")
+        return from_dict(annotation, value, path)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{path} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, values: dict, path: str = "") -> Any:
+    """Build config ``cls`` from ``values``; unknown keys and bad types name the field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys here: "
+                          f"{', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        # Field validators name the field relative to their own section; re-anchor it.
+        message = str(err)
+        if path and not message.startswith(path):
+            section = message.split(".", 1)
+            message = f"{path}.{section[1]}" if len(section) == 2 else message
+        raise ConfigError(message) from None
+
+
+def load(cls: type, source: str | dict, overrides: list[str] | tuple[str, ...] = (), *,
+         what: str = "config file", path: str = "") -> Any:
+    """``cls`` from a YAML file (or a dict), with ``--set`` overrides applied first."""
+    values = read_yaml(source, what) if isinstance(source, str) else dict(source or {})
+    if not isinstance(values, dict):
+        name = source if isinstance(source, str) else what
+        raise ConfigError(f"{name}: must be a mapping, got {type(values).__name__}")
+    return from_dict(cls, apply_overrides(values, list(overrides)), path)

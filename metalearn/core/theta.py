@@ -1,0 +1,99 @@
+"""The one description of theta's structure for a rule config: ``ThetaSpec``.
+
+theta is a nested dict of float32 arrays (``init_theta``'s names). Everything that
+moves theta between processes or files works on it through its spec:
+
+* ``shapes``: leaf path (``jax.tree_util.keystr``) -> shape, worked out with
+  ``jax.eval_shape`` (nothing is allocated);
+* ``ravel`` / ``unravel``: theta <-> one flat float32 vector [P] in
+  ``jax.flatten_util.ravel_pytree`` order (what the learner updates and workers receive);
+* ``check_flat`` / ``check_tree`` / ``check_compatible``: a ConfigError naming the first
+  leaf where a vector, a tree or another rule's theta disagrees with this one.
+
+``theta_spec(rule)`` is cached per rule config (configs are frozen and hashable), so
+the shapes are computed once per process however many callers ask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from metalearn.core.config import RuleConfig
+from metalearn.core.config_io import ConfigError
+from metalearn.core.update_rule import init_theta
+
+
+@dataclasses.dataclass(frozen=True)
+class ThetaSpec:
+    """Structure, shapes and flat layout of theta for one ``RuleConfig``."""
+
+    rule: RuleConfig
+    shapes: dict  # keystr path -> shape tuple, in ravel order
+    num_params: int
+    template: Any  # pytree of jax.ShapeDtypeStruct (a restore target)
+    _unravel: Callable = dataclasses.field(repr=False, compare=False)
+
+    def ravel(self, theta) -> np.ndarray:
+        """theta pytree -> [P] float32 numpy vector."""
+        self.check_tree(theta)
+        return np.asarray(ravel_pytree(theta)[0], np.float32)
+
+    def unravel(self, flat):
+        """[P] vector -> theta pytree of arrays (jax arrays; numpy in, numpy-backed out)."""
+        self.check_flat(flat)
+        return self._unravel(flat)
+
+    def check_flat(self, flat, where: str = "theta") -> None:
+        shape = tuple(np.shape(flat))
+        if shape != (self.num_params,):
+            raise ConfigError(f"{where} has shape {shape}; the rule config needs a flat "
+                              f"vector of {self.num_params} parameters")
+
+    def check_tree(self, theta, where: str = "theta") -> None:
+        """Raise ConfigError naming the first leaf where ``theta`` differs from the spec."""
+        have = _shapes_of(theta)
+        _raise_on_difference(have, self.shapes, where, "the rule needs")
+
+    def check_compatible(self, other: "ThetaSpec", where: str) -> None:
+        """Raise ConfigError if ``other``'s theta cannot stand in for this one."""
+        _raise_on_difference(other.shapes, self.shapes, where, "this rule config has")
+
+
+def _shapes_of(tree) -> dict:
+    return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _raise_on_difference(have: dict, want: dict, where: str, want_name: str) -> None:
+    if have == want:
+        return
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    if missing or extra:
+        first = f"theta{missing[0]} missing" if missing else f"theta{extra[0]} unexpected"
+    else:
+        key = next(k for k in want if want[k] != have[k])
+        first = f"theta{key} has shape {have[key]}, {want_name} {want[key]}"
+    raise ConfigError(f"{where} does not match the rule config "
+                      f"({sum(map(math.prod, have.values()))} parameters vs "
+                      f"{sum(map(math.prod, want.values()))}): {first}")
+
+
+@functools.lru_cache(maxsize=32)
+def theta_spec(rule: RuleConfig) -> ThetaSpec:
+    """The (cached) ``ThetaSpec`` of ``rule``."""
+    template = jax.eval_shape(functools.partial(init_theta, config=rule), jax.random.key(0))
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+    flat, unravel = ravel_pytree(zeros)
+    return ThetaSpec(rule=rule, shapes=_shapes_of(template), num_params=int(flat.size),
+                     template=template, _unravel=unravel)
+
+
+__all__ = ["ThetaSpec", "theta_spec"]
