@@ -3,8 +3,10 @@
     from tasks.sampler import TaskSampler, load_mix   # seed -> Task (docs/tasks.md)
     from tasks.sources import load                    # name -> Dataset (numpy), cached
 
-Modules: ``sources`` (registry, ``Dataset``, ``SourceOptions``), ``cache`` (parquet),
-``glyphs``, ``sklearn_sources``, ``idx`` (Fashion-MNIST files), ``tfds_sources``,
-``files`` (``file:PATH``), ``preprocess``, ``augment``, ``sampler``, ``cli``
-(``metalearn data``) and ``bench`` (``metalearn bench tasks``).
+Modules: ``registry`` (``Dataset``, ``SourceOptions``, ``register``), ``sources`` (the
+registry of every source by name, ``load``), ``cache`` (parquet), ``glyphs``,
+``sklearn_sources``, ``idx`` (Fashion-MNIST files), ``tfds_sources``, ``files``
+(``file:PATH``), ``preprocess``, ``augment``, ``sampler`` and ``bench`` (what
+``metalearn bench tasks`` measures). The package imports only ``metalearn.core``; its
+command lines live in ``metalearn.cli`` (``data``, ``bench``).
 """

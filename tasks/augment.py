@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from metalearn.core.config import ConfigError
+from metalearn.core.config_io import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

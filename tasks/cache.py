@@ -18,8 +18,10 @@ import tempfile
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from tasks.sources import Dataset, SourceOptions, default_cache_dir
+from tasks.registry import Dataset, SourceOptions, default_cache_dir
 
 FORMAT_VERSION = 1  # bump when the file layout changes
 _META_KEY = b"metalearn.dataset"
@@ -38,9 +40,6 @@ def cache_path(source: str, inputs: dict[str, Any], options: SourceOptions) -> s
 
 
 def write(path: str, dataset: Dataset, digest: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     n = dataset.num_examples
     flat = np.ascontiguousarray(dataset.x).reshape(n, -1)
     width = flat.shape[1]
@@ -65,8 +64,6 @@ def write(path: str, dataset: Dataset, digest: str) -> None:
 
 def read(path: str, digest: str) -> Dataset:
     """Read a cache file; raises (any exception) if it is corrupt or for other inputs."""
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path)
     meta = json.loads(table.schema.metadata[_META_KEY])
     if meta["hash"] != digest:

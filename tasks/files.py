@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from metalearn.core.config import ConfigError
-from tasks.sources import Dataset, SourceOptions
+from metalearn.core.config_io import ConfigError
+from tasks.registry import Dataset, SourceOptions
 
 
 def _from_arrays(path: str, x: np.ndarray, y: np.ndarray) -> Dataset:
@@ -49,8 +50,6 @@ def load_file(path: str, options: SourceOptions, progress: bool = True) -> Datas
                 raise ConfigError(f"{path} lacks array(s) {sorted(missing)}; it has {data.files}")
             return _from_arrays(path, data["x"], data["y"])
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         table = pq.read_table(path)
         missing = {"x", "y"} - set(table.column_names)
         if missing:

@@ -33,11 +33,17 @@ import hashlib
 import os
 import unicodedata
 
+import matplotlib
 import numpy as np
+import PIL
+from fontTools import agl
+from fontTools.ttLib import TTCollection, TTFont
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
-from metalearn.core.config import ConfigError, from_dict
+from metalearn.core.config_io import ConfigError, from_dict
 from tasks.cache import cached
-from tasks.sources import Dataset, SourceOptions, register
+from tasks.registry import Dataset, SourceOptions, register
 
 # Unicode blocks rendered, in the order classes are numbered (earlier blocks win
 # homoglyph ties, so Latin letters are kept over identical Greek/Cyrillic ones).
@@ -131,8 +137,6 @@ def candidate_chars(config: GlyphConfig) -> list[str]:
 
 
 def font_dirs(config: GlyphConfig) -> list[str]:
-    import matplotlib
-
     dirs = [os.path.join(matplotlib.get_data_path(), "fonts", "ttf")]
     dirs += [os.path.expanduser(d) for d in config.font_dirs]
     if config.system_fonts:
@@ -142,8 +146,6 @@ def font_dirs(config: GlyphConfig) -> list[str]:
 
 def discover_fonts(config: GlyphConfig) -> list[FontFile]:
     """Usable font faces, deterministic order, one per distinct full name."""
-    from fontTools.ttLib import TTCollection, TTFont
-
     found, seen = [], set()
     for folder in font_dirs(config):
         if not os.path.isdir(folder):
@@ -177,9 +179,6 @@ def discover_fonts(config: GlyphConfig) -> list[FontFile]:
 
 def _covered(font: FontFile, chars: list[str], config: GlyphConfig) -> list[str]:
     """Characters whose code point the font's cmap maps to a glyph that claims to be it."""
-    from fontTools import agl
-    from fontTools.ttLib import TTCollection, TTFont
-
     try:
         face = (TTCollection(font.path, lazy=True).fonts[font.index]
                 if font.path.lower().endswith(".ttc") else TTFont(font.path, lazy=True))
@@ -209,8 +208,6 @@ class _Renderer:
     """Renders characters of one font as ``size x size`` uint8 arrays."""
 
     def __init__(self, font: FontFile, config: GlyphConfig):
-        from PIL import ImageFont
-
         self.font, self.config = font, config
         self.canvas = config.size * config.supersample
         self.em = max(4, int(round(config.em_fraction * self.canvas)))
@@ -223,8 +220,6 @@ class _Renderer:
         return self._fonts[px]
 
     def render(self, ch: str) -> np.ndarray | None:
-        from PIL import Image, ImageDraw
-
         cfg, canvas = self.config, self.canvas
         base = cfg.baseline * canvas
         margin = cfg.margin * canvas
@@ -259,8 +254,6 @@ class _Renderer:
 def render_all(config: GlyphConfig, fonts: list[FontFile], chars: list[str],
                progress: bool = True):
     """(images [N, size, size] uint8, labels [N] int32, kept chars, info dict)."""
-    from tqdm import tqdm
-
     char_id = {ch: i for i, ch in enumerate(chars)}
     renders: dict[str, list[np.ndarray]] = {ch: [] for ch in chars}
     fonts_of: dict[str, int] = {ch: 0 for ch in chars}  # fonts that claim the char
@@ -345,8 +338,6 @@ def build_glyphs(options: SourceOptions, progress: bool = True) -> Dataset:
               "unicode": unicodedata.unidata_version}
 
     def build() -> Dataset:
-        import PIL
-
         x, y, kept, info = render_all(config, fonts, chars, progress)
         if not kept:
             raise FileNotFoundError("no usable fonts found for the glyph dataset (matplotlib's "

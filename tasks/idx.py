@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from tasks.cache import cached
-from tasks.sources import Dataset, SourceOptions, register
+from tasks.registry import Dataset, SourceOptions, register
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",

@@ -15,8 +15,8 @@ from typing import Literal
 
 import numpy as np
 
-from metalearn.core.config import ConfigError
-from tasks.sources import Dataset
+from metalearn.core.config_io import ConfigError
+from tasks.registry import Dataset
 
 IMAGE_SIZES = (14, 16, 28)
 # ITU-R BT.601 luma weights for colour -> grey.

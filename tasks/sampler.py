@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from metalearn.core.base_model import Architecture
-from metalearn.core.config import ACTIVATIONS, ConfigError, from_dict, to_dict
+from metalearn.core.config import ACTIVATIONS
+from metalearn.core.config_io import ConfigError, from_dict, read_yaml, to_dict
 from metalearn.core.meta_objective import LabelledPair
 from metalearn.core.unroll import TruncationBatch
 from tasks import augment as aug_lib
@@ -121,24 +122,26 @@ class MixConfig:
 
 
 def load_mix(mix: str | os.PathLike | dict | MixConfig) -> MixConfig:
-    """A MixConfig from a YAML path, a dict or a MixConfig; unknown keys -> ConfigError."""
+    """A MixConfig from a YAML path, a dict or a MixConfig; unknown keys -> ConfigError.
+
+    Files are read like training configs (``metalearn.core.config_io.read_yaml``: ``2e4``
+    is a float); errors about a file name it.
+    """
     if isinstance(mix, MixConfig):
         return mix
+    path = None
     if isinstance(mix, (str, os.PathLike)):
-        import yaml
-
         path = os.fspath(mix)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"task mix file {path} not found")
-        with open(path) as f:
-            try:
-                mix = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                message = " ".join(str(err).split())  # one line for the CLI
-                raise ConfigError(f"task mix {path} is not valid YAML: {message}") from None
+        mix = read_yaml(path, "task mix file")
     if not isinstance(mix, dict):
-        raise ConfigError(f"a task mix must be a mapping, got {type(mix).__name__}")
-    return from_dict(MixConfig, mix)
+        where = f"task mix {path}" if path else "a task mix"
+        raise ConfigError(f"{where} must be a mapping, got {type(mix).__name__}")
+    try:
+        return from_dict(MixConfig, mix)
+    except ConfigError as err:
+        if path is None:
+            raise
+        raise ConfigError(f"task mix {path}: {err}") from None
 
 
 def mix_to_dict(mix: MixConfig) -> dict:

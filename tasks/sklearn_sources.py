@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import sklearn
+from sklearn.datasets import load_digits, make_moons
 
 from tasks.cache import cached
-from tasks.sources import Dataset, SourceOptions, register
+from tasks.registry import Dataset, SourceOptions, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +29,6 @@ TWO_MOONS = TwoMoonsConfig()
 
 @register("digits", "scikit-learn's 1797 handwritten digits, 8x8 grey, 10 classes")
 def build_digits(options: SourceOptions, progress: bool = True) -> Dataset:
-    from sklearn.datasets import load_digits
-
     def build() -> Dataset:
         bunch = load_digits()
         # Pixel values are counts 0..16 of a 4x4 block; stretch to the uint8 range.
@@ -37,16 +37,11 @@ def build_digits(options: SourceOptions, progress: bool = True) -> Dataset:
                        tuple(str(d) for d in range(10)), "image",
                        info={"origin": "sklearn.datasets.load_digits"})
 
-    import sklearn
     return cached("digits", {"sklearn": sklearn.__version__}, build, options)
 
 
 @register("two_moons", "scikit-learn's two interleaving half-circles, 2-D points, 2 classes")
 def build_two_moons(options: SourceOptions, progress: bool = True) -> Dataset:
-    from sklearn.datasets import make_moons
-
-    import sklearn
-
     cfg = TWO_MOONS
 
     def build() -> Dataset:

@@ -23,9 +23,10 @@ import os
 import re
 
 import numpy as np
+from tqdm import tqdm
 
 from tasks.cache import cached
-from tasks.sources import Dataset, SourceOptions, register
+from tasks.registry import Dataset, SourceOptions, register
 
 _CHUNK = 4096
 _NEEDS = "a TFDS data dir prepared with TFDS (array_record format)"
@@ -43,6 +44,9 @@ def _data_dir(options: SourceOptions, tfds_name: str) -> str | None:
 
 
 def _open(tfds_name: str, split: str, options: SourceOptions):
+    # Imported here, not at the top: tensorflow_datasets is heavy (a large dependency
+    # tree, TensorFlow probing) and only these sources use it; every other source, and
+    # every worker whose mix has no TFDS component, skips it on ``import tasks.sources``.
     import tensorflow_datasets as tfds
 
     data_dir = _data_dir(options, tfds_name)
@@ -63,8 +67,6 @@ def _read_all(source, desc: str, progress: bool, convert=None) -> list:
     arrays), so a million-example split is never held as a million dicts.
     Returns the list of converted chunks (or of examples when ``convert`` is None).
     """
-    from tqdm import tqdm
-
     n = len(source)
     out: list = []
     with tqdm(total=n, desc=desc, unit="ex", disable=not progress) as bar:

@@ -75,7 +75,8 @@ def read_yaml(path: str, what: str) -> Any:
         try:
             return yaml.load(f, Loader=_Loader) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            message = " ".join(str(err).split())  # one line for the CLI
+            raise ConfigError(f"{path}: not valid YAML: {message}") from None
 
 
 
