@@ -10,6 +10,7 @@ import time
 
 import jax
 
+from metalearn.cli.bench import run_inner_step
 from metalearn.core import bench
 from metalearn.core.config import MetaObjectiveConfig, UnrollConfig
 from metalearn.core.unroll import make_meta_gradient
@@ -51,5 +52,5 @@ if __name__ == "__main__":
                               vmapped_throughput((1, 8), unroll=unroll)}), flush=True)
     else:
         args = argparse.Namespace(json=True, variants=False, unroll=10, repeats=3, small=False)
-        bench.run_inner_step(args)
+        run_inner_step(args)
         print(json.dumps({"vmapped": vmapped_throughput()}))

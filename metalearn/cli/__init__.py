@@ -14,7 +14,7 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "bench": ("metalearn.core.bench", "measure speed: inner-step, tasks"),
+    "bench": ("metalearn.cli.bench", "measure speed: inner-step, tasks, learner, scaling"),
     "data": ("metalearn.cli.data", "list, build, inspect and show data sources and tasks"),
     "eval": ("metalearn.cli.eval", "evaluate an exported rule on held-out data vs baselines"),
     "export": ("metalearn.training.export", "export a run's theta as a self-describing checkpoint"),

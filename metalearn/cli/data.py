@@ -18,9 +18,14 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
+
+import matplotlib
+import numpy as np
 
 from metalearn.training.config import REPO_ROOT
+from tasks.glyphs import glyph_config
+from tasks.sampler import TaskSampler, load_mix
+from tasks.sources import SourceOptions, load, registry
 
 DEFAULT_MIX = os.path.join(REPO_ROOT, "experiments", "tasks", "local.yaml")
 
@@ -36,20 +41,20 @@ def add_parser(subparsers) -> None:
 
     p = commands.add_parser("build", help="build (and cache) a source")
     p.add_argument("name", help="source name or file:PATH")
-    _source_args(p)
+    add_source_args(p)
     p.set_defaults(func=run_build)
 
     p = commands.add_parser("info", help="classes, examples, shape (and glyph groups)")
     p.add_argument("name")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
-    _source_args(p)
+    add_source_args(p)
     p.set_defaults(func=run_info)
 
     p = commands.add_parser("sample", help="draw the task of a seed and describe it")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--mix", default=None, help=f"task mix YAML (default {DEFAULT_MIX})")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
-    _source_args(p)
+    add_source_args(p)
     p.set_defaults(func=run_sample)
 
     p = commands.add_parser("show", help="save a grid of examples as a PNG")
@@ -58,11 +63,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--cols", type=int, default=24)
     p.add_argument("--seed", type=int, default=0, help="which classes/examples are shown")
-    _source_args(p)
+    add_source_args(p)
     p.set_defaults(func=run_show)
 
 
-def _source_args(p: argparse.ArgumentParser) -> None:
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """The source options (``source_options`` reads them back)."""
     g = p.add_argument_group("source options")
     g.add_argument("--data-dir", default=None,
                    help="TFDS data dir prepared elsewhere (default $TFDS_DATA_DIR)")
@@ -84,8 +90,6 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 
 def source_options(args, base=None):
     """SourceOptions from the command line, over ``base`` (a mix's ``sources``)."""
-    from tasks.sources import SourceOptions
-
     options = base or SourceOptions()
     changes = {}
     if args.data_dir:
@@ -109,20 +113,15 @@ def source_options(args, base=None):
         changes["glyphs"] = glyphs
     options = dataclasses.replace(options, **changes)
     if "glyphs" in changes:  # validate now, with field names in the error
-        from tasks.glyphs import glyph_config
         glyph_config(options)
     return options
 
 
 def _load(args):
-    from tasks.sources import load
-
     return load(args.name, options=source_options(args), progress=True)  # bar on stderr
 
 
 def run_list(args) -> int:
-    from tasks.sources import registry
-
     rows = [{"name": s.name, "description": s.description, "needs": s.needs}
             for s in sorted(registry().values(), key=lambda s: s.name)]
     rows.append({"name": "file:PATH", "description": "your own .parquet or .npz with x and y",
@@ -167,8 +166,6 @@ def run_info(args) -> int:
 
 
 def run_sample(args) -> int:
-    from tasks.sampler import TaskSampler, load_mix
-
     mix = load_mix(args.mix or DEFAULT_MIX)
     mix = dataclasses.replace(mix, sources=source_options(args, mix.sources))
     sampler = TaskSampler(mix, progress=True)
@@ -188,10 +185,9 @@ def run_sample(args) -> int:
 
 
 def run_show(args) -> int:
-    import matplotlib
     matplotlib.use("Agg")
+    # pyplot after choosing the backend, and only here: no other subcommand draws.
     import matplotlib.pyplot as plt
-    import numpy as np
 
     dataset = _load(args)
     rng = np.random.default_rng(args.seed)

@@ -1,7 +1,8 @@
-"""``metalearn bench``: speed measurements, each in one process and one run.
+"""Speed measurements of the core, each in one process and one run.
 
-``metalearn bench inner-step [--json] [--variants]`` measures, on the paper's
-evaluation base model (196 -> 128 x4 -> 32, batch 128) and the paper-size rule:
+``measure_inner_step`` (``metalearn bench inner-step [--json] [--variants]``, whose
+command line is ``metalearn.cli.bench``) measures, on the paper's evaluation base model
+(196 -> 128 x4 -> 32, batch 128) and the paper-size rule:
 
 * ``matmul_gflops_per_s``: dense float32 matmul throughput of this machine (jnp, 2048^3);
 * ``inner_steps_per_s`` and ``gflops_per_s``: one jitted inner step; FLOPs from XLA's
@@ -13,61 +14,35 @@ evaluation base model (196 -> 128 x4 -> 32, batch 128) and the paper-size rule:
   U-step truncation timed on a negligible-compute problem) over one truncation's time;
 * ``compile_s``: compile time of the default estimator (it serves every U).
 
-``--variants`` also times and compiles the other estimators (stepwise with recompute,
-rolled ``lax.scan``, fully unrolled scan) at U = 10 and the stepwise estimator at
-U = 2 and U = 15; slow (minutes), for choosing defaults.
+``variants=True`` also times and compiles the other estimators (stepwise with
+recompute, rolled ``lax.scan``, fully unrolled scan) at U = 10 and the stepwise
+estimator at U = 2 and U = 15; slow (minutes), for choosing defaults.
 
-The last line with ``--json`` is one JSON object.
+Every function returns numbers (a report dict); none parses arguments or prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
-import sys
 import time
+from typing import Callable
 
-# Modules exposing ``add_bench_parsers(benches)`` (skipped if not present).
-EXTRA_BENCHMARKS = ("tasks.bench", "metalearn.distributed.bench")
+import jax
+import jax.numpy as jnp
+
+from metalearn.core.base_model import Architecture, init_params
+from metalearn.core.config import MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.meta_objective import LabelledPair, make_targets
+from metalearn.core.unroll import TruncationBatch, make_meta_gradient, timed
+from metalearn.core.update_rule import (NUM_INPUT_CHANNELS, NUM_WEIGHT_STATS, READOUT_NAMES,
+                                        init_theta, inner_step, num_params)
 
 PAPER_SIZES = (196, 128, 128, 128, 128, 32)
 PAPER_BATCH = 128
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="measure speed")
-    benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
-    inner = benches.add_parser("inner-step", help="inner step, meta-gradient and matmul speed")
-    inner.add_argument("--json", action="store_true", help="last line: one JSON object")
-    inner.add_argument("--variants", action="store_true",
-                       help="also compare the meta-gradient estimators (slow)")
-    inner.add_argument("--unroll", type=int, default=10, help="U for the meta-gradient")
-    inner.add_argument("--repeats", type=int, default=3)
-    inner.add_argument("--small", action="store_true",
-                       help="use the small rule preset instead of the paper size")
-    inner.set_defaults(func=run_inner_step)
-    # Benchmarks that live beside the code they measure register themselves here.
-    for module_name in EXTRA_BENCHMARKS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
-        module.add_bench_parsers(benches)
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     """Dense float32 matmul throughput through XLA (GFLOP/s)."""
-    import jax
-    import jax.numpy as jnp
-    from metalearn.core.unroll import timed
-
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     matmul = jax.jit(lambda m: m @ m)
     seconds, _ = timed(matmul, a, repeats=repeats)
@@ -76,11 +51,6 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
 
 def paper_problem(rule=None, batch: int = PAPER_BATCH, num_classes: int = 10, seed: int = 0):
     """Random inputs of the paper's evaluation shapes: (theta, phi, x, arch, rule)."""
-    import jax
-    from metalearn.core.base_model import Architecture, init_params
-    from metalearn.core.config import RuleConfig
-    from metalearn.core.update_rule import init_theta
-
     rule = rule or RuleConfig()
     arch = Architecture(PAPER_SIZES, "relu")
     keys = jax.random.split(jax.random.key(seed), 3)
@@ -93,11 +63,6 @@ def paper_problem(rule=None, batch: int = PAPER_BATCH, num_classes: int = 10, se
 def random_truncation(steps: int, arch, objective, num_classes: int = 10,
                       batch: int = PAPER_BATCH, seed: int = 1):
     """A TruncationBatch of random data with class-balanced labelled pairs."""
-    import jax
-    import jax.numpy as jnp
-    from metalearn.core.meta_objective import LabelledPair, make_targets
-    from metalearn.core.unroll import TruncationBatch
-
     per_pair = num_classes * objective.samples_per_class
     keys = jax.random.split(jax.random.key(seed), 3)
     targets = make_targets(jnp.tile(jnp.arange(num_classes), objective.samples_per_class),
@@ -111,9 +76,6 @@ def random_truncation(steps: int, arch, objective, num_classes: int = 10,
 
 def compiled_inner_step(theta, params, x, activation, rule):
     """(compiled step, compile seconds, XLA FLOPs of one step)."""
-    import jax
-    from metalearn.core.update_rule import inner_step
-
     start = time.perf_counter()
     compiled = jax.jit(inner_step, static_argnums=(3, 4)).lower(
         theta, params, x, activation, rule).compile()
@@ -130,8 +92,6 @@ def analytic_inner_step_flops(sizes, rule, batch: int) -> float:
     a lower bound; it is backend-independent, unlike XLA's cost analysis (which on GPU
     leaves out convolutions that run as library calls).
     """
-    from metalearn.core.update_rule import NUM_INPUT_CHANNELS, NUM_WEIGHT_STATS, READOUT_NAMES
-
     b, k, h = batch, rule.kernel, rule.compute_h_size
     top, c_top, delta = rule.top_units, rule.top_delta_size, rule.delta_dim
 
@@ -159,8 +119,6 @@ def analytic_inner_step_flops(sizes, rule, batch: int) -> float:
 
 def time_inner_step(rule=None, repeats: int = 3) -> float:
     """Seconds per inner step of the (paper-size by default) rule on the paper's model."""
-    from metalearn.core.unroll import timed
-
     theta, params, x, arch, rule = paper_problem(rule)
     compiled, _, _ = compiled_inner_step(theta, params, x, arch.activation, rule)
     seconds, _ = timed(compiled, theta, params, x, repeats=repeats)
@@ -168,9 +126,6 @@ def time_inner_step(rule=None, repeats: int = 3) -> float:
 
 
 def _time_meta_gradient(estimator, theta, params, batch, repeats):
-    import jax
-    from metalearn.core.unroll import timed
-
     start = time.perf_counter()
     jax.block_until_ready(estimator(theta, params, batch))
     first = time.perf_counter() - start
@@ -181,12 +136,6 @@ def _time_meta_gradient(estimator, theta, params, batch, repeats):
 def driver_overhead_s(objective, unroll, steps: int, repeats: int = 10) -> float:
     """Seconds of one U-step truncation of ``unroll``'s estimator on a problem whose
     compute is negligible (2 units, batch 4): the driver's Python and dispatch cost."""
-    import jax
-    from metalearn.core.base_model import Architecture, init_params
-    from metalearn.core.config import RuleConfig
-    from metalearn.core.unroll import make_meta_gradient
-    from metalearn.core.update_rule import init_theta
-
     rule = RuleConfig(top_delta_size=2, top_delta_layers=0, top_unit_mix_layers=0,
                       compute_h_size=2, compute_h_layers=0, delta_dim=1,
                       num_grad_channels=1, top_units=2)
@@ -200,27 +149,30 @@ def driver_overhead_s(objective, unroll, steps: int, repeats: int = 10) -> float
     return seconds
 
 
-def run_inner_step(args) -> int:
-    import jax
-    from metalearn.core.config import MetaObjectiveConfig, RuleConfig, UnrollConfig
-    from metalearn.core.unroll import make_meta_gradient, timed
-    from metalearn.core.update_rule import num_params
+def measure_inner_step(*, small: bool = False, unroll: int = 10, repeats: int = 3,
+                       variants: bool = False,
+                       log: Callable[[str], None] = lambda message: None) -> dict:
+    """The ``metalearn bench inner-step`` report (see the module docstring for its keys).
 
-    rule = RuleConfig.small() if args.small else RuleConfig()
+    small: the small rule preset instead of the paper size; unroll: U of the
+    meta-gradient; variants: also compare the estimators (slow). ``log`` receives
+    progress lines.
+    """
+    rule = RuleConfig.small() if small else RuleConfig()
     objective = MetaObjectiveConfig()
-    steps = args.unroll
+    steps = unroll
     report: dict = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-                    "rule": "small" if args.small else "paper",
+                    "rule": "small" if small else "paper",
                     "base_model": list(PAPER_SIZES), "batch": PAPER_BATCH, "unroll": steps}
 
-    _log("[1/4] float32 matmul throughput ...")
-    report["matmul_gflops_per_s"] = matmul_gflops(repeats=args.repeats + 2)
+    log("[1/4] float32 matmul throughput ...")
+    report["matmul_gflops_per_s"] = matmul_gflops(repeats=repeats + 2)
 
-    _log("[2/4] inner step (compile, XLA cost analysis, time) ...")
+    log("[2/4] inner step (compile, XLA cost analysis, time) ...")
     theta, params, x, arch, rule = paper_problem(rule)
     report["theta_params"] = num_params(theta)
     compiled, compile_s, flops = compiled_inner_step(theta, params, x, arch.activation, rule)
-    step_s, _ = timed(compiled, theta, params, x, repeats=args.repeats)
+    step_s, _ = timed(compiled, theta, params, x, repeats=repeats)
     analytic = analytic_inner_step_flops(arch.sizes, rule, PAPER_BATCH)
     report.update(inner_step_compile_s=compile_s, flops_per_inner_step=flops,
                   flops_source="xla_cost_analysis(single step)", inner_step_s=step_s,
@@ -229,36 +181,30 @@ def run_inner_step(args) -> int:
                   inner_steps_per_s=1.0 / step_s, gflops_per_s=flops / step_s / 1e9)
     report["matmul_fraction"] = report["gflops_per_s"] / report["matmul_gflops_per_s"]
 
-    _log(f"[3/4] U={steps} meta-gradient with the default estimator ...")
-    unroll = UnrollConfig()
+    log(f"[3/4] U={steps} meta-gradient with the default estimator ...")
+    unroll_config = UnrollConfig()
     batch = random_truncation(steps, arch, objective)
-    estimator = make_meta_gradient(arch.activation, rule, objective, unroll)
+    estimator = make_meta_gradient(arch.activation, rule, objective, unroll_config)
     grad_s, compile_grad_s, result = _time_meta_gradient(estimator, theta, params, batch,
-                                                         args.repeats)
-    report.update(estimator=f"{estimator.method}/{unroll.residuals}", meta_grad_s=grad_s,
+                                                         repeats)
+    report.update(estimator=f"{estimator.method}/{unroll_config.residuals}", meta_grad_s=grad_s,
                   meta_grads_per_s=1.0 / grad_s, meta_grad_compile_s=compile_grad_s,
                   meta_grad_over_forward=grad_s / (steps * step_s),
                   meta_grad_finite=bool(result.finite))
 
-    _log("[4/4] Python overhead of the meta-gradient driver ...")
-    overhead = driver_overhead_s(objective, unroll, steps)
+    log("[4/4] Python overhead of the meta-gradient driver ...")
+    overhead = driver_overhead_s(objective, unroll_config, steps)
     report["python_overhead_s"] = overhead
     report["python_overhead_frac"] = overhead / grad_s
 
-    if args.variants:
+    if variants:
         report["variants"] = _variants(theta, params, arch, rule, objective, steps, step_s,
-                                       args.repeats)
-
-    _print_report(report)
-    if args.json:
-        print(json.dumps(report))
-    return 0
+                                       repeats, log)
+    return report
 
 
-def _variants(theta, params, arch, rule, objective, steps, step_s, repeats) -> dict:
-    from metalearn.core.config import UnrollConfig
-    from metalearn.core.unroll import make_meta_gradient
-
+def _variants(theta, params, arch, rule, objective, steps, step_s, repeats,
+              log: Callable[[str], None]) -> dict:
     out = {}
     candidates = {
         "stepwise/recompute": UnrollConfig(method="stepwise", residuals="recompute"),
@@ -268,7 +214,7 @@ def _variants(theta, params, arch, rule, objective, steps, step_s, repeats) -> d
     }
     batch = random_truncation(steps, arch, objective)
     for name, unroll in candidates.items():
-        _log(f"  variant {name} ...")
+        log(f"  variant {name} ...")
         estimator = make_meta_gradient(arch.activation, rule, objective, unroll)
         seconds, compile_s, _ = _time_meta_gradient(estimator, theta, params, batch,
                                                     max(1, repeats - 1))
@@ -277,32 +223,10 @@ def _variants(theta, params, arch, rule, objective, steps, step_s, repeats) -> d
     # The default estimator compiles once for every U: show U = 2 and U = 15 reuse it.
     estimator = make_meta_gradient(arch.activation, rule, objective, UnrollConfig())
     for u in (2, 15):
-        _log(f"  stepwise U={u} ...")
+        log(f"  stepwise U={u} ...")
         seconds, compile_s, _ = _time_meta_gradient(
             estimator, theta, params, random_truncation(u, arch, objective), 1)
         out[f"stepwise/store U={u}"] = {"meta_grad_s": seconds, "compile_s": compile_s,
                                         "over_forward": seconds / (u * step_s)}
     return out
 
-
-def _print_report(r: dict) -> None:
-    lines = [
-        f"device: {r['device']} ({r['backend']}), rule: {r['rule']} "
-        f"({r['theta_params']:,} theta params), base model {r['base_model']}, batch {r['batch']}",
-        f"matmul:       {r['matmul_gflops_per_s']:8.1f} GFLOP/s",
-        f"inner step:   {r['inner_step_s'] * 1e3:8.1f} ms  {r['inner_steps_per_s']:.2f} steps/s  "
-        f"{r['gflops_per_s']:.1f} GFLOP/s ({100 * r['matmul_fraction']:.0f}% of matmul; "
-        f"{r['flops_per_inner_step'] / 1e9:.2f} GFLOP/step by {r['flops_source']})",
-        f"              analytic conv+matmul count: {r['analytic_flops_per_inner_step'] / 1e9:.2f}"
-        f" GFLOP/step -> {r['analytic_gflops_per_s']:.1f} GFLOP/s",
-        f"meta-grad U={r['unroll']}: {r['meta_grad_s']:8.3f} s  {r['meta_grads_per_s']:.3f}/s  "
-        f"{r['meta_grad_over_forward']:.2f}x the time of {r['unroll']} inner steps "
-        f"[{r['estimator']}]; compile {r['meta_grad_compile_s']:.1f} s (once for every U)",
-        f"python overhead: {100 * r['python_overhead_frac']:.2f}% of a truncation "
-        f"({r['python_overhead_s'] * 1e3:.1f} ms per truncation, timed on a "
-        f"negligible-compute problem)",
-    ]
-    for name, v in r.get("variants", {}).items():
-        lines.append(f"  {name:22s} {v['meta_grad_s']:7.3f} s ({v['over_forward']:.2f}x fwd), "
-                     f"compile {v['compile_s']:.1f} s")
-    print("\n".join(lines), flush=True)

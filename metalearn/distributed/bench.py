@@ -1,4 +1,6 @@
-"""``metalearn bench learner`` and ``metalearn bench scaling``.
+"""What ``metalearn bench learner`` and ``metalearn bench scaling`` measure (their command
+line is ``metalearn.cli.bench``; ``measure_learner`` and ``measure_scaling`` return the
+reports).
 
 ``learner``: gradients per second one learner actor ingests and applies with a
 paper-size theta (``RuleConfig()``, ~115k parameters), fed by synthetic worker actors
@@ -17,39 +19,24 @@ truncations first); 1-worker and 2-worker phases alternate (``--rounds``), so a
 neighbour's load changing mid-run lands on both sides of the ratio. JSON keys ``grads_per_s_1``, ``grads_per_s_2`` and ``speedup``
 (target >= 1.8 on 2 cores).
 
-The last line with ``--json`` is one JSON object.
+Imports of JAX and of modules that import it stay inside the functions and actor
+constructors: Ray actor processes import this module (to rebuild ``ScalingWorker``)
+before the actor pins itself to its cores with ``actors.claim_cpus``, and XLA sizes its
+thread pool from the CPU affinity it finds when JAX is first imported.
 """
 
 from __future__ import annotations
 
-import json
+import collections
 import os
-import sys
+import tempfile
 import time
+from typing import Callable
 
 import ray
 
-
-def add_bench_parsers(benches) -> None:
-    learner = benches.add_parser("learner", help="gradients/s one learner ingests (Ray)")
-    learner.add_argument("--json", action="store_true")
-    learner.add_argument("--seconds", type=float, default=15.0)
-    learner.add_argument("--workers", type=int, default=4, help="synthetic workers")
-    learner.add_argument("--meta-batch", type=int, default=256)
-    learner.set_defaults(func=run_learner_bench)
-    scaling = benches.add_parser("scaling", help="meta-gradients/s with 1 and 2 workers")
-    scaling.add_argument("--json", action="store_true")
-    scaling.add_argument("--config", help="training config (default experiments/local.yaml)")
-    scaling.add_argument("--seconds", type=float, default=15.0, help="timed phase length")
-    scaling.add_argument("--rounds", type=int, default=3,
-                         help="alternating 1-worker / 2-worker phase pairs")
-    scaling.add_argument("--unroll", type=int, default=4, help="U of every truncation")
-    scaling.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    scaling.set_defaults(func=run_scaling_bench)
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+# actors imports no JAX at module level (it is imported by actor processes too).
+from metalearn.distributed.actors import LearnerActor, claim_cpus, thread_env
 
 
 def _init_ray() -> bool:
@@ -96,8 +83,6 @@ class SyntheticWorker:
                    in_flight: int = 2) -> int:
         """Push back to back until ``until_unix`` with ``in_flight`` calls outstanding
         (a worker whose truncation takes less than a learner round trip)."""
-        import collections
-
         pending: collections.deque = collections.deque()
         sent = 0
         while time.time() < until_unix:
@@ -168,45 +153,45 @@ def _driver_rate(learner, workers, info: dict, seconds: float) -> float:
     return rate
 
 
-def run_learner_bench(args) -> int:
-    import tempfile
-
+def measure_learner(*, seconds: float = 15.0, workers: int = 4, meta_batch: int = 256,
+                    log: Callable[[str], None] = lambda message: None) -> dict:
+    """The ``metalearn bench learner`` report: gradients/s one learner actor ingests from
+    ``workers`` synthetic workers over ``seconds`` (pushed, then through the driver loop),
+    and the in-process rate. Starts a local Ray unless one is running."""
     import jax
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
     from metalearn.core.config import RuleConfig, to_dict
-    from metalearn.distributed.actors import LearnerActor
-    from metalearn.training.config import LearnerConfig, TrainConfig
     from metalearn.core.update_rule import init_theta
+    from metalearn.training.config import LearnerConfig, TrainConfig
 
     theta = np.asarray(ravel_pytree(init_theta(jax.random.key(0), RuleConfig()))[0])
-    report = {"theta_params": int(theta.size), "meta_batch": args.meta_batch,
-              "synthetic_workers": args.workers}
-    _log(f"[1/3] in-process Learner.submit, {theta.size:,} parameters ...")
-    report["in_process_grads_per_s"] = _in_process_rate(theta, args.meta_batch)
+    report = {"theta_params": int(theta.size), "meta_batch": meta_batch,
+              "synthetic_workers": workers}
+    log(f"[1/3] in-process Learner.submit, {theta.size:,} parameters ...")
+    report["in_process_grads_per_s"] = _in_process_rate(theta, meta_batch)
     started = _init_ray()
     try:
-        config = TrainConfig(learner=LearnerConfig(meta_batch=args.meta_batch,
+        config = TrainConfig(learner=LearnerConfig(meta_batch=meta_batch,
                                                    checkpoint_minutes=1e6))
         with tempfile.TemporaryDirectory() as run_dir:
             learner = LearnerActor.options(num_cpus=0).remote(to_dict(config), run_dir, False)
             info = ray.get(learner.info.remote())
-            workers = [SyntheticWorker.remote(theta.size, i) for i in range(args.workers)]
+            pushers = [SyntheticWorker.remote(theta.size, i) for i in range(workers)]
             ray.get([w.compute.remote([info["generation"], 0], learner)
-                     for w in workers])  # all started, the update compiled soon after
-            _log(f"[2/3] {args.workers} synthetic workers pushing to the learner actor "
-                 f"for {args.seconds:.0f} s ...")
-            report.update(_pushed_rate(learner, workers, info["generation"], args.seconds))
-            _log(f"[3/3] the same through the driver loop, one call per gradient, for "
-                 f"{args.seconds:.0f} s ...")
+                     for w in pushers])  # all started, the update compiled soon after
+            log(f"[2/3] {workers} synthetic workers pushing to the learner actor "
+                f"for {seconds:.0f} s ...")
+            report.update(_pushed_rate(learner, pushers, info["generation"], seconds))
+            log(f"[3/3] the same through the driver loop, one call per gradient, for "
+                f"{seconds:.0f} s ...")
             info = ray.get(learner.info.remote())
-            report["driver_loop_grads_per_s"] = _driver_rate(learner, workers, info,
-                                                             args.seconds)
+            report["driver_loop_grads_per_s"] = _driver_rate(learner, pushers, info, seconds)
             summary = ray.get(learner.info.remote())
             report.update(dropped_stale=summary["dropped_stale"],
                           dropped_nonfinite=summary["dropped_nonfinite"])
-            for actor in workers + [learner]:
+            for actor in pushers + [learner]:
                 ray.kill(actor)
     finally:
         if started:
@@ -214,16 +199,7 @@ def run_learner_bench(args) -> int:
     report["cpus"] = os.cpu_count()
     report["target_grads_per_s"] = 1000
     report["meets_target"] = report["grads_per_s"] >= 1000
-    print(f"learner: {report['grads_per_s']:.0f} gradients/s ingested through Ray "
-          f"({report['updates_per_s']:.2f} updates/s of {args.meta_batch}; learner busy "
-          f"{100 * report['learner_busy_fraction']:.0f}% of the time, "
-          f"{report['learner_busy_grads_per_s']:.0f}/s of busy time); through the driver "
-          f"loop {report['driver_loop_grads_per_s']:.0f}/s; in-process "
-          f"{report['in_process_grads_per_s']:.0f}/s; theta {theta.size:,} parameters; "
-          f"dropped stale {report['dropped_stale']}", flush=True)
-    if args.json:
-        print(json.dumps(report))
-    return 0
+    return report
 
 
 # ---------------------------------------------------------------------------
@@ -234,16 +210,16 @@ class ScalingWorker:
     """One pinned, single-threaded worker timing real meta-gradients on a fixed task."""
 
     def __init__(self, config: dict, task_seed: int, unroll: int):
-        from metalearn.distributed.actors import claim_cpus
-
         self.cores = claim_cpus(1)
+        # Imported only now, after claim_cpus pinned this process: XLA sizes its thread
+        # pool from the CPU affinity it finds when JAX is first imported.
         import jax
         from jax.flatten_util import ravel_pytree
 
         from metalearn.core.base_model import init_params
-        from metalearn.training.config import config_from_dict
         from metalearn.core.unroll import make_meta_gradient
         from metalearn.core.update_rule import init_theta
+        from metalearn.training.config import config_from_dict
         from metalearn.training.worker import enable_compilation_cache, make_sampler
 
         self.config = config_from_dict(config)
@@ -291,31 +267,33 @@ def _timed_phase(workers, seconds: float) -> float:
     return float(sum(rates))
 
 
-def run_scaling_bench(args) -> int:
+def measure_scaling(config, *, seconds: float = 15.0, rounds: int = 3, unroll: int = 4,
+                    log: Callable[[str], None] = lambda message: None) -> dict:
+    """The ``metalearn bench scaling`` report: real meta-gradients/s of one and of two
+    pinned single-threaded workers on the first task of ``config`` (a TrainConfig), in
+    ``rounds`` alternating phases of ``seconds``. Starts a local Ray unless one is
+    running; needs 2 CPUs."""
     from metalearn.core.config import to_dict
-    from metalearn.distributed.actors import thread_env
-    from metalearn.training.config import load_config
 
-    config = load_config(args.config, args.set)
     started = _init_ray()
     try:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if cpus < 2:
             raise RuntimeError(f"the scaling benchmark needs 2 CPUs, Ray has {cpus}")
         options = {"runtime_env": {"env_vars": thread_env(1)}}
-        _log("[1/2] starting 2 workers, compiling ...")
-        first, second = (ScalingWorker.options(**options).remote(to_dict(config), 0, args.unroll)
+        log("[1/2] starting 2 workers, compiling ...")
+        first, second = (ScalingWorker.options(**options).remote(to_dict(config), 0, unroll)
                          for _ in range(2))
         ray.get([first.truncation.remote(), second.truncation.remote()])
         info = ray.get(first.info.remote())
         # Alternate 1-worker and 2-worker phases so that load changing on a shared machine
         # falls on both sides of the ratio, not on one.
-        _log(f"[2/2] {args.rounds} rounds of 1 worker then 2 workers, {args.seconds:.0f} s "
-             f"each (arch {info['arch']}, U={args.unroll}) ...")
+        log(f"[2/2] {rounds} rounds of 1 worker then 2 workers, {seconds:.0f} s "
+            f"each (arch {info['arch']}, U={unroll}) ...")
         rates_1, rates_2 = [], []
-        for _ in range(args.rounds):
-            rates_1.append(_timed_phase([first], args.seconds))
-            rates_2.append(_timed_phase([first, second], args.seconds))
+        for _ in range(rounds):
+            rates_1.append(_timed_phase([first], seconds))
+            rates_2.append(_timed_phase([first, second], seconds))
         rate_1, rate_2 = sum(rates_1) / len(rates_1), sum(rates_2) / len(rates_2)
         cores = [ray.get(w.info.remote())["cores"] for w in (first, second)]
         for w in (first, second):
@@ -323,14 +301,8 @@ def run_scaling_bench(args) -> int:
     finally:
         if started:
             ray.shutdown()
-    report = {"grads_per_s_1": rate_1, "grads_per_s_2": rate_2, "speedup": rate_2 / rate_1,
-              "unroll": args.unroll, "arch": info["arch"], "rule": config.rule_preset,
-              "cores": cores, "seconds": args.seconds, "rounds": args.rounds,
-              "round_speedups": [b / a for a, b in zip(rates_1, rates_2)], "target_speedup": 1.8,
-              "meets_target": rate_2 / rate_1 >= 1.8}
-    print(f"scaling: 1 worker {rate_1:.3f} meta-grads/s, 2 workers {rate_2:.3f}/s, speedup "
-          f"{report['speedup']:.2f}x (cores {cores}, arch {info['arch']}, U={args.unroll})",
-          flush=True)
-    if args.json:
-        print(json.dumps(report))
-    return 0
+    return {"grads_per_s_1": rate_1, "grads_per_s_2": rate_2, "speedup": rate_2 / rate_1,
+            "unroll": unroll, "arch": info["arch"], "rule": config.rule_preset,
+            "cores": cores, "seconds": seconds, "rounds": rounds,
+            "round_speedups": [b / a for a, b in zip(rates_1, rates_2)], "target_speedup": 1.8,
+            "meets_target": rate_2 / rate_1 >= 1.8}

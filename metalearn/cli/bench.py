@@ -1,0 +1,178 @@
+"""``metalearn bench``: speed measurements, each in one process and one run.
+
+    metalearn bench inner-step [--json] [--variants] [--small]   inner step, meta-gradient,
+                                                                 matmul (metalearn.core.bench)
+    metalearn bench tasks [--mix FILE] [--json]                  data side of a truncation
+                                                                 (tasks.bench)
+    metalearn bench learner [--json]                             gradients/s one learner
+                                                                 ingests (Ray)
+    metalearn bench scaling [--json] [--config FILE]             meta-gradients/s, 1 vs 2
+                                                                 workers (Ray)
+
+The measuring lives beside the code it measures (``metalearn.core.bench``,
+``tasks.bench``, ``metalearn.distributed.bench``) and returns report dicts; this module
+parses the arguments, prints progress to stderr and the summary to stdout. The last line
+with ``--json`` is the report as one JSON object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+from metalearn.cli.data import DEFAULT_MIX, add_source_args, source_options
+from metalearn.core.bench import measure_inner_step
+from metalearn.distributed.bench import measure_learner, measure_scaling
+from metalearn.training.config import load_config
+from tasks.bench import measure_tasks
+from tasks.sampler import load_mix
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="measure speed")
+    benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+
+    inner = benches.add_parser("inner-step", help="inner step, meta-gradient and matmul speed")
+    inner.add_argument("--json", action="store_true", help="last line: one JSON object")
+    inner.add_argument("--variants", action="store_true",
+                       help="also compare the meta-gradient estimators (slow)")
+    inner.add_argument("--unroll", type=int, default=10, help="U for the meta-gradient")
+    inner.add_argument("--repeats", type=int, default=3)
+    inner.add_argument("--small", action="store_true",
+                       help="use the small rule preset instead of the paper size")
+    inner.set_defaults(func=run_inner_step)
+
+    p = benches.add_parser("tasks", help="task draw + inner batch + labelled pair, "
+                           "as a fraction of one inner step")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.add_argument("--mix", default=None, help=f"task mix YAML (default {DEFAULT_MIX})")
+    p.add_argument("--tasks", type=int, default=300, help="seeds timed")
+    p.add_argument("--batch", type=int, default=128, help="inner batch size")
+    p.add_argument("--draws", type=int, default=5, help="M labelled pairs")
+    p.add_argument("--samples-per-class", type=int, default=10)
+    p.add_argument("--skip-inner-step", action="store_true",
+                   help="do not time the inner step (no ratio)")
+    add_source_args(p)
+    p.set_defaults(func=run_tasks)
+
+    learner = benches.add_parser("learner", help="gradients/s one learner ingests (Ray)")
+    learner.add_argument("--json", action="store_true")
+    learner.add_argument("--seconds", type=float, default=15.0)
+    learner.add_argument("--workers", type=int, default=4, help="synthetic workers")
+    learner.add_argument("--meta-batch", type=int, default=256)
+    learner.set_defaults(func=run_learner)
+
+    scaling = benches.add_parser("scaling", help="meta-gradients/s with 1 and 2 workers")
+    scaling.add_argument("--json", action="store_true")
+    scaling.add_argument("--config", help="training config (default experiments/local.yaml)")
+    scaling.add_argument("--seconds", type=float, default=15.0, help="timed phase length")
+    scaling.add_argument("--rounds", type=int, default=3,
+                         help="alternating 1-worker / 2-worker phase pairs")
+    scaling.add_argument("--unroll", type=int, default=4, help="U of every truncation")
+    scaling.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    scaling.set_defaults(func=run_scaling)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _finish(args, summary: str, report: dict) -> int:
+    print(summary, flush=True)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# inner-step
+
+def run_inner_step(args) -> int:
+    report = measure_inner_step(small=args.small, unroll=args.unroll, repeats=args.repeats,
+                                variants=args.variants, log=_log)
+    return _finish(args, format_inner_step(report), report)
+
+
+def format_inner_step(r: dict) -> str:
+    lines = [
+        f"device: {r['device']} ({r['backend']}), rule: {r['rule']} "
+        f"({r['theta_params']:,} theta params), base model {r['base_model']}, batch {r['batch']}",
+        f"matmul:       {r['matmul_gflops_per_s']:8.1f} GFLOP/s",
+        f"inner step:   {r['inner_step_s'] * 1e3:8.1f} ms  {r['inner_steps_per_s']:.2f} steps/s  "
+        f"{r['gflops_per_s']:.1f} GFLOP/s ({100 * r['matmul_fraction']:.0f}% of matmul; "
+        f"{r['flops_per_inner_step'] / 1e9:.2f} GFLOP/step by {r['flops_source']})",
+        f"              analytic conv+matmul count: {r['analytic_flops_per_inner_step'] / 1e9:.2f}"
+        f" GFLOP/step -> {r['analytic_gflops_per_s']:.1f} GFLOP/s",
+        f"meta-grad U={r['unroll']}: {r['meta_grad_s']:8.3f} s  {r['meta_grads_per_s']:.3f}/s  "
+        f"{r['meta_grad_over_forward']:.2f}x the time of {r['unroll']} inner steps "
+        f"[{r['estimator']}]; compile {r['meta_grad_compile_s']:.1f} s (once for every U)",
+        f"python overhead: {100 * r['python_overhead_frac']:.2f}% of a truncation "
+        f"({r['python_overhead_s'] * 1e3:.1f} ms per truncation, timed on a "
+        f"negligible-compute problem)",
+    ]
+    for name, v in r.get("variants", {}).items():
+        lines.append(f"  {name:22s} {v['meta_grad_s']:7.3f} s ({v['over_forward']:.2f}x fwd), "
+                     f"compile {v['compile_s']:.1f} s")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# tasks
+
+def run_tasks(args) -> int:
+    mix = load_mix(args.mix or DEFAULT_MIX)
+    mix = dataclasses.replace(mix, sources=source_options(args, mix.sources))
+    report = measure_tasks(mix, args.mix or DEFAULT_MIX, tasks=args.tasks, batch=args.batch,
+                           draws=args.draws, samples_per_class=args.samples_per_class,
+                           inner_step=not args.skip_inner_step, log=_log)
+    return _finish(args, format_tasks(report), report)
+
+
+def format_tasks(report: dict) -> str:
+    lines = [f"task draw + inner batch ({report['batch']}) + labelled pair ({report['draws']} "
+             f"draws x {report['samples_per_class']}/class): mean "
+             f"{report['task_s'] * 1e3:.2f} ms, median {report['task_median_s'] * 1e3:.2f} ms, "
+             f"p95 {report['task_p95_s'] * 1e3:.2f} ms, CPU {report['task_cpu_s'] * 1e3:.2f} ms"]
+    for name, c in report["components"].items():
+        lines.append(f"  {name:20s} {c['mean_s'] * 1e3:7.2f} ms  ({c['tasks']} tasks)")
+    if "ratio" in report:
+        lines.append(f"inner step {report['inner_step_s'] * 1e3:.1f} ms -> ratio "
+                     f"{100 * report['ratio']:.2f}% (target < 5%)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# learner and scaling (Ray)
+
+def run_learner(args) -> int:
+    report = measure_learner(seconds=args.seconds, workers=args.workers,
+                             meta_batch=args.meta_batch, log=_log)
+    return _finish(args, format_learner(report), report)
+
+
+def format_learner(report: dict) -> str:
+    return (f"learner: {report['grads_per_s']:.0f} gradients/s ingested through Ray "
+            f"({report['updates_per_s']:.2f} updates/s of {report['meta_batch']}; learner busy "
+            f"{100 * report['learner_busy_fraction']:.0f}% of the time, "
+            f"{report['learner_busy_grads_per_s']:.0f}/s of busy time); through the driver "
+            f"loop {report['driver_loop_grads_per_s']:.0f}/s; in-process "
+            f"{report['in_process_grads_per_s']:.0f}/s; theta {report['theta_params']:,} "
+            f"parameters; dropped stale {report['dropped_stale']}")
+
+
+def run_scaling(args) -> int:
+    config = load_config(args.config, args.set)
+    report = measure_scaling(config, seconds=args.seconds, rounds=args.rounds,
+                             unroll=args.unroll, log=_log)
+    return _finish(args, format_scaling(report), report)
+
+
+def format_scaling(report: dict) -> str:
+    return (f"scaling: 1 worker {report['grads_per_s_1']:.3f} meta-grads/s, 2 workers "
+            f"{report['grads_per_s_2']:.3f}/s, speedup {report['speedup']:.2f}x (cores "
+            f"{report['cores']}, arch {report['arch']}, U={report['unroll']})")
+
+
+__all__ = ["add_parser", "format_inner_step", "format_learner", "format_scaling",
+           "format_tasks", "run_inner_step", "run_learner", "run_scaling", "run_tasks"]
