@@ -1,4 +1,4 @@
-"""Run-like folders for export / eval tests, built with the real ``save_theta``."""
+"""Run-like folders for export / eval tests, built with the real ``save_run_theta``."""
 
 import os
 
@@ -8,23 +8,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from jax.flatten_util import ravel_pytree
 
-from metalearn.training.checkpoint import save_theta
-from metalearn.core.config import to_dict
 from metalearn.core.update_rule import init_theta
+from metalearn.training.export import save_run_theta
+from metalearn.training.run_dir import RunDir
 
 
 def make_run(run_dir, rule, step=7, perturb=0.0, metrics=True):
-    """A run folder with theta_latest.npz (init theta, optionally perturbed) and metrics."""
+    """A run folder with theta_latest (init theta, optionally perturbed) and metrics."""
     os.makedirs(run_dir, exist_ok=True)
     flat, _ = ravel_pytree(init_theta(jax.random.key(0), rule))
     flat = np.asarray(flat, np.float32)
     if perturb:
         flat = flat + perturb * np.random.default_rng(1).normal(size=flat.shape).astype(np.float32)
-    save_theta(str(run_dir), flat, to_dict(rule), step)
+    save_run_theta(RunDir(run_dir), flat, rule, step)
     if metrics:
         pq.write_table(pa.table({"step": [step - 2, step, step + 3],
                                  "meta_loss": [1.9, 1.5, 1.1],
                                  "meta_loss_rolling": [1.95, 1.6, 1.2],
                                  "loss/glyphs": [1.8, 1.4, 1.0]}),
-                       os.path.join(run_dir, "metrics.parquet"))
+                       RunDir(run_dir).metrics)
     return flat

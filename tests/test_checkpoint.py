@@ -7,9 +7,10 @@ import warnings
 import numpy as np
 import pytest
 
-from metalearn.training.checkpoint import (CheckpointWarning, Checkpointer, load_theta, save_theta,
-                                  theta_unravel)
-from metalearn.core.config import to_dict
+from metalearn.core.theta import theta_spec
+from metalearn.training.checkpoint import CheckpointWarning, Checkpointer
+from metalearn.training.export import load_theta, save_run_theta
+from metalearn.training.run_dir import RunDir
 from metalearn.training.learner import Learner, Submission
 from metalearn.training.config import CurriculumConfig, LearnerConfig
 
@@ -78,12 +79,13 @@ def test_crash_cut_and_unreadable_checkpoints_fall_back(tmp_path):
             fresh.state_template()) is None
 
 
-def test_theta_file_roundtrip(tmp_path, tiny_rule):
-    n, unravel = theta_unravel(tiny_rule)
-    flat = np.arange(n, dtype=np.float32)
-    save_theta(str(tmp_path), flat, to_dict(tiny_rule), step=12)
-    theta, rule, step = load_theta(str(tmp_path))
+def test_run_theta_roundtrip_in_the_export_format(tmp_path, tiny_rule):
+    spec = theta_spec(tiny_rule)
+    flat = np.arange(spec.num_params, dtype=np.float32)
+    run = RunDir(tmp_path / "run")
+    save_run_theta(run, flat, tiny_rule, step=12)
+    save_run_theta(run, flat, tiny_rule, step=12)  # replaces the previous snapshot
+    theta, rule, step = load_theta(run.path)
     assert rule == tiny_rule and step == 12
-    from jax.flatten_util import ravel_pytree
-    np.testing.assert_array_equal(np.asarray(ravel_pytree(theta)[0]), flat)
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    np.testing.assert_array_equal(spec.ravel(theta), flat)
+    assert sorted(os.listdir(run.path)) == [RunDir.THETA]  # no staging folder left

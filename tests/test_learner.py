@@ -6,7 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from metalearn.training.learner import Learner, Submission, curriculum_at, lr_at, make_optimizer
+from metalearn.training.learner import Learner, make_optimizer
+from metalearn.training.messages import Submission
+from metalearn.training.schedules import curriculum_at, lr_at
 from metalearn.training.config import CurriculumConfig, LearnerConfig
 
 P = 50

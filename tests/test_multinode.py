@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from metalearn.training.config import REPO_ROOT, config_to_yaml
+from metalearn.training.loop import Callback
 from train_helpers import tiny_config
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -67,14 +68,12 @@ def test_node_lost_mid_run_workers_replaced_learner_intact(no_ray, tmp_path):
                              worker={"num_workers": 2, "batch_size": 8})
         seen = {}
 
-        def on_reply(trainer, reply):
-            row = reply["row"]
-            if row is None:
-                return
+        class NodeRemover(Callback):
+          def on_row(self, loop, row):
             if row["step"] == 2 and "removed" not in seen:
-                nodes = [node_of(w) for w in trainer.workers]
+                nodes = [node_of(w) for w in loop.transport.workers]
                 seen["before"] = nodes
-                seen["generation"] = reply["generation"]
+                seen["generation"] = loop.theta.generation
                 replacement = cluster.add_node(num_cpus=2)
                 seen["replacement"] = replacement.node_id
                 victim = next(n for n in first if n.node_id == nodes[0])
@@ -82,10 +81,10 @@ def test_node_lost_mid_run_workers_replaced_learner_intact(no_ray, tmp_path):
                 seen["removed"] = victim.node_id
                 seen["removed_at"] = row["step"]
             elif "removed" in seen and row["step"] >= 6 and "after" not in seen:
-                seen["after"] = [node_of(w) for w in trainer.workers]
-                seen["generation_after"] = reply["generation"]
+                seen["after"] = [node_of(w) for w in loop.transport.workers]
+                seen["generation_after"] = loop.theta.generation
 
-        summary = train(config, str(tmp_path / "run"), on_reply=on_reply)
+        summary = train(config, str(tmp_path / "run"), callbacks=[NodeRemover()])
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from metalearn.cli import main
+from metalearn.training.loop import Callback
 from metalearn.core.config import ConfigError
 from metalearn.training.config import config_to_yaml
 from train_helpers import tiny_config
@@ -56,9 +57,10 @@ def test_train_then_resume_continues_step_count(ray_session, config_file, tmp_pa
     assert table.column("step").to_pylist() == [1, 2, 3]
     assert np.isfinite(table.column("meta_loss").to_numpy()).all()
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
-    assert os.path.isfile(os.path.join(run_dir, "theta_latest.npz"))
+    assert os.path.isdir(os.path.join(run_dir, "theta_latest"))
     assert os.listdir(os.path.join(run_dir, "tensorboard"))
-    from metalearn.training.checkpoint import Checkpointer, load_theta
+    from metalearn.training.checkpoint import Checkpointer
+    from metalearn.training.export import load_theta
     assert Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True).steps()[-1] == 3
     assert load_theta(run_dir)[2] == 3
 
@@ -93,19 +95,17 @@ def test_killed_worker_replaced_and_killed_learner_resumes(ray_session, tmp_path
                          run={"steps": 6, "minutes": 4.0})
     killed = {}
 
-    def on_reply(trainer, reply):
-        import ray
-        row = reply["row"]
-        if row is None:
-            return
-        if row["step"] == 1 and "worker" not in killed:
-            killed["worker"] = row["step"]
-            ray.kill(trainer.workers[0], no_restart=False)
-        if row["step"] == 3 and "learner" not in killed:
-            killed["learner"] = row["step"]
-            ray.kill(trainer.learner, no_restart=True)
+    class Killer(Callback):
+        def on_row(self, loop, row):
+            import ray
+            if row["step"] == 1 and "worker" not in killed:
+                killed["worker"] = row["step"]
+                ray.kill(loop.transport.workers[0], no_restart=False)
+            if row["step"] == 3 and "learner" not in killed:
+                killed["learner"] = row["step"]
+                ray.kill(loop.transport.learner, no_restart=True)
 
-    summary = train(config, str(tmp_path / "faults"), on_reply=on_reply)
+    summary = train(config, str(tmp_path / "faults"), callbacks=[Killer()])
     assert killed == {"worker": 1, "learner": 3}
     assert summary.worker_failures >= 1
     assert summary.learner_restarts == 1
@@ -151,5 +151,5 @@ def test_resume_with_different_rule_shape_refused(config_file, tmp_path, capsys)
         from metalearn.cli.train import resolve
         import argparse
         resolve(argparse.Namespace(resume=str(run_dir), config=None, out=None, minutes=None,
-                                   steps=None, workers=None, address=None,
+                                   steps=None, workers=None, address=None, runner=None,
                                    set=["rule.kernel=5"], tensorboard=False))

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from metalearn.training.learner import Curriculum, Learner, Submission
+from metalearn.training.learner import Learner
+from metalearn.training.messages import Submission
+from metalearn.training.schedules import Curriculum
 from metalearn.core.update_rule import init_theta
 from metalearn.training.worker import Worker, enable_compilation_cache, mix_dict
 from train_helpers import tiny_config

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from jax.flatten_util import ravel_pytree
 
-from metalearn.training.learner import Curriculum
+from metalearn.training.schedules import Curriculum
 from metalearn.training.config import load_config
 from metalearn.core.update_rule import init_theta
 from metalearn.training.worker import Worker

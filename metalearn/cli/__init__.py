@@ -17,7 +17,7 @@ COMMANDS = {
     "bench": ("metalearn.cli.bench", "measure speed: inner-step, tasks, learner, scaling"),
     "data": ("metalearn.cli.data", "list, build, inspect and show data sources and tasks"),
     "eval": ("metalearn.cli.eval", "evaluate an exported rule on held-out data vs baselines"),
-    "export": ("metalearn.training.export", "export a run's theta as a self-describing checkpoint"),
+    "export": ("metalearn.cli.export", "export a run's theta as a self-describing checkpoint"),
     "plot": ("metalearn.evaluation.report", "plot a run's meta-training curves per dataset"),
     "sweep": ("metalearn.cli.sweep", "Ray Tune sweeps of meta-trainings (ASHA, PBT)"),
     "train": ("metalearn.cli.train", "meta-train the update rule on Ray (asynchronous workers)"),

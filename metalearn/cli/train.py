@@ -13,9 +13,12 @@ before the run folder is touched.
 
 from __future__ import annotations
 
-import os
 import sys
-import time
+
+from metalearn.distributed.driver import train
+from metalearn.training.local import train_local
+from metalearn.training.progress import ProgressLine
+from metalearn.training.session import resolve_session
 
 
 def add_parser(subparsers) -> None:
@@ -27,6 +30,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--steps", type=int, help="stop at this learner step (0: none)")
     parser.add_argument("--workers", type=int, help="worker actors (default: one per CPU)")
     parser.add_argument("--address", help="join this Ray cluster (e.g. auto)")
+    parser.add_argument("--runner", choices=("ray", "local"),
+                        help="ray: learner and worker actors (default); local: one "
+                             "process, no Ray (debugging, one GPU)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. learner.meta_batch=8 (repeatable)")
@@ -36,54 +42,31 @@ def add_parser(subparsers) -> None:
 
 
 def resolve(args):
-    """(config, run_dir, resume) from the arguments; raises ConfigError on bad input."""
-    from metalearn.core.config import ConfigError
-    from metalearn.distributed.driver import (check_resume_compatible, is_run_dir,
-                                              read_run_config)
-    from metalearn.core.config import to_dict
-    from metalearn.training.config import apply_overrides, config_from_dict, load_config
-
+    """(config, run folder, resume) from the arguments; raises ConfigError on bad input."""
     overrides = list(args.set)
     for name, key in (("minutes", "run.minutes"), ("steps", "run.steps"),
-                      ("workers", "worker.num_workers"), ("address", "run.address")):
+                      ("workers", "worker.num_workers"), ("address", "run.address"),
+                      ("runner", "run.runner")):
         value = getattr(args, name)
         if value is not None:
             overrides.append(f"{key}={value}")
     if args.tensorboard:
         overrides.append("run.tensorboard=true")
-    if args.resume:
-        saved = read_run_config(args.resume)
-        if args.config:
-            config = load_config(args.config, overrides)
-        else:
-            config = config_from_dict(apply_overrides(to_dict(saved), overrides))
-        check_resume_compatible(saved, config, args.resume)
-        checkpoints = os.path.join(args.resume, "checkpoints")
-        if not any(name.isdigit() for name in os.listdir(checkpoints)):
-            raise ConfigError(f"{args.resume} has no complete checkpoint to resume from")
-        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
-            raise ConfigError("--out and --resume name different folders; a resumed run "
-                              "continues in its own folder")
-        return config, os.path.abspath(args.resume), True
-    config = load_config(args.config, overrides)
-    run_dir = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    if os.path.exists(run_dir) and os.listdir(run_dir):
-        what = "a run" if is_run_dir(run_dir) else "not empty"
-        raise ConfigError(f"{run_dir} is {what}; choose a new --out"
-                          + (" or use --resume" if what == "a run" else ""))
-    return config, os.path.abspath(run_dir), False
+    return resolve_session(args.config, overrides, args.out, args.resume)
 
 
 def run(args) -> int:
-    from metalearn.distributed.driver import train
-
     config, run_dir, resume = resolve(args)
-    summary = train(config, run_dir, resume=resume)
+    callbacks = [ProgressLine(config.run.progress_every_s)]
+    if config.run.runner == "local":
+        summary = train_local(config, run_dir, resume=resume, callbacks=callbacks)
+    else:
+        summary = train(config, run_dir, resume=resume, callbacks=callbacks)
     print(f"done: steps {summary.start_step} -> {summary.final_step} in "
           f"{summary.wall_s / 60:.1f} min; checkpoint at step {summary.checkpoint_step}; "
           f"worker restarts {summary.worker_failures}, learner restarts "
           f"{summary.learner_restarts}; dropped stale {summary.dropped_stale}, non-finite "
-          f"{summary.dropped_nonfinite}; run folder {run_dir}", file=sys.stderr)
+          f"{summary.dropped_nonfinite}; run folder {run_dir.path}", file=sys.stderr)
     return 0
 
 

@@ -15,7 +15,6 @@ which exist before the process imports anything.
 
 from __future__ import annotations
 
-import collections
 import fcntl
 import os
 import tempfile
@@ -68,6 +67,10 @@ def claim_cpus(count: int) -> list[int]:
     return claimed
 
 
+# The actors import the training floor inside ``__init__``, not at module top: a worker
+# process must pin its cores (``claim_cpus``) before anything imports JAX, and Ray
+# imports this module in every actor process before ``__init__`` runs.
+
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class WorkerActor:
     """Ray wrapper of ``metalearn.training.worker.Worker``."""
@@ -90,114 +93,53 @@ class WorkerActor:
     def reseed(self, stream_seed: int) -> None:
         self.worker.reseed(stream_seed)
 
-    def compute(self, theta_box: list, curriculum, learner) -> dict:
-        """One truncation, pushed straight to ``learner``; returns the learner's reply.
+    def compute(self, order, learner):
+        """One ``WorkOrder``: the gradient goes worker -> learner in one call (inline up
+        to ``max_direct_call_object_size``); the driver sees only the learner's small
+        ``LearnerReply``. The theta payload is an object ref nested in the order, so Ray
+        fetches theta only when the version is new to this worker. A learner that is gone
+        gives a reply with ``learner_lost``: the driver replaces it."""
+        from metalearn.training.messages import LearnerReply
 
-        theta_box = [generation, version, ObjectRef of flat theta]; the reference is
-        nested so Ray does not fetch theta unless the version changed. The gradient goes
-        worker -> learner in one call (inline up to ``max_direct_call_object_size``);
-        the driver only sees the small reply. A learner that is gone gives
-        ``{"learner_lost": True, "generation": ...}`` instead: the driver replaces it.
-        """
-        generation, version, theta_ref = theta_box
-        if self.worker.needs_theta(generation, version):
-            self.worker.set_theta(generation, version, ray.get(theta_ref))
-        submission = self.worker.run_truncation(curriculum)
-        try:
-            return ray.get(learner.submit.remote(submission))
-        except (RayActorError, ActorUnavailableError):
-            return {"learner_lost": True, "generation": generation, "row": None}
+        def push(submission):
+            try:
+                return ray.get(learner.submit.remote(submission))
+            except (RayActorError, ActorUnavailableError):
+                return LearnerReply(generation=order.theta.generation, step=-1, version=-1,
+                                    learner_lost=True)
+
+        return self.worker.work(order, fetch_theta=ray.get, push=push)
 
 
 @ray.remote(max_restarts=0)
 class LearnerActor:
-    """Ray wrapper of ``metalearn.training.learner.Learner`` that also owns the checkpoints."""
+    """Ray wrapper of ``metalearn.training.learner_host.LearnerHost``."""
 
     def __init__(self, config: dict, run_dir: str, resume: bool):
-        import warnings
-
-        import jax
-        from jax.flatten_util import ravel_pytree
-
-        from metalearn.training.checkpoint import CHECKPOINT_DIR, Checkpointer
-        from metalearn.training.learner import Learner
         from metalearn.training.config import config_from_dict
-        from metalearn.core.update_rule import init_theta
+        from metalearn.training.learner_host import LearnerHost
+        from metalearn.training.run_dir import RunDir
 
-        self.config = config_from_dict(config)
-        self.run_dir = run_dir
-        theta = init_theta(jax.random.key(self.config.learner.seed), self.config.rule)
-        flat = ravel_pytree(theta)[0]
-        self.learner = Learner(flat, self.config.learner, self.config.curriculum)
-        self.learner.stop_step = self.config.run.steps
-        self.checkpointer = Checkpointer(os.path.join(run_dir, CHECKPOINT_DIR),
-                                         keep=self.config.learner.keep_checkpoints)
-        self.restored_step = None
-        self.warnings: list[str] = []
-        if resume:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                found = self.checkpointer.restore_latest(self.learner.state_template())
-            self.warnings = [str(w.message) for w in caught]
-            if found is None:
-                raise FileNotFoundError(f"no readable checkpoint in {run_dir}")
-            step, arrays, meta = found
-            self.learner.load_state(arrays, meta)
-            self.restored_step = step
-        self.last_checkpoint = time.monotonic()
-        self.last_checkpoint_step = self.learner.step
-        self.busy_s = 0.0  # time inside submit (checking, summing, applying, saving)
-        # Recent rows, for replies lost with a dead worker (the driver drains them
-        # every step, so a few thousand is far more than it can fall behind).
-        self.rows: collections.deque = collections.deque(maxlen=4096)
+        self.host = LearnerHost(config_from_dict(config), RunDir(run_dir), resume)
 
-    def info(self) -> dict:
-        return {**self.learner.summary(), "curriculum": self.learner.curriculum(),
-                "restored_step": self.restored_step, "warnings": self.warnings,
-                "num_params": self.learner.num_params, "busy_s": self.busy_s}
+    def status(self):
+        return self.host.status()
 
     def get_theta(self):
-        return self.learner.theta
+        return self.host.theta()
 
     def new_stream_seeds(self, count: int) -> list[int]:
-        return self.learner.new_stream_seeds(count)
+        return self.host.new_stream_seeds(count)
 
-    def submit(self, submission) -> dict:
-        """Take one worker's ``Submission``; the reply tells the worker (and, through
-        it, the driver) the newest step, theta version and, after an update, the metrics
-        row and curriculum."""
-        start = time.perf_counter()
-        row = self.learner.submit(submission)
-        out = {"row": row, "step": self.learner.step, "version": self.learner.version,
-               "generation": self.learner.generation}
-        if row is not None:
-            self.rows.append(row)
-            out["curriculum"] = self.learner.curriculum()
-            minutes = (time.monotonic() - self.last_checkpoint) / 60.0
-            if minutes >= self.config.learner.checkpoint_minutes:
-                out["checkpoint"] = self.checkpoint()
-        self.busy_s += time.perf_counter() - start
-        return out
+    def submit(self, submission):
+        return self.host.submit(submission)
 
     def rows_after(self, step: int) -> list[dict]:
-        """Metrics rows of this learner's updates after ``step`` (the driver fetches the
-        ones whose reply died with a worker)."""
-        return [row for row in self.rows if row["step"] > step]
+        return self.host.rows_after(step)
 
     def checkpoint(self) -> int:
-        """Save the full state now (and theta_latest.npz); returns the step saved."""
-        from metalearn.training.checkpoint import save_theta
-        from metalearn.core.config import to_dict
+        return self.host.checkpoint()
 
-        step = self.learner.step
-        if step != self.last_checkpoint_step or not self.checkpointer.steps():
-            self.checkpointer.save(step, *self.learner.state())
-            save_theta(self.run_dir, self.learner.theta, to_dict(self.config.rule), step)
-        self.last_checkpoint = time.monotonic()
-        self.last_checkpoint_step = step
-        return step
-
-    def close(self) -> int:
-        step = self.checkpoint()
-        self.checkpointer.close()
-        return step
+    def close(self):
+        step = self.host.close()
+        return step, self.host.status()

@@ -58,3 +58,4 @@ def start_evaluator(eval_config, rule, objective=None, cpus: int = 1, reserve: b
 
 
 __all__ = ["EvaluatorActor", "start_evaluator"]
+

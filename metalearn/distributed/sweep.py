@@ -27,8 +27,13 @@ import shutil
 import sys
 import tempfile
 
+from ray import tune
+
 from metalearn.core.config import ConfigError
+from metalearn.distributed.driver import ray_loop
 from metalearn.distributed.sweep_spec import SweepSpec, trial_config
+from metalearn.training.loop import Callback, TrainingLoop
+from metalearn.training.run_dir import RunDir
 
 SPEC_FILE = "sweep.yaml"
 TUNE_DIR = "tune"
@@ -63,119 +68,99 @@ def resources(spec: SweepSpec):
 # ---------------------------------------------------------------------------
 # the trainable
 
-def _copy_run(run_dir: str, dest: str, meta: dict) -> None:
-    """Copy what a learner needs to resume (checkpoints, config, metrics) into dest.
-
-    Only checkpoints up to ``meta["step"]`` are copied: the learner keeps training while
-    we copy and may save a newer one (its periodic checkpoint), which a restore would
-    otherwise pick instead of the step this copy is reported as.
-    """
-    source = os.path.join(run_dir, "checkpoints")
-    temporary = shutil.ignore_patterns("*.orbax-checkpoint-tmp*")
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        skip = set(temporary(folder, names))
-        if os.path.abspath(folder) == os.path.abspath(source):
-            skip |= {n for n in names if n.isdigit() and int(n) > meta["step"]}
-        return skip
-
-    os.makedirs(dest, exist_ok=True)
-    shutil.copytree(source, os.path.join(dest, "checkpoints"), ignore=ignore)
-    for name in ("config.yaml", "metrics.parquet", "theta_latest.npz"):
-        path = os.path.join(run_dir, name)
-        if os.path.exists(path):
-            shutil.copy2(path, dest)
-    with open(os.path.join(dest, SWEEP_META), "w") as f:
-        json.dump(meta, f)
-
-
-def run_trial(params: dict, spec: SweepSpec) -> None:
-    """Tune function trainable: one asynchronous meta-training, reported every
-    ``report_every`` learner steps with its checkpoint.
+class TrialReporter(Callback):
+    """Reports a trial's progress to Tune every ``trial.report_every`` learner steps.
 
     A report's ``step`` is always the step of the checkpoint handed over with it: a
     scheduler's time (PBT's perturbation points, ASHA's rungs) and a clone's restored
-    step then agree. The learner keeps taking gradients while the driver handles a row,
-    so the checkpoint forced for row ``r`` may hold a later step ``s``; the report then
-    waits for row ``s`` (it arrives shortly: rows come in step order). The report at
+    step then agree. The learner keeps taking gradients while the loop handles a row, so
+    the checkpoint forced for row ``r`` may hold a later step ``s``; the report then waits
+    for row ``s`` (it arrives shortly: rows come in step order). The report at
     ``trial.steps`` says ``done``: Tune ends the trial there without asking the
     scheduler, so PBT never pauses or clones a trial that has nothing left to train (a
     clone restored at the last step would end without reporting anything).
     """
-    import ray
-    from ray import tune
 
-    from metalearn.distributed.driver import Trainer, prepare_run_dir
+    def __init__(self, spec: SweepSpec, run: RunDir, trial_id: str, start_step: int,
+                 extra: dict):
+        self.every, self.last = spec.trial.report_every, spec.trial.steps
+        self.run, self.trial_id, self.extra = run, trial_id, extra
+        self.reported = start_step  # the step of the last report (or the restored one)
+        self.pending: tuple[int, str] | None = None  # (checkpoint step, its copy)
 
+    def _stage(self, loop: TrainingLoop) -> tuple[int, str]:
+        step = loop.checkpoint()
+        staging = tempfile.mkdtemp(prefix=f"metalearn-report-{self.trial_id}-")
+        self.run.copy_to(staging, up_to_step=step)
+        with open(os.path.join(staging, SWEEP_META), "w") as f:
+            json.dump({"trial_id": self.trial_id, "step": step}, f)
+        return step, staging
+
+    def _report(self, loop: TrainingLoop, row: dict, staging: str) -> None:
+        try:
+            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
+            metrics.update(self.extra, worker_failures=loop.worker_failures,
+                           learner_restarts=loop.learner_restarts)
+            if row["step"] >= self.last:
+                metrics["done"] = True
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.reported = row["step"]
+
+    def on_row(self, loop: TrainingLoop, row: dict) -> None:
+        if row["step"] <= self.reported:
+            return
+        if self.pending is not None:
+            step, staging = self.pending
+            if row["step"] < step:
+                return  # rows the staged checkpoint already holds
+            self.pending = None
+            if row["step"] == step:
+                self._report(loop, row, staging)
+                return
+            shutil.rmtree(staging, ignore_errors=True)  # skipped (a restarted learner)
+        if row["step"] < self.last and row["step"] // self.every <= self.reported // self.every:
+            return  # no report boundary crossed since the last report
+        step, staging = self._stage(loop)
+        if step == row["step"]:
+            self._report(loop, row, staging)
+        else:
+            self.pending = (step, staging)
+
+    def discard(self) -> None:
+        if self.pending is not None:
+            shutil.rmtree(self.pending[1], ignore_errors=True)
+            self.pending = None
+
+
+def run_trial(params: dict, spec: SweepSpec) -> None:
+    """Tune function trainable: one asynchronous meta-training (the Ray runner), reported
+    by a ``TrialReporter`` with its checkpoints."""
     config = trial_config(spec, params)
-    context = tune.get_context()
-    trial_id = context.get_trial_id()
-    run_dir = tempfile.mkdtemp(prefix=f"metalearn-{trial_id}-")
+    trial_id = tune.get_context().get_trial_id()
+    run = RunDir(tempfile.mkdtemp(prefix=f"metalearn-{trial_id}-"))
     extra = {"trial_id": trial_id, "restored_from": "", "restored_step": -1}
     checkpoint = tune.get_checkpoint()
     resume = checkpoint is not None
     start_step = 0
     if resume:
         with checkpoint.as_directory() as folder:
-            shutil.copytree(folder, run_dir, dirs_exist_ok=True)
-        with open(os.path.join(run_dir, SWEEP_META)) as f:
+            shutil.copytree(folder, run.path, dirs_exist_ok=True)
+        with open(os.path.join(run.path, SWEEP_META)) as f:
             donor = json.load(f)
         extra["restored_from"], extra["restored_step"] = donor["trial_id"], donor["step"]
         start_step = donor["step"]
         print(f"trial {trial_id}: restoring step {donor['step']} of trial "
               f"{donor['trial_id']}", file=sys.stderr)
-    prepare_run_dir(config, run_dir, resume)
-    every, last = spec.trial.report_every, spec.trial.steps
-    # reported: the step of the last report (or of the restored checkpoint);
-    # pending: (checkpoint step, its copy) waiting for that step's row.
-    state: dict = {"reported": start_step, "pending": None}
-
-    def stage(trainer) -> tuple[int, str]:
-        step = ray.get(trainer.learner.checkpoint.remote())
-        staging = tempfile.mkdtemp(prefix=f"metalearn-report-{trial_id}-")
-        _copy_run(run_dir, staging, {"trial_id": trial_id, "step": step})
-        return step, staging
-
-    def report(trainer, row: dict, staging: str) -> None:
-        try:
-            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
-            metrics.update(extra, worker_failures=trainer.worker_failures,
-                           learner_restarts=trainer.learner_restarts)
-            if row["step"] >= last:
-                metrics["done"] = True
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(staging))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        state["reported"] = row["step"]
-
-    def on_reply(trainer, reply: dict) -> None:
-        row = reply["row"]
-        if row is None or row["step"] <= state["reported"]:
-            return
-        if state["pending"] is not None:
-            step, staging = state["pending"]
-            if row["step"] < step:
-                return  # rows the staged checkpoint already holds
-            state["pending"] = None
-            if row["step"] == step:
-                report(trainer, row, staging)
-                return
-            shutil.rmtree(staging, ignore_errors=True)  # skipped (a restarted learner)
-        if row["step"] < last and row["step"] // every <= state["reported"] // every:
-            return  # no report boundary crossed since the last report
-        step, staging = stage(trainer)
-        if step == row["step"]:
-            report(trainer, row, staging)
-        else:
-            state["pending"] = (step, staging)
-
+    run.create(config)
+    reporter = TrialReporter(spec, run, trial_id, start_step, extra)
     try:
-        Trainer(config, run_dir, resume=resume, num_workers=spec.trial.workers,
-                on_reply=on_reply).run()
+        ray_loop(config, run, resume=resume, num_workers=spec.trial.workers,
+                 callbacks=[reporter]).run()
     finally:
-        if state["pending"] is not None:
-            shutil.rmtree(state["pending"][1], ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        reporter.discard()
+        shutil.rmtree(run.path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------

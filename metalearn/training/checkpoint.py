@@ -13,41 +13,29 @@ crash leaves a ``*.orbax-checkpoint-tmp*`` folder that is never listed as a step
 ``restore_latest`` also survives a complete-looking step that fails to read (files
 lost or truncated): it warns and falls back to the previous step.
 
-``save_theta`` / ``load_theta`` write the latest theta as ``theta_latest.npz`` (flat
-vector plus the rule config) atomically, for evaluation and export.
+Theta alone is stored in one format, the export (``metalearn.training.export``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import warnings
 
 import jax
 import numpy as np
-
-CHECKPOINT_DIR = "checkpoints"
-THETA_FILE = "theta_latest.npz"
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy, save_decision_policy
 
 
 class CheckpointWarning(UserWarning):
     """A checkpoint could not be read and an older one was used."""
 
 
-def _ocp():
-    import orbax.checkpoint as ocp
-    return ocp
-
-
 class Checkpointer:
     """Owns ``<run>/checkpoints`` (one process writes; ``read_only`` for inspection)."""
 
     def __init__(self, directory: str, *, keep: int = 3, read_only: bool = False):
-        ocp = _ocp()
-        from orbax.checkpoint.checkpoint_managers import (preservation_policy,
-                                                          save_decision_policy)
-
         self.directory = os.path.abspath(directory)
         if not read_only:
             os.makedirs(self.directory, exist_ok=True)
@@ -63,7 +51,6 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, arrays, meta: dict, *, wait: bool = True) -> None:
-        ocp = _ocp()
         self.manager.wait_until_finished()
         if step in self.manager.all_steps():
             # Only after a fallback restore (the newer step was unreadable): replace it.
@@ -75,7 +62,6 @@ class Checkpointer:
 
     def restore(self, step: int, template):
         """(arrays, meta) of ``step``; arrays restored against ``template``'s structure."""
-        ocp = _ocp()
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
@@ -83,7 +69,6 @@ class Checkpointer:
         return arrays, dict(restored["meta"])
 
     def read_meta(self, step: int) -> dict:
-        ocp = _ocp()
         restored = self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
@@ -131,42 +116,3 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def save_theta(run_dir: str, theta_flat: np.ndarray, rule: dict, step: int) -> str:
-    """Write ``theta_latest.npz``: flat theta, its step and the rule config (JSON)."""
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, theta=np.asarray(theta_flat, np.float32), step=np.int64(step),
-             rule=np.array(json.dumps(rule)))
-    path = os.path.join(run_dir, THETA_FILE)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def load_theta(path: str):
-    """(theta pytree, rule config, step) from a ``theta_latest.npz`` or a run folder."""
-    from metalearn.core.config import RuleConfig, from_dict
-
-    if os.path.isdir(path):
-        path = os.path.join(path, THETA_FILE)
-    with np.load(path) as data:
-        flat = data["theta"]
-        step = int(data["step"])
-        rule = from_dict(RuleConfig, json.loads(str(data["rule"])), "rule")
-    _, unravel = theta_unravel(rule)
-    return unravel(flat), rule, step
-
-
-def theta_unravel(rule):
-    """(number of parameters, unravel: flat vector -> theta pytree) for ``rule``."""
-    import functools
-
-    from jax.flatten_util import ravel_pytree
-    from metalearn.core.update_rule import init_theta
-
-    shapes = jax.eval_shape(functools.partial(init_theta, config=rule), jax.random.key(0))
-    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    flat, unravel = ravel_pytree(zeros)
-    return int(flat.size), unravel

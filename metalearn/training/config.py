@@ -166,6 +166,9 @@ class RunConfig:
     minutes: float = 10.0  # wall-clock budget; 0: no time limit
     steps: int = 0  # stop at this learner step; 0: no step limit
     address: str = ""  # Ray address to join; "" starts a local Ray
+    # "ray": learner and worker actors; "local": the same loop in one process, no Ray
+    # (metalearn.training.local: tests, debugging, the fastest path on one GPU).
+    runner: Literal["ray", "local"] = "ray"
     progress_every_s: float = 2.0
     metrics_flush_s: float = 15.0  # metrics.parquet rewrite interval
     tensorboard: bool = False

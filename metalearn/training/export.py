@@ -1,6 +1,8 @@
-"""``metalearn export RUN_DIR --out PATH``: a self-describing checkpoint of theta.
+"""The one storage format of theta: a self-describing orbax checkpoint ("an export").
 
-An export is one orbax checkpoint folder with two items:
+A run folder keeps its newest theta in this format (``RunDir.theta``, written by the
+learner with every checkpoint); ``metalearn export RUN_DIR --out PATH`` writes the same
+format with the run's provenance, and ``metalearn eval`` reads it. An export is one orbax checkpoint folder with two items:
 
 * ``theta``: the rule's parameters as a nested dict of float32 arrays (the names of
   ``update_rule.init_theta``), written as plain zarr arrays (no OCDBT: its data files
@@ -20,14 +22,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
-import sys
+from importlib.metadata import PackageNotFoundError, version
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import pyarrow.parquet as pq
 
-from metalearn.core.config import ConfigError, RuleConfig, from_dict, to_dict
+from metalearn.core.config import RuleConfig
+from metalearn.core.config_io import ConfigError, from_dict, to_dict
+from metalearn.core.theta import theta_spec
+from metalearn.training.run_dir import RunDir
 
 FORMAT = "metalearn-rule-export"
 FORMAT_VERSION = 1
@@ -50,21 +59,18 @@ class ExportedRule:
 
 
 def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
     try:
         return version("metalearn")
     except PackageNotFoundError:  # running from a source tree that is not installed
         return "unknown"
 
 
-def meta_loss_at(run_dir: str, step: int) -> dict:
-    """Meta-losses logged in ``metrics.parquet`` at ``step`` (the last row with
+def meta_loss_at(run: RunDir, step: int) -> dict:
+    """Meta-losses logged in the run's metrics at ``step`` (the last row with
     ``step <= step``); empty when the run has no metrics yet."""
-    path = os.path.join(run_dir, "metrics.parquet")
+    path = run.metrics
     if not os.path.exists(path):
         return {}
-    import pyarrow.parquet as pq
-
     table = pq.read_table(path)
     if "step" not in table.column_names or table.num_rows == 0:
         return {}
@@ -81,17 +87,7 @@ def meta_loss_at(run_dir: str, step: int) -> dict:
     return out
 
 
-def _read_run_config(run_dir: str) -> dict | None:
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
-        return None
-    import yaml
-    with open(path) as f:
-        return yaml.safe_load(f)
-
-
 def _to_nested_numpy(tree) -> dict:
-    import jax
     return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
 
 
@@ -114,18 +110,16 @@ def _normalise_orbax_files(path: str) -> None:
 
 
 def _handler():
-    import orbax.checkpoint as ocp
     return ocp.CompositeCheckpointHandler(**{
         THETA_ITEM: ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False),
         META_ITEM: ocp.JsonCheckpointHandler()})
 
 
 def write_export(out: str, theta, rule: RuleConfig, meta: dict, *, force: bool = False) -> str:
-    """Write theta and ``meta`` (plus format fields and the rule config) to ``out``."""
-    import logging
+    """Write theta and ``meta`` (plus format fields and the rule config) to ``out``.
 
-    import orbax.checkpoint as ocp
-
+    The export is written beside ``out`` and renamed into place, so a reader (or a crash)
+    sees either the old export or the new one, never a half-written folder."""
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         if not force:
@@ -134,9 +128,10 @@ def write_export(out: str, theta, rule: RuleConfig, meta: dict, *, force: bool =
             raise ConfigError(f"{out} exists and is not a metalearn export; refusing to "
                               f"replace it")
     theta = _to_nested_numpy(theta)
-    check_theta_shape(theta, rule, where="theta to export")
+    spec = theta_spec(rule)
+    spec.check_tree(theta, where="theta to export")
     full_meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "rule": to_dict(rule),
-                 "num_params": int(sum(a.size for a in _leaves(theta))), **meta}
+                 "num_params": spec.num_params, **meta}
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{os.path.basename(out)}.export-tmp")
@@ -155,38 +150,52 @@ def write_export(out: str, theta, rule: RuleConfig, meta: dict, *, force: bool =
         absl_logger.setLevel(level)
     _normalise_orbax_files(staging)
     if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(staging, out)
+        old = staging + "-old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, out)
     return out
 
 
-def _leaves(tree) -> list:
-    import jax
-    return jax.tree.leaves(tree)
-
-
 def export_run(run_dir: str, out: str, *, force: bool = False) -> dict:
-    """Export the run's ``theta_latest.npz`` to ``out``; returns the written metadata."""
-    from metalearn.training.checkpoint import THETA_FILE, load_theta
-
-    run_dir = os.path.abspath(run_dir)
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    if not os.path.exists(os.path.join(run_dir, THETA_FILE)):
-        raise FileNotFoundError(f"{run_dir} has no {THETA_FILE}: not a training run folder, "
-                                f"or the run has not saved theta yet")
-    theta, rule, step = load_theta(run_dir)
-    losses = meta_loss_at(run_dir, step)
+    """Export the run's newest theta to ``out`` with its provenance; returns the metadata."""
+    run = RunDir(run_dir)
+    if not os.path.isdir(run.path):
+        raise FileNotFoundError(f"run folder {run.path} does not exist")
+    if not is_export(run.theta):
+        raise FileNotFoundError(f"{run.path} has no {RunDir.THETA}/: not a training run "
+                                f"folder, or the run has not saved theta yet")
+    saved = load_export(run.theta)
+    losses = meta_loss_at(run, saved.step)
     meta = {
-        "run": os.path.basename(run_dir.rstrip(os.sep)),
-        "run_config": _read_run_config(run_dir),
-        "step": int(step),
+        "run": run.name,
+        "run_config": run.read_config_dict(),
+        "step": saved.step,
         "meta_loss": losses.get("meta_loss_rolling", losses.get("meta_loss")),
         "metrics": losses,
         "package_version": package_version(),
     }
-    write_export(out, theta, rule, meta, force=force)
+    write_export(out, saved.theta, saved.rule, meta, force=force)
     return meta
+
+
+def save_run_theta(run: RunDir, theta_flat: np.ndarray, rule: RuleConfig, step: int) -> str:
+    """Write the learner's theta (flat [P]) at ``step`` to the run's ``theta_latest``."""
+    theta = theta_spec(rule).unravel(np.asarray(theta_flat, np.float32))
+    return write_export(run.theta, theta, rule, {"step": int(step), "run": run.name},
+                        force=True)
+
+
+def load_theta(path: str):
+    """(theta pytree, rule config, step) from an export or a run folder's newest theta."""
+    if not is_export(path) and is_export(RunDir(path).theta):
+        path = RunDir(path).theta
+    exported = load_export(path)
+    return exported.theta, exported.rule, exported.step
 
 
 def is_export(path: str) -> bool:
@@ -200,10 +209,9 @@ def read_export_meta(path: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not is_export(path):
-        from metalearn.training.checkpoint import THETA_FILE
         hint = (f"; it looks like a training run: export it first with "
                 f"`metalearn export {path} --out EXPORT_DIR`"
-                if os.path.exists(os.path.join(path, THETA_FILE)) else "")
+                if is_export(RunDir(path).theta) else "")
         raise ConfigError(f"{path} is not a metalearn export (no {META_ITEM}/metadata and "
                           f"{THETA_ITEM}/ items){hint}")
     with open(os.path.join(path, META_ITEM, "metadata")) as f:
@@ -217,42 +225,8 @@ def read_export_meta(path: str) -> dict:
     return meta
 
 
-def _shape_template(rule: RuleConfig) -> dict:
-    import functools
-
-    import jax
-
-    from metalearn.core.update_rule import init_theta
-    return jax.eval_shape(functools.partial(init_theta, config=rule), jax.random.key(0))
-
-
-def check_theta_shape(theta, rule: RuleConfig, where: str = "checkpoint theta") -> None:
-    """Raise ConfigError naming the first entry where theta and ``rule`` disagree."""
-    import jax
-
-    want = {jax.tree_util.keystr(p): tuple(s.shape)
-            for p, s in jax.tree_util.tree_leaves_with_path(_shape_template(rule))}
-    have = {jax.tree_util.keystr(p): tuple(np.shape(a))
-            for p, a in jax.tree_util.tree_leaves_with_path(theta)}
-    if want == have:
-        return
-    missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
-    if missing or extra:
-        first = (f"theta{missing[0]} missing" if missing else f"theta{extra[0]} unexpected")
-    else:
-        key = next(k for k in sorted(want) if want[k] != have[k])
-        first = f"theta{key} has shape {have[key]}, the rule needs {want[key]}"
-    raise ConfigError(f"{where} does not match the rule config ({sum(map(math.prod, have.values()))} "
-                      f"parameters vs {sum(map(math.prod, want.values()))}): {first}")
-
-
 def load_export(path: str, rule: RuleConfig | None = None) -> ExportedRule:
     """Load an export. With ``rule``, also check theta has that rule's shapes."""
-    import logging
-
-    import orbax.checkpoint as ocp
-
     meta = read_export_meta(path)
     saved_rule = from_dict(RuleConfig, meta["rule"], "rule")
     absl_logger = logging.getLogger("absl")
@@ -265,38 +239,11 @@ def load_export(path: str, rule: RuleConfig | None = None) -> ExportedRule:
     finally:
         absl_logger.setLevel(level)
     theta = _to_nested_numpy(dict(restored[THETA_ITEM]))
-    check_theta_shape(theta, saved_rule, where=f"theta in {path}")
+    theta_spec(saved_rule).check_tree(theta, where=f"theta in {path}")
     if rule is not None and rule != saved_rule:
-        check_theta_shape(theta, rule, where=f"theta in {path}")
+        theta_spec(rule).check_tree(theta, where=f"theta in {path}")
     return ExportedRule(theta, saved_rule, meta)
 
 
-# ---------------------------------------------------------------------------
-# command line
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export", help="export a run's theta as a self-describing orbax checkpoint",
-        description="Write RUN_DIR's latest theta, its rule config and provenance (run, "
-                    "step, meta-loss, package version) to a standalone orbax checkpoint.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="training run folder")
-    parser.add_argument("--out", required=True, help="export folder to write")
-    parser.add_argument("--force", action="store_true", help="replace an existing export")
-    parser.add_argument("--json", action="store_true", help="print the metadata as JSON")
-    parser.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    meta = export_run(args.run_dir, args.out, force=args.force)
-    if args.json:
-        print(json.dumps({"out": os.path.abspath(args.out), **meta}, default=str))
-    else:
-        loss = meta["meta_loss"]
-        print(f"exported {meta['run']} step {meta['step']} "
-              f"(meta-loss {'n/a' if loss is None else f'{loss:.4f}'}) to "
-              f"{os.path.abspath(args.out)}", file=sys.stderr)
-    return 0
-
-
-__all__ = ["ExportedRule", "export_run", "load_export", "read_export_meta", "write_export",
-           "check_theta_shape", "is_export", "add_parser"]
+__all__ = ["ExportedRule", "export_run", "is_export", "load_export", "load_theta",
+           "read_export_meta", "save_run_theta", "write_export"]

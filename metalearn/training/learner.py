@@ -26,7 +26,6 @@ buffer, counters, rolling losses and RNG.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import time
 import uuid
@@ -37,67 +36,8 @@ import numpy as np
 import optax
 
 from metalearn.training.config import CurriculumConfig, LearnerConfig
-
-
-@dataclasses.dataclass
-class Submission:
-    """One truncation's result, as a worker sends it."""
-
-    grad: np.ndarray  # [P] float32, theta's ravel_pytree order (mean over ``count`` tasks)
-    version: int  # theta version the gradient was computed with
-    generation: str  # learner incarnation that published that version
-    loss: float  # mean meta-objective over the truncation's steps (and tasks)
-    finite: bool = True  # the worker's own check of loss and gradient
-    count: int = 1  # task gradients averaged in ``grad`` (a vmapped worker's T)
-    # The meta-objective after the task's first inner step (phi ~ its random init), for
-    # the same task(s): loss - loss_start is how much the rule has improved the task's
-    # features so far, free of how hard the task is. NaN: not known.
-    loss_start: float = float("nan")
-    nonfinite_tasks: int = 0  # further tasks of this truncation left out as not finite
-    dataset: str = "unknown"
-    num_steps: int = 0  # U
-    worker: int = -1
-    metadata: dict = dataclasses.field(default_factory=dict)
-    timings: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class Curriculum:
-    """Values a worker needs from the learner's curriculum at one step."""
-
-    unroll_low: int
-    unroll_high: int
-    truncations_std: float
-    min_truncations: int = 1
-
-    def sample_unroll(self, rng: np.random.Generator) -> int:
-        return int(rng.integers(self.unroll_low, self.unroll_high + 1))
-
-    def sample_truncations(self, rng: np.random.Generator) -> int:
-        """Truncations for a new task: round(Normal(mean=std, std)), at least the minimum."""
-        count = rng.normal(self.truncations_std, self.truncations_std)
-        return max(self.min_truncations, int(round(count)))
-
-
-def _ramp(start: float, end: float, step: int, steps: int) -> float:
-    frac = 1.0 if steps <= 0 else min(max(step / steps, 0.0), 1.0)
-    return start + (end - start) * frac
-
-
-def curriculum_at(config: CurriculumConfig, step: int) -> Curriculum:
-    """Linear interpolation of the U range and truncation spread at learner ``step``."""
-    low = _ramp(config.unroll_start[0], config.unroll_end[0], step, config.unroll_ramp_steps)
-    high = _ramp(config.unroll_start[1], config.unroll_end[1], step, config.unroll_ramp_steps)
-    low, high = int(round(low)), int(round(high))
-    std = _ramp(config.truncations_std_start, config.truncations_std_end, step,
-                config.truncations_ramp_steps)
-    return Curriculum(low, max(low, high), float(std), config.min_truncations)
-
-
-def lr_at(config: LearnerConfig, step: int) -> float:
-    """Piecewise-constant meta learning rate for the update number ``step`` (0-based)."""
-    index = int(np.searchsorted(np.asarray(config.lr_boundaries), step, side="right"))
-    return float(config.lr_values[index])
+from metalearn.training.messages import Submission
+from metalearn.training.schedules import Curriculum, TruncationSchedule, lr_at
 
 
 def make_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
@@ -123,7 +63,7 @@ class Learner:
                  curriculum: CurriculumConfig, *, generation: str | None = None,
                  clock=time.monotonic):
         self.config = config
-        self.curriculum_config = curriculum
+        self.schedule = TruncationSchedule(curriculum)
         self.generation = generation or uuid.uuid4().hex[:12]
         self._clock = clock
         self.optimizer = make_optimizer(config)
@@ -157,7 +97,7 @@ class Learner:
     # ------------------------------------------------------------------ public API
 
     def curriculum(self) -> Curriculum:
-        return curriculum_at(self.curriculum_config, self.step)
+        return self.schedule.at(self.step)
 
     def lr(self) -> float:
         return lr_at(self.config, self.step)

@@ -25,12 +25,21 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
-from metalearn.training.learner import Curriculum, Submission
+from metalearn.core.base_model import init_params
+from metalearn.core.config_io import read_yaml
+from metalearn.core.theta import theta_spec
+from metalearn.core.unroll import make_meta_gradient
 from metalearn.training.config import TrainConfig, resolve_path
+from metalearn.training.messages import LearnerReply, Submission, WorkOrder
+from metalearn.training.schedules import Curriculum
+from tasks.sampler import TaskSampler, load_mix
 
 DEFAULT_JAX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "metalearn", "jax")
 
@@ -39,8 +48,6 @@ def enable_compilation_cache(setting: str) -> str | None:
     """Turn on JAX's persistent compilation cache ("" default dir, "none" off)."""
     if setting == "none":
         return None
-    import jax
-
     path = os.path.expanduser(setting) if setting else DEFAULT_JAX_CACHE
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
@@ -52,21 +59,16 @@ def enable_compilation_cache(setting: str) -> str | None:
 
 
 def make_sampler(config: TrainConfig):
-    """The task sampler of ``config.tasks`` (import deferred: tasks may be heavy)."""
-    from tasks.sampler import TaskSampler, load_mix
-
+    """The task sampler of ``config.tasks``."""
     return TaskSampler(load_mix(mix_dict(config)), data_dir=config.tasks.data_dir)
 
 
 def mix_dict(config: TrainConfig) -> dict:
     """The task mix of ``config.tasks`` as a dict, with its shape-bounding overrides."""
-    import yaml
-
     path = resolve_path(config.tasks.mix)
     if not os.path.exists(path):
         raise FileNotFoundError(f"task mix file {path} not found")
-    with open(path) as f:
-        mix = yaml.safe_load(f) or {}
+    mix = read_yaml(path, "task mix file")
     tasks = config.tasks
     if tasks.architecture:
         mix["architecture"] = {**(mix.get("architecture") or {}), **tasks.architecture}
@@ -119,14 +121,10 @@ class Worker:
 
     def __init__(self, config: TrainConfig, index: int, stream_seed: int, *,
                  sampler: Any = None):
-        import jax  # noqa: F401 - after the caller set affinity / XLA flags
-
-        from metalearn.training.checkpoint import theta_unravel
-
         self.config = config
         self.index = index
         self.tasks_per_worker = config.worker.tasks_per_worker
-        self.num_params, self._unravel = theta_unravel(config.rule)
+        self.theta_spec = theta_spec(config.rule)
         self.sampler = sampler if sampler is not None else make_sampler(config)
         self._estimators: dict[str, Any] = {}
         self._shapes_seen: set = set()
@@ -147,12 +145,10 @@ class Worker:
 
     def set_theta(self, generation: str, version: int, theta_flat: np.ndarray) -> None:
         theta_flat = np.asarray(theta_flat, np.float32)
-        if theta_flat.shape != (self.num_params,):
+        if theta_flat.shape != (self.theta_spec.num_params,):
             raise ValueError(f"theta of {theta_flat.size} parameters; this worker's rule "
-                             f"has {self.num_params}")
-        import jax.numpy as jnp
-
-        self.theta = self._unravel(jnp.asarray(theta_flat))
+                             f"has {self.theta_spec.num_params}")
+        self.theta = self.theta_spec.unravel(jnp.asarray(theta_flat))
         self.theta_key = (generation, int(version))
 
     def needs_theta(self, generation: str, version: int) -> bool:
@@ -163,8 +159,6 @@ class Worker:
     def _estimator(self, activation: str):
         estimator = self._estimators.get(activation)
         if estimator is None:
-            from metalearn.core.unroll import make_meta_gradient
-
             tasks = self.tasks_per_worker if self.tasks_per_worker > 1 else None
             estimator = make_meta_gradient(activation, self.config.rule,
                                            self.config.objective, self.config.unroll,
@@ -173,10 +167,6 @@ class Worker:
         return estimator
 
     def _new_tasks(self, curriculum: Curriculum) -> _TaskGroup:
-        import jax
-
-        from metalearn.core.base_model import init_params
-
         seeds = [int(s) for s in self.rng.integers(0, 2 ** 62, size=self.tasks_per_worker)]
         first = self.sampler.sample(seeds[0])
         tasks = [first] + [self.sampler.sample(s, like=first) for s in seeds[1:]]
@@ -186,7 +176,7 @@ class Worker:
         if len(params) == 1:
             stacked = params[0]
         else:
-            stacked = jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *params)
+            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
         return _TaskGroup(tasks, seeds, stacked, curriculum.sample_truncations(self.rng))
 
     def _batch(self, group: _TaskGroup, steps: int):
@@ -196,8 +186,6 @@ class Worker:
                    for task in group.tasks]
         if len(batches) == 1:
             return batches[0]
-        import jax
-
         return jax.tree.map(lambda *leaves: np.stack(leaves), *batches)
 
     def _draw_steps(self, curriculum: Curriculum, total_steps, steps_done: int) -> int:
@@ -208,9 +196,6 @@ class Worker:
 
     def run_truncation(self, curriculum: Curriculum) -> Submission:
         """One truncation of the current task(s) (new ones if none is in progress)."""
-        import jax
-        from jax.flatten_util import ravel_pytree
-
         if self.theta is None:
             raise RuntimeError("worker has no theta yet: call set_theta first")
         start = time.perf_counter()
@@ -288,3 +273,15 @@ class Worker:
                      "prefetch_s": prefetch_done - data, "grad_s": grad_done - data,
                      "total_s": end - start, "new_shape": float(new_shape),
                      "prefetched": float(prefetched)})
+
+    # ------------------------------------------------------------------ one order
+
+    def work(self, order: WorkOrder, fetch_theta: Callable[[Any], np.ndarray],
+             push: Callable[[Submission], LearnerReply]) -> LearnerReply:
+        """Carry out one ``WorkOrder``: take its theta if it is new to this worker (only
+        then is ``fetch_theta(order.theta.payload)`` called), run one truncation and
+        ``push`` the submission to the learner; returns the learner's reply."""
+        handle = order.theta
+        if self.needs_theta(handle.generation, handle.version):
+            self.set_theta(handle.generation, handle.version, fetch_theta(handle.payload))
+        return push(self.run_truncation(order.curriculum))

@@ -1,0 +1,119 @@
+"""The single-process runner: the training loop with an in-process learner and workers.
+
+``InProcessTransport`` implements the loop's ``Transport`` with a ``LearnerHost`` and
+``Worker`` objects in this process. ``collect`` runs the oldest dispatched order to the
+end (truncation, push, reply), so workers take turns and the run is deterministic for
+given seeds: with one worker it applies the same gradients in the same order as the Ray
+runner. It is what tests use to exercise the protocol without Ray, what a debugger can
+step through, and the fastest path on one GPU (no actor, no object store).
+
+    metalearn train --runner local      # same config, same run folder
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import traceback
+from typing import Sequence
+
+from metalearn.training.config import TrainConfig
+from metalearn.training.learner_host import LearnerHost
+from metalearn.training.loop import (Callback, LearnerLost, RunSummary, TrainingLoop,
+                                     Transport)
+from metalearn.training.messages import LearnerStatus, ThetaHandle, WorkerResult, WorkOrder
+from metalearn.training.run_dir import RunDir
+from metalearn.training.worker import Worker, enable_compilation_cache
+
+
+class InProcessTransport(Transport):
+    """Learner and workers as objects of this process; orders run one at a time."""
+
+    def __init__(self, config: TrainConfig, run: RunDir):
+        self.config = config
+        self.run = run
+        self.host: LearnerHost | None = None
+        self.workers: list[Worker] = []
+        self.queue: collections.deque = collections.deque()  # (index, order)
+        enable_compilation_cache(config.worker.compilation_cache)
+
+    def _learner(self) -> LearnerHost:
+        if self.host is None:
+            raise LearnerLost("the learner was stopped")
+        return self.host
+
+    # -- the learner
+
+    def start_learner(self, resume: bool) -> LearnerStatus:
+        self.host = LearnerHost(self.config, self.run, resume)
+        return self.host.status()
+
+    def stop_learner(self) -> None:
+        self.host = None
+
+    def learner_status(self) -> LearnerStatus:
+        return self._learner().status()
+
+    def publish_theta(self, handle: ThetaHandle) -> ThetaHandle:
+        # A copy: the learner replaces its array at each update, but a worker must keep
+        # exactly the version it was given.
+        return ThetaHandle(handle.generation, handle.version, self._learner().theta().copy())
+
+    def new_stream_seeds(self, count: int) -> list[int]:
+        return self._learner().new_stream_seeds(count)
+
+    def rows_after(self, step: int) -> list[dict]:
+        return self._learner().rows_after(step)
+
+    def checkpoint(self) -> int:
+        return self._learner().checkpoint()
+
+    def close_learner(self) -> tuple[int, LearnerStatus]:
+        host = self._learner()
+        step = host.close()
+        return step, host.status()
+
+    # -- the workers
+
+    def default_worker_count(self) -> int:
+        return 1  # one process computes one truncation at a time
+
+    def start_workers(self, seeds: Sequence[int]) -> None:
+        self.workers = [Worker(self.config, index, seed) for index, seed in enumerate(seeds)]
+
+    def dispatch(self, index: int, order: WorkOrder) -> None:
+        self.queue.append((index, order))
+
+    def collect(self, timeout_s: float) -> list[WorkerResult]:
+        if not self.queue:
+            return []
+        index, order = self.queue.popleft()
+        try:
+            reply = self.workers[index].work(order, fetch_theta=lambda payload: payload,
+                                             push=self._learner().submit)
+        except LearnerLost:
+            raise
+        except Exception as err:  # noqa: BLE001 - a failed truncation is reported, not fatal
+            lines = traceback.format_exception_only(type(err), err)
+            return [WorkerResult(index, error=lines[-1].strip()[:300])]
+        return [WorkerResult(index, reply=reply)]
+
+    def reseed(self, index: int, seed: int) -> None:
+        self.workers[index].reseed(seed)
+
+    def stop_workers(self) -> None:
+        self.queue.clear()
+
+
+def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
+                num_workers: int | None = None,
+                callbacks: Sequence[Callback] = ()) -> RunSummary:
+    """Run ``config`` in one process (no Ray) in ``run_dir``; see the module docstring."""
+    run = RunDir(run_dir)
+    run.create(config)
+    loop = TrainingLoop(config, run, InProcessTransport(config, run), resume=resume,
+                        num_workers=num_workers, callbacks=callbacks)
+    return loop.run()
+
+
+__all__ = ["InProcessTransport", "train_local"]

@@ -1,0 +1,105 @@
+"""The typed messages of the training loop (docs/architecture.md, "one gradient").
+
+    driver --WorkOrder--> worker --Submission--> learner --LearnerReply--> worker --> driver
+
+* ``ThetaHandle``: a published theta version: the learner incarnation (``generation``),
+  the ``version`` and a transport-specific ``payload`` (the flat [P] float32 vector in
+  process, an object-store reference on Ray). A worker fetches the payload only when its
+  (generation, version) differs from the one it holds.
+* ``WorkOrder``: the theta handle and the curriculum a worker's next truncation uses.
+* ``Submission``: one truncation's gradient and what the learner needs to weigh it.
+* ``LearnerReply``: the learner's answer to a submission: its newest step and version,
+  the metrics row if the submission completed a meta-batch (with the curriculum at the
+  new step), and the step of a checkpoint it wrote. ``learner_lost`` marks a reply that
+  no learner gave (the push failed): the driver then replaces the learner.
+* ``LearnerStatus``: the learner's state as the driver sees it (start, restore, close).
+* ``WorkerResult``: what the transport hands the loop for one finished order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from metalearn.training.schedules import Curriculum
+
+
+@dataclasses.dataclass(frozen=True)
+class ThetaHandle:
+    generation: str
+    version: int
+    payload: Any = None  # None: not published yet (the transport fills it in)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkOrder:
+    theta: ThetaHandle
+    curriculum: Curriculum
+
+
+@dataclasses.dataclass
+class Submission:
+    """One truncation's result, as a worker sends it."""
+
+    grad: np.ndarray  # [P] float32, theta's ravel_pytree order (mean over ``count`` tasks)
+    version: int  # theta version the gradient was computed with
+    generation: str  # learner incarnation that published that version
+    loss: float  # mean meta-objective over the truncation's steps (and tasks)
+    finite: bool = True  # the worker's own check of loss and gradient
+    count: int = 1  # task gradients averaged in ``grad`` (a vmapped worker's T)
+    # The meta-objective after the task's first inner step (phi ~ its random init), for
+    # the same task(s): loss - loss_start is how much the rule has improved the task's
+    # features so far, free of how hard the task is. NaN: not known.
+    loss_start: float = float("nan")
+    nonfinite_tasks: int = 0  # further tasks of this truncation left out as not finite
+    dataset: str = "unknown"
+    num_steps: int = 0  # U
+    worker: int = -1
+    metadata: dict = dataclasses.field(default_factory=dict)
+    timings: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerReply:
+    generation: str
+    step: int  # the learner's step after this submission
+    version: int  # its theta version
+    row: dict | None = None  # metrics row of the update this submission completed
+    curriculum: Curriculum | None = None  # set with ``row``: the curriculum at ``step``
+    checkpoint: int | None = None  # step of a checkpoint written while replying
+    learner_lost: bool = False  # the push failed: no learner answered
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerStatus:
+    generation: str
+    step: int
+    version: int
+    curriculum: Curriculum
+    num_params: int
+    counters: dict = dataclasses.field(default_factory=dict)
+    meta_loss_rolling: float = float("nan")
+    loss_vs_start_rolling: float = float("nan")
+    restored_step: int | None = None
+    warnings: tuple[str, ...] = ()
+    busy_s: float = 0.0  # seconds spent inside ``submit``
+
+    @property
+    def theta(self) -> ThetaHandle:
+        return ThetaHandle(self.generation, self.version)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerResult:
+    """One finished order: a reply, or why there is none."""
+
+    index: int
+    reply: LearnerReply | None = None
+    died: bool = False  # the worker process died (it is restarted)
+    error: str = ""  # the truncation raised (the worker lives on)
+
+
+__all__ = ["LearnerReply", "LearnerStatus", "Submission", "ThetaHandle", "WorkOrder",
+           "WorkerResult"]
