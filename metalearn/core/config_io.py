@@ -5,7 +5,8 @@ an evaluation) is a frozen dataclass built by ``from_dict``, which rejects unkno
 and wrongly typed values with an error naming the dotted path of the field
 (``rule.compute_h_size``). YAML files are read by ``read_yaml`` (``3e-4`` is a float,
 not a string as in plain YAML 1.1), and ``--set a.b=value`` overrides are applied by
-``apply_overrides`` before validation. ``load`` does all three.
+``apply_overrides`` before validation (``apply_values`` sets values that are not text,
+such as a sweep trial's). ``load`` does all three.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import yaml
@@ -46,6 +48,21 @@ def parse_value(text: str) -> Any:
         raise ConfigError(f"cannot parse value {text!r}: {err}") from None
 
 
+def _set_dotted(values: dict, key: str, value: Any, what: str) -> None:
+    """Set ``values[a][b] = value`` for key ``a.b`` in place, copying touched mappings."""
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"{what}bad key {key!r}")
+    node = values
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what}{'.'.join(parts[:depth + 1])} is not a section")
+        node[part] = child = dict(child)
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Set ``a.b=value`` entries in a nested dict (copying the touched mappings)."""
     values = dict(values)
@@ -53,17 +70,16 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"--set: bad key {key!r}")
-        node = values
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set: {'.'.join(parts[:depth + 1])} is not a section")
-            node[part] = child = dict(child)
-            node = child
-        node[parts[-1]] = parse_value(text)
+        _set_dotted(values, key, parse_value(text), "--set: ")
+    return values
+
+
+def apply_values(values: dict, updates: Mapping[str, Any]) -> dict:
+    """Set ``{"a.b": value}`` entries (values as they are, not text) in a nested dict,
+    copying the touched mappings; a value replaces what was there, mappings included."""
+    values = dict(values)
+    for key, value in (updates or {}).items():
+        _set_dotted(values, str(key), value, "")
     return values
 
 

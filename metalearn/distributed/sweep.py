@@ -45,12 +45,12 @@ def param_space(spec: SweepSpec) -> dict:
     from ray import tune
 
     space = {}
-    for key, value in spec.search.items():
-        if not isinstance(value, dict):
-            space[key] = value
+    for entry in spec.search:
+        if entry.domain is None:
+            space[entry.key] = entry.value
             continue
-        kind, arg = next(iter(value.items()))
-        space[key] = {"grid": tune.grid_search, "choice": tune.choice}[kind](arg) \
+        kind, arg = entry.domain.kind, list(entry.domain.args)
+        space[entry.key] = {"grid": tune.grid_search, "choice": tune.choice}[kind](arg) \
             if kind in ("grid", "choice") else getattr(tune, kind)(*arg)
     return space
 
@@ -169,29 +169,25 @@ def run_trial(params: dict, spec: SweepSpec) -> None:
 def make_scheduler(spec: SweepSpec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-    options = dict(spec.scheduler)
-    kind = options.pop("type", "fifo")
-    if kind == "fifo":
+    options = spec.scheduler  # FifoScheduler, AshaScheduler or PbtScheduler (sweep_spec)
+    if options.type == "fifo":
         return FIFOScheduler()
-    if kind == "asha":
+    if options.type == "asha":
         return ASHAScheduler(time_attr="step", max_t=spec.trial.steps,
-                             grace_period=int(options.get("grace_period", spec.trial.report_every)),
-                             reduction_factor=float(options.get("reduction_factor", 2)))
+                             grace_period=options.grace_period or spec.trial.report_every,
+                             reduction_factor=options.reduction_factor)
     mutations = {}
     from ray import tune
-    for key, value in (options.get("mutations") or {}).items():
-        kind_, arg = next(iter(value.items()))
-        mutations[key] = list(arg) if kind_ == "choice" else getattr(tune, kind_)(*arg)
-    if not mutations:
-        raise ConfigError("scheduler.mutations is required for pbt")
+    for entry in options.mutations:
+        kind_, arg = entry.domain.kind, list(entry.domain.args)
+        mutations[entry.key] = arg if kind_ == "choice" else getattr(tune, kind_)(*arg)
     return PopulationBasedTraining(
         time_attr="step",
-        perturbation_interval=int(options.get("perturbation_interval",
-                                              spec.trial.report_every)),
+        perturbation_interval=options.perturbation_interval or spec.trial.report_every,
         hyperparam_mutations=mutations,
-        quantile_fraction=float(options.get("quantile_fraction", 0.5)),
-        resample_probability=float(options.get("resample_probability", 0.25)),
-        synch=bool(options.get("synch", False)))
+        quantile_fraction=options.quantile_fraction,
+        resample_probability=options.resample_probability,
+        synch=options.synch)
 
 
 def trainable(spec: SweepSpec):
@@ -354,7 +350,7 @@ def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
     ax.set_xlabel("learner step")
     ax.set_ylabel("meta-loss (solid: rolling mean, dotted: meta-batch)")
     ax.set_title(f"sweep {spec.name}: {len(trials)} trials, scheduler "
-                 f"{spec.scheduler.get('type', 'fifo')}")
+                 f"{spec.scheduler.type}")
     ax.grid(alpha=0.3)
     if trials:
         ax.legend(fontsize=7, ncol=2)
@@ -375,7 +371,7 @@ def write_outputs(results, spec: SweepSpec, out: str) -> list[dict]:
         pq.write_table(pa.Table.from_pylist(history), os.path.join(out, "history.parquet"))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(f"# Sweep {spec.name}\n\nSpec: `{spec.path}`; metric `{spec.metric}` "
-                f"({spec.mode}), scheduler `{spec.scheduler.get('type', 'fifo')}`; sorted by "
+                f"({spec.mode}), scheduler `{spec.scheduler.type}`; sorted by "
                 f"the best value reached.\n\n")
         f.write(_markdown(summary))
     plot(history, spec, os.path.join(out, "meta_loss.png"))

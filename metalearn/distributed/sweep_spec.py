@@ -1,29 +1,113 @@
 """A sweep definition (``experiments/sweeps/*.yaml``): what Tune searches and how each
 trial runs. Ray-free, so a spec is validated (every searched value makes a valid training
 config) before Ray starts; see docs/sweeps.md for the file format.
+
+The spec is frozen dataclasses read with ``metalearn.core.config_io.from_dict``, so a
+wrong key or type is an error naming its dotted field (``trial.workers``,
+``scheduler.sync``, ``search.learner.lr_values.uniform``):
+
+* ``SweepSpec``: the file's top level;
+* ``SearchEntry``: one ``search`` key, a fixed value or a ``Domain`` (one of ``grid``,
+  ``choice``, ``uniform``, ``loguniform``, ``randint``);
+* ``TrialSettings``: ``trial``, the resources and limits of every trial;
+* ``FifoScheduler``, ``AshaScheduler``, ``PbtScheduler`` (``SchedulerConfig``):
+  ``scheduler``, with the options of its ``type``; PBT's ``mutations`` are
+  ``SearchEntry`` s too.
+
+A trial's ``TrainConfig`` (``trial_config``) is the base config's dict with the fixed
+``set`` values, the trial's sampled values and its limits set at their dotted keys,
+then validated like any training config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+from typing import Any, Literal
 
-from metalearn.core.config import ConfigError
-from metalearn.training.config import load_config, read_yaml, resolve_path
+from metalearn.core.config_io import ConfigError, apply_values, from_dict, read_yaml
+from metalearn.training.config import TrainConfig, config_from_dict, resolve_path
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-# The options each scheduler type takes (anything else is a typo: refused, not ignored).
-SCHEDULER_KEYS = {
-    "fifo": {"type"},
-    "asha": {"type", "grace_period", "reduction_factor"},
-    "pbt": {"type", "perturbation_interval", "quantile_fraction", "resample_probability",
-            "mutations", "synch"},
-}
+MUTATION_KINDS = ("choice", "uniform", "loguniform")
 
 
 # ---------------------------------------------------------------------------
-# the sweep definition
+# searched values
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """Where a searched value comes from: exactly one field is set.
+
+    grid: every value, one trial each; choice: one value drawn per trial;
+    uniform / loguniform: a float in [low, high]; randint: an integer in [low, high).
+    """
+
+    grid: tuple[Any, ...] | None = None
+    choice: tuple[Any, ...] | None = None
+    uniform: tuple[float, ...] | None = None
+    loguniform: tuple[float, ...] | None = None
+    randint: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        # Messages start "domain.<field>" so from_dict re-anchors them at the entry.
+        kind, args = self.kind, self.args
+        if not args:
+            raise ConfigError(f"domain.{kind} must be a non-empty list")
+        if kind in ("uniform", "loguniform", "randint") and len(args) != 2:
+            raise ConfigError(f"domain.{kind} must be [low, high]")
+
+    @property
+    def kind(self) -> str:
+        """The one field that is set (``load_spec`` checks there is exactly one)."""
+        return next(k for k in SEARCH_KINDS if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> tuple:
+        return getattr(self, self.kind)
+
+    def candidates(self) -> tuple:
+        """Values a trial may get that ``load_spec`` checks make a valid config: every
+        grid or choice value, the low end of a range."""
+        return self.args if self.kind in ("grid", "choice") else self.args[:1]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchEntry:
+    """One searched training-config key: a ``Domain`` or, without one, a fixed value."""
+
+    key: str  # dotted TrainConfig field, e.g. learner.lr_values
+    domain: Domain | None = None
+    value: Any = None
+
+
+def _entries(section: str, values: Any, kinds: tuple[str, ...],
+             fixed_allowed: bool) -> tuple[SearchEntry, ...]:
+    """``SearchEntry`` s of a ``key: value-or-{kind: args}`` mapping named ``section``."""
+    if values is None:
+        return ()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section} must be a mapping of dotted keys, got "
+                          f"{type(values).__name__}")
+    entries = []
+    for key, value in values.items():
+        path = f"{section}.{key}"
+        if not isinstance(value, dict):
+            if not fixed_allowed:
+                raise ConfigError(f"{path}: use {', '.join(kinds[:-1])} or {kinds[-1]}")
+            entries.append(SearchEntry(str(key), value=value))
+            continue
+        if len(value) != 1 or next(iter(value)) not in SEARCH_KINDS:
+            raise ConfigError(f"{path}: give one of {', '.join(SEARCH_KINDS)}, "
+                              f"got {sorted(value)}")
+        if next(iter(value)) not in kinds:
+            raise ConfigError(f"{path}: use {', '.join(kinds[:-1])} or {kinds[-1]}")
+        entries.append(SearchEntry(str(key), domain=from_dict(Domain, value, path)))
+    return tuple(entries)
+
+
+# ---------------------------------------------------------------------------
+# trials and schedulers
 
 @dataclasses.dataclass(frozen=True)
 class TrialSettings:
@@ -48,94 +132,149 @@ class TrialSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """A Tune trial scheduler; ``load_spec`` picks the subclass named by ``type``."""
+
+    type: str = "fifo"
+
+
+@dataclasses.dataclass(frozen=True)
+class FifoScheduler(SchedulerConfig):
+    """Every trial runs to its end."""
+
+    type: Literal["fifo"] = "fifo"
+
+
+@dataclasses.dataclass(frozen=True)
+class AshaScheduler(SchedulerConfig):
+    """ASHA: the worse trials stop at each rung (time = the learner step)."""
+
+    type: Literal["asha"] = "asha"
+    grace_period: int | None = None  # None: trial.report_every (set by load_spec)
+    reduction_factor: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PbtScheduler(SchedulerConfig):
+    """Population-based training: worse trials continue from a better one's checkpoint
+    with mutated values."""
+
+    type: Literal["pbt"] = "pbt"
+    perturbation_interval: int | None = None  # None: trial.report_every (set by load_spec)
+    quantile_fraction: float = 0.5
+    resample_probability: float = 0.25
+    mutations: tuple[SearchEntry, ...] = ()  # choice, uniform or loguniform domains
+    synch: bool = False
+
+    def __post_init__(self):
+        if not self.mutations:
+            raise ConfigError("scheduler.mutations is required for pbt")
+
+
+SCHEDULERS: dict[str, type[SchedulerConfig]] = {
+    "fifo": FifoScheduler, "asha": AshaScheduler, "pbt": PbtScheduler}
+
+
+def _scheduler(values: Any) -> SchedulerConfig:
+    if values is None:
+        return FifoScheduler()
+    if not isinstance(values, dict):
+        raise ConfigError(f"scheduler must be a mapping, got {type(values).__name__}")
+    kind = values.get("type", "fifo")
+    if kind not in SCHEDULERS:
+        raise ConfigError(f"scheduler.type must be fifo, asha or pbt, got {kind!r}")
+    values = dict(values)
+    if kind == "pbt" and "mutations" in values:
+        values["mutations"] = _entries("scheduler.mutations", values["mutations"],
+                                       MUTATION_KINDS, fixed_allowed=False)
+    return from_dict(SCHEDULERS[kind], values, "scheduler")
+
+
+# ---------------------------------------------------------------------------
+# the sweep definition
+
+@dataclasses.dataclass(frozen=True)
 class SweepSpec:
     name: str
-    base: str  # training config YAML the trials start from
-    overrides: tuple[str, ...]  # fixed ``key=value`` overrides on top of the base
-    search: dict  # dotted key -> {grid|choice|uniform|loguniform|randint: ...} or value
-    num_samples: int
-    metric: str
-    mode: str
-    max_concurrent: int
-    max_failures: int
-    trial: TrialSettings
-    scheduler: dict  # {"type": fifo|asha|pbt, ...}
-    path: str = ""
+    base: str  # training config YAML the trials start from (absolute once loaded)
+    set: dict = dataclasses.field(default_factory=dict)  # fixed values at dotted keys
+    search: tuple[SearchEntry, ...] = ()
+    num_samples: int = 1
+    metric: str = "meta_loss_rolling"
+    mode: Literal["min", "max"] = "min"
+    max_concurrent: int = 0  # 0: as many trials as the cluster fits
+    max_failures: int = 2
+    trial: TrialSettings = TrialSettings()
+    scheduler: SchedulerConfig = FifoScheduler()
+    path: str = ""  # the spec file (absolute), set by load_spec
+
+    def __post_init__(self):
+        if not isinstance(self.set, dict):
+            raise ConfigError(f"set must be a mapping of dotted keys to values, got "
+                              f"{type(self.set).__name__}")
 
 
-def _check_search(key: str, value) -> None:
-    if isinstance(value, dict):
-        if len(value) != 1 or next(iter(value)) not in SEARCH_KINDS:
-            raise ConfigError(f"search.{key}: give one of {', '.join(SEARCH_KINDS)}, "
-                              f"got {sorted(value)}")
-        kind, arg = next(iter(value.items()))
-        if not isinstance(arg, list) or not arg:
-            raise ConfigError(f"search.{key}.{kind} must be a non-empty list")
-        if kind in ("uniform", "loguniform", "randint") and len(arg) != 2:
-            raise ConfigError(f"search.{key}.{kind} must be [low, high]")
+_FILE_KEYS = tuple(f.name for f in dataclasses.fields(SweepSpec) if f.name != "path")
 
 
 def load_spec(path: str) -> SweepSpec:
     """Read and validate a sweep YAML; the trial config it makes is validated too."""
     raw = read_yaml(path, "sweep spec")
-    known = {"name", "base", "set", "search", "num_samples", "metric", "mode",
-             "max_concurrent", "max_failures", "trial", "scheduler"}
-    unknown = sorted(set(raw) - known)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a sweep spec must be a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_FILE_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key {unknown[0]}")
-    search = raw.get("search") or {}
-    for key, value in search.items():
-        _check_search(key, value)
-    fixed = raw.get("set") or {}
-    overrides = tuple(f"{k}={json.dumps(v)}" for k, v in fixed.items())
-    trial_raw = raw.get("trial") or {}
-    bad = sorted(set(trial_raw) - {f.name for f in dataclasses.fields(TrialSettings)})
-    if bad:
-        raise ConfigError(f"{path}: unknown sweep key trial.{bad[0]}")
-    scheduler = dict(raw.get("scheduler") or {"type": "fifo"})
-    kind = scheduler.get("type", "fifo")
-    if kind not in SCHEDULER_KEYS:
-        raise ConfigError(f"scheduler.type must be fifo, asha or pbt, "
-                          f"got {scheduler.get('type')!r}")
-    bad = sorted(set(scheduler) - SCHEDULER_KEYS[kind])
-    if bad:
-        raise ConfigError(f"{path}: unknown {kind} scheduler key scheduler.{bad[0]} "
-                          f"(known: {', '.join(sorted(SCHEDULER_KEYS[kind] - {'type'}))})")
-    if not isinstance(scheduler.get("synch", False), bool):
-        raise ConfigError(f"scheduler.synch must be true or false, "
-                          f"got {scheduler['synch']!r}")
-    mode = raw.get("mode", "min")
-    if mode not in ("min", "max"):
-        raise ConfigError(f"mode must be min or max, got {mode!r}")
-    spec = SweepSpec(
-        name=str(raw.get("name") or os.path.splitext(os.path.basename(path))[0]),
-        base=resolve_path(str(raw.get("base", "experiments/local.yaml"))),
-        overrides=overrides, search=dict(search),
-        num_samples=int(raw.get("num_samples", 1)),
-        metric=str(raw.get("metric", "meta_loss_rolling")), mode=mode,
-        max_concurrent=int(raw.get("max_concurrent", 0)),
-        max_failures=int(raw.get("max_failures", 2)),
-        trial=TrialSettings(**trial_raw), scheduler=scheduler,
-        path=os.path.abspath(path))
-    for key, value in spec.search.items():  # every searched value must make a valid config
-        if isinstance(value, dict):
-            kind, arg = next(iter(value.items()))
-            candidates = arg if kind in ("grid", "choice") else arg[:1]
-        else:
-            candidates = [value]
+    values = dict(raw)
+    values["name"] = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
+    values["base"] = resolve_path(str(raw.get("base", "experiments/local.yaml")))
+    values["set"] = raw.get("set") or {}
+    values["trial"] = raw.get("trial") or {}
+    try:
+        values["search"] = _entries("search", raw.get("search"), SEARCH_KINDS,
+                                    fixed_allowed=True)
+        values["scheduler"] = _scheduler(raw.get("scheduler"))
+        spec = from_dict(SweepSpec, values)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    spec = dataclasses.replace(spec, path=os.path.abspath(path),
+                               scheduler=_with_defaults(spec.scheduler, spec.trial))
+    for entry in spec.search:  # every searched value must make a valid config
+        candidates = entry.domain.candidates() if entry.domain else (entry.value,)
         for candidate in candidates:
-            trial_config(spec, {key: candidate})
-    for key, value in (scheduler.get("mutations") or {}).items():
-        _check_search(key, value)
-        if "grid" in value or "randint" in value:
-            raise ConfigError(f"scheduler.mutations.{key}: use choice, uniform or loguniform")
+            trial_config(spec, {entry.key: candidate})
     return spec
 
 
-def trial_config(spec: SweepSpec, params: dict):
-    """The TrainConfig of one trial: base, fixed overrides, sampled values, trial limits."""
-    sampled = [f"{k}={json.dumps(v)}" for k, v in params.items()
-               if not k.startswith("_")]
-    limits = [f"run.steps={spec.trial.steps}", f"run.minutes={spec.trial.minutes}",
-              f"worker.num_workers={spec.trial.workers}"]
-    return load_config(spec.base, list(spec.overrides) + sampled + limits)
+def _with_defaults(scheduler: SchedulerConfig, trial: TrialSettings) -> SchedulerConfig:
+    """Scheduler time options left unset default to the trial's report interval."""
+    if isinstance(scheduler, AshaScheduler) and scheduler.grace_period is None:
+        return dataclasses.replace(scheduler, grace_period=trial.report_every)
+    if isinstance(scheduler, PbtScheduler) and scheduler.perturbation_interval is None:
+        return dataclasses.replace(scheduler, perturbation_interval=trial.report_every)
+    return scheduler
+
+
+def trial_values(spec: SweepSpec, params: dict) -> dict:
+    """The nested config dict of one trial: the base config with the fixed values, the
+    sampled ``params`` (dotted keys; Tune's own ``_``-prefixed keys skipped) and the
+    trial's limits set in that order."""
+    values = read_yaml(spec.base, "config file")
+    if not isinstance(values, dict):
+        raise ConfigError(f"a training config must be a mapping, got {type(values).__name__}")
+    sampled = {k: v for k, v in params.items() if not k.startswith("_")}
+    limits = {"run.steps": spec.trial.steps, "run.minutes": spec.trial.minutes,
+              "worker.num_workers": spec.trial.workers}
+    for updates in (spec.set, sampled, limits):
+        values = apply_values(values, updates)
+    return values
+
+
+def trial_config(spec: SweepSpec, params: dict) -> TrainConfig:
+    """The TrainConfig of one trial: base, fixed values, sampled values, trial limits."""
+    return config_from_dict(trial_values(spec, params))
+
+
+__all__ = ["AshaScheduler", "Domain", "FifoScheduler", "PbtScheduler", "SchedulerConfig",
+           "SearchEntry", "SweepSpec", "TrialSettings", "load_spec", "trial_config",
+           "trial_values"]
