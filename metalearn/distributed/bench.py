@@ -61,7 +61,7 @@ class SyntheticWorker:
     def __init__(self, num_params: int, index: int):
         import numpy as np
 
-        from metalearn.training.learner import Submission
+        from metalearn.training.messages import Submission
 
         rng = np.random.default_rng(index)
         self.grads = [rng.normal(size=num_params).astype(np.float32) for _ in range(4)]
@@ -89,7 +89,7 @@ class SyntheticWorker:
             while len(pending) < in_flight:
                 pending.append(self._submit(learner, generation, version))
                 sent += 1
-            version = ray.get(pending.popleft())["version"]
+            version = ray.get(pending.popleft()).version
         ray.get(list(pending))
         return sent
 
@@ -97,8 +97,9 @@ class SyntheticWorker:
 def _in_process_rate(theta, meta_batch: int, seconds: float = 3.0) -> float:
     import numpy as np
 
-    from metalearn.training.learner import Learner, Submission
     from metalearn.training.config import CurriculumConfig, LearnerConfig
+    from metalearn.training.learner import Learner
+    from metalearn.training.messages import Submission
 
     learner = Learner(theta, LearnerConfig(meta_batch=meta_batch), CurriculumConfig())
     grad = np.random.default_rng(0).normal(size=theta.size).astype(np.float32)
@@ -112,8 +113,8 @@ def _in_process_rate(theta, meta_batch: int, seconds: float = 3.0) -> float:
 
 
 def _learner_counts(learner) -> tuple[float, int, int, float]:
-    info = ray.get(learner.info.remote())
-    return time.perf_counter(), info["received"], info["step"], info["busy_s"]
+    status = ray.get(learner.status.remote())
+    return time.perf_counter(), status.counters["received"], status.step, status.busy_s
 
 
 def _pushed_rate(learner, workers, generation: str, seconds: float) -> dict:
@@ -134,10 +135,10 @@ def _pushed_rate(learner, workers, generation: str, seconds: float) -> dict:
             "learner_busy_grads_per_s": received / max(busy1 - busy0, 1e-9)}
 
 
-def _driver_rate(learner, workers, info: dict, seconds: float) -> float:
+def _driver_rate(learner, workers, status, seconds: float) -> float:
     """The training driver's loop: one driver-issued call per gradient, replies read
     by the driver, the next call given the newest version."""
-    box = [info["generation"], info["version"]]
+    box = [status.generation, status.version]
     pending = {w.compute.remote(box, learner): w for w in workers}
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -145,7 +146,7 @@ def _driver_rate(learner, workers, info: dict, seconds: float) -> float:
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
         for ref in ready:
             worker = pending.pop(ref)
-            box = [box[0], max(box[1], ray.get(ref)["version"])]
+            box = [box[0], max(box[1], ray.get(ref).version)]
             count += 1
             pending[worker.compute.remote(box, learner)] = worker
     rate = count / (time.perf_counter() - start)
@@ -177,20 +178,20 @@ def measure_learner(*, seconds: float = 15.0, workers: int = 4, meta_batch: int 
                                                    checkpoint_minutes=1e6))
         with tempfile.TemporaryDirectory() as run_dir:
             learner = LearnerActor.options(num_cpus=0).remote(to_dict(config), run_dir, False)
-            info = ray.get(learner.info.remote())
+            status = ray.get(learner.status.remote())
             pushers = [SyntheticWorker.remote(theta.size, i) for i in range(workers)]
-            ray.get([w.compute.remote([info["generation"], 0], learner)
+            ray.get([w.compute.remote([status.generation, 0], learner)
                      for w in pushers])  # all started, the update compiled soon after
             log(f"[2/3] {workers} synthetic workers pushing to the learner actor "
                 f"for {seconds:.0f} s ...")
-            report.update(_pushed_rate(learner, pushers, info["generation"], seconds))
+            report.update(_pushed_rate(learner, pushers, status.generation, seconds))
             log(f"[3/3] the same through the driver loop, one call per gradient, for "
                 f"{seconds:.0f} s ...")
-            info = ray.get(learner.info.remote())
-            report["driver_loop_grads_per_s"] = _driver_rate(learner, pushers, info, seconds)
-            summary = ray.get(learner.info.remote())
-            report.update(dropped_stale=summary["dropped_stale"],
-                          dropped_nonfinite=summary["dropped_nonfinite"])
+            status = ray.get(learner.status.remote())
+            report["driver_loop_grads_per_s"] = _driver_rate(learner, pushers, status, seconds)
+            counters = ray.get(learner.status.remote()).counters
+            report.update(dropped_stale=counters["dropped_stale"],
+                          dropped_nonfinite=counters["dropped_nonfinite"])
             for actor in pushers + [learner]:
                 ray.kill(actor)
     finally:
