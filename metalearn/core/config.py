@@ -17,7 +17,12 @@ import dataclasses
 import math
 from typing import Any, Literal
 
+import jax
+
 from metalearn.core.config_io import ConfigError, from_dict, to_dict  # noqa: F401 (re-exported)
+
+__all__ = ["ACTIVATIONS", "ConfigError", "MetaObjectiveConfig", "RuleConfig", "UnrollConfig",
+           "from_dict", "to_dict"]
 
 
 ACTIVATIONS = ("relu", "leaky_relu", "swish", "tanh", "sigmoid", "step", "identity")
@@ -156,7 +161,6 @@ class UnrollConfig:
         if self.method != "auto":
             return self.method
         if backend is None:
-            import jax
             backend = jax.default_backend()
         # On CPU, XLA differentiates a rolled scan slowly and per-call dispatch is cheap
         # next to a step; on accelerators a step is ~ms and per-call latency dominates.

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from metalearn.core.base_model import Architecture, BaseParams, features
 from metalearn.core.config import ConfigError, MetaObjectiveConfig
@@ -95,8 +96,6 @@ def make_pair(x_train, labels_train, x_test, labels_test, num_classes: int,
     x_*: [M, B_l, N_0]; labels_*: [M, B_l] ints in [0, num_classes);
     regression_*: optional [M, B_l, R] extra targets (e.g. augmentation parameters).
     """
-    import numpy as np
-
     for name, labels in (("labels_train", labels_train), ("labels_test", labels_test)):
         labels = np.asarray(labels)
         if labels.ndim != 2:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from metalearn.core import rule_layers as rl
 from metalearn.core.base_model import Architecture, BaseParams, forward
+from metalearn.core.base_model import init_params as init_base_params
 from metalearn.core.config import ConfigError, RuleConfig
 
 # The twelve weight-update planes, in the order of the merge's mixing weights.
@@ -422,13 +423,11 @@ def inner_step(theta: dict, params: BaseParams, x: jax.Array, activation: str,
 def unsupervised_update(config: RuleConfig = RuleConfig(),
                         activation: str = "relu") -> UnsupervisedUpdate:
     """Factory: the rule as pure init/step functions closed over its config."""
-    from metalearn.core.base_model import init_params as _init_params
-
     def init_params(key, arch: Architecture):
         if arch.output_size != config.top_units:
             raise ConfigError(f"architecture output size {arch.output_size} must equal "
                               f"rule.top_units ({config.top_units})")
-        return _init_params(key, arch, w_std=config.init_w_std, b_std=config.init_b_std)
+        return init_base_params(key, arch, w_std=config.init_w_std, b_std=config.init_b_std)
 
     def step(theta, params, x):
         return inner_step(theta, params, x, activation, config)
