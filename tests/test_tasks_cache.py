@@ -3,7 +3,7 @@
 import numpy as np
 
 from tasks import cache
-from tasks.sources import Dataset, SourceOptions
+from tasks.registry import Dataset, SourceOptions
 
 
 def _dataset():

@@ -6,7 +6,7 @@ import pytest
 from metalearn.core.config import ConfigError
 from tasks import preprocess
 from tasks.preprocess import PreprocessConfig
-from tasks.sources import Dataset
+from tasks.registry import Dataset
 
 
 def test_resize_matrix_rows_are_averages():
