@@ -33,7 +33,8 @@ from metalearn.core.meta_objective import LabelledPair
 from metalearn.core.unroll import TruncationBatch
 from tasks import augment as aug_lib
 from tasks import preprocess
-from tasks.sources import Dataset, SourceOptions, check_name, load
+from tasks.registry import Dataset, SourceOptions
+from tasks.sources import check_name, load
 
 
 @dataclasses.dataclass(frozen=True)
