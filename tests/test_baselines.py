@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from metalearn.evaluation import baselines
-from metalearn.evaluation.evaluate import (DataConfig, EvalConfig, architecture, load_data, make_task)
+from metalearn.evaluation.config import DataConfig, EvalConfig
+from metalearn.evaluation.data import load_data, make_task
+from metalearn.evaluation.rollout import architecture
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,12 @@ import pytest
 from eval_helpers import make_run
 from metalearn.cli import main
 from metalearn.core.config import ACTIVATIONS, ConfigError
-from metalearn.evaluation.evaluate import (ContinuousEvalConfig, ContinuousEvaluator, DataConfig,
-                                architecture, eval_points_for, learned_rule_curve, load_data,
-                                make_task, readout_accuracies, summarise)
+from metalearn.evaluation.config import ContinuousEvalConfig, DataConfig
+from metalearn.evaluation.continuous import ContinuousEvaluator
+from metalearn.evaluation.data import load_data, make_task
+from metalearn.evaluation.readout import eval_points_for, readout_accuracies
+from metalearn.evaluation.rollout import architecture, check_rule_fits, learned_rule_curve
+from metalearn.evaluation.run import summarise
 from metalearn.core.update_rule import init_theta
 
 
@@ -77,7 +80,6 @@ def test_initial_theta_runs_on_width_1000_plus(tiny_rule, digits):
 
 
 def test_rule_and_model_mismatch_is_named(tiny_rule, digits):
-    from metalearn.evaluation.evaluate import check_rule_fits
     with pytest.raises(ConfigError, match="top_units"):
         check_rule_fits(tiny_rule, architecture(64, 16, 2, "relu", 32))
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from metalearn.evaluation.evaluate import ContinuousEvalConfig
+from metalearn.evaluation.config import ContinuousEvalConfig
 from metalearn.core.update_rule import init_theta
 
 

@@ -25,13 +25,13 @@ def test_plot_meta_training_with_eval_columns(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip()
     assert out.endswith("meta_training.png") and _png_ok(out)
-    path = plot_meta_training(str(tmp_path), str(tmp_path / "x.png"))
+    path = plot_meta_training(str(tmp_path / "metrics.parquet"), str(tmp_path / "x.png"))
     assert _png_ok(path)
 
 
 def test_plot_without_metrics_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="metrics.parquet"):
-        plot_meta_training(str(tmp_path))
+        plot_meta_training(str(tmp_path / "metrics.parquet"))
     assert main(["plot", str(tmp_path)]) == 2
     assert "metrics.parquet" in capsys.readouterr().err
 

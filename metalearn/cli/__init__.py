@@ -18,7 +18,7 @@ COMMANDS = {
     "data": ("metalearn.cli.data", "list, build, inspect and show data sources and tasks"),
     "eval": ("metalearn.cli.eval", "evaluate an exported rule on held-out data vs baselines"),
     "export": ("metalearn.cli.export", "export a run's theta as a self-describing checkpoint"),
-    "plot": ("metalearn.evaluation.report", "plot a run's meta-training curves per dataset"),
+    "plot": ("metalearn.cli.plot", "plot a run's meta-training curves per dataset"),
     "sweep": ("metalearn.cli.sweep", "Ray Tune sweeps of meta-trainings (ASHA, PBT)"),
     "train": ("metalearn.cli.train", "meta-train the update rule on Ray (asynchronous workers)"),
 }

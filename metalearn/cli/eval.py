@@ -3,9 +3,12 @@
     metalearn eval EXPORT                                 # digits, 200 inner steps, 3 seeds
     metalearn eval EXPORT --dataset fashion_mnist --image-size 28 --out reports/fm28
     metalearn eval EXPORT --sweep width --sweep-values 64,512,2048 --steps 30
+    metalearn eval EXPORT --config eval.yaml --set data.pool_size=5000 --set ridge=0.3
     metalearn eval EXPORT --json                           # last line: one JSON object
 
-EXPORT is a folder written by ``metalearn export``. See docs/evaluation.md.
+EXPORT is a folder written by ``metalearn export``. Settings are an ``EvalConfig``
+(``metalearn.evaluation.config``): ``--config`` file first, then ``--set`` overrides,
+then the flags below. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -16,27 +19,48 @@ import os
 import sys
 import time
 
-from metalearn.core.config import ACTIVATIONS, ConfigError
+from metalearn.core.config import ACTIVATIONS
+from metalearn.core.config_io import ConfigError, apply_overrides, from_dict, read_yaml
+from metalearn.evaluation.baselines import BASELINES, NAMES
+from metalearn.evaluation.config import EvalConfig
+from metalearn.evaluation.data import default_image_size
+from metalearn.evaluation.report import write_eval_report
+from metalearn.evaluation.run import Progress
+from metalearn.evaluation.sweep import DEFAULT_SWEEP_VALUES, SWEEPS, run_sweep
+from metalearn.training.export import load_export
+from tasks.sources import check_name
 
-DEFAULT_BASELINES = ("random_init", "vae", "supervised", "pca", "protonet", "protonet_intact")
-SWEEPS = ("width", "depth", "activation", "resolution")
-DEFAULT_SWEEP_VALUES = {
-    "width": "32,128,512,2048",
-    "depth": "2,3,5,8,11",
-    "activation": ",".join(a for a in ACTIVATIONS if a != "identity"),
-    "resolution": "14,28",
+# flag (argparse dest) -> EvalConfig field; a flag that is given wins over --config / --set.
+FLAG_FIELDS = {
+    "dataset": "data.dataset", "image_size": "data.image_size", "group": "data.group",
+    "data_dir": "data.data_dir", "ways": "data.ways", "shots": "data.shots",
+    "test_size": "data.test_size", "steps": "steps", "seeds": "seeds", "width": "width",
+    "depth": "depth", "activation": "activation", "batch_size": "batch_size",
+    "baselines": "baselines", "baseline_steps": "baseline_steps",
+    "supervised_steps": "supervised_steps",
 }
+# What the command runs when neither flag, --set nor --config says (else EvalConfig's
+# defaults): (without --sweep, with --sweep). The image size defaults by dataset.
+COMMAND_DEFAULTS = {"steps": (200, 50), "seeds": (3, 2), "baselines": (NAMES, ())}
 
 
 def add_parser(subparsers) -> None:
-    """Register ``eval`` (``plot`` lives in ``metalearn.evaluation.report``)."""
+    """Register ``eval`` (``plot`` lives in ``metalearn.cli.plot``)."""
     p = subparsers.add_parser(
         "eval", help="evaluate an exported rule on held-out data against baselines",
         description="Train fresh base models with the learned rule on unlabelled data and "
                     "measure 10-shot accuracy of linear readouts along inner training, "
-                    "against baselines; write a report folder (tables and plots).")
+                    "against baselines; write a report folder (tables and plots).",
+        epilog="baselines: " + "; ".join(f"{name}: {b.description}"
+                                         for name, b in BASELINES.items()) + ".")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="folder from `metalearn export`")
-    p.add_argument("--dataset", default="digits",
+    p.add_argument("--config", metavar="EVAL.yaml",
+                   help="evaluation config (EvalConfig fields: data.dataset, width, steps, "
+                        "baselines, ...); --set and the flags below win over its values")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. data.pool_size=5000 or ridge=0.3 "
+                        "(repeatable)")
+    p.add_argument("--dataset",
                    help="source name (digits, fashion_mnist, two_moons, mnist, imdb, "
                         "imagenet16, file:PATH, ...); default digits")
     p.add_argument("--image-size", type=int, default=None,
@@ -47,19 +71,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="inner steps of the learned rule (default 200; 50 with --sweep)")
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 3; 2 with --sweep)")
-    p.add_argument("--width", type=int, default=128, help="hidden width (default 128)")
-    p.add_argument("--depth", type=int, default=4, help="hidden layers (default 4)")
-    p.add_argument("--activation", default="relu", choices=ACTIVATIONS)
-    p.add_argument("--batch-size", type=int, default=128, help="unlabelled batch (128)")
-    p.add_argument("--ways", type=int, default=10, help="classes per task (default 10)")
-    p.add_argument("--shots", type=int, default=10, help="labelled examples per class (10)")
-    p.add_argument("--test-size", type=int, default=1000, help="test examples (1000)")
-    p.add_argument("--baselines", default=None,
-                   help=f"comma list or 'none' (default {','.join(DEFAULT_BASELINES)}; "
+    p.add_argument("--width", type=int, help="hidden width (default 128)")
+    p.add_argument("--depth", type=int, help="hidden layers (default 4)")
+    p.add_argument("--activation", choices=ACTIVATIONS)
+    p.add_argument("--batch-size", type=int, help="unlabelled batch (128)")
+    p.add_argument("--ways", type=int, help="classes per task (default 10)")
+    p.add_argument("--shots", type=int, help="labelled examples per class (10)")
+    p.add_argument("--test-size", type=int, help="test examples (1000)")
+    p.add_argument("--baselines", default=None, type=_parse_baselines,
+                   help=f"comma list or 'none' (default {','.join(NAMES)}; "
                         f"none with --sweep)")
-    p.add_argument("--baseline-steps", type=int, default=2000,
+    p.add_argument("--baseline-steps", type=int,
                    help="training steps of the VAE and the prototypical networks (2000)")
-    p.add_argument("--supervised-steps", type=int, default=300,
+    p.add_argument("--supervised-steps", type=int,
                    help="Adam steps of the supervised baseline (300)")
     p.add_argument("--sweep", choices=SWEEPS, help="generalisation sweep of the learned rule")
     p.add_argument("--sweep-values", help="comma list (defaults: " + "; ".join(
@@ -70,141 +94,88 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run_eval)
 
 
-def _default_image_size(dataset: str, data_dir: str | None) -> int:
-    from tasks import sources
-    ds = sources.load(dataset, data_dir)
-    if ds.modality != "image":
-        return 0
-    return 14 if max(ds.shape[:2]) > 16 else 0
-
-
-def _parse_baselines(text: str | None, sweep: str | None) -> tuple[str, ...]:
-    if text is None:
-        return () if sweep else DEFAULT_BASELINES
+def _parse_baselines(text: str) -> tuple[str, ...]:
     if text.strip().lower() in ("", "none"):
         return ()
     return tuple(b.strip() for b in text.split(",") if b.strip())
 
 
-def _sweep_configs(base, kind: str, values_text: str | None, dataset_image_size):
-    """[(value, EvalConfig)] for a sweep."""
-    from metalearn.evaluation.evaluate import DataConfig
+def _is_set(values: dict, dotted: str) -> bool:
+    node = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
-    values = [v.strip() for v in (values_text or DEFAULT_SWEEP_VALUES[kind]).split(",")
-              if v.strip()]
-    configs = []
-    for value in values:
-        if kind == "activation":
-            configs.append((value, dataclasses.replace(base, activation=value)))
-            continue
-        try:
-            number = int(value)
-        except ValueError:
-            raise ConfigError(f"--sweep-values for {kind} must be integers, got {value!r}")
-        if kind == "width":
-            configs.append((number, dataclasses.replace(base, width=number)))
-        elif kind == "depth":
-            configs.append((number, dataclasses.replace(base, depth=number)))
-        else:
-            if dataset_image_size is None:
-                raise ConfigError(f"--sweep resolution needs an image dataset; "
-                                  f"{base.data.dataset} is not one")
-            data = DataConfig(**{**dataclasses.asdict(base.data), "image_size": number})
-            configs.append((number, dataclasses.replace(base, data=data)))
-    return configs
+
+def _put(values: dict, dotted: str, value) -> None:
+    """Set ``a.b`` in nested dict ``values`` (copying the mapping on the way)."""
+    *parents, leaf = dotted.split(".")
+    node = values
+    for part in parents:
+        child = node.get(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{part} must be a mapping, got {type(child).__name__}")
+        node[part] = child = dict(child)
+        node = child
+    node[leaf] = value
+
+
+def resolve_config(args) -> EvalConfig:
+    """The EvalConfig of the command line: ``--config``, then ``--set``, then the flags,
+    then the command's defaults for what none of them set."""
+    values = read_yaml(args.config, "evaluation config") if args.config else {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{args.config}: must be a mapping, got {type(values).__name__}")
+    values = apply_overrides(values, args.set)
+    for name, field in FLAG_FIELDS.items():
+        if getattr(args, name) is not None:
+            _put(values, field, getattr(args, name))
+    config = from_dict(EvalConfig, values)
+    check_name(config.data.dataset)
+    changes = {name: pair[bool(args.sweep)] for name, pair in COMMAND_DEFAULTS.items()
+               if not _is_set(values, name)}
+    if not _is_set(values, "data.image_size"):
+        changes["data"] = dataclasses.replace(
+            config.data, image_size=default_image_size(config.data.dataset,
+                                                       config.data.data_dir))
+    return dataclasses.replace(config, **changes)
 
 
 def run_eval(args) -> int:
-    from metalearn.evaluation.evaluate import (DataConfig, EvalConfig, Progress, final_accuracies,
-                                    run_evaluation)
-    from metalearn.training.export import load_export
-    from metalearn.evaluation.report import write_report
-
     started = time.monotonic()
     exported = load_export(args.checkpoint)  # fails fast on a wrong folder
-    from tasks.sources import check_name, load
-    check_name(args.dataset)
-    image_size = (args.image_size if args.image_size is not None
-                  else _default_image_size(args.dataset, args.data_dir))
-    sweep = args.sweep
-    data = DataConfig(dataset=args.dataset, image_size=image_size, group=args.group,
-                      data_dir=args.data_dir, ways=args.ways, shots=args.shots,
-                      test_size=args.test_size)
-    config = EvalConfig(
-        data=data, width=args.width, depth=args.depth, activation=args.activation,
-        steps=args.steps if args.steps is not None else (50 if sweep else 200),
-        seeds=args.seeds if args.seeds is not None else (2 if sweep else 3),
-        batch_size=args.batch_size, baselines=_parse_baselines(args.baselines, sweep),
-        baseline_steps=args.baseline_steps, supervised_steps=args.supervised_steps)
+    config = resolve_config(args)
+    dataset, image_size, sweep = config.data.dataset, config.data.image_size, args.sweep
     out = args.out or os.path.join(
-        "reports", f"eval-{args.dataset.replace(':', '_').replace('/', '_')}"
+        "reports", f"eval-{dataset.replace(':', '_').replace('/', '_')}"
                    f"{'-' + sweep if sweep else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
     progress = Progress(not args.quiet)
-    progress(f"rule {exported.meta.get('run')} step {exported.step}; {args.dataset} "
+    progress(f"rule {exported.meta.get('run')} step {exported.step}; {dataset} "
              f"(image size {image_size or 'native'}); {config.seeds} seeds x "
              f"{config.steps} inner steps; baselines: {', '.join(config.baselines) or 'none'}",
              force=True)
-    is_image = load(args.dataset, args.data_dir).modality == "image"
-    runs = ([(None, config)] if not sweep else
-            _sweep_configs(config, sweep, args.sweep_values, image_size if is_image else None))
-    rows, seconds, first = [], {}, None
-    for value, cfg in runs:
-        if sweep:
-            progress(f"sweep {sweep} = {value}", force=True)
-        result = run_evaluation(cfg, exported.theta, exported.rule, progress=progress)
-        first = first or result
-        for row in result.rows:
-            row.update({"dataset": args.dataset, "image_size": cfg.data.image_size,
-                        "width": cfg.width, "depth": cfg.depth, "activation": cfg.activation})
-            if sweep:
-                row.update({"sweep": sweep, "sweep_value": str(value)})
-        rows.extend(result.rows)
-        for method, s in result.seconds.items():
-            seconds[method] = seconds.get(method, 0.0) + s
-    info = {"checkpoint": os.path.abspath(args.checkpoint), "run": exported.meta.get("run"),
-            "rule_step": exported.step, "meta_loss": exported.meta.get("meta_loss"),
-            "dataset": args.dataset, "image_size": image_size or "native",
-            "input_size": first.data.input_size, "classes": first.task0.num_classes,
-            "pool_examples": len(first.data.x_pool), "test_examples": len(first.task0.x_test),
-            "width": config.width, "depth": config.depth, "activation": config.activation,
-            "inner_steps": config.steps, "seeds": config.seeds, "batch_size": config.batch_size,
-            "baselines": list(config.baselines), "baseline_steps": config.baseline_steps,
-            "supervised_steps": config.supervised_steps, "sweep": sweep,
-            "seconds_per_method": {k: round(v, 1) for k, v in seconds.items()}}
-    model = f"{config.width}x{config.depth} {config.activation}"
-    if sweep:
-        model = f"{sweep} sweep (others as {model})"
-    pixels = "resolution swept" if sweep == "resolution" else f"{image_size or 'native'} px"
-    title = (f"{args.dataset} ({pixels}), {model}, "
-             f"rule {exported.meta.get('run')}@{exported.step}")
-    extras = None
-    if not sweep:
-        extras = {"params_init": first.params_init, "params_final": first.params_final,
-                  "arch": first.arch, "rule": first.rule, "task": first.task0,
-                  "image_shape": first.data.image_shape}
-    paths = write_report(out, rows, title, info, extras)
+    result = run_sweep(config, exported.theta, exported.rule, sweep=sweep,
+                       values_text=args.sweep_values, progress=progress)
+    source = {"checkpoint": os.path.abspath(args.checkpoint), "run": exported.meta.get("run"),
+              "rule_step": exported.step, "meta_loss": exported.meta.get("meta_loss")}
+    paths = write_eval_report(out, result, source)
     total = time.monotonic() - started
-    finals = final_accuracies(rows) if not sweep else None
-    if finals:
+    finals = result.finals()
+    if not sweep:
         for method, r in finals.items():
             print(f"{method:16s} step {r['step']:5d}  ridge {r['accuracy']:.3f} ± "
                   f"{r['accuracy_se']:.3f}  logistic {r['logreg_accuracy']:.3f} ± "
                   f"{r['logreg_accuracy_se']:.3f}", file=sys.stderr)
-    print(f"report in {os.path.abspath(out)} ({', '.join(sorted(os.path.basename(p) for p in paths.values()))}); "
-          f"{total:.0f} s", file=sys.stderr)
+    names = ", ".join(sorted(os.path.basename(p) for p in paths.values()))
+    print(f"report in {os.path.abspath(out)} ({names}); {total:.0f} s", file=sys.stderr)
     if args.json:
-        if sweep:
-            summary = {}
-            for value, _ in runs:
-                part = [r for r in rows if r.get("sweep_value") == str(value)]
-                summary[str(value)] = final_accuracies(part)
-            payload = {"sweep": sweep, "values": summary}
-        else:
-            payload = {"methods": finals}
-        payload.update({"dataset": args.dataset, "out": os.path.abspath(out),
+        payload = {"sweep": sweep, "values": finals} if sweep else {"methods": finals}
+        payload.update({"dataset": dataset, "out": os.path.abspath(out),
                         "seconds": round(total, 1)})
         print(json.dumps(payload))
     return 0
 
 
-__all__ = ["add_parser", "run_eval"]
+__all__ = ["add_parser", "run_eval", "resolve_config"]

@@ -1,4 +1,4 @@
-"""Ray actor around ``metalearn.evaluation.evaluate.ContinuousEvaluator`` (issue 5, item 5).
+"""Ray actor around ``metalearn.evaluation.continuous.ContinuousEvaluator`` (issue 5, item 5).
 
 The actor owns the held-out data and the fixed evaluation tasks; the driver hands it
 the latest theta (the learner's flat numpy vector) every ``ContinuousEvalConfig.every``
@@ -27,7 +27,8 @@ class EvaluatorActor:
         from metalearn.distributed.actors import claim_cpus
         claim_cpus(cpus)
         from metalearn.core.config import MetaObjectiveConfig, RuleConfig, from_dict
-        from metalearn.evaluation.evaluate import ContinuousEvalConfig, ContinuousEvaluator
+        from metalearn.evaluation.config import ContinuousEvalConfig
+        from metalearn.evaluation.continuous import ContinuousEvaluator
 
         self.config = from_dict(ContinuousEvalConfig, dict(eval_config), "evaluator")
         self.evaluator = ContinuousEvaluator(

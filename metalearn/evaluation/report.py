@@ -11,7 +11,8 @@ Files written by ``write_report`` into the output folder:
   before and after inner training, coloured by class, with explained variance;
 * ``sweep.png`` (with ``--sweep``): accuracy against the swept setting.
 
-``plot_meta_training(run_dir)`` draws a run's ``metrics.parquet`` (``metalearn plot``).
+``write_eval_report`` adds ``info.json`` and the title of a ``metalearn eval`` run.
+``plot_meta_training(metrics_path)`` draws a run's metrics table (``metalearn plot``).
 """
 
 from __future__ import annotations
@@ -21,28 +22,31 @@ import math
 import os
 from typing import Sequence
 
+import matplotlib
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sklearn.decomposition import PCA
+
+from metalearn.evaluation.baselines import BASELINES
+from metalearn.evaluation.rollout import base_features
+from metalearn.evaluation.run import LEARNED, summarise
+from metalearn.evaluation.sweep import SweepResult
 
 # Colours fixed per method so figures compare across datasets.
-COLOURS = {"learned": "tab:red", "random_init": "tab:gray", "vae": "tab:blue",
-           "supervised": "tab:green", "pca": "tab:orange", "protonet": "tab:purple",
-           "protonet_intact": "plum"}
-LABELS = {"learned": "learned rule", "random_init": "random init", "vae": "VAE",
-          "supervised": "supervised (10/class)", "pca": "PCA",
-          "protonet": "protonet (permuted)", "protonet_intact": "protonet (intact)"}
+COLOURS = {LEARNED: "tab:red", **{name: b.colour for name, b in BASELINES.items()}}
+LABELS = {LEARNED: "learned rule", **{name: b.label for name, b in BASELINES.items()}}
 
 
 def _plt():
-    import matplotlib
+    # The backend is chosen when the first plot is drawn, not when this module is imported
+    # (an importer with its own backend keeps it until then).
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
 def _write_parquet(rows: Sequence[dict], path: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(row))
@@ -175,8 +179,6 @@ def plot_receptive_fields(w_before: np.ndarray, w_after: np.ndarray, image_shape
 def plot_representation_pca(reps: dict, labels: np.ndarray, path: str, title: str) -> None:
     """reps: name -> [N, 32] representations of the same examples. For each: scatter of
     the first two principal components by class, and the explained variance ratio."""
-    from sklearn.decomposition import PCA
-
     plt = _plt()
     fig, axes = plt.subplots(2, len(reps), figsize=(5 * len(reps), 8.5), squeeze=False)
     for i, (name, rep) in enumerate(reps.items()):
@@ -212,7 +214,7 @@ def plot_representation_pca(reps: dict, labels: np.ndarray, path: str, title: st
 def plot_sweep(summary: Sequence[dict], path: str, title: str) -> None:
     """Learned rule: accuracy at step 0 (random init) and at the last step per value."""
     plt = _plt()
-    rows = [r for r in summary if r["method"] == "learned" and r.get("sweep")]
+    rows = [r for r in summary if r["method"] == LEARNED and r.get("sweep")]
     sweep = rows[0]["sweep"]
     values = sorted({str(r["sweep_value"]) for r in rows}, key=_sort_key)
     last = max(r["step"] for r in rows)
@@ -242,8 +244,6 @@ def write_report(out_dir: str, rows: Sequence[dict], title: str, info: dict,
     """Tables and plots; returns {name: path}. ``extras`` may hold ``params_init``,
     ``params_final``, ``arch``, ``rule``, ``task`` (seed 0) and ``image_shape`` for the
     receptive-field and representation plots."""
-    from metalearn.evaluation.evaluate import summarise
-
     os.makedirs(out_dir, exist_ok=True)
     summary = summarise(rows)
     paths = {"results": os.path.join(out_dir, "results.parquet"),
@@ -267,7 +267,6 @@ def write_report(out_dir: str, rows: Sequence[dict], title: str, info: dict,
         paths["receptive_fields"] = os.path.join(out_dir, "receptive_fields.png")
         plot_receptive_fields(np.asarray(before.w[0]), np.asarray(after.w[0]),
                               extras.get("image_shape"), paths["receptive_fields"], title)
-        from metalearn.evaluation.evaluate import base_features
         task, arch, rule = extras["task"], extras["arch"], extras["rule"]
         x = np.concatenate([task.x_train, task.x_test])
         reps = {"before inner training": base_features(before, arch, rule.base_bn_eps)(x),
@@ -280,17 +279,45 @@ def write_report(out_dir: str, rows: Sequence[dict], title: str, info: dict,
     return paths
 
 
+def write_eval_report(out_dir: str, result: SweepResult, source: dict) -> dict:
+    """The report of a ``metalearn eval`` run (``run_sweep``'s result) with ``info.json``;
+    ``source`` describes the rule (``checkpoint``, ``run``, ``rule_step``, ``meta_loss``)
+    and leads the info. Returns {name: path} as ``write_report``."""
+    config, sweep, first = result.config, result.sweep, result.first
+    image_size = config.data.image_size
+    info = {**source, "dataset": config.data.dataset, "image_size": image_size or "native",
+            "input_size": first.data.input_size, "classes": first.task0.num_classes,
+            "pool_examples": len(first.data.x_pool), "test_examples": len(first.task0.x_test),
+            "width": config.width, "depth": config.depth, "activation": config.activation,
+            "inner_steps": config.steps, "seeds": config.seeds, "batch_size": config.batch_size,
+            "baselines": list(config.baselines), "baseline_steps": config.baseline_steps,
+            "supervised_steps": config.supervised_steps, "sweep": sweep,
+            "seconds_per_method": {k: round(v, 1) for k, v in result.seconds.items()}}
+    model = f"{config.width}x{config.depth} {config.activation}"
+    if sweep:
+        model = f"{sweep} sweep (others as {model})"
+    pixels = "resolution swept" if sweep == "resolution" else f"{image_size or 'native'} px"
+    title = (f"{config.data.dataset} ({pixels}), {model}, "
+             f"rule {source.get('run')}@{source.get('rule_step')}")
+    extras = None
+    if not sweep:
+        extras = {"params_init": first.params_init, "params_final": first.params_final,
+                  "arch": first.arch, "rule": first.rule, "task": first.task0,
+                  "image_shape": first.data.image_shape}
+    return write_report(out_dir, result.rows, title, info, extras)
+
+
 # ---------------------------------------------------------------------------
 # meta-training curves
 
-def plot_meta_training(run_dir: str, out: str | None = None) -> str:
-    """Meta-training curves from ``RUN_DIR/metrics.parquet``: the rolling meta-loss and
-    the per-dataset meta-train losses (``loss/<dataset>``) against learner steps, with the
-    held-out evaluator's ``eval/<dataset>/meta_loss`` beside them and its accuracies
-    (``eval/<dataset>/accuracy``) in a second panel when present."""
-    import pyarrow.parquet as pq
-
-    path = os.path.join(run_dir, "metrics.parquet")
+def plot_meta_training(path: str, out: str | None = None) -> str:
+    """Meta-training curves from a run's metrics table (``path``, a parquet file): the
+    rolling meta-loss and the per-dataset meta-train losses (``loss/<dataset>``) against
+    learner steps, with the held-out evaluator's ``eval/<dataset>/meta_loss`` beside them
+    and its accuracies (``eval/<dataset>/accuracy``) in a second panel when present.
+    ``out`` defaults to ``meta_training.png`` beside the table; the title is the name of
+    the table's folder (the run)."""
+    run_dir = os.path.dirname(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: not a training run folder, or the run "
                                 f"has not logged metrics yet")
@@ -347,15 +374,6 @@ def plot_meta_training(run_dir: str, out: str | None = None) -> str:
     return out
 
 
-def add_parser(subparsers) -> None:
-    """``metalearn plot RUN_DIR [--out PNG]``."""
-    p = subparsers.add_parser("plot", help="plot a run's meta-training curves per dataset",
-                              description="Draw RUN_DIR/metrics.parquet: meta-training loss "
-                                          "per dataset and held-out evaluation curves.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", help="PNG path (default RUN_DIR/meta_training.png)")
-    p.set_defaults(func=lambda args: print(plot_meta_training(args.run_dir, args.out)) or 0)
-
-
-__all__ = ["add_parser", "write_report", "plot_meta_training", "plot_accuracy", "plot_receptive_fields",
-           "plot_representation_pca", "plot_sweep", "markdown_table"]
+__all__ = ["write_report", "write_eval_report", "plot_meta_training", "plot_accuracy",
+           "plot_receptive_fields", "plot_representation_pca", "plot_sweep", "markdown_table",
+           "COLOURS", "LABELS"]

@@ -22,7 +22,7 @@ import yaml
 from metalearn.core.config import MetaObjectiveConfig, RuleConfig, UnrollConfig
 from metalearn.core.config_io import (ConfigError, apply_overrides, from_dict, read_yaml,
                                       to_dict)
-from metalearn.evaluation.evaluate import ContinuousEvalConfig
+from metalearn.evaluation.config import ContinuousEvalConfig
 
 
 @dataclasses.dataclass(frozen=True)

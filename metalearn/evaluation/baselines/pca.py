@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+from sklearn.decomposition import PCA
 
-from metalearn.evaluation.evaluate import evaluate_features
+from metalearn.evaluation.readout import evaluate_features
 
 NUM_COMPONENTS = 32
 
 
 def fit(x_pool: np.ndarray, seed: int = 0, num_components: int = NUM_COMPONENTS):
-    from sklearn.decomposition import PCA
     k = min(num_components, x_pool.shape[1], x_pool.shape[0])
     return PCA(n_components=k, random_state=seed).fit(x_pool)
 

@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 from metalearn.evaluation.baselines.common import dense_init, mlp, feature_fn, train
-from metalearn.evaluation.evaluate import Task, eval_points_for, evaluate_features
+from metalearn.evaluation.data import Task
+from metalearn.evaluation.readout import eval_points_for, evaluate_features
 
 HIDDEN = (128, 128, 128)
 LEARNING_RATE = 1e-3

@@ -17,7 +17,7 @@ import optax
 
 from metalearn.core.base_model import Architecture, BaseParams, features
 from metalearn.evaluation.baselines.common import dense_init, feature_fn, train
-from metalearn.evaluation.evaluate import eval_points_for, evaluate_features
+from metalearn.evaluation.readout import eval_points_for, evaluate_features
 
 LEARNING_RATE = 3e-3
 

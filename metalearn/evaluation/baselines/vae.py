@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from metalearn.evaluation.baselines.common import dense_init, mlp, feature_fn, train
-from metalearn.evaluation.evaluate import eval_points_for, evaluate_features
+from metalearn.evaluation.readout import eval_points_for, evaluate_features
 
 HIDDEN = (128, 128, 128)
 LATENT = 32

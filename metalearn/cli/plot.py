@@ -1,0 +1,30 @@
+"""``metalearn plot RUN_DIR [--out PNG]``: a run's meta-training curves per dataset."""
+
+from __future__ import annotations
+
+import os
+
+from metalearn.evaluation.report import plot_meta_training
+from metalearn.training.run_dir import RunDir
+
+PLOT = "meta_training.png"  # default output, beside the run's metrics table
+
+
+def add_parser(subparsers) -> None:
+    """Register ``plot``."""
+    p = subparsers.add_parser("plot", help="plot a run's meta-training curves per dataset",
+                              description="Draw RUN_DIR/metrics.parquet: meta-training loss "
+                                          "per dataset and held-out evaluation curves.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", help=f"PNG path (default RUN_DIR/{PLOT})")
+    p.set_defaults(func=run_plot)
+
+
+def run_plot(args) -> int:
+    # RunDir owns the run folder's file names (the metrics table's among them).
+    metrics = os.path.join(args.run_dir, RunDir.METRICS)
+    print(plot_meta_training(metrics, args.out or os.path.join(args.run_dir, PLOT)))
+    return 0
+
+
+__all__ = ["add_parser", "run_plot"]
