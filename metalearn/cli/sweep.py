@@ -14,7 +14,10 @@ import shutil
 import sys
 import time
 
+import ray
+
 from metalearn.core.config import ConfigError
+from metalearn.distributed.driver import init_ray
 from metalearn.distributed.sweep import SPEC_FILE, TUNE_DIR, run_sweep, write_outputs
 from metalearn.distributed.sweep_spec import load_spec
 
@@ -31,8 +34,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from metalearn.distributed.driver import init_ray
-
     spec = load_spec(args.spec)
     out = os.path.abspath(args.out or os.path.join("sweeps", spec.name))
     if args.resume:
@@ -49,7 +50,6 @@ def run(args) -> int:
         summary = write_outputs(results, spec, out)
     finally:
         if started:
-            import ray
             ray.shutdown()
     errors = sum(r["status"] == "ERROR" for r in summary)
     print(f"sweep {spec.name}: {len(summary)} trials ({errors} errored) in "

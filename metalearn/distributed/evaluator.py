@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import ray
 
+from metalearn.core.config_io import to_dict
+from metalearn.distributed.actors import claim_cpus, thread_env
+
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class EvaluatorActor:
     def __init__(self, eval_config: dict, rule: dict, objective: dict | None = None,
                  cpus: int = 1):
-        from metalearn.distributed.actors import claim_cpus
         claim_cpus(cpus)
+        # Imported here, after the cores are claimed: these load JAX (see actors.py).
         from metalearn.core.config import MetaObjectiveConfig, RuleConfig, from_dict
         from metalearn.evaluation.config import ContinuousEvalConfig
         from metalearn.evaluation.continuous import ContinuousEvaluator
@@ -50,9 +53,6 @@ def start_evaluator(eval_config, rule, objective=None, cpus: int = 1, reserve: b
     ``cpus`` threads): on a laptop whose every core runs a worker, a small evaluation
     budget shares a core rather than waiting forever for a free one.
     """
-    from metalearn.core.config import to_dict
-    from metalearn.distributed.actors import thread_env
-
     return EvaluatorActor.options(
         num_cpus=cpus if reserve else 0, runtime_env={"env_vars": thread_env(cpus)}).remote(
         to_dict(eval_config), to_dict(rule), to_dict(objective) if objective else None, cpus)

@@ -27,7 +27,12 @@ import shutil
 import sys
 import tempfile
 
+import matplotlib
+import pyarrow as pa
+import pyarrow.parquet as pq
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.utils import flatten_dict
 
 from metalearn.core.config import ConfigError
 from metalearn.distributed.driver import ray_loop
@@ -42,8 +47,6 @@ REPORTS_FILE = "reports.jsonl"
 
 
 def param_space(spec: SweepSpec) -> dict:
-    from ray import tune
-
     space = {}
     for entry in spec.search:
         if entry.domain is None:
@@ -56,8 +59,6 @@ def param_space(spec: SweepSpec) -> dict:
 
 
 def resources(spec: SweepSpec):
-    from ray import tune
-
     trial = spec.trial
     cpus = trial_config(spec, {}).worker.cpus_per_worker
     return tune.PlacementGroupFactory(
@@ -167,8 +168,6 @@ def run_trial(params: dict, spec: SweepSpec) -> None:
 # Tune setup
 
 def make_scheduler(spec: SweepSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-
     options = spec.scheduler  # FifoScheduler, AshaScheduler or PbtScheduler (sweep_spec)
     if options.type == "fifo":
         return FIFOScheduler()
@@ -177,7 +176,6 @@ def make_scheduler(spec: SweepSpec):
                              grace_period=options.grace_period or spec.trial.report_every,
                              reduction_factor=options.reduction_factor)
     mutations = {}
-    from ray import tune
     for entry in options.mutations:
         kind_, arg = entry.domain.kind, list(entry.domain.args)
         mutations[entry.key] = arg if kind_ == "choice" else getattr(tune, kind_)(*arg)
@@ -191,8 +189,6 @@ def make_scheduler(spec: SweepSpec):
 
 
 def trainable(spec: SweepSpec):
-    from ray import tune
-
     return tune.with_resources(tune.with_parameters(run_trial, spec=spec),
                                resources(spec))
 
@@ -209,9 +205,6 @@ def report_log():
     experiment folder (found from the trial's path), so it follows the folder and a
     resumed sweep appends to it.
     """
-    from ray import tune
-    from ray.tune.utils import flatten_dict
-
     class ReportLog(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             row = flatten_dict({**result, "trial_dir": os.path.basename(trial.path)})
@@ -223,8 +216,6 @@ def report_log():
 
 def run_sweep(spec: SweepSpec, out: str, *, resume: bool = False):
     """Run (or continue) the sweep in ``out``; returns the ResultGrid."""
-    from ray import tune
-
     out = os.path.abspath(out)
     storage = os.path.join(out, TUNE_DIR)
     if resume:
@@ -330,8 +321,7 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # chosen at the first plot, not at import (see evaluation.report)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -360,9 +350,6 @@ def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
 
 
 def write_outputs(results, spec: SweepSpec, out: str) -> list[dict]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     reports = read_reports(os.path.join(out, TUNE_DIR, spec.name, REPORTS_FILE))
     summary, history = collect(results, spec, reports)
     if summary:
