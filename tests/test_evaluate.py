@@ -151,3 +151,60 @@ def test_cli_sweep_and_errors(tmp_path, tiny_rule, capsys):
     err = capsys.readouterr().err
     assert "not a metalearn export" in err and "export it first" in err
     assert main(["eval", str(tmp_path / "e"), "--dataset", "nope", "--quiet"]) == 2
+
+
+def _eval_args(*argv):
+    from metalearn.cli import build_parser
+    argv = ["eval", "EXPORT", *argv]
+    return build_parser(argv).parse_args(argv)
+
+
+def test_cli_eval_config_file_set_and_flags(tmp_path):
+    from metalearn.cli.eval import resolve_config
+    from metalearn.evaluation.baselines import NAMES
+
+    plain = resolve_config(_eval_args())  # no file: the command's defaults, as before
+    assert (plain.steps, plain.seeds, plain.baselines) == (200, 3, NAMES)
+    assert plain.data.dataset == "digits" and plain.data.image_size == 0
+    assert resolve_config(_eval_args("--sweep", "depth")).baselines == ()
+    path = tmp_path / "eval.yaml"
+    path.write_text("data:\n  test_size: 150\n  pool_size: 400\nwidth: 8\nsteps: 5\n"
+                    "ridge: 3e-1\nbaselines: [pca]\n")
+    config = resolve_config(_eval_args("--config", str(path), "--set", "steps=3",
+                                       "--set", "data.pool_size=300", "--width", "16"))
+    assert config.width == 16  # a flag wins over the file
+    assert config.steps == 3 and config.data.pool_size == 300  # --set wins over the file
+    assert config.data.test_size == 150 and config.ridge == 0.3 and config.baselines == ("pca",)
+    assert config.seeds == 3 and config.depth == 4  # unset: command / EvalConfig defaults
+    flagged = resolve_config(_eval_args("--config", str(path), "--set", "steps=3",
+                                        "--steps", "1", "--baselines", "none"))
+    assert flagged.steps == 1 and flagged.baselines == ()  # flags win over --set too
+
+
+def test_cli_eval_bad_config_key_names_the_field(tmp_path, tiny_rule, capsys):
+    make_run(tmp_path / "run", tiny_rule)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "e"), "--set", "data.wayz=3", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key data.wayz" in err and "ways" in err
+    assert main(["eval", str(tmp_path / "e"), "--set", "data.ways=many", "--quiet"]) == 2
+    assert "data.ways must be an integer" in capsys.readouterr().err
+    path = tmp_path / "eval.yaml"
+    path.write_text("baselines: [kmeans]\n")
+    assert main(["eval", str(tmp_path / "e"), "--config", str(path), "--quiet"]) == 2
+    assert "unknown baseline 'kmeans'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "e"), "--config", str(tmp_path / "no.yaml"),
+                 "--quiet"]) == 2
+    assert "no.yaml" in capsys.readouterr().err
+
+
+def test_eval_config_errors_name_the_dotted_field():
+    from metalearn.core.config_io import from_dict
+    from metalearn.evaluation.config import EvalConfig
+    with pytest.raises(ConfigError, match=r"^data\.ways must be at least 2"):
+        from_dict(EvalConfig, {"data": {"ways": 1}})
+    with pytest.raises(ConfigError, match=r"^data\.image_size must be one of"):
+        from_dict(EvalConfig, {"data": {"image_size": 5}})
+    with pytest.raises(ConfigError, match=r"^unknown config key data\.wayz"):
+        from_dict(EvalConfig, {"data": {"wayz": 3}})

@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
         description="Train fresh base models with the learned rule on unlabelled data and "
                     "measure 10-shot accuracy of linear readouts along inner training, "
                     "against baselines; write a report folder (tables and plots).",
-        epilog="baselines: " + "; ".join(f"{name}: {b.description}"
+        epilog="baselines: " + "; ".join(f"{name} ({b.description})"
                                          for name, b in BASELINES.items()) + ".")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="folder from `metalearn export`")
     p.add_argument("--config", metavar="EVAL.yaml",

@@ -37,6 +37,8 @@ class DataConfig:
     shots: labelled examples per class for the readouts (the paper's 10-shot).
     test_size: labelled test examples (at most).
     pool_size: unlabelled examples the rule and the unsupervised baselines train on.
+
+    Errors name fields as ``data.<field>``, the section of ``EvalConfig`` this is.
     """
 
     dataset: str = "digits"
@@ -51,13 +53,13 @@ class DataConfig:
 
     def __post_init__(self):
         if self.image_size not in (0, *IMAGE_SIZES):
-            raise ConfigError(f"image size must be one of {list(IMAGE_SIZES)} or 0 (native), "
+            raise ConfigError(f"data.image_size must be one of {list(IMAGE_SIZES)} or 0 (native), "
                               f"got {self.image_size}")
         for name in ("ways", "shots", "test_size", "pool_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.ways < 2:
-            raise ConfigError(f"ways must be at least 2, got {self.ways}")
+            raise ConfigError(f"data.ways must be at least 2, got {self.ways}")
 
 
 @dataclasses.dataclass(frozen=True)

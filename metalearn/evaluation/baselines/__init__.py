@@ -44,13 +44,13 @@ class Baseline:
 _PACKAGE = __name__
 
 BASELINES: dict[str, Baseline] = {b.name: b for b in (
-    Baseline("random_init", "the base model at initialisation, exactly as the rule starts it "
-             "(no training)", "random init", "tab:gray", f"{_PACKAGE}.random_init"),
+    Baseline("random_init", "the base model at initialisation, exactly as the rule starts it, "
+             "untrained", "random init", "tab:gray", f"{_PACKAGE}.random_init"),
     Baseline("vae", "variational auto-encoder, 3 x 128 with batch norm, latent 32, Adam 1e-4, "
-             "on the unlabelled pool; features are the posterior means", "VAE", "tab:blue",
+             "on the unlabelled pool, features from the posterior means", "VAE", "tab:blue",
              f"{_PACKAGE}.vae"),
     Baseline("supervised", "the base architecture plus a softmax head, Adam 3e-3 on exactly "
-             "the task's labelled examples; features are its 32-d top layer",
+             "the task's labelled examples, features from its 32-d top layer",
              "supervised (10/class)", "tab:green", f"{_PACKAGE}.supervised"),
     Baseline("pca", "the top 32 principal components of the unlabelled pool", "PCA",
              "tab:orange", f"{_PACKAGE}.pca"),
