@@ -85,6 +85,16 @@ def test_imports_point_down(module):
                 f"{module}:{line}: tasks may import only metalearn.core, not {name}"
 
 
+@pytest.mark.parametrize("module", sorted(m for m in ALL if floor_of(m) is not None
+                                            and floor_of(m) < FLOORS.index(
+                                                "metalearn.distributed")))
+def test_floors_below_distributed_never_import_ray(module):
+    # The training loop, its single-process runner and everything below run without Ray.
+    ray = [(name, line) for name, line, _ in imports_of(ALL[module], module)
+           if name == "ray" or name.startswith("ray.")]
+    assert not ray, f"{module} imports Ray: {ray}"
+
+
 @pytest.mark.parametrize("module", sorted(ALL))
 def test_imports_at_module_top(module):
     if module in INNER_IMPORT_MODULES:
