@@ -73,7 +73,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 3; 2 with --sweep)")
     p.add_argument("--width", type=int, help="hidden width (default 128)")
     p.add_argument("--depth", type=int, help="hidden layers (default 4)")
-    p.add_argument("--activation", choices=ACTIVATIONS)
+    p.add_argument("--activation", choices=ACTIVATIONS, help="default relu")
     p.add_argument("--batch-size", type=int, help="unlabelled batch (128)")
     p.add_argument("--ways", type=int, help="classes per task (default 10)")
     p.add_argument("--shots", type=int, help="labelled examples per class (10)")
