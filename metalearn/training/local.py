@@ -21,7 +21,8 @@ from metalearn.training.config import TrainConfig
 from metalearn.training.learner_host import LearnerHost
 from metalearn.training.loop import (Callback, LearnerLost, RunSummary, TrainingLoop,
                                      Transport)
-from metalearn.training.messages import LearnerStatus, ThetaHandle, WorkerResult, WorkOrder
+from metalearn.training.messages import (LearnerReply, LearnerStatus, ThetaHandle, WorkerResult,
+                                         WorkOrder)
 from metalearn.training.run_dir import RunDir
 from metalearn.training.worker import Worker, enable_compilation_cache
 
@@ -88,11 +89,17 @@ class InProcessTransport(Transport):
         if not self.queue:
             return []
         index, order = self.queue.popleft()
+        host = self.host
+
+        def push(submission):
+            if host is None:  # stopped (a test's "dead learner"): the push fails
+                return LearnerReply(generation=order.theta.generation, step=-1, version=-1,
+                                    learner_lost=True)
+            return host.submit(submission)
+
         try:
             reply = self.workers[index].work(order, fetch_theta=lambda payload: payload,
-                                             push=self._learner().submit)
-        except LearnerLost:
-            raise
+                                             push=push)
         except Exception as err:  # noqa: BLE001 - a failed truncation is reported, not fatal
             lines = traceback.format_exception_only(type(err), err)
             return [WorkerResult(index, error=lines[-1].strip()[:300])]

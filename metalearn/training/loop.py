@@ -229,8 +229,11 @@ class TrainingLoop:
             for reply in sorted(replies, key=lambda r: (r.step, r.row is None)):
                 self._handle_reply(reply)
             if self._stale_theta:  # a new version: one theta copy shared by every worker
-                self.theta = transport.publish_theta(self.theta)
-                self._stale_theta = False
+                try:
+                    self.theta = transport.publish_theta(self.theta)
+                    self._stale_theta = False
+                except LearnerLost:
+                    self._restart_learner()
             idle.sort()
             for callback in self.callbacks:
                 callback.on_tick(self)

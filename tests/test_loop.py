@@ -1,0 +1,109 @@
+"""The training loop's protocol, without Ray: lost rows, dead workers and learners,
+failing truncations, callbacks (``InProcessTransport`` with injected faults)."""
+
+import pyarrow.parquet as pq
+import pytest
+
+from metalearn.training.local import InProcessTransport
+from metalearn.training.loop import Callback, TrainingLoop
+from metalearn.training.messages import WorkerResult
+from metalearn.training.run_dir import RunDir
+from train_helpers import tiny_config
+
+
+class LosesReplies(InProcessTransport):
+    """Drops the reply that carries the row of ``lose_step``, as if its worker died
+    after pushing: the learner applied the update but the loop never saw the row."""
+
+    def __init__(self, config, run, lose_step):
+        super().__init__(config, run)
+        self.lose_step, self.lost = lose_step, 0
+
+    def collect(self, timeout_s):
+        results = super().collect(timeout_s)
+        out = []
+        for result in results:
+            reply = result.reply
+            if reply is not None and reply.row is not None and reply.row["step"] == self.lose_step:
+                self.lost += 1
+                out.append(WorkerResult(result.index, died=True))
+            else:
+                out.append(result)
+        return out
+
+
+def make_loop(tmp_path, transport_cls=InProcessTransport, callbacks=(), **sections):
+    config = tiny_config(tmp_path, **{"run": {"steps": 6, "minutes": 5.0},
+                                      "worker": {"num_workers": 2, "batch_size": 8},
+                                      **sections})
+    run = RunDir(tmp_path / "run")
+    run.create(config)
+    transport = transport_cls(config, run)
+    return TrainingLoop(config, run, transport, callbacks=callbacks), run
+
+
+def steps_of(run):
+    return pq.read_table(run.metrics).column("step").to_pylist()
+
+
+def test_row_lost_with_a_worker_is_fetched_from_the_learner(tmp_path):
+    seen = []
+
+    class Rows(Callback):
+        def on_row(self, loop, row):
+            seen.append(row["step"])
+
+    config = tiny_config(tmp_path, run={"steps": 5, "minutes": 5.0},
+                         worker={"num_workers": 2, "batch_size": 8})
+    run = RunDir(tmp_path / "run")
+    run.create(config)
+    transport = LosesReplies(config, run, lose_step=2)
+    summary = TrainingLoop(config, run, transport, callbacks=[Rows()]).run()
+    assert transport.lost == 1 and summary.worker_failures == 1
+    assert seen == [1, 2, 3, 4, 5]  # every row once, in step order
+    assert steps_of(run) == [1, 2, 3, 4, 5]
+
+
+def test_lost_learner_is_replaced_from_its_checkpoint(tmp_path):
+    killed = []
+
+    class KillLearner(Callback):
+        def on_row(self, loop, row):
+            if row["step"] == 3 and not killed:
+                killed.append(loop.theta.generation)
+                loop.transport.stop_learner()
+
+    loop, run = make_loop(tmp_path, callbacks=[KillLearner()],
+                          learner={"meta_batch": 2, "checkpoint_minutes": 1e-5})
+    summary = loop.run()
+    assert summary.learner_restarts == 1 and summary.final_step == 6
+    assert loop.theta.generation != killed[0]  # a new incarnation
+    # Every update was checkpointed, so the replacement resumed at step 3: no step
+    # is missing or repeated.
+    assert steps_of(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_every_truncation_failing_stops_the_run(tmp_path):
+    class Broken(InProcessTransport):
+        def start_workers(self, seeds):
+            super().start_workers(seeds)
+            for worker in self.workers:
+                worker.run_truncation = lambda curriculum: 1 / 0
+
+    loop, run = make_loop(tmp_path, Broken)
+    with pytest.raises(RuntimeError, match="every truncation fails; last error: "
+                                           "ZeroDivisionError"):
+        loop.run()
+
+
+def test_a_callback_can_stop_the_run(tmp_path):
+    class StopAtTwo(Callback):
+        def on_row(self, loop, row):
+            if row["step"] == 2:
+                loop.request_stop()
+
+    loop, run = make_loop(tmp_path, callbacks=[StopAtTwo()])
+    summary = loop.run()
+    assert summary.final_step == summary.checkpoint_step == 2
+    assert steps_of(run) == [1, 2]
+    assert run.checkpoint_steps()[-1] == 2
