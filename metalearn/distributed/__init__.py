@@ -1,7 +1,9 @@
-"""Ray wrappers of the learner and workers, and the driver loop of ``metalearn train``.
+"""The Ray floor: the training loop's Ray transport, actors, continuous evaluation and
+Tune sweeps (docs/architecture.md).
 
-``actors`` holds the thin actor classes (no JAX import at module level: a worker sets
-its CPU affinity before JAX starts its thread pool); ``driver`` starts or joins Ray,
-runs the asynchronous loop with ``ray.wait`` and handles failures; ``bench`` registers
-``metalearn bench learner`` and ``metalearn bench scaling``.
+``actors`` holds the thin actor classes around ``LearnerHost`` and ``Worker`` (no JAX
+import at module level: a worker sets its CPU affinity before JAX starts its thread
+pool); ``driver`` is ``RayTransport`` and ``train``; ``evaluator`` the evaluator actor;
+``sweep_spec`` / ``sweep`` the Tune sweeps; ``bench`` the learner and scaling
+measurements.
 """
