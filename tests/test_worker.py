@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from metalearn.training.config import ArchitectureOverrides
 from metalearn.training.learner import Learner
 from metalearn.training.messages import Submission
 from metalearn.training.schedules import Curriculum
@@ -99,7 +100,7 @@ def test_theta_of_wrong_size_rejected(setup):
 def test_mix_overrides_bound_shapes(setup):
     config, _ = setup
     import dataclasses
-    tasks = dataclasses.replace(config.tasks, ways=(2,), architecture={"max_width": 16})
+    tasks = dataclasses.replace(config.tasks, ways=(2,), architecture=ArchitectureOverrides(max_width=16))
     mix = mix_dict(dataclasses.replace(config, tasks=tasks))
     assert mix["components"][0]["ways"] == [2]
     assert mix["architecture"]["max_width"] == 16 and mix["architecture"]["min_width"] == 8

@@ -19,7 +19,7 @@ from typing import Literal
 
 import yaml
 
-from metalearn.core.config import MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.config import ACTIVATIONS, MetaObjectiveConfig, RuleConfig, UnrollConfig
 from metalearn.core.config_io import (ConfigError, apply_overrides, from_dict, read_yaml,
                                       to_dict)
 from metalearn.evaluation.config import ContinuousEvalConfig
@@ -141,6 +141,34 @@ class WorkerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArchitectureOverrides:
+    """Keys of a task mix's ``architecture`` section to replace (unset: the mix's own)."""
+
+    min_layers: int | None = None
+    max_layers: int | None = None
+    min_width: int | None = None
+    max_width: int | None = None
+    output_size: int | None = None
+    activations: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name != "activations" and value is not None and value < 1:
+                raise ConfigError(f"tasks.architecture.{field.name} must be >= 1, "
+                                  f"got {value!r}")
+        if self.activations is not None:
+            bad = [a for a in self.activations if a not in ACTIVATIONS]
+            if not self.activations or bad:
+                raise ConfigError(f"tasks.architecture.activations: unknown {bad}; choose "
+                                  f"from {list(ACTIVATIONS)}")
+
+    def values(self) -> dict:
+        """The keys that are set, as a mix's ``architecture`` entries."""
+        return {k: v for k, v in to_dict(self).items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
 class TasksConfig:
     """Where tasks come from (the ``tasks`` package)."""
 
@@ -151,12 +179,8 @@ class TasksConfig:
     # rule), so CPU runs bound the shapes: ``architecture`` overrides keys of the mix's
     # architecture section (min_layers, max_layers, min_width, max_width, activations),
     # and a non-empty ``ways`` replaces the N-way choices of every non-fixed component.
-    architecture: dict = dataclasses.field(default_factory=dict)
+    architecture: ArchitectureOverrides = ArchitectureOverrides()
     ways: tuple[int, ...] = ()
-
-    def __hash__(self):
-        return hash((self.mix, self.data_dir, tuple(sorted(self.architecture.items())),
-                     self.ways))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,8 +70,9 @@ def mix_dict(config: TrainConfig) -> dict:
         raise FileNotFoundError(f"task mix file {path} not found")
     mix = read_yaml(path, "task mix file")
     tasks = config.tasks
-    if tasks.architecture:
-        mix["architecture"] = {**(mix.get("architecture") or {}), **tasks.architecture}
+    overrides = tasks.architecture.values()
+    if overrides:
+        mix["architecture"] = {**(mix.get("architecture") or {}), **overrides}
     if tasks.ways:
         mix["components"] = [c if c.get("fixed") else {**c, "ways": list(tasks.ways)}
                              for c in mix.get("components", [])]
