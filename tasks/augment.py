@@ -1,4 +1,4 @@
-"""Augmentation (SPEC section 5, paper appendix H.1.1), vectorised over the batch.
+"""Augmentation (docs/tasks.md; paper appendix H.1.1), vectorised over the batch.
 
 Per task, each augmentation is switched on with its probability; per example, its
 parameters are drawn and (where they vary per example) appended to the targets of the

@@ -71,7 +71,7 @@ class ComponentConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ArchitectureConfig:
-    """Base-model architectures of the tasks (SPEC section 1)."""
+    """Base-model architectures of the tasks (docs/tasks.md)."""
 
     min_layers: int = 2
     max_layers: int = 5

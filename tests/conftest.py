@@ -29,3 +29,13 @@ def tiny_objective() -> MetaObjectiveConfig:
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray on 2 CPUs for one test module (tests that start their own skip it)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

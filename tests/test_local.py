@@ -1,7 +1,6 @@
 """The single-process runner: the training loop without Ray, and the same rows as Ray."""
 
 import math
-import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -53,16 +52,6 @@ def test_cli_runner_local(tmp_path):
                  "--runner", "local"]) == 0
     assert [r["step"] for r in rows_of(tmp_path / "run")] == [1, 2]
     assert RunDir(tmp_path / "run").read_config().run.runner == "local"
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def test_local_and_ray_runners_give_the_same_rows(ray_session, tmp_path):

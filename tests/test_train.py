@@ -17,16 +17,6 @@ REQUIRED = ["step", "meta_loss", "grads_per_s", "staleness_mean", "dropped_stale
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def config_file(tmp_path_factory):
     directory = tmp_path_factory.mktemp("config")
     path = directory / "tiny.yaml"

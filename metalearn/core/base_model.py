@@ -1,4 +1,4 @@
-"""The base model: an MLP with batch norm that the learned rule trains (SPEC section 1).
+"""The base model: an MLP with batch norm that the learned rule trains (docs/rule.md).
 
 phi = BaseParams(w, v, b), one entry per layer l = 1..L:
   w[l-1]: [N_{l-1}, N_l]  forward weights W^l

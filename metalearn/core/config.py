@@ -1,7 +1,7 @@
 """Typed configuration for the update rule, the meta-objective and the unroll.
 
 Every constant of the method lives here, with the paper's value as the default
-(``../shared/SPEC.md``; where paper and reference code differ, the comment says which
+(the paper's, docs/rule.md; where paper and reference code differ, the comment says which
 one the default follows). Configs are frozen dataclasses: hashable, so they can be
 static arguments of ``jax.jit``, and serialisable to plain dicts for run folders,
 YAML files and Ray Tune ``param_space``.
@@ -30,31 +30,31 @@ ACTIVATIONS = ("relu", "leaky_relu", "swish", "tanh", "sigmoid", "step", "identi
 
 @dataclasses.dataclass(frozen=True)
 class RuleConfig:
-    """Sizes and constants of the learned UnsupervisedUpdate (SPEC section 2).
+    """Sizes and constants of the learned UnsupervisedUpdate (docs/rule.md).
 
     Defaults are the paper's / reference implementation's; ``RuleConfig.small()``
     is a preset with narrow channels for fast local runs.
     """
 
-    # TopD (SPEC 2.3)
+    # TopD (docs/rule.md)
     top_units: int = 32  # N_L: TopD mixes the top layer's units as channels.
     top_delta_size: int = 64  # channels of TopD's convs over the batch axis
     top_delta_layers: int = 2  # 64 -> 64 convs after the unit mixing
     top_unit_mix_layers: int = 2  # units-as-channels convs (fixed at 2 in the reference)
     top_first_kernel: int = 5  # kernel of TopD's first conv over the batch
-    # ComputeH (SPEC 2.4)
+    # ComputeH (docs/rule.md)
     compute_h_size: int = 64  # channels of h
     compute_h_layers: int = 1  # extra conv + unit block rounds after the first
     kernel: int = 3  # kernel of every other conv in the rule
     delta_dim: int = 32  # channels of the top-down signal d and delta
     positional_period: float = 4.0 * math.pi  # p_j = linspace(0, period, N_l)
-    # Weight planes and merge (SPEC 2.5, 2.6)
+    # Weight planes and merge (docs/rule.md)
     num_grad_channels: int = 4  # channels of each low-rank readout
     merge_init: float = 0.1  # initial mixing weight of every plane
     column_norm_eps: float = 1.0  # P / sqrt(eps + mean_col P^2)
     growth: float = 1.0 / 7.0  # dW -= W_hat * growth (the reference's "arbitrary" 1/7)
     identical_updates: bool = True  # V receives W's dW; False gives V its own merge
-    # Bias update (SPEC 2.7)
+    # Bias update (docs/rule.md)
     bias_norm_eps: float = 0.5
     # Normalisation constants
     rule_bn_eps: float = 1e-3  # batch norm inside the rule
@@ -99,7 +99,7 @@ class RuleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MetaObjectiveConfig:
-    """Few-shot ridge-regression meta-objective (SPEC section 3)."""
+    """Few-shot ridge-regression meta-objective (docs/rule.md)."""
 
     ridge: float = 0.1  # lambda; the bias column is not penalised
     num_draws: int = 5  # M labelled pairs averaged per evaluation
@@ -119,7 +119,7 @@ class MetaObjectiveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class UnrollConfig:
-    """How a truncation's meta-gradient is computed (SPEC section 4).
+    """How a truncation's meta-gradient is computed (docs/rule.md).
 
     method:
       ``auto`` (default): ``stepwise`` on CPU, ``scan`` on GPU/TPU (measured fastest on

@@ -1,4 +1,4 @@
-"""Few-shot ridge-regression meta-objective with a cosine-style loss (SPEC section 3).
+"""Few-shot ridge-regression meta-objective with a cosine-style loss (docs/rule.md).
 
 Given a class-balanced pair of labelled batches (a: train, b: test), both pass through
 the base model in one batch (so they share batch-norm statistics); a ridge regression

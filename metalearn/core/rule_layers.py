@@ -2,7 +2,7 @@
 the rule's batch norm, and linear readouts, each as (init, apply) over plain dicts.
 
 The rule acts on per-layer tensors laid out batch-first, [B, N, C] (examples, units,
-channels). Two convolutions exist (SPEC 2.2):
+channels). Two convolutions exist (docs/rule.md):
 
 * ``conv_batch``: slides along B, each unit separately (mixes neighbouring examples,
   a learned pooling of batch statistics, since batch order is random);

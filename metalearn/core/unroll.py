@@ -1,4 +1,4 @@
-"""Truncated unrolls and their meta-gradients (SPEC section 4).
+"""Truncated unrolls and their meta-gradients (docs/rule.md).
 
 A truncation applies U inner steps to phi, evaluates the meta-objective after every
 step, and differentiates the mean of those U losses with respect to theta; phi at the

@@ -1,4 +1,4 @@
-"""The learned, neuron-local UnsupervisedUpdate (SPEC section 2).
+"""The learned, neuron-local UnsupervisedUpdate (docs/rule.md).
 
     phi_{t+1} = UnsupervisedUpdate(phi_t, x_t; theta)
 

@@ -5,7 +5,7 @@ the driver then gives the worker a fresh task-stream seed. The learner actor is 
 restarted by Ray: the driver replaces it with a new one restored from the last
 checkpoint (a new generation), so gradients computed for the dead one are dropped.
 
-Thread limits: XLA's CPU thread pool follows the process's CPU affinity (NOTES-APIS),
+Thread limits: XLA's CPU thread pool follows the process's CPU affinity (measured: OMP_NUM_THREADS and threadpoolctl do not bound it),
 so a worker pins itself to ``cpus`` cores before importing JAX. Cores are claimed
 through node-local lock files (``fcntl``), released by the OS when the process dies,
 so workers on one node never share a core and a restarted worker reclaims one.

@@ -5,7 +5,7 @@ and ``ContinuousEvaluator`` during meta-training both use it): initialise the ba
 model from the task's seed with the rule's init scales, then one jitted ``inner_step``
 per step on a batch drawn from the unlabelled pool. A ``lax.fori_loop`` / ``lax.scan``
 over the paper-size rule was 5-7x slower per step on XLA's CPU backend here (2.6 s vs
-0.4-0.6 s per step, 4 x 128 model, loaded machine); see NOTES-APIS.md on rolled loops.
+0.4-0.6 s per step, 4 x 128 model, loaded machine); docs/rule.md has the measurements of rolled loops.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A full evaluation (SPEC section 6): the learned rule and the baselines, over seeds.
+"""A full evaluation (docs/evaluation.md): the learned rule and the baselines, over seeds.
 
 The protocol, per seed:
 

@@ -1,10 +1,10 @@
-"""Orbax checkpoints of the learner's whole state, and theta snapshots.
+"""Orbax checkpoints of the learner's whole state.
 
 A checkpoint is one orbax step folder ``<run>/checkpoints/<step>/`` with two items:
 
 * ``state``: the learner's arrays (theta, optax state, gradient buffer), saved with
-  ``StandardSave`` and restored against a target built from a live learner (NOTES-APIS:
-  without a target, optax's NamedTuple states come back as lists);
+  ``StandardSave`` and restored against a target built from a live learner (without
+  a target, optax's NamedTuple states come back as lists);
 * ``meta``: a JSON dict (step, version, counters, rolling losses, curriculum position,
   RNG state, wall time).
 

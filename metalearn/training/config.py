@@ -27,7 +27,7 @@ from metalearn.evaluation.config import ContinuousEvalConfig
 
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
-    """The central learner: meta-batching, optax, staleness, checkpoints (SPEC 4)."""
+    """The central learner: meta-batching, optax, staleness, checkpoints (docs/training.md)."""
 
     meta_batch: int = 256  # gradients averaged per theta update
     # Piecewise-constant meta learning rate: lr_values[i] until lr_boundaries[i] updates.
@@ -81,7 +81,7 @@ class CurriculumConfig:
     over ``unroll_ramp_steps`` updates. Truncations per task ~ round(Normal(s, s)),
     at least ``min_truncations``, s moving linearly from ``truncations_std_start`` to
     ``truncations_std_end`` over ``truncations_ramp_steps`` updates. (The paper's
-    wording of this ramp is ambiguous, see SPEC 4; these are config values.)
+    wording of this ramp is ambiguous, see docs/training.md; these are config values.)
     """
 
     unroll_start: tuple[int, ...] = (2, 4)

@@ -1,4 +1,4 @@
-"""The central learner of asynchronous meta-training (SPEC 4, DESIGN data flow step 3).
+"""The central learner of asynchronous meta-training (docs/training.md, docs/architecture.md).
 
 Plain Python, testable without Ray (``metalearn.distributed`` wraps it as an actor).
 Workers send ``Submission``s: a truncation's meta-gradient as one flat float32 vector

@@ -1,4 +1,4 @@
-"""The training loop of asynchronous meta-training, as plain Python (DESIGN steps 1-4).
+"""The training loop of asynchronous meta-training, as plain Python (docs/architecture.md).
 
 ``TrainingLoop`` is the driver: it starts a learner and N workers through a
 ``Transport``, hands each idle worker a ``WorkOrder`` (the newest theta handle and the

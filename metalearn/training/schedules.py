@@ -1,4 +1,4 @@
-"""Schedules of meta-training, as functions of the learner step (SPEC 4).
+"""Schedules of meta-training, as functions of the learner step (docs/training.md).
 
 * ``Curriculum``: what a worker needs at one step: the range of the truncation length U
   (uniform) and the spread of the number of truncations per task, drawn when a task

@@ -1,4 +1,4 @@
-"""Variational auto-encoder baseline (SPEC section 6): encoder and decoder 3 x 128 with
+"""Variational auto-encoder baseline (docs/evaluation.md): encoder and decoder 3 x 128 with
 batch norm, latent 32, Adam 1e-4, trained on the unlabelled pool; features are the
 posterior means. Images in [0, 1] use a Bernoulli likelihood, other data a unit Gaussian.
 
