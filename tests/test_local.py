@@ -69,3 +69,19 @@ def test_local_and_ray_runners_give_the_same_rows(ray_session, tmp_path):
         for column in DETERMINISTIC:
             # Ray's worker compiles with its own XLA flags (one thread): float noise only.
             assert mine[column] == pytest.approx(theirs[column], rel=1e-4, abs=1e-6), column
+
+
+def test_local_runner_evaluates_held_out_data_in_process(tmp_path):
+    config = tiny_config(tmp_path, evaluator={
+        "enabled": True, "every": 2, "datasets": ["two_moons"],
+        "width": 8, "depth": 1, "steps": 2, "seeds": 1, "batch_size": 16, "test_size": 40},
+        run={"steps": 4, "minutes": 5.0}, worker={"num_workers": 1, "batch_size": 8})
+    train_local(config, tmp_path / "run")
+    rows = rows_of(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # merged, not appended
+    evaluated = [r["step"] for r in rows if r.get("eval/two_moons/accuracy") is not None]
+    assert evaluated == [2, 4]
+    for row in rows:
+        if row["step"] in evaluated:
+            assert 0.0 <= row["eval/two_moons/accuracy"] <= 1.0
+            assert math.isfinite(row["eval/two_moons/meta_loss"]) and row["eval_s"] > 0

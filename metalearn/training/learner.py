@@ -1,6 +1,7 @@
 """The central learner of asynchronous meta-training (docs/training.md, docs/architecture.md).
 
-Plain Python, testable without Ray (``metalearn.distributed`` wraps it as an actor).
+Plain Python, testable without Ray (``LearnerHost`` adds its checkpoints, and
+``metalearn.distributed`` wraps that as an actor).
 Workers send ``Submission``s: a truncation's meta-gradient as one flat float32 vector
 (``jax.flatten_util.ravel_pytree`` order of theta), the theta version it was computed
 with, the task's metadata, loss and timings. The learner
@@ -14,7 +15,7 @@ with, the task's metadata, loss and timings. The learner
   them, applies their mean with optax (global-norm clip, Adam, piecewise-constant
   learning rate), bumps ``step`` and the theta ``version``, and returns one metrics row;
 * owns the curriculum: the U range and the truncations-per-task spread at the current
-  step (``curriculum_at``), which the driver hands to workers with theta;
+  step (a ``TruncationSchedule``), which the driver hands to workers with theta;
 * owns a numpy RNG (checkpointed) that issues fresh task-stream seeds to workers, so a
   restarted worker, or a resumed run, draws new tasks.
 
@@ -275,9 +276,3 @@ class Learner:
         rng_state = meta["rng"]
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = rng_state
-
-    def summary(self) -> dict:
-        """Small status for the driver's progress line."""
-        return {"step": self.step, "version": self.version, "generation": self.generation,
-                "meta_loss_rolling": self.rolling_loss(),
-                "loss_vs_start_rolling": self.rolling_gain(), **dict(self.counters)}

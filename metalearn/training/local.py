@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import collections
 import os
+import sys
 import traceback
 from typing import Sequence
 
+from metalearn.evaluation.continuous import ContinuousEvaluator
 from metalearn.training.config import TrainConfig
 from metalearn.training.learner_host import LearnerHost
 from metalearn.training.loop import (Callback, LearnerLost, RunSummary, TrainingLoop,
@@ -112,15 +114,53 @@ class InProcessTransport(Transport):
         self.queue.clear()
 
 
+class InlineContinuousEvaluation(Callback):
+    """Held-out evaluation of the newest theta every ``evaluator.every`` learner steps,
+    in this process (the Ray runner uses an evaluator actor instead); the columns are
+    merged into the evaluated step's metrics row. A failing evaluator is reported once
+    and switched off: it must never stop meta-training."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config.evaluator
+        self.rule, self.objective = config.rule, config.objective
+        self.evaluator: ContinuousEvaluator | None = None
+        self.last_step = 0
+
+    def _off(self, err: Exception) -> None:
+        message = str(err).strip().splitlines()[-1][:300] if str(err).strip() else repr(err)
+        print(f"\ncontinuous evaluation failed and is switched off: {message}",
+              file=sys.stderr)
+        self.evaluator = None
+
+    def on_start(self, loop: TrainingLoop) -> None:
+        self.last_step = loop.start_step
+        try:
+            self.evaluator = ContinuousEvaluator(self.config, self.rule, self.objective)
+        except Exception as err:  # noqa: BLE001 - evaluation is optional
+            self._off(err)
+
+    def on_tick(self, loop: TrainingLoop) -> None:
+        if self.evaluator is None or loop.step - self.last_step < self.config.every:
+            return
+        self.last_step = loop.step
+        try:
+            loop.metrics.merge(self.evaluator.evaluate(loop.step, loop.theta.payload))
+        except Exception as err:  # noqa: BLE001 - evaluation is optional
+            self._off(err)
+
+
 def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 num_workers: int | None = None,
                 callbacks: Sequence[Callback] = ()) -> RunSummary:
     """Run ``config`` in one process (no Ray) in ``run_dir``; see the module docstring."""
     run = RunDir(run_dir)
     run.create(config)
+    callbacks = list(callbacks)
+    if config.evaluator.enabled:
+        callbacks.append(InlineContinuousEvaluation(config))
     loop = TrainingLoop(config, run, InProcessTransport(config, run), resume=resume,
                         num_workers=num_workers, callbacks=callbacks)
     return loop.run()
 
 
-__all__ = ["InProcessTransport", "train_local"]
+__all__ = ["InProcessTransport", "InlineContinuousEvaluation", "train_local"]
