@@ -6,7 +6,7 @@ classes of that group), preprocessing and augmentation probabilities. Each task 
 gets a base-model architecture (2..5 layers, widths log-uniform in [64, 512], output
 32, an activation) and a total length in inner steps (a shifted normal, paper H.2).
 
-    mix = load_mix("experiments/tasks/local.yaml")
+    mix = load_mix("metalearn/configs/tasks/local.yaml")   # a YAML file
     sampler = TaskSampler(mix)                 # loads (and caches) every source once
     task = sampler.sample(seed)                # deterministic in seed
     x = task.inner_batch(128)                  # [128, D] float32

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from metalearn.cli import main
-from metalearn.training.config import REPO_ROOT
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
-SMOKE = os.path.join(REPO_ROOT, "experiments", "sweeps", "smoke.yaml")
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+SMOKE = os.path.join(ROOT, "experiments", "sweeps", "smoke.yaml")
 
 
 @pytest.fixture
@@ -36,7 +36,6 @@ def ray2():
 def write_spec(tmp_path, name, **changes) -> str:
     with open(SMOKE) as f:
         spec = yaml.safe_load(f)
-    spec["base"] = os.path.join(REPO_ROOT, spec["base"])
     spec["name"] = name
     for key, value in changes.items():
         if key in ("trial", "set"):  # merged; search and scheduler are replaced

@@ -143,3 +143,48 @@ def test_resume_with_different_rule_shape_refused(config_file, tmp_path, capsys)
         resolve(argparse.Namespace(resume=str(run_dir), config=None, out=None, minutes=None,
                                    steps=None, workers=None, address=None, runner=None,
                                    set=["rule.kernel=5"], tensorboard=False))
+
+
+def test_bad_task_data_ends_the_run_in_seconds_with_one_line(config_file, tmp_path, capsys):
+    import time
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("components: [{source: 'file:gone.npz', ways: [2]}]\n")
+    cases = [
+        (["--set", "tasks.mix=tinyy"], "no packaged task mix named 'tinyy'"),
+        (["--set", f"tasks.mix={mix}"], "components[0].source: data file"),
+        (["--set", f"tasks.data_dir={tmp_path / 'nowhere'}"], "tasks.data_dir:"),
+    ]
+    for args, message in cases:
+        started = time.monotonic()
+        out = tmp_path / "run"
+        assert main(["train", "--config", config_file, "--out", str(out), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert time.monotonic() - started < 10 and not out.exists()
+
+
+def test_workers_that_cannot_start_stop_the_run_with_the_cause(ray_session, tmp_path):
+    """A node that cannot read a ``file:`` source the driver could: each worker's
+    constructor fails there; the run stops with the node and the path, not a spin."""
+    import dataclasses
+    import time
+
+    from metalearn.distributed.driver import train
+    from metalearn.training.loop import WorkerStartError
+    from metalearn.training.task_mix import resolve_mix
+
+    config = tiny_config(tmp_path, run={"steps": 3, "minutes": 3.0})
+    good = resolve_mix(config.tasks)
+    component = dataclasses.replace(good.components[0], source="file:/nonexistent/x.npz")
+    unreadable = dataclasses.replace(good, components=(component,))
+    started = time.monotonic()
+    with pytest.raises(WorkerStartError, match=r"2 of 2 workers could not start; workers "
+                                               r"0, 1: .*on node .*x\.npz"):
+        train(config, tmp_path / "run", mix=unreadable)
+    assert time.monotonic() - started < 120
+    # With on_start_failure: continue and no worker able to start, it stops all the same.
+    config = tiny_config(tmp_path, run={"steps": 3, "minutes": 3.0},
+                         worker={"num_workers": 2, "batch_size": 8,
+                                 "on_start_failure": "continue"})
+    with pytest.raises(WorkerStartError, match="2 of 2 workers could not start"):
+        train(config, tmp_path / "run2", mix=unreadable)

@@ -10,7 +10,9 @@ from metalearn.training.learner import Learner
 from metalearn.training.messages import Submission
 from metalearn.training.schedules import Curriculum
 from metalearn.core.update_rule import init_theta
-from metalearn.training.worker import Worker, enable_compilation_cache, mix_dict
+from metalearn.core.config_io import to_dict
+from metalearn.training.task_mix import resolve_mix
+from metalearn.training.worker import Worker, enable_compilation_cache
 from train_helpers import tiny_config
 
 
@@ -101,7 +103,7 @@ def test_mix_overrides_bound_shapes(setup):
     config, _ = setup
     import dataclasses
     tasks = dataclasses.replace(config.tasks, ways=(2,), architecture=ArchitectureOverrides(max_width=16))
-    mix = mix_dict(dataclasses.replace(config, tasks=tasks))
+    mix = to_dict(resolve_mix(tasks))
     assert mix["components"][0]["ways"] == [2]
     assert mix["architecture"]["max_width"] == 16 and mix["architecture"]["min_width"] == 8
 

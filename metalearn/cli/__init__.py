@@ -51,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - user-facing errors become one clear line
-        from metalearn.core.config import ConfigError
-        if isinstance(err, (ConfigError, FileNotFoundError)):
+        # Imported here: loading metalearn.core loads JAX, which ``--help`` never needs.
+        from metalearn.core.config_io import ConfigError, RunError
+        if isinstance(err, (ConfigError, FileNotFoundError)):  # bad input
             print(f"metalearn: error: {err}", file=sys.stderr)
             return 2
+        if isinstance(err, RunError):  # a run that cannot go on
+            print(f"metalearn: error: {err}", file=sys.stderr)
+            return 1
         raise
 
 

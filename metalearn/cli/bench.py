@@ -26,6 +26,7 @@ from metalearn.core.bench import measure_inner_step
 from metalearn.distributed.bench import measure_learner, measure_scaling
 from metalearn.training.config import load_config
 from tasks.bench import measure_tasks
+from metalearn.core.config_io import resolve_config
 from tasks.sampler import load_mix
 
 
@@ -46,7 +47,7 @@ def add_parser(subparsers) -> None:
     p = benches.add_parser("tasks", help="task draw + inner batch + labelled pair, "
                            "as a fraction of one inner step")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
-    p.add_argument("--mix", default=None, help=f"task mix YAML (default {DEFAULT_MIX})")
+    p.add_argument("--mix", default=None, help=f"task mix: a packaged name (local, paper, tiny) or a YAML file (default {DEFAULT_MIX})")
     p.add_argument("--tasks", type=int, default=300, help="seeds timed")
     p.add_argument("--batch", type=int, default=128, help="inner batch size")
     p.add_argument("--draws", type=int, default=5, help="M labelled pairs")
@@ -65,7 +66,7 @@ def add_parser(subparsers) -> None:
 
     scaling = benches.add_parser("scaling", help="meta-gradients/s with 1 and 2 workers")
     scaling.add_argument("--json", action="store_true")
-    scaling.add_argument("--config", help="training config (default experiments/local.yaml)")
+    scaling.add_argument("--config", help="training config: packaged name or YAML (default local)")
     scaling.add_argument("--seconds", type=float, default=15.0, help="timed phase length")
     scaling.add_argument("--rounds", type=int, default=3,
                          help="alternating 1-worker / 2-worker phase pairs")
@@ -121,7 +122,7 @@ def format_inner_step(r: dict) -> str:
 # tasks
 
 def run_tasks(args) -> int:
-    mix = load_mix(args.mix or DEFAULT_MIX)
+    mix = load_mix(resolve_config(args.mix or DEFAULT_MIX, "tasks"))
     mix = dataclasses.replace(mix, sources=source_options(args, mix.sources))
     report = measure_tasks(mix, args.mix or DEFAULT_MIX, tasks=args.tasks, batch=args.batch,
                            draws=args.draws, samples_per_class=args.samples_per_class,

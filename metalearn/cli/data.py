@@ -22,12 +22,12 @@ import os
 import matplotlib
 import numpy as np
 
-from metalearn.training.config import REPO_ROOT
 from tasks.glyphs import glyph_config
+from metalearn.core.config_io import resolve_config
 from tasks.sampler import TaskSampler, load_mix
 from tasks.sources import SourceOptions, load, registry
 
-DEFAULT_MIX = os.path.join(REPO_ROOT, "experiments", "tasks", "local.yaml")
+DEFAULT_MIX = "local"  # the packaged task mix of the local default
 
 
 def add_parser(subparsers) -> None:
@@ -52,7 +52,7 @@ def add_parser(subparsers) -> None:
 
     p = commands.add_parser("sample", help="draw the task of a seed and describe it")
     p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--mix", default=None, help=f"task mix YAML (default {DEFAULT_MIX})")
+    p.add_argument("--mix", default=None, help=f"task mix: a packaged name (local, paper, tiny) or a YAML file (default {DEFAULT_MIX})")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     add_source_args(p)
     p.set_defaults(func=run_sample)
@@ -166,7 +166,7 @@ def run_info(args) -> int:
 
 
 def run_sample(args) -> int:
-    mix = load_mix(args.mix or DEFAULT_MIX)
+    mix = load_mix(resolve_config(args.mix or DEFAULT_MIX, "tasks"))
     mix = dataclasses.replace(mix, sources=source_options(args, mix.sources))
     sampler = TaskSampler(mix, progress=True)
     task = sampler.sample(args.seed)

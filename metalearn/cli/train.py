@@ -1,7 +1,7 @@
 """``metalearn train``: asynchronous meta-training on Ray.
 
-    metalearn train                                  # experiments/local.yaml, 10 minutes
-    metalearn train --config experiments/paper.yaml --address auto
+    metalearn train                                  # the packaged local default, 10 minutes
+    metalearn train --config paper --address auto    # the paper's run, on a cluster
     metalearn train --resume runs/20261126-120000 --minutes 30
     metalearn train --set learner.meta_batch=8 --set curriculum.unroll_ramp_steps=2000
 
@@ -24,12 +24,16 @@ from metalearn.training.session import resolve_session
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("train", help="meta-train the update rule (Ray)",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="training config YAML (default experiments/local.yaml)")
+    parser.add_argument("--config", help="training config: a packaged name (local, paper) "
+                                         "or a YAML file (default: local)")
     parser.add_argument("--out", help="run folder (default runs/<date>-<time>)")
     parser.add_argument("--minutes", type=float, help="wall-clock budget (0: none)")
     parser.add_argument("--steps", type=int, help="stop at this learner step (0: none)")
     parser.add_argument("--workers", type=int, help="worker actors (default: one per CPU)")
-    parser.add_argument("--address", help="join this Ray cluster (e.g. auto)")
+    parser.add_argument("--address", help="Ray cluster to join (auto: the one started on "
+                                          "this machine; local: a new private Ray). Default: "
+                                          "RAY_ADDRESS, else a cluster running here, else a "
+                                          "new local Ray")
     parser.add_argument("--runner", choices=("ray", "local"),
                         help="ray: learner and worker actors (default); local: one "
                              "process, no Ray (debugging, one GPU)")
@@ -42,7 +46,7 @@ def add_parser(subparsers) -> None:
 
 
 def resolve(args):
-    """(config, run folder, resume) from the arguments; raises ConfigError on bad input."""
+    """The ``Session`` the arguments ask for; raises ConfigError on bad input."""
     overrides = list(args.set)
     for name, key in (("minutes", "run.minutes"), ("steps", "run.steps"),
                       ("workers", "worker.num_workers"), ("address", "run.address"),
@@ -56,12 +60,12 @@ def resolve(args):
 
 
 def run(args) -> int:
-    config, run_dir, resume = resolve(args)
+    session = resolve(args)
+    config, run_dir = session.config, session.run
     callbacks = [ProgressLine(config.run.progress_every_s)]
-    if config.run.runner == "local":
-        summary = train_local(config, run_dir, resume=resume, callbacks=callbacks)
-    else:
-        summary = train(config, run_dir, resume=resume, callbacks=callbacks)
+    runner = train_local if config.run.runner == "local" else train
+    summary = runner(config, run_dir, resume=session.resume, mix=session.mix,
+                     callbacks=callbacks)
     print(f"done: steps {summary.start_step} -> {summary.final_step} in "
           f"{summary.wall_s / 60:.1f} min; checkpoint at step {summary.checkpoint_step}; "
           f"worker restarts {summary.worker_failures}, learner restarts "

@@ -12,6 +12,7 @@ such as a sweep trial's). ``load`` does all three.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import re
 import types
@@ -24,6 +25,11 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names the field."""
+
+
+class RunError(RuntimeError):
+    """A run cannot go on for a reason the user must fix (the message says which); the
+    command line prints it as one line and exits 1."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -81,6 +87,58 @@ def apply_values(values: dict, updates: Mapping[str, Any]) -> dict:
     for key, value in (updates or {}).items():
         _set_dotted(values, str(key), value, "")
     return values
+
+
+# Configs that ship inside the package (package data, docs/architecture.md): the
+# training configs ``local`` and ``paper``, and the task mixes ``local``, ``paper``,
+# ``tiny`` (kind "tasks"). A reference is a packaged name or a file path.
+PACKAGED_CONFIGS = importlib.resources.files("metalearn") / "configs"
+
+
+def packaged_names(kind: str = "") -> list[str]:
+    """Names of the packaged configs of ``kind`` ("" training configs, "tasks" mixes)."""
+    folder = PACKAGED_CONFIGS / kind if kind else PACKAGED_CONFIGS
+    return sorted(entry.name[:-5] for entry in folder.iterdir()
+                  if entry.is_file() and entry.name.endswith(".yaml"))
+
+
+def is_packaged_name(ref: str) -> bool:
+    """A bare name (no folder, no ``.yaml``) refers to a packaged config."""
+    return bool(ref) and os.sep not in ref and "/" not in ref and not ref.endswith(
+        (".yaml", ".yml"))
+
+
+def resolve_config(ref: str, kind: str = "", *, relative_to: str | None = None) -> str:
+    """The file a config reference names: a packaged name (``local``) or a path, tried
+    relative to ``relative_to`` (the referring file's folder) and then to the current
+    directory. FileNotFoundError names the reference and the packaged choices."""
+    what = "task mix" if kind == "tasks" else "config"
+    ref = os.path.expanduser(str(ref))
+    if is_packaged_name(ref) and not os.path.isfile(ref):
+        entry = (PACKAGED_CONFIGS / kind if kind else PACKAGED_CONFIGS) / f"{ref}.yaml"
+        if entry.is_file():
+            return str(entry)
+        raise FileNotFoundError(f"no packaged {what} named {ref!r}; packaged: "
+                                f"{', '.join(packaged_names(kind))} (or give a file path)")
+    candidates = [ref] if os.path.isabs(ref) else (
+        [os.path.join(relative_to, ref)] if relative_to else []) + [ref]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    raise FileNotFoundError(f"{what} file not found: {ref} (looked in "
+                            f"{', '.join(os.path.abspath(c) for c in candidates)}; packaged "
+                            f"names: {', '.join(packaged_names(kind))})")
+
+
+def merge(base: dict, top: Mapping) -> dict:
+    """``base`` with ``top``'s keys on top, mappings merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
 
 
 def read_yaml(path: str, what: str) -> Any:

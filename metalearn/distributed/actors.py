@@ -75,15 +75,26 @@ def claim_cpus(count: int) -> list[int]:
 class WorkerActor:
     """Ray wrapper of ``metalearn.training.worker.Worker``."""
 
-    def __init__(self, config: dict, index: int, stream_seed: int, cpus: int = 1,
-                 pin: bool = True):
+    def __init__(self, config: dict, mix: dict, index: int, stream_seed: int,
+                 cpus: int = 1, pin: bool = True):
+        """``mix``: the task mix the driver resolved (``to_dict(MixConfig)``): this node
+        reads no config file. A failure here names the node, since a node may lack what
+        the submitter's machine has (a ``file:`` source, a data dir, a package)."""
         self.cores = claim_cpus(cpus) if pin else []
-        from metalearn.training.config import config_from_dict
-        from metalearn.training.worker import Worker, enable_compilation_cache
+        try:
+            from metalearn.core.config_io import from_dict
+            from metalearn.training.config import config_from_dict
+            from metalearn.training.worker import Worker, enable_compilation_cache
+            from tasks.sampler import MixConfig
 
-        train_config = config_from_dict(config)
-        enable_compilation_cache(train_config.worker.compilation_cache)
-        self.worker = Worker(train_config, index, stream_seed)
+            train_config = config_from_dict(config)
+            enable_compilation_cache(train_config.worker.compilation_cache)
+            self.worker = Worker(train_config, index, stream_seed,
+                                 mix=from_dict(MixConfig, mix))
+        except Exception as err:
+            node = ray.util.get_node_ip_address()
+            raise RuntimeError(f"on node {node}: {type(err).__name__}: "
+                               f"{str(err).strip()[:500]}") from err
         self.started = time.time()
 
     def info(self) -> dict:

@@ -210,7 +210,7 @@ def measure_learner(*, seconds: float = 15.0, workers: int = 4, meta_batch: int 
 class ScalingWorker:
     """One pinned, single-threaded worker timing real meta-gradients on a fixed task."""
 
-    def __init__(self, config: dict, task_seed: int, unroll: int):
+    def __init__(self, config: dict, mix: dict, task_seed: int, unroll: int):
         self.cores = claim_cpus(1)
         # Imported only now, after claim_cpus pinned this process: XLA sizes its thread
         # pool from the CPU affinity it finds when JAX is first imported.
@@ -221,11 +221,14 @@ class ScalingWorker:
         from metalearn.core.unroll import make_meta_gradient
         from metalearn.core.update_rule import init_theta
         from metalearn.training.config import config_from_dict
-        from metalearn.training.worker import enable_compilation_cache, make_sampler
+        from metalearn.core.config_io import from_dict
+        from metalearn.training.worker import enable_compilation_cache
+        from tasks.sampler import MixConfig, TaskSampler
 
         self.config = config_from_dict(config)
         enable_compilation_cache(self.config.worker.compilation_cache)
-        self.task = make_sampler(self.config).sample(task_seed)
+        sampler = TaskSampler(from_dict(MixConfig, mix), data_dir=self.config.tasks.data_dir)
+        self.task = sampler.sample(task_seed)
         rule = self.config.rule
         self.theta = init_theta(jax.random.key(0), rule)
         self.params = init_params(jax.random.key(1), self.task.arch, w_std=rule.init_w_std,
@@ -275,7 +278,9 @@ def measure_scaling(config, *, seconds: float = 15.0, rounds: int = 3, unroll: i
     ``rounds`` alternating phases of ``seconds``. Starts a local Ray unless one is
     running; needs 2 CPUs."""
     from metalearn.core.config import to_dict
+    from metalearn.training.task_mix import resolve_mix
 
+    mix = to_dict(resolve_mix(config.tasks))  # read here, shipped to the workers as data
     started = _init_ray()
     try:
         cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -283,7 +288,7 @@ def measure_scaling(config, *, seconds: float = 15.0, rounds: int = 3, unroll: i
             raise RuntimeError(f"the scaling benchmark needs 2 CPUs, Ray has {cpus}")
         options = {"runtime_env": {"env_vars": thread_env(1)}}
         log("[1/2] starting 2 workers, compiling ...")
-        first, second = (ScalingWorker.options(**options).remote(to_dict(config), 0, unroll)
+        first, second = (ScalingWorker.options(**options).remote(to_dict(config), mix, 0, unroll)
                          for _ in range(2))
         ray.get([first.truncation.remote(), second.truncation.remote()])
         info = ray.get(first.info.remote())

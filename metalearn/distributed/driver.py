@@ -20,7 +20,9 @@ N ``WorkerActor``s spread over the cluster:
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import tempfile
 from typing import Sequence
 
 import ray
@@ -33,20 +35,31 @@ from metalearn.distributed.actors import LearnerActor, WorkerActor, thread_env
 from metalearn.distributed.evaluator import start_evaluator
 from metalearn.training.config import TrainConfig
 from metalearn.training.loop import (Callback, LearnerLost, RunSummary, TrainingLoop,
-                                     Transport)
+                                     Transport, WorkerStartError)
 from metalearn.training.messages import LearnerStatus, ThetaHandle, WorkerResult, WorkOrder
 from metalearn.training.run_dir import RunDir
+from metalearn.training.task_mix import resolve_mix
+from tasks.sampler import MixConfig
 
 _GONE = (RayActorError, ActorUnavailableError)
+# How long ``start_workers`` waits for workers to answer before training starts.
+START_WAIT_S = 300.0
+
+
+def _cause(err: Exception) -> str:
+    """The last meaningful line of a Ray error (the exception the actor raised)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(err).__name__
 
 
 class RayTransport(Transport):
     """Learner and workers as Ray actors (see the module docstring)."""
 
-    def __init__(self, config: TrainConfig, run: RunDir):
+    def __init__(self, config: TrainConfig, run: RunDir, mix: MixConfig):
         self.config = config
         self.run = run
         self.config_dict = to_dict(config)
+        self.mix_dict = to_dict(mix)
         self.learner = None
         self.workers: list = []
         self.pending: dict = {}  # ObjectRef of a compute call -> worker index
@@ -99,16 +112,50 @@ class RayTransport(Transport):
         cpus = int(ray.cluster_resources().get("CPU", 1))
         return max(1, cpus // self.config.worker.cpus_per_worker)
 
-    def start_workers(self, seeds: Sequence[int]) -> None:
+    def start_workers(self, seeds: Sequence[int]) -> int:
         w = self.config.worker
         # Spread workers over nodes (a lost node takes few of them), except inside a
         # placement group (a Tune trial), whose bundles decide the placement.
         spread = ({} if ray.util.get_current_placement_group() is not None
                   else {"scheduling_strategy": "SPREAD"})
-        self.workers = [WorkerActor.options(
+        workers = [WorkerActor.options(
             num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker,
             runtime_env={"env_vars": thread_env(w.cpus_per_worker)}, **spread,
-        ).remote(self.config_dict, i, seed, w.cpus_per_worker) for i, seed in enumerate(seeds)]
+        ).remote(self.config_dict, self.mix_dict, i, seed, w.cpus_per_worker)
+            for i, seed in enumerate(seeds)]
+        failed = self._failed_to_start(workers)
+        if failed and (w.on_start_failure == "stop" or len(failed) == len(workers)):
+            for worker in workers:
+                ray.kill(worker, no_restart=True)
+            causes: dict[str, list[int]] = {}
+            for index, cause in failed.items():
+                causes.setdefault(cause, []).append(index)
+            lines = [f"worker{'s' if len(ix) > 1 else ''} {', '.join(map(str, ix))}: {cause}"
+                     for cause, ix in causes.items()]
+            raise WorkerStartError(f"{len(failed)} of {len(workers)} workers could not "
+                                   f"start; " + "; ".join(lines))
+        for index in failed:
+            ray.kill(workers[index], no_restart=True)
+        self.workers = [wk for i, wk in enumerate(workers) if i not in failed]
+        return len(self.workers)
+
+    def _failed_to_start(self, workers: list) -> dict[int, str]:
+        """Worker index -> why its constructor failed, for the workers that answer within
+        ``START_WAIT_S``; a worker still waiting for resources (an autoscaling cluster
+        adds nodes) is not a failure and is used once it starts."""
+        refs = {worker.info.remote(): index for index, worker in enumerate(workers)}
+        ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=START_WAIT_S)
+        if waiting:
+            print(f"{len(waiting)} of {len(refs)} workers have not started after "
+                  f"{START_WAIT_S:.0f} s (waiting for resources: see `ray status`)",
+                  file=sys.stderr)
+        failed = {}
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except (*_GONE, RayTaskError) as err:
+                failed[refs[ref]] = _cause(err)
+        return failed
 
     def dispatch(self, index: int, order: WorkOrder) -> None:
         self.pending[self.workers[index].compute.remote(order, self.learner)] = index
@@ -123,7 +170,12 @@ class RayTransport(Transport):
             index = self.pending.pop(ref)
             try:
                 results.append(WorkerResult(index, reply=ray.get(ref)))
-            except (*_GONE, OutOfMemoryError):
+            except RayActorError as err:
+                # Ray restarts a worker that crashed, but not one whose constructor
+                # raised: that worker is gone for good.
+                results.append(WorkerResult(index, died=True, error=_cause(err),
+                                            cannot_start=err.actor_init_failed))
+            except (ActorUnavailableError, OutOfMemoryError):
                 results.append(WorkerResult(index, died=True))  # Ray restarts it
             except RayTaskError as err:
                 results.append(WorkerResult(
@@ -204,38 +256,78 @@ def local_system_config() -> dict:
     return {"max_direct_call_object_size": INLINE_OBJECT_BYTES}
 
 
+def running_local_cluster() -> str | None:
+    """The address of the Ray that ``ray start`` last started on this machine, if it
+    answers; None otherwise.
+
+    Ray records that address in ``<tmp>/ray/ray_current_cluster`` (what ``ray.init()``
+    and ``address="auto"`` read). The file outlives its cluster, and Ray then retries a
+    dead address for minutes, so the address is probed first.
+    """
+    path = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    try:
+        with open(path) as f:
+            address = f.read().strip()
+        host, _, port = address.rpartition(":")
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+    except (OSError, ValueError):
+        return None
+    return address
+
+
 def init_ray(address: str) -> bool:
-    """Join ``address`` or start a local Ray with every core; True if we started it."""
+    """Connect to Ray by Ray's own conventions; True if this call connected or started it.
+
+    * ``address`` (``--address`` / ``run.address``): that cluster (``auto``: the one
+      started on this machine with ``ray start``); ``local``: a new private Ray;
+    * else ``RAY_ADDRESS`` from the environment, as ``ray.init()`` reads it;
+    * else the cluster started on this machine with ``ray start``, if there is one;
+    * else a new local Ray on every core (objects up to 1 MiB inline, no dashboard).
+    """
     if ray.is_initialized():
         return False
-    if address:
+    if address and address != "local":
         ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True,
-                 _system_config=local_system_config())
+        return True
+    if not address and os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return True
+    running = None if address else running_local_cluster()
+    if running:
+        ray.init(address=running)
+        print(f"joined the Ray cluster running on this machine ({running}); --address "
+              f"local starts a private one", file=sys.stderr)
+        return True
+    ray.init(address="local", include_dashboard=False, log_to_driver=True,
+             _system_config=local_system_config())
     return True
 
 
 def ray_loop(config: TrainConfig, run: RunDir, *, resume: bool = False,
-             num_workers: int | None = None,
+             num_workers: int | None = None, mix: MixConfig | None = None,
              callbacks: Sequence[Callback] = ()) -> TrainingLoop:
     """The training loop over Ray actors, with the evaluator actor when configured
-    (Ray must be initialised; the run folder must exist)."""
+    (Ray must be initialised; the run folder must exist). The task mix is resolved
+    here, on the submitting machine, unless given."""
+    mix = mix if mix is not None else resolve_mix(config.tasks)
     callbacks = list(callbacks)
     if config.evaluator.enabled:
         callbacks.append(RayContinuousEvaluation(config))
-    return TrainingLoop(config, run, RayTransport(config, run), resume=resume,
+    return TrainingLoop(config, run, RayTransport(config, run, mix), resume=resume,
                         num_workers=num_workers, callbacks=callbacks)
 
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-          num_workers: int | None = None, callbacks: Sequence[Callback] = ()) -> RunSummary:
-    """Start Ray if needed, run the loop over actors, shut Ray down if we started it."""
+          num_workers: int | None = None, mix: MixConfig | None = None,
+          callbacks: Sequence[Callback] = ()) -> RunSummary:
+    """Resolve the task mix, start or join Ray, run the loop over actors, and shut Ray
+    down (or disconnect) if this call started it."""
+    mix = mix if mix is not None else resolve_mix(config.tasks)  # before Ray, before files
     started = init_ray(config.run.address)
     try:
         run = RunDir(run_dir)
         run.create(config)
-        return ray_loop(config, run, resume=resume, num_workers=num_workers,
+        return ray_loop(config, run, resume=resume, num_workers=num_workers, mix=mix,
                         callbacks=callbacks).run()
     finally:
         if started:

@@ -36,7 +36,7 @@ from ray.tune.utils import flatten_dict
 
 from metalearn.core.config import ConfigError
 from metalearn.distributed.driver import ray_loop
-from metalearn.distributed.sweep_spec import SweepSpec, trial_config
+from metalearn.distributed.sweep_spec import SweepSpec, trial_config, trial_mix
 from metalearn.training.loop import Callback, TrainingLoop
 from metalearn.training.run_dir import RunDir
 
@@ -158,6 +158,7 @@ def run_trial(params: dict, spec: SweepSpec) -> None:
     reporter = TrialReporter(spec, run, trial_id, start_step, extra)
     try:
         ray_loop(config, run, resume=resume, num_workers=spec.trial.workers,
+                 mix=trial_mix(spec, config),
                  callbacks=[reporter]).run()
     finally:
         reporter.discard()

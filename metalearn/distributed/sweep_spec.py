@@ -22,11 +22,14 @@ then validated like any training config.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Literal
 
-from metalearn.core.config_io import ConfigError, apply_values, from_dict, read_yaml
-from metalearn.training.config import TrainConfig, config_from_dict, resolve_path
+from metalearn.core.config_io import ConfigError, apply_values, from_dict, read_yaml, to_dict
+from metalearn.training.config import TrainConfig, config_from_dict, read_config_values
+from metalearn.training.task_mix import resolve_mix
+from tasks.sampler import MixConfig
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 MUTATION_KINDS = ("choice", "uniform", "loguniform")
@@ -196,7 +199,7 @@ def _scheduler(values: Any) -> SchedulerConfig:
 @dataclasses.dataclass(frozen=True)
 class SweepSpec:
     name: str
-    base: str  # training config YAML the trials start from (absolute once loaded)
+    base: str  # training config the trials start from: a packaged name or a file
     set: dict = dataclasses.field(default_factory=dict)  # fixed values at dotted keys
     search: tuple[SearchEntry, ...] = ()
     num_samples: int = 1
@@ -207,6 +210,11 @@ class SweepSpec:
     trial: TrialSettings = TrialSettings()
     scheduler: SchedulerConfig = FifoScheduler()
     path: str = ""  # the spec file (absolute), set by load_spec
+    # Read on the submitting machine by ``load_spec`` and carried to the trials, which
+    # may run on other nodes: the base config's values, and the resolved task mix of
+    # every task section a validated trial config has (JSON of ``tasks`` -> mix dict).
+    base_values: dict = dataclasses.field(default_factory=dict)
+    mixes: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.set, dict):
@@ -214,7 +222,8 @@ class SweepSpec:
                               f"{type(self.set).__name__}")
 
 
-_FILE_KEYS = tuple(f.name for f in dataclasses.fields(SweepSpec) if f.name != "path")
+_FILE_KEYS = tuple(f.name for f in dataclasses.fields(SweepSpec)
+                   if f.name not in ("path", "base_values", "mixes"))
 
 
 def load_spec(path: str) -> SweepSpec:
@@ -227,7 +236,7 @@ def load_spec(path: str) -> SweepSpec:
         raise ConfigError(f"{path}: unknown sweep key {unknown[0]}")
     values = dict(raw)
     values["name"] = str(raw.get("name") or os.path.splitext(os.path.basename(path))[0])
-    values["base"] = resolve_path(str(raw.get("base", "experiments/local.yaml")))
+    values["base"] = str(raw.get("base", "local"))
     values["set"] = raw.get("set") or {}
     values["trial"] = raw.get("trial") or {}
     try:
@@ -237,13 +246,32 @@ def load_spec(path: str) -> SweepSpec:
         spec = from_dict(SweepSpec, values)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-    spec = dataclasses.replace(spec, path=os.path.abspath(path),
+    base_values = read_config_values(spec.base, relative_to=os.path.dirname(
+        os.path.abspath(path)))
+    spec = dataclasses.replace(spec, path=os.path.abspath(path), base_values=base_values,
                                scheduler=_with_defaults(spec.scheduler, spec.trial))
+    configs = [trial_config(spec, {})]
     for entry in spec.search:  # every searched value must make a valid config
         candidates = entry.domain.candidates() if entry.domain else (entry.value,)
-        for candidate in candidates:
-            trial_config(spec, {entry.key: candidate})
-    return spec
+        configs += [trial_config(spec, {entry.key: candidate}) for candidate in candidates]
+    mixes = {}
+    for config in configs:
+        key = mix_key(config)
+        if key not in mixes:
+            mixes[key] = to_dict(resolve_mix(config.tasks))
+    return dataclasses.replace(spec, mixes=mixes)
+
+
+def mix_key(config: TrainConfig) -> str:
+    """The key of ``config``'s task section in ``SweepSpec.mixes``."""
+    return json.dumps(to_dict(config.tasks), sort_keys=True)
+
+
+def trial_mix(spec: SweepSpec, config: TrainConfig) -> MixConfig:
+    """A trial's task mix: carried in the spec, or resolved where the trial runs (a task
+    section only a continuous search domain reaches)."""
+    values = spec.mixes.get(mix_key(config))
+    return from_dict(MixConfig, values) if values is not None else resolve_mix(config.tasks)
 
 
 def _with_defaults(scheduler: SchedulerConfig, trial: TrialSettings) -> SchedulerConfig:
@@ -259,9 +287,7 @@ def trial_values(spec: SweepSpec, params: dict) -> dict:
     """The nested config dict of one trial: the base config with the fixed values, the
     sampled ``params`` (dotted keys; Tune's own ``_``-prefixed keys skipped) and the
     trial's limits set in that order."""
-    values = read_yaml(spec.base, "config file")
-    if not isinstance(values, dict):
-        raise ConfigError(f"a training config must be a mapping, got {type(values).__name__}")
+    values = dict(spec.base_values)
     sampled = {k: v for k, v in params.items() if not k.startswith("_")}
     limits = {"run.steps": spec.trial.steps, "run.minutes": spec.trial.minutes,
               "worker.num_workers": spec.trial.workers}
@@ -276,5 +302,5 @@ def trial_config(spec: SweepSpec, params: dict) -> TrainConfig:
 
 
 __all__ = ["AshaScheduler", "Domain", "FifoScheduler", "PbtScheduler", "SchedulerConfig",
-           "SearchEntry", "SweepSpec", "TrialSettings", "load_spec", "trial_config",
-           "trial_values"]
+           "SearchEntry", "SweepSpec", "TrialSettings", "load_spec", "mix_key",
+           "trial_config", "trial_mix", "trial_values"]

@@ -2,10 +2,13 @@
 
 A ``TrainConfig`` nests the core configs (rule, meta-objective, unroll) with the
 sections of the training system: learner, curriculum, worker, tasks and run. It is
-loaded from YAML (``experiments/local.yaml``, ``experiments/paper.yaml``); unknown keys
-are rejected with the dotted name of the key, and ``--set a.b=value`` overrides are
-applied on top before validation. The run folder keeps ``config.yaml``, the resolved
-config, which loads back to an equal ``TrainConfig``.
+loaded from YAML: a packaged config by name (``local``, the default of ``metalearn
+train``, and ``paper``; they ship inside the package, so they work from any directory
+after any install) or a file. A file may start from another config with
+``base: NAME_OR_PATH`` and change some of its keys. Unknown keys are rejected with the
+dotted name of the key, and ``--set a.b=value`` overrides are applied on top before
+validation. The run folder keeps ``config.yaml``, the resolved config, which loads back
+to an equal ``TrainConfig``.
 
 ``rule_preset`` picks the base values of the rule section (``paper`` or ``small``,
 ``RuleConfig.small()``); keys given under ``rule`` override the preset.
@@ -20,7 +23,8 @@ from typing import Literal
 import yaml
 
 from metalearn.core.config import ACTIVATIONS, MetaObjectiveConfig, RuleConfig, UnrollConfig
-from metalearn.core.config_io import (ConfigError, apply_overrides, from_dict, read_yaml,
+from metalearn.core.config_io import (ConfigError, apply_overrides, from_dict,
+                                      is_packaged_name, merge, read_yaml, resolve_config,
                                       to_dict)
 from metalearn.evaluation.config import ContinuousEvalConfig
 
@@ -114,8 +118,14 @@ class CurriculumConfig:
 class WorkerConfig:
     """Worker actors: how many, their resources, and what each truncation looks like."""
 
-    num_workers: int = 0  # 0: one per CPU of the Ray cluster (minus cpus for the learner)
+    # 0: one per CPU of the Ray cluster. The learner actor reserves no CPU (it runs beside
+    # the driver on its node and is idle most of the time, docs/training.md).
+    num_workers: int = 0
     cpus_per_worker: int = 1  # XLA threads are pinned to this many cores per worker
+    # A worker whose constructor fails (a task source it cannot read, a missing package
+    # on its node): "stop" ends the run with the cause; "continue" trains with the
+    # workers that started (and stops only if none did).
+    on_start_failure: Literal["stop", "continue"] = "stop"
     gpus_per_worker: float = 0.0
     tasks_per_worker: int = 1  # >1: vmap several tasks of one architecture (GPU workers)
     batch_size: int = 128  # unlabelled inner batch per step
@@ -172,7 +182,10 @@ class ArchitectureOverrides:
 class TasksConfig:
     """Where tasks come from (the ``tasks`` package)."""
 
-    mix: str = "experiments/tasks/local.yaml"  # relative paths: from the repository root
+    # A packaged task mix by name (local, paper, tiny) or a YAML file; a relative path is
+    # taken from the referring config file's folder, then the current directory. The
+    # driver reads and validates it and ships it to workers as data.
+    mix: str = "local"
     data_dir: str | None = None
     # Every new base-model shape (architecture, N-way, number of targets) costs one
     # compilation of the meta-gradient (about a minute on one CPU core for the small
@@ -217,8 +230,7 @@ class TrainConfig:
     evaluator: ContinuousEvalConfig = ContinuousEvalConfig(enabled=False)
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "experiments", "local.yaml")
+DEFAULT_CONFIG = "local"  # the packaged local default (metalearn/configs/local.yaml)
 
 
 def config_from_dict(values: dict) -> TrainConfig:
@@ -238,19 +250,36 @@ def config_from_dict(values: dict) -> TrainConfig:
     return dataclasses.replace(config, rule=rule)
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML training config (default ``experiments/local.yaml``) plus overrides."""
-    values = read_yaml(path or DEFAULT_CONFIG, "config file")
+def read_config_values(ref: str, *, relative_to: str | None = None,
+                       _seen: tuple[str, ...] = ()) -> dict:
+    """The raw values of training config ``ref`` (a packaged name or a file), with its
+    ``base`` chain merged in and a relative ``tasks.mix`` made absolute."""
+    path = resolve_config(ref, relative_to=relative_to)
+    if path in _seen:
+        raise ConfigError(f"{path}: base configs form a loop ({' -> '.join(_seen)})")
+    values = read_yaml(path, "config file")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a training config must be a mapping")
+    folder = os.path.dirname(path)
+    mix = (values.get("tasks") or {}).get("mix") if isinstance(values.get("tasks"),
+                                                                 dict) else None
+    if isinstance(mix, str) and not is_packaged_name(mix) and not os.path.isabs(mix) \
+            and os.path.isfile(os.path.join(folder, mix)):
+        values = merge(values, {"tasks": {"mix": os.path.normpath(os.path.join(folder, mix))}})
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must name a config, got {base!r}")
+    return merge(read_config_values(base, relative_to=folder, _seen=_seen + (path,)),
+                 values)
+
+
+def load_config(ref: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A training config (default the packaged ``local``) plus ``--set`` overrides."""
+    values = read_config_values(ref or DEFAULT_CONFIG)
     return config_from_dict(apply_overrides(values, overrides or []))
 
 
 def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-def resolve_path(path: str) -> str:
-    """Relative paths in configs are taken from the repository root if they exist there."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return os.path.abspath(path)
-    candidate = os.path.join(REPO_ROOT, path)
-    return candidate if os.path.exists(candidate) else os.path.abspath(path)

@@ -26,15 +26,18 @@ from metalearn.training.loop import (Callback, LearnerLost, RunSummary, Training
 from metalearn.training.messages import (LearnerReply, LearnerStatus, ThetaHandle, WorkerResult,
                                          WorkOrder)
 from metalearn.training.run_dir import RunDir
+from metalearn.training.task_mix import resolve_mix
 from metalearn.training.worker import Worker, enable_compilation_cache
+from tasks.sampler import MixConfig
 
 
 class InProcessTransport(Transport):
     """Learner and workers as objects of this process; orders run one at a time."""
 
-    def __init__(self, config: TrainConfig, run: RunDir):
+    def __init__(self, config: TrainConfig, run: RunDir, mix: MixConfig | None = None):
         self.config = config
         self.run = run
+        self.mix = mix if mix is not None else resolve_mix(config.tasks)
         self.host: LearnerHost | None = None
         self.workers: list[Worker] = []
         self.queue: collections.deque = collections.deque()  # (index, order)
@@ -81,8 +84,11 @@ class InProcessTransport(Transport):
     def default_worker_count(self) -> int:
         return 1  # one process computes one truncation at a time
 
-    def start_workers(self, seeds: Sequence[int]) -> None:
-        self.workers = [Worker(self.config, index, seed) for index, seed in enumerate(seeds)]
+    def start_workers(self, seeds: Sequence[int]) -> int:
+        # One process: a constructor that fails raises here, which stops the run.
+        self.workers = [Worker(self.config, index, seed, mix=self.mix)
+                        for index, seed in enumerate(seeds)]
+        return len(self.workers)
 
     def dispatch(self, index: int, order: WorkOrder) -> None:
         self.queue.append((index, order))
@@ -150,15 +156,16 @@ class InlineContinuousEvaluation(Callback):
 
 
 def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-                num_workers: int | None = None,
+                num_workers: int | None = None, mix: MixConfig | None = None,
                 callbacks: Sequence[Callback] = ()) -> RunSummary:
     """Run ``config`` in one process (no Ray) in ``run_dir``; see the module docstring."""
+    mix = mix if mix is not None else resolve_mix(config.tasks)  # before the folder exists
     run = RunDir(run_dir)
     run.create(config)
     callbacks = list(callbacks)
     if config.evaluator.enabled:
         callbacks.append(InlineContinuousEvaluation(config))
-    loop = TrainingLoop(config, run, InProcessTransport(config, run), resume=resume,
+    loop = TrainingLoop(config, run, InProcessTransport(config, run, mix), resume=resume,
                         num_workers=num_workers, callbacks=callbacks)
     return loop.run()
 

@@ -32,6 +32,7 @@ import sys
 import time
 from typing import Any, Sequence
 
+from metalearn.core.config_io import RunError
 from metalearn.training.config import TrainConfig
 from metalearn.training.messages import (LearnerReply, LearnerStatus, ThetaHandle,
                                          WorkerResult, WorkOrder)
@@ -41,6 +42,10 @@ from metalearn.training.run_dir import RunDir
 
 class LearnerLost(RuntimeError):
     """A call to the learner failed because the learner is gone."""
+
+
+class WorkerStartError(RunError):
+    """Workers could not start (their constructor failed); the message says why."""
 
 
 class Transport(abc.ABC):
@@ -86,7 +91,9 @@ class Transport(abc.ABC):
         """Workers to start when neither the caller nor the config says."""
 
     @abc.abstractmethod
-    def start_workers(self, seeds: Sequence[int]) -> None: ...
+    def start_workers(self, seeds: Sequence[int]) -> int:
+        """Start one worker per seed; returns how many started (indices 0..n-1).
+        Raises ``WorkerStartError`` when ``worker.on_start_failure`` says to stop."""
 
     @abc.abstractmethod
     def dispatch(self, index: int, order: WorkOrder) -> None: ...
@@ -149,6 +156,9 @@ class TrainingLoop:
         self.worker_errors = 0
         self.learner_restarts = 0
         self.successes = 0
+        self.worker_count = 0
+        self.workers_lost = 0  # workers whose restart failed in their constructor
+        self.fatal = ""  # why the run had to stop (raised after the final checkpoint)
         self.stopping = False
         self.started = time.monotonic()
         self.start_step = 0
@@ -192,7 +202,11 @@ class TrainingLoop:
             transport.checkpoint()  # step 0: the folder is a run now
         count = self.num_workers or self.config.worker.num_workers \
             or transport.default_worker_count()
-        transport.start_workers(self._stream_seeds(count))
+        started = transport.start_workers(self._stream_seeds(count))
+        if started < count:
+            print(f"{count - started} of {count} workers could not start "
+                  f"(worker.on_start_failure: continue)", file=sys.stderr)
+        count = self.worker_count = started
         print(f"training with {count} workers, learner at step {self.start_step}; run "
               f"folder {self.run_dir.path}", file=sys.stderr)
         for callback in self.callbacks:
@@ -205,6 +219,10 @@ class TrainingLoop:
             idle = []
             replies = []
             for result in transport.collect(timeout_s=0.5):
+                if result.cannot_start:
+                    # A restarted worker whose constructor fails: no restart will help.
+                    self._lost_worker(result)
+                    continue
                 idle.append(result.index)
                 if result.died:
                     self.worker_failures += 1
@@ -237,7 +255,20 @@ class TrainingLoop:
             idle.sort()
             for callback in self.callbacks:
                 callback.on_tick(self)
-        return self._finish()
+        summary = self._finish()
+        if self.fatal:
+            raise WorkerStartError(self.fatal)
+        return summary
+
+    def _lost_worker(self, result: WorkerResult) -> None:
+        self.workers_lost += 1
+        message = f"worker {result.index} cannot start: {result.error}"
+        if (self.config.worker.on_start_failure == "stop"
+                or self.workers_lost >= self.worker_count):
+            self.fatal = message
+            self.request_stop()
+        else:
+            print(f"\n{message}; training goes on without it", file=sys.stderr)
 
     # ------------------------------------------------------------------ replies
 
@@ -357,4 +388,4 @@ class MetricsFlush(Callback):
 
 
 __all__ = ["Callback", "LearnerLost", "MetricsFlush", "RunSummary", "Transport",
-           "TrainingLoop"]
+           "TrainingLoop", "WorkerStartError"]

@@ -98,7 +98,8 @@ class WorkerResult:
     index: int
     reply: LearnerReply | None = None
     died: bool = False  # the worker process died (it is restarted)
-    error: str = ""  # the truncation raised (the worker lives on)
+    error: str = ""  # the truncation raised (the worker lives on); with ``died``, why
+    cannot_start: bool = False  # with ``died``: its constructor failed (no restart helps)
 
 
 __all__ = ["LearnerReply", "LearnerStatus", "Submission", "ThetaHandle", "WorkOrder",

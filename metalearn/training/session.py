@@ -8,6 +8,7 @@ structure and shapes. Everything is validated before any folder is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -15,6 +16,8 @@ from metalearn.core.config_io import ConfigError, apply_overrides, to_dict
 from metalearn.core.theta import theta_spec
 from metalearn.training.config import TrainConfig, config_from_dict, load_config
 from metalearn.training.run_dir import RunDir
+from metalearn.training.task_mix import resolve_mix
+from tasks.sampler import MixConfig
 
 
 def check_resume_compatible(saved: TrainConfig, config: TrainConfig, run: RunDir) -> None:
@@ -24,9 +27,26 @@ def check_resume_compatible(saved: TrainConfig, config: TrainConfig, run: RunDir
         theta_spec(config.rule), where=f"cannot resume {run.path}: this config's theta")
 
 
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """What one invocation trains: the config, its resolved task mix, the run folder."""
+
+    config: TrainConfig
+    run: RunDir
+    resume: bool
+    mix: MixConfig
+
+
 def resolve_session(config_path: str | None, overrides: list[str], out: str | None,
+                    resume: str | None) -> Session:
+    """The ``Session`` of one invocation; ConfigError / FileNotFoundError on bad input,
+    before any folder is touched and before Ray starts."""
+    config, run, resuming = _config_and_run(config_path, overrides, out, resume)
+    return Session(config, run, resuming, resolve_mix(config.tasks))
+
+
+def _config_and_run(config_path: str | None, overrides: list[str], out: str | None,
                     resume: str | None) -> tuple[TrainConfig, RunDir, bool]:
-    """(config, run folder, resume?) of one invocation; ConfigError on bad input."""
     if resume:
         run = RunDir(resume)
         saved = run.read_config()
@@ -50,4 +70,4 @@ def resolve_session(config_path: str | None, overrides: list[str], out: str | No
     return config, run, False
 
 
-__all__ = ["check_resume_compatible", "resolve_session"]
+__all__ = ["Session", "check_resume_compatible", "resolve_session"]

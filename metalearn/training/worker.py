@@ -33,13 +33,13 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import init_params
-from metalearn.core.config_io import read_yaml
 from metalearn.core.theta import theta_spec
 from metalearn.core.unroll import make_meta_gradient
-from metalearn.training.config import TrainConfig, resolve_path
+from metalearn.training.config import TrainConfig
 from metalearn.training.messages import LearnerReply, Submission, WorkOrder
 from metalearn.training.schedules import Curriculum
-from tasks.sampler import TaskSampler, load_mix
+from metalearn.training.task_mix import resolve_mix
+from tasks.sampler import MixConfig, TaskSampler
 
 DEFAULT_JAX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "metalearn", "jax")
 
@@ -56,27 +56,6 @@ def enable_compilation_cache(setting: str) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
-
-
-def make_sampler(config: TrainConfig):
-    """The task sampler of ``config.tasks``."""
-    return TaskSampler(load_mix(mix_dict(config)), data_dir=config.tasks.data_dir)
-
-
-def mix_dict(config: TrainConfig) -> dict:
-    """The task mix of ``config.tasks`` as a dict, with its shape-bounding overrides."""
-    path = resolve_path(config.tasks.mix)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"task mix file {path} not found")
-    mix = read_yaml(path, "task mix file")
-    tasks = config.tasks
-    overrides = tasks.architecture.values()
-    if overrides:
-        mix["architecture"] = {**(mix.get("architecture") or {}), **overrides}
-    if tasks.ways:
-        mix["components"] = [c if c.get("fixed") else {**c, "ways": list(tasks.ways)}
-                             for c in mix.get("components", [])]
-    return mix
 
 
 def task_dataset_name(task) -> str:
@@ -121,12 +100,17 @@ class Worker:
     """
 
     def __init__(self, config: TrainConfig, index: int, stream_seed: int, *,
-                 sampler: Any = None):
+                 mix: MixConfig | None = None, sampler: Any = None):
         self.config = config
         self.index = index
         self.tasks_per_worker = config.worker.tasks_per_worker
         self.theta_spec = theta_spec(config.rule)
-        self.sampler = sampler if sampler is not None else make_sampler(config)
+        # The driver resolves the mix and hands it over (``resolve_mix``); without one,
+        # the worker resolves the config's mix itself (tests, a single process).
+        if sampler is None:
+            sampler = TaskSampler(mix if mix is not None else resolve_mix(config.tasks),
+                                  data_dir=config.tasks.data_dir)
+        self.sampler = sampler
         self._estimators: dict[str, Any] = {}
         self._shapes_seen: set = set()
         self.theta = None

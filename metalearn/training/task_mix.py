@@ -1,0 +1,75 @@
+"""The task mix of a training run, resolved once by the driver and shipped as data.
+
+A run's ``tasks.mix`` names a packaged mix (``local``, ``paper``, ``tiny``) or a YAML
+file on the submitting machine. ``resolve_mix`` reads it there, applies the config's
+shape bounds (``tasks.architecture``, ``tasks.ways``), validates it into a ``MixConfig``
+and checks what it can see before any actor starts: every ``file:`` source is a readable
+file and ``tasks.data_dir`` (if set) a readable folder. Workers receive the resolved mix
+as a dict (``to_dict``); no node reads the mix file, and a ``file:`` source a node cannot
+read is reported by that worker with its node (docs/training.md, "Clusters").
+"""
+
+from __future__ import annotations
+
+import os
+
+from metalearn.core.config_io import ConfigError, read_yaml, resolve_config
+from metalearn.training.config import TasksConfig
+from tasks.sampler import MixConfig, load_mix
+
+
+def resolve_mix(tasks: TasksConfig) -> MixConfig:
+    """The validated task mix of ``tasks`` (ConfigError / FileNotFoundError name it)."""
+    path = resolve_config(tasks.mix, "tasks")
+    values = read_yaml(path, "task mix file")
+    if not isinstance(values, dict):
+        raise ConfigError(f"task mix {path} must be a mapping, got {type(values).__name__}")
+    overrides = tasks.architecture.values()
+    if overrides:
+        values["architecture"] = {**(values.get("architecture") or {}), **overrides}
+    folder = os.path.dirname(path)
+    components = values.get("components") or []
+    if isinstance(components, list):  # ``file:`` paths made absolute: nodes have other cwds
+        values["components"] = [_absolute_file_source(c, folder) for c in components]
+    if tasks.ways:
+        components = values.get("components") or []
+        values["components"] = [c if not isinstance(c, dict) or c.get("fixed")
+                                else {**c, "ways": list(tasks.ways)} for c in components]
+    try:
+        mix = load_mix(values)
+    except ConfigError as err:
+        raise ConfigError(f"task mix {path}: {err}") from None
+    check_readable(mix, tasks.data_dir, path)
+    return mix
+
+
+def _absolute_file_source(component, folder: str):
+    source = component.get("source") if isinstance(component, dict) else None
+    if not isinstance(source, str) or not source.startswith("file:"):
+        return component
+    path = os.path.expanduser(source[len("file:"):])
+    if path and not os.path.isabs(path):
+        beside = os.path.join(folder, path)
+        path = os.path.abspath(beside if os.path.exists(beside) else path)
+    return {**component, "source": f"file:{path}"}
+
+
+def check_readable(mix: MixConfig, data_dir: str | None, where: str) -> None:
+    """What this machine can check of the mix's data before anything starts."""
+    if data_dir:
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(f"tasks.data_dir: {data_dir} is not a folder")
+        if not os.access(data_dir, os.R_OK | os.X_OK):
+            raise ConfigError(f"tasks.data_dir: {data_dir} is not readable (permissions)")
+    for index, component in enumerate(mix.components):
+        if not component.source.startswith("file:"):
+            continue
+        path = os.path.expanduser(component.source[len("file:"):])
+        field = f"task mix {where}: components[{index}].source"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{field}: data file {path} not found")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{field}: data file {path} is not readable (permissions)")
+
+
+__all__ = ["check_readable", "resolve_mix"]

@@ -1,0 +1,48 @@
+"""Training configs: packaged by name, files with ``base:``, overrides, errors."""
+
+import pytest
+
+from metalearn.core.config_io import ConfigError, packaged_names
+from metalearn.training.config import config_to_yaml, load_config
+
+
+def test_packaged_configs_load_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert {"local", "paper", "smoke"} <= set(packaged_names())
+    assert {"local", "paper", "tiny"} <= set(packaged_names("tasks"))
+    local = load_config()  # the default of `metalearn train`
+    assert local == load_config("local")
+    assert local.rule_preset == "small" and local.tasks.mix == "local"
+    assert load_config("paper").learner.meta_batch == 256
+    smoke = load_config("smoke", ["run.steps=3"])
+    assert smoke.tasks.mix == "tiny" and smoke.run.steps == 3
+    assert smoke.learner.lr_values == local.learner.lr_values  # inherited through base:
+
+
+def test_base_chain_relative_mix_and_loops(tmp_path):
+    mix = tmp_path / "mine.yaml"
+    mix.write_text("components: [{source: digits, ways: [3]}]\n")
+    (tmp_path / "parent.yaml").write_text("base: smoke\nlearner: {meta_batch: 4}\n")
+    child = tmp_path / "sub" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text("base: ../parent.yaml\ntasks: {mix: ../mine.yaml}\nrun: {steps: 7}\n")
+    config = load_config(str(child))
+    assert (config.learner.meta_batch, config.run.steps) == (4, 7)
+    assert config.rule.top_units == 8  # from smoke, two bases up
+    assert config.tasks.mix == str(mix)  # made absolute: it works from any directory
+    # The run folder's config.yaml is complete: it needs no base to load back.
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(config_to_yaml(config))
+    assert load_config(str(saved)) == config
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="base configs form a loop"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_unknown_names_and_keys_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no packaged config named 'locl'; "
+                                                "packaged: local, paper, smoke"):
+        load_config("locl")
+    with pytest.raises(ConfigError, match="unknown config key learner.meta_bach"):
+        load_config("local", ["learner.meta_bach=3"])
