@@ -9,6 +9,7 @@ import yaml
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 RAY_UP_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "clusters", "*.yaml")))
+KUBERAY = os.path.join(ROOT, "clusters", "kubernetes", "raycluster.yaml")
 
 
 def _load(path):
@@ -78,3 +79,12 @@ def test_kuberay_manifest_structure():
     cpu = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "cpu-workers")
     assert cpu["maxReplicas"] * int(cpu["rayStartParams"]["num-cpus"]) >= 512
     assert cpu["minReplicas"] <= cpu["replicas"] <= cpu["maxReplicas"]
+
+
+@pytest.mark.parametrize("path", RAY_UP_CONFIGS + [KUBERAY], ids=os.path.basename)
+def test_the_dashboard_is_not_bound_to_every_interface(path):
+    # Ray's dashboard runs jobs for whoever reaches it: users reach it through
+    # `ray dashboard CLUSTER.yaml` or a port forward (clusters/README.md).
+    with open(path) as f:
+        text = f.read()
+    assert "0.0.0.0" not in text

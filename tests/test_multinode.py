@@ -5,10 +5,7 @@ Each test starts (and stops) its own Ray cluster; none may run while another Ray
 initialised in this process (tests/test_train.py's module fixture is torn down by then).
 """
 
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from metalearn.training.config import REPO_ROOT, config_to_yaml
+from metalearn.training.config import config_to_yaml
 from metalearn.training.loop import Callback
+from cluster_helpers import alive_nodes, free_port, kill_started
 from train_helpers import tiny_config
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 VENV_BIN = os.path.dirname(sys.executable)
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 @pytest.fixture
@@ -102,56 +101,10 @@ def test_node_lost_mid_run_workers_replaced_learner_intact(no_ray, tmp_path):
     assert sorted(steps) == list(range(1, 9))  # no step lost or repeated around the failure
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_started(group: subprocess.Popen, marker: str) -> None:
-    """Stop the fake cluster: the head's process group, then any process (a fake node's
-    raylet, a worker) whose command line names this cluster's GCS address."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(group.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            group.wait(timeout=15)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    for _ in range(2):
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or int(pid) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmdline:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        time.sleep(1)
-
-
-def alive_nodes(address: str) -> list[dict]:
-    script = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
-              "print(json.dumps([{'id': n['NodeID'], 'cpu': n['Resources'].get('CPU', 0)} "
-              "for n in ray.nodes() if n['Alive']]))" % address)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, env=os.environ)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_fake_multinode_autoscaler_adds_worker_nodes(no_ray, tmp_path):
     port = free_port()
     address = f"127.0.0.1:{port}"
-    with open(os.path.join(REPO_ROOT, "clusters", "local-fake.yaml")) as f:
+    with open(os.path.join(ROOT, "clusters", "local-fake.yaml")) as f:
         cluster = yaml.safe_load(f)
     # Same cluster, but on a free port so it cannot meet another Ray on this host.
     cluster["provider"]["gcs_address"] = address

@@ -1,0 +1,55 @@
+"""Helpers for tests that start Ray nodes as separate processes (``ray start``)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_started(group: subprocess.Popen, marker: str) -> None:
+    """Stop the fake cluster: the head's process group, then any process (a fake node's
+    raylet, a worker) whose command line names this cluster's GCS address."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(group.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            group.wait(timeout=15)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for _ in range(2):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(1)
+
+
+def alive_nodes(address: str) -> list[dict]:
+    script = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
+              "print(json.dumps([{'id': n['NodeID'], 'cpu': n['Resources'].get('CPU', 0)} "
+              "for n in ray.nodes() if n['Alive']]))" % address)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, env=os.environ)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
