@@ -86,9 +86,10 @@ def test_lost_learner_is_replaced_from_its_checkpoint(tmp_path):
 def test_every_truncation_failing_stops_the_run(tmp_path):
     class Broken(InProcessTransport):
         def start_workers(self, seeds):
-            super().start_workers(seeds)
+            started = super().start_workers(seeds)
             for worker in self.workers:
                 worker.run_truncation = lambda curriculum: 1 / 0
+            return started
 
     loop, run = make_loop(tmp_path, Broken)
     with pytest.raises(RuntimeError, match="every truncation fails; last error: "

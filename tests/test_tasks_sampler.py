@@ -176,7 +176,7 @@ def test_tfds_source_without_data_dir(monkeypatch):
 
 
 def test_shipped_mixes_parse():
-    root = os.path.join(os.path.dirname(__file__), "..", "experiments", "tasks")
+    root = os.path.join(os.path.dirname(__file__), "..", "metalearn", "configs", "tasks")
     local = load_mix(os.path.join(root, "local.yaml"))
     paper = load_mix(os.path.join(root, "paper.yaml"))
     assert {c.source for c in local.components} == {"glyphs", "digits"}
@@ -190,7 +190,7 @@ def test_shipped_mixes_parse():
 
 def test_paper_mix_under_mock_tfds(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    root = os.path.join(os.path.dirname(__file__), "..", "experiments", "tasks")
+    root = os.path.join(os.path.dirname(__file__), "..", "metalearn", "configs", "tasks")
     mix = load_mix(os.path.join(root, "paper.yaml"))
     import dataclasses
     mix = dataclasses.replace(mix, sources=dataclasses.replace(

@@ -156,15 +156,16 @@ def read_yaml(path: str, what: str) -> Any:
 
 def to_dict(config: Any) -> dict:
     """Plain, JSON/YAML-serialisable dict of a (nested) config dataclass."""
-    out = {}
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if dataclasses.is_dataclass(value):
-            value = to_dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[field.name] = value
-    return out
+    return {field.name: _plain(getattr(config, field.name))
+            for field in dataclasses.fields(config)}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _coerce(value: Any, annotation: Any, path: str) -> Any:
