@@ -10,6 +10,7 @@ removes a node mid-run and sees training go on.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -92,6 +93,20 @@ def metalearn(venv, cwd, *args, timeout=600, background=False):
                           text=True, timeout=timeout)
 
 
+def kill_now(marker: str) -> None:
+    """SIGKILL every process whose command line holds ``marker`` (a node going away)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            if marker in cmdline:
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
 def steps_of(run_dir) -> list[int]:
     return sorted(pq.read_table(os.path.join(run_dir, "metrics.parquet"))
                   .column("step").to_pylist())
@@ -141,7 +156,7 @@ def test_wheel_in_a_fresh_environment_trains_on_a_cluster_and_resumes(installed,
 def test_a_node_removed_mid_run_and_training_goes_on(installed, cluster, tmp_path):
     run_dir = str(tmp_path / "run")
     job = metalearn(installed, str(tmp_path / "submit"), "train", "--config", "smoke",
-                    "--address", cluster["address"], "--workers", "2", "--steps", "14",
+                    "--address", cluster["address"], "--workers", "2", "--steps", "150",
                     "--minutes", "8", "--set", "run.metrics_flush_s=1", "--out", run_dir,
                     background=True)
     try:
@@ -153,11 +168,16 @@ def test_a_node_removed_mid_run_and_training_goes_on(installed, cluster, tmp_pat
             time.sleep(2)
         # The extra node goes away (a reclaimed spot instance); the learner and the
         # driver are on the head, the worker that was on the node is lost with it.
-        kill_started(cluster["node"], f"node_manager_port={cluster['node_port']}")
+        kill_now(f"node_manager_port={cluster['node_port']}")  # its raylet and workers
+        assert job.poll() is None, "the run ended before the node was removed"
+        deadline = time.monotonic() + 180  # the GCS notices a dead node after a timeout
+        while len(alive_nodes(cluster["address"])) != 1:
+            assert time.monotonic() < deadline, "the removed node still counts as alive"
+            time.sleep(3)
         _, err = job.communicate(timeout=600)
         assert job.returncode == 0, err[-3000:]
     finally:
         if job.poll() is None:
             job.kill()
-    assert steps_of(run_dir) == list(range(1, 15))  # no step lost or repeated
+    assert steps_of(run_dir) == list(range(1, 151))  # no step lost or repeated
     assert "worker restarts 0" not in err  # the lost worker was noticed
