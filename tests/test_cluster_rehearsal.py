@@ -36,7 +36,7 @@ def installed(tmp_path_factory):
     assert build.returncode == 0, build.stderr[-3000:]
     [wheel] = list(wheels.glob("metalearn-*.whl"))
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=clean_env())
     python = str(venv / "bin" / "python")
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
                            "['purelib'])"], capture_output=True, text=True, check=True)
@@ -44,11 +44,12 @@ def installed(tmp_path_factory):
     with open(os.path.join(site.stdout.strip(), "deps.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
-         "--no-index", "--quiet", str(wheel)], capture_output=True, text=True, timeout=300)
+        [python, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)],
+        capture_output=True, text=True, timeout=300, env=clean_env(), cwd=str(root))
     assert install.returncode == 0, install.stderr[-3000:]
     where = subprocess.run([python, "-c", "import metalearn; print(metalearn.__file__)"],
-                           capture_output=True, text=True, cwd=str(root), check=True)
+                           capture_output=True, text=True, cwd=str(root), check=True,
+                           env=clean_env())
     assert where.stdout.strip().startswith(str(venv)), where.stdout  # the wheel, not us
     return venv
 
