@@ -29,20 +29,22 @@ def kill_started(group: subprocess.Popen, marker: str) -> None:
         except subprocess.TimeoutExpired:
             continue
     for _ in range(2):
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit() or int(pid) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmdline:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_now(marker)
         time.sleep(1)
+
+
+def kill_now(marker: str) -> None:
+    """SIGKILL every process whose command line holds ``marker`` (a node going away)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            if marker in cmdline:
+                os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def alive_nodes(address: str) -> list[dict]:

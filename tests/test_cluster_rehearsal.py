@@ -10,17 +10,15 @@ removes a node mid-run and sees training go on.
 """
 
 import os
-import signal
 import subprocess
 import sys
-import sysconfig
 import time
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster_helpers import alive_nodes, free_port, kill_started
+from cluster_helpers import alive_nodes, free_port, kill_now, kill_started
 
 CHECKOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -38,15 +36,17 @@ def installed(tmp_path_factory):
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=clean_env())
     python = str(venv / "bin" / "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
-                           "['purelib'])"], capture_output=True, text=True, check=True)
-    # Dependencies from this environment (after the venv's own packages on sys.path).
-    with open(os.path.join(site.stdout.strip(), "deps.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
     install = subprocess.run(
         [python, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)],
         capture_output=True, text=True, timeout=300, env=clean_env(), cwd=str(root))
     assert install.returncode == 0, install.stderr[-3000:]
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
+                           "['purelib'])"], capture_output=True, text=True, check=True)
+    # Dependencies from this environment (after the venv's own packages on sys.path);
+    # only now, so that the install above cannot find this environment's metalearn.
+    ours = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+    with open(os.path.join(site.stdout.strip(), "deps.pth"), "w") as f:
+        f.write("".join(path + "\n" for path in ours))
     where = subprocess.run([python, "-c", "import metalearn; print(metalearn.__file__)"],
                            capture_output=True, text=True, cwd=str(root), check=True,
                            env=clean_env())
@@ -92,20 +92,6 @@ def metalearn(venv, cwd, *args, timeout=600, background=False):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(command, cwd=cwd, env=clean_env(), capture_output=True,
                           text=True, timeout=timeout)
-
-
-def kill_now(marker: str) -> None:
-    """SIGKILL every process whose command line holds ``marker`` (a node going away)."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            if marker in cmdline:
-                os.kill(int(pid), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue
 
 
 def steps_of(run_dir) -> list[int]:
