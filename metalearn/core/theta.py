@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
@@ -37,7 +37,6 @@ class ThetaSpec:
     rule: RuleConfig
     shapes: dict  # keystr path -> shape tuple, in ravel order
     num_params: int
-    template: Any  # pytree of jax.ShapeDtypeStruct (a restore target)
     _unravel: Callable = dataclasses.field(repr=False, compare=False)
 
     def ravel(self, theta) -> np.ndarray:
@@ -93,7 +92,7 @@ def theta_spec(rule: RuleConfig) -> ThetaSpec:
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
     flat, unravel = ravel_pytree(zeros)
     return ThetaSpec(rule=rule, shapes=_shapes_of(template), num_params=int(flat.size),
-                     template=template, _unravel=unravel)
+                     _unravel=unravel)
 
 
 __all__ = ["ThetaSpec", "theta_spec"]
