@@ -4,7 +4,9 @@ A mix (YAML file or dict, ``MixConfig``) lists weighted components; each names a
 the N-way choices, an optional class group (``fixed: true`` always uses the same
 classes of that group), preprocessing and augmentation probabilities. Each task also
 gets a base-model architecture (2..5 layers, widths log-uniform in [64, 512], output
-32, an activation) and a total length in inner steps (a shifted normal, paper H.2).
+32, an activation). How many inner steps a task lives is not the sampler's: the
+meta-training curriculum draws it when a worker starts the task
+(``metalearn.training.schedules``, the paper's shifted normal of truncations).
 
     mix = load_mix("metalearn/configs/tasks/local.yaml")   # a YAML file
     sampler = TaskSampler(mix)                 # loads (and caches) every source once
@@ -92,24 +94,9 @@ class ArchitectureConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LengthConfig:
-    """Total inner steps of a task: N(scale, scale) clipped (paper H.2's shifted normal;
-    the learner may ramp ``scale`` through ``TaskSampler.sample(steps_scale=...)``)."""
-
-    scale: float = 20000.0
-    min_steps: int = 100
-    max_steps: int = 100000
-
-    def __post_init__(self):
-        if not 1 <= self.min_steps <= self.max_steps or self.scale <= 0:
-            raise ConfigError("length.scale: need scale > 0 and 1 <= min_steps <= max_steps")
-
-
-@dataclasses.dataclass(frozen=True)
 class MixConfig:
     components: tuple[ComponentConfig, ...] = ()
     architecture: ArchitectureConfig = ArchitectureConfig()
-    length: LengthConfig = LengthConfig()
     sources: SourceOptions = SourceOptions()
     permute_inputs: bool = True  # always on in the paper; off only to look at images
     premade_permutations: int = 100  # size of the fixed permutation set
@@ -137,6 +124,13 @@ def load_mix(mix: str | os.PathLike | dict | MixConfig) -> MixConfig:
     if not isinstance(mix, dict):
         where = f"task mix {path}" if path else "a task mix"
         raise ConfigError(f"{where} must be a mapping, got {type(mix).__name__}")
+    if "length" in mix:
+        # Mixes before issue 12 had a second task-length model here that never took
+        # effect; say where the length lives now instead of "unknown field".
+        where = f"task mix {path}: " if path else ""
+        raise ConfigError(f"{where}length: a task mix no longer sets task lengths; remove "
+                          f"it (tasks live round(N(s, s)) truncations, s from the training "
+                          f"config's curriculum.truncations_std_start/_end)")
     try:
         return from_dict(MixConfig, mix)
     except ConfigError as err:
@@ -158,12 +152,14 @@ class Task:
 
     Attributes: seed, dataset (source name), component (mix label), num_classes,
     classes ([n] source class ids), arch (Architecture, input D, output 32),
-    total_steps, num_targets (K = num_classes + regression targets), input_size (D).
+    num_targets (K = num_classes + regression targets), input_size (D). A task has no
+    length of its own: how long it lives is the meta-training curriculum's draw
+    (``metalearn.training.schedules``), made when a worker starts it.
     """
 
     def __init__(self, *, seed: int, component: ComponentConfig, source: Dataset,
                  data: np.ndarray, classes: np.ndarray, augment: aug_lib.TaskAugment,
-                 arch: Architecture, total_steps: int):
+                 arch: Architecture):
         self.seed = seed
         self.component = component.label
         self._config = component
@@ -175,7 +171,6 @@ class Task:
         self.num_classes = int(classes.size)
         self.augment = augment
         self.arch = arch
-        self.total_steps = int(total_steps)
         self.num_targets = self.num_classes + augment.num_targets
         index = source.class_index
         self._offsets = index.offsets[classes]
@@ -202,7 +197,6 @@ class Task:
             "preprocess": dataclasses.asdict(self._config.preprocess),
             "example_shape": list(self._data.shape[1:]),
             "arch": {"sizes": list(self.arch.sizes), "activation": self.arch.activation},
-            "total_steps": self.total_steps,
         }
 
     # -- batches -------------------------------------------------------------------
@@ -320,13 +314,12 @@ class TaskSampler:
                 return source
         raise KeyError(name)
 
-    def sample(self, seed: int, *, steps_scale: float | None = None,
-               like: Task | None = None) -> Task:
+    def sample(self, seed: int, *, like: Task | None = None) -> Task:
         """The task of ``seed`` (a non-negative int): same seed, same task and batches.
 
         ``like``: a task whose shapes this one must share, so both can be vmapped in one
         estimator call (a multi-task worker): same component (so source and input size),
-        number of classes, base-model architecture and length, and the same number of
+        number of classes and base-model architecture, and the same number of
         regression targets (augmentations are redrawn until it matches). Classes,
         augmentations, permutations and batches are this seed's own.
         """
@@ -360,14 +353,11 @@ class TaskSampler:
                               f"regression targets in {_MATCH_TRIES} draws")
         if like is not None:
             return Task(seed=seed, component=comp, source=source, data=data, classes=classes,
-                        augment=augment, arch=like.arch, total_steps=like.total_steps)
+                        augment=augment, arch=like.arch)
         a = self.mix.architecture
         layers = int(rng.integers(a.min_layers, a.max_layers + 1))
         widths = np.exp(rng.uniform(math.log(a.min_width), math.log(a.max_width), layers - 1))
         activation = str(rng.choice(a.activations))
         arch = Architecture((dim, *(int(round(w)) for w in widths), a.output_size), activation)
-        length = self.mix.length
-        scale = steps_scale or length.scale
-        total = int(np.clip(round(rng.normal(scale, scale)), length.min_steps, length.max_steps))
         return Task(seed=seed, component=comp, source=source, data=data, classes=classes,
-                    augment=augment, arch=arch, total_steps=total)
+                    augment=augment, arch=arch)

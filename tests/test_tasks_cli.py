@@ -60,7 +60,25 @@ def test_sample_json_is_deterministic(tmp_path, capsys):
     assert _last_json(capsys) == first
     assert first["num_classes"] == 5 and first["arch"]["sizes"][0] == 196
     assert main(["data", "sample", "--seed", "4", "--mix", str(mix)]) == 0
-    assert "5-way" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "5-way" in out and "length (a task started at learner step 0)" in out
+
+
+def test_sample_shows_the_curriculum_length(tmp_path, capsys):
+    """The length comes from the training config's curriculum at the given step: the
+    paper's spread ramps from 20 to 20,000 truncations over 5,000 updates."""
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("components:\n  - {source: digits, ways: [5], preprocess: {image_size: 14}}\n")
+    lengths = {}
+    for step in (0, 5000):
+        assert main(["data", "sample", "--seed", "4", "--mix", str(mix), "--config", "paper",
+                     "--step", str(step), "--json"]) == 0
+        lengths[step] = _last_json(capsys)["length"]
+    # E[max(1, N(20, 20))] = 21.8 truncations (the clip lifts the mean) x mean U 3
+    assert lengths[0]["mean_inner_steps"] == pytest.approx(65.5, abs=0.2)
+    assert lengths[5000]["mean_inner_steps"] > 1000 * lengths[0]["mean_inner_steps"] / 2
+    assert lengths[5000]["truncations"] > 100 and lengths[0]["truncations"] >= 1
+    assert main(["data", "sample", "--seed", "4", "--mix", str(mix), "--step", "-1"]) == 2
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -37,7 +37,6 @@ def small_mix(**overrides):
              "augment": NOISE},
         ],
         "sources": {"glyphs": GLYPHS},
-        "length": {"scale": 500, "min_steps": 10, "max_steps": 2000},
     }
     mix.update(overrides)
     return mix
@@ -77,7 +76,7 @@ def test_contract_shapes_and_metadata(sampler):
         assert isinstance(task.arch, Architecture) and task.arch.output_size == 32
         assert 2 <= task.arch.num_layers <= 5
         assert all(64 <= w <= 512 for w in task.arch.sizes[1:-1])
-        assert d == 196 and 10 <= task.total_steps <= 2000
+        assert d == 196 and "total_steps" not in task.metadata()
         assert isinstance(task.dataset, str)
         x = task.inner_batch(20)
         assert x.shape == (20, d) and x.dtype == np.float32
@@ -153,6 +152,9 @@ def test_bad_mixes_are_clear_errors():
         load_mix({"components": [{"source": "digits", "weight": 0}]})
     with pytest.raises(ConfigError, match="unknown config key wat"):
         load_mix(small_mix(wat=1))
+    with pytest.raises(ConfigError, match="length: a task mix no longer sets task lengths.*"
+                                          "curriculum.truncations_std"):
+        load_mix(small_mix(length={"scale": 40}))
     with pytest.raises(ConfigError, match="components\\[0\\].source: unknown source 'nope'"):
         load_mix({"components": [{"source": "nope"}]})
     with pytest.raises(ConfigError, match="components\\[0\\].augment.geometric_prob"):
@@ -233,10 +235,8 @@ def test_sample_like_shares_the_shape_not_the_task(sampler):
     for template in templates:
         likes = [sampler.sample(1000 + i, like=template) for i in range(4)]
         for task in likes:
-            assert (task.component, task.arch, task.num_classes, task.num_targets,
-                    task.total_steps) == (template.component, template.arch,
-                                          template.num_classes, template.num_targets,
-                                          template.total_steps)
+            assert (task.component, task.arch, task.num_classes, task.num_targets) == (
+                template.component, template.arch, template.num_classes, template.num_targets)
             pair = task.labelled_pair(2, 3)
             assert pair.y_train.shape == template.labelled_pair(2, 3).y_train.shape
         if not template.metadata()["fixed"] and template.dataset == "glyphs":  # digits: 10 of 10

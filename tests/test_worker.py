@@ -152,3 +152,30 @@ def test_vmapped_worker_submits_the_mean_of_its_tasks_gradients(setup, tmp_path)
     learner.version = 3
     assert learner.submit(sub) is None and learner.counters["received"] == 3
     assert learner.submit(second)["step"] == 1
+
+
+def test_task_lengths_follow_the_curriculum(setup):
+    """Tasks a worker actually runs live round(N(s, s)) truncations (at least the minimum),
+    each one exactly as long as drawn: the one task-length model (schedules.Curriculum)."""
+    from scipy import stats
+
+    config, theta = setup
+    worker = make_worker(config, theta, seed=11)
+    curriculum = Curriculum(1, 1, 3.0, min_truncations=1)
+    runs: dict[int, list] = {}
+    while len(runs) < 80:
+        sub = worker.run_truncation(curriculum)
+        meta = sub.metadata
+        runs.setdefault(meta["task_seed"], []).append(
+            (meta["truncation"], meta["task_truncations"], meta["task_steps"]))
+    finished = list(runs.values())[:-1]  # the last task may still be running
+    lengths = np.array([r[0][1] for r in finished])
+    for r in finished:  # each task ran exactly its drawn number of truncations, in order
+        assert [t for t, _, _ in r] == list(range(1, r[0][1] + 1))
+        assert r[-1][2] == r[0][1]  # U = 1: inner steps = truncations
+    drawn = np.array([curriculum.sample_truncations(np.random.default_rng([5, i]))
+                      for i in range(4000)])
+    assert stats.ks_2samp(lengths, drawn).pvalue > 0.01
+    assert abs(lengths.mean() - curriculum.mean_truncations()) < 4 * lengths.std() / np.sqrt(
+        lengths.size)
+    assert lengths.min() >= 1

@@ -14,7 +14,6 @@ TINY_MIX = {
                     "preprocess": {"image_size": 0}}],
     "architecture": {"min_layers": 2, "max_layers": 2, "min_width": 8, "max_width": 8,
                      "output_size": 8, "activations": ["relu"]},
-    "length": {"scale": 40, "min_steps": 10, "max_steps": 60},
 }
 
 

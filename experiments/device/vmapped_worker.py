@@ -30,7 +30,6 @@ DIGITS_MIX = {
                                 "class_permutation_prob": 0.25}}],
     "architecture": {"min_layers": 2, "max_layers": 2, "min_width": 128, "max_width": 128,
                      "output_size": 32, "activations": ["relu"]},
-    "length": {"scale": 2000, "min_steps": 1000, "max_steps": 20000},
 }
 
 

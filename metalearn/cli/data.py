@@ -3,7 +3,7 @@
     metalearn data list [--json]
     metalearn data build NAME [source options]
     metalearn data info NAME [--json] [source options]
-    metalearn data sample --seed S [--mix FILE] [--json] [source options]
+    metalearn data sample --seed S [--mix FILE] [--config TRAIN] [--step N] [--json] [source options]
     metalearn data show NAME --out FILE.png [--rows R --cols C --seed S] [source options]
 
 Source options: --data-dir DIR (TFDS data dir), --fashion-mnist-dir DIR, --download,
@@ -23,11 +23,14 @@ import matplotlib
 import numpy as np
 
 from tasks.glyphs import glyph_config
-from metalearn.core.config_io import resolve_config
+from metalearn.core.config_io import ConfigError, resolve_config
+from metalearn.training.config import load_config
+from metalearn.training.schedules import TruncationSchedule
 from tasks.sampler import TaskSampler, load_mix
 from tasks.sources import SourceOptions, load, registry
 
 DEFAULT_MIX = "local"  # the packaged task mix of the local default
+LENGTH_STREAM = 5  # numpy stream [seed, 5] of ``data sample``'s task-length draws
 
 
 def add_parser(subparsers) -> None:
@@ -53,6 +56,12 @@ def add_parser(subparsers) -> None:
     p = commands.add_parser("sample", help="draw the task of a seed and describe it")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--mix", default=None, help=f"task mix: a packaged name (local, paper, tiny) or a YAML file (default {DEFAULT_MIX})")
+    p.add_argument("--config", default=None,
+                   help="training config whose curriculum draws the task's length: a "
+                        "packaged name (local, paper) or a YAML file (default local)")
+    p.add_argument("--step", type=int, default=0,
+                   help="learner step at which the task starts (the curriculum ramps with "
+                        "it; default 0)")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     add_source_args(p)
     p.set_defaults(func=run_sample)
@@ -165,12 +174,30 @@ def run_info(args) -> int:
     return 0
 
 
+def task_length(config_ref: str | None, step: int, seed: int) -> dict:
+    """The length a task started at learner ``step`` would get from the curriculum of
+    training config ``config_ref``: the worker's draws (truncations, then each U), made
+    here from a stream of ``seed`` so the command is reproducible. A worker draws from
+    its own stream, so a training run gives this task its own length from the same
+    distribution."""
+    if step < 0:
+        raise ConfigError(f"--step must be >= 0, got {step}")
+    curriculum = TruncationSchedule(load_config(config_ref).curriculum).at(step)
+    rng = np.random.default_rng([seed, LENGTH_STREAM])
+    truncations = curriculum.sample_truncations(rng)
+    unrolls = rng.integers(curriculum.unroll_low, curriculum.unroll_high + 1, truncations)
+    return {"learner_step": step, "truncations": truncations,
+            "inner_steps": int(unrolls.sum()), "curriculum": curriculum.describe(),
+            "mean_inner_steps": round(curriculum.mean_task_steps(), 1)}
+
+
 def run_sample(args) -> int:
     mix = load_mix(resolve_config(args.mix or DEFAULT_MIX, "tasks"))
     mix = dataclasses.replace(mix, sources=source_options(args, mix.sources))
     sampler = TaskSampler(mix, progress=True)
     task = sampler.sample(args.seed)
     meta = task.metadata()
+    meta["length"] = task_length(args.config, args.step, args.seed)
     if args.json:
         print(json.dumps(meta))
     else:
@@ -178,8 +205,11 @@ def run_sample(args) -> int:
         names = ", ".join(meta["class_names"][:12]) + (" ..." if task.num_classes > 12 else "")
         print(f"seed {meta['seed']}: {meta['component']} {task.num_classes}-way [{names}]")
         print(f"  arch {meta['arch']['sizes']} {meta['arch']['activation']}, "
-              f"{meta['total_steps']} inner steps, K = {meta['num_targets']} targets "
-              f"{meta['augmentations']['targets']}")
+              f"K = {meta['num_targets']} targets {meta['augmentations']['targets']}")
+        length = meta["length"]
+        print(f"  length (a task started at learner step {length['learner_step']}): "
+              f"{length['truncations']} truncations, {length['inner_steps']} inner steps; "
+              f"{length['curriculum']}")
         print(f"  augmentations: {', '.join(aug) or 'none'}")
     return 0
 

@@ -91,8 +91,8 @@ class CurriculumConfig:
     unroll_start: tuple[int, ...] = (2, 4)
     unroll_end: tuple[int, ...] = (8, 15)
     unroll_ramp_steps: int = 50_000
-    truncations_std_start: float = 5.0
-    truncations_std_end: float = 20.0
+    truncations_std_start: float = 20.0
+    truncations_std_end: float = 20_000.0
     truncations_ramp_steps: int = 5_000
     min_truncations: int = 1
 

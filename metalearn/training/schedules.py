@@ -3,7 +3,8 @@
 * ``Curriculum``: what a worker needs at one step: the range of the truncation length U
   (uniform) and the spread of the number of truncations per task, drawn when a task
   starts as round(Normal(std, std)) and at least ``min_truncations``. A task's length in
-  inner steps is the sum of its truncations' U.
+  inner steps is the sum of its truncations' U. This is the project's one task-length
+  model (the paper's shifted normal, SPEC section 4); tasks themselves carry none.
 * ``TruncationSchedule``: ``CurriculumConfig`` -> ``Curriculum`` at a step (linear ramps).
 * ``lr_at``: the piecewise-constant meta learning rate (``LearnerConfig``), the same
   schedule ``metalearn.training.learner.make_optimizer`` compiles into optax.
@@ -14,6 +15,7 @@ This module is the only owner of these draws; docs/training.md describes the ram
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -36,6 +38,25 @@ class Curriculum:
         """Truncations for a new task: round(Normal(mean=std, std)), at least the minimum."""
         count = rng.normal(self.truncations_std, self.truncations_std)
         return max(self.min_truncations, int(round(count)))
+
+    def mean_truncations(self) -> float:
+        """E[max(m, X)] for X ~ Normal(s, s), m = ``min_truncations`` (rounding ignored):
+        m Phi(a) + s (1 - Phi(a)) + s phi(a) with a = (m - s) / s."""
+        s, m = self.truncations_std, float(self.min_truncations)
+        a = (m - s) / s
+        cdf = 0.5 * (1.0 + math.erf(a / math.sqrt(2.0)))
+        pdf = math.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
+        return m * cdf + s * (1.0 - cdf) + s * pdf
+
+    def mean_task_steps(self) -> float:
+        """Mean inner steps a task started now lives (mean truncations x mean U)."""
+        return self.mean_truncations() * (self.unroll_low + self.unroll_high) / 2.0
+
+    def describe(self) -> str:
+        return (f"truncations per task ~ max({self.min_truncations}, round(N({self.truncations_std:.4g}, "
+                f"{self.truncations_std:.4g}))) (mean {self.mean_truncations():.1f}), "
+                f"U in [{self.unroll_low}, {self.unroll_high}]: "
+                f"~{self.mean_task_steps():.0f} inner steps per task")
 
 
 def _ramp(start: float, end: float, step: int, steps: int) -> float:

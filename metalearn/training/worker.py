@@ -15,7 +15,8 @@ A worker
   version (and learner generation) it used, task metadata, loss and timings.
 
 phi carries over between the truncations of a task; a non-finite result ends the task
-(the learner drops that gradient and counts it), as does reaching the task's length.
+(the learner drops that gradient and counts it), as does reaching the task's length
+(its number of truncations, drawn once from the curriculum when the task starts).
 Theta is replaced only through ``set_theta``, which the caller invokes only when the
 published version differs from ``theta_key``.
 """
@@ -77,6 +78,7 @@ class _TaskGroup:
         self.tasks = tasks
         self.seeds = seeds
         self.params = params
+        self.truncations_planned = truncations  # the task's length, in truncations
         self.truncations_left = truncations
         self.loss_start = float("nan")  # meta-objective after the first inner step
         self.truncations_done = 0
@@ -173,11 +175,8 @@ class Worker:
             return batches[0]
         return jax.tree.map(lambda *leaves: np.stack(leaves), *batches)
 
-    def _draw_steps(self, curriculum: Curriculum, total_steps, steps_done: int) -> int:
-        steps = curriculum.sample_unroll(self.rng)
-        if total_steps:
-            steps = max(1, min(steps, int(total_steps) - steps_done))
-        return steps
+    def _draw_steps(self, curriculum: Curriculum) -> int:
+        return curriculum.sample_unroll(self.rng)
 
     def run_truncation(self, curriculum: Curriculum) -> Submission:
         """One truncation of the current task(s) (new ones if none is in progress)."""
@@ -188,12 +187,11 @@ class Worker:
             self._task = self._new_tasks(curriculum)
         state = self._task
         sampled = time.perf_counter()
-        total_steps = getattr(state.tasks[0], "total_steps", None)
         prefetched = self._prefetched is not None and self._prefetched[0] is state
         if prefetched:
             _, steps, batch = self._prefetched
         else:
-            steps = self._draw_steps(curriculum, total_steps, state.steps_done)
+            steps = self._draw_steps(curriculum)
             batch = self._batch(state, steps)
         self._prefetched = None
         data = time.perf_counter()
@@ -206,10 +204,8 @@ class Worker:
         # truncation's data while the device computes, if this task goes on. On GPU the
         # host-side batches of T tasks are a third of a truncation otherwise. The draws
         # come in the same order as without prefetching.
-        goes_on = state.truncations_left > 1 and not (
-            total_steps and state.steps_done + steps >= int(total_steps))
-        if goes_on:
-            next_steps = self._draw_steps(curriculum, total_steps, state.steps_done + steps)
+        if state.truncations_left > 1:
+            next_steps = self._draw_steps(curriculum)
             self._prefetched = (state, next_steps, self._batch(state, next_steps))
         prefetch_done = time.perf_counter()
         result = jax.block_until_ready(result)
@@ -236,14 +232,15 @@ class Worker:
         state.truncations_done += 1
         state.truncations_left -= 1
         # A non-finite task ends its group: its phi is lost, and the group moves together.
-        finished = (not finite.all() or state.truncations_left <= 0
-                    or (total_steps and state.steps_done >= int(total_steps)))
+        finished = not finite.all() or state.truncations_left <= 0
         if finished:
             self._task = None
         self.truncations += 1
         generation, version = self.theta_key
         metadata = dict(state.metadata)
         metadata.update(task_seed=state.seeds[0], truncation=state.truncations_done,
+                        task_truncations=state.truncations_planned,
+                        task_steps=state.steps_done,
                         arch=list(arch.sizes), activation=arch.activation)
         if len(state.tasks) > 1:
             metadata.update(task_seeds=state.seeds, task_losses=losses.tolist())
