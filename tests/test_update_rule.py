@@ -161,3 +161,16 @@ def test_bad_inputs_name_the_field(tiny_rule):
         RuleConfig(kernel=4)
     with pytest.raises(ConfigError, match="activation"):
         ur.unsupervised_update(tiny_rule, activation="relu6").step(theta, params, x)
+
+
+def test_merge_init_planes_set_named_mixing_weights():
+    rule = RuleConfig.small(merge_init=0.0, merge_init_planes={"hebb": 3.0, "decorr_x": 1.35})
+    w = np.asarray(ur.init_theta(jax.random.key(0), rule)["merge_w"]["w"])
+    expected = np.zeros(len(ur.PLANE_NAMES), np.float32)
+    expected[ur.PLANE_NAMES.index("hebb")] = 3.0
+    expected[ur.PLANE_NAMES.index("decorr_x")] = 1.35
+    np.testing.assert_array_equal(w, expected)
+    assert rule.merge_init_planes == (("hebb", 3.0), ("decorr_x", 1.35))
+    hash(rule)  # a static argument of jit
+    with pytest.raises(ConfigError, match="rule.merge_init_planes: unknown plane 'heb'"):
+        RuleConfig(merge_init_planes={"heb": 1.0})

@@ -21,11 +21,28 @@ import jax
 
 from metalearn.core.config_io import ConfigError, from_dict, to_dict  # noqa: F401 (re-exported)
 
-__all__ = ["ACTIVATIONS", "ConfigError", "MetaObjectiveConfig", "RuleConfig", "UnrollConfig",
+__all__ = ["ACTIVATIONS", "PLANE_NAMES", "ConfigError", "MetaObjectiveConfig", "RuleConfig", "UnrollConfig",
            "from_dict", "to_dict"]
 
 
 ACTIVATIONS = ("relu", "leaky_relu", "swish", "tanh", "sigmoid", "step", "identity")
+
+# The twelve weight-update planes of the rule (docs/rule.md), in the order of the merge's
+# mixing weights (``metalearn.core.update_rule`` computes them).
+PLANE_NAMES = (
+    "w_base",          # W_hat
+    "large_decay",     # W_hat^2 * sign(W_hat)
+    "decorr_x",        # W_hat @ corr(x^l), unit-RMS
+    "hebb",            # -corr(x^{l-1}, x^l)
+    "0_order",         # LowRR(h^l, h^{l-1})
+    "rbf",             # exp(-W_hat^2) * LowRR
+    "1_order",         # W_hat * LowRR
+    "lin_upper_symm",  # W_hat @ S_u
+    "lin_upper_psd",   # W_hat @ P_u
+    "lin_lower_symm",  # S_l @ W_hat
+    "sqr_upper_symm",  # ((sqrt(1 + W_hat^2) - 1) @ S_u') * sign(W_hat)
+    "sqr_lower_symm",  # (S_l' @ (sqrt(1 + W_hat^2) - 1)) * sign(W_hat)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +67,10 @@ class RuleConfig:
     positional_period: float = 4.0 * math.pi  # p_j = linspace(0, period, N_l)
     # Weight planes and merge (docs/rule.md)
     num_grad_channels: int = 4  # channels of each low-rank readout
-    merge_init: float = 0.1  # initial mixing weight of every plane
+    merge_init: float = 0.1  # initial mixing weight of every plane ...
+    # ... except these (plane name, weight) pairs, in YAML a mapping: e.g. the local
+    # recipe's Oja-like start {hebb: 3.0, decorr_x: 1.35} with merge_init 0 (docs/rule.md).
+    merge_init_planes: tuple[tuple[str, float], ...] = ()
     column_norm_eps: float = 1.0  # P / sqrt(eps + mean_col P^2)
     growth: float = 1.0 / 7.0  # dW -= W_hat * growth (the reference's "arbitrary" 1/7)
     identical_updates: bool = True  # V receives W's dW; False gives V its own merge
@@ -89,6 +109,13 @@ class RuleConfig:
             if getattr(self, name) % 2 == 0:
                 raise ConfigError(f"rule.{name} must be odd for 'same' padding, "
                                   f"got {getattr(self, name)}")
+        if isinstance(self.merge_init_planes, dict):  # built in Python with a dict
+            object.__setattr__(self, "merge_init_planes",
+                               tuple((str(k), float(v)) for k, v in self.merge_init_planes.items()))
+        unknown = [name for name, _ in self.merge_init_planes if name not in PLANE_NAMES]
+        if unknown:
+            raise ConfigError(f"rule.merge_init_planes: unknown plane {unknown[0]!r}; planes: "
+                              f"{', '.join(PLANE_NAMES)}")
         if not 0.0 < self.inner_lr < 1.0:
             raise ConfigError(f"rule.inner_lr must be in (0, 1), got {self.inner_lr!r}")
         for name in ("column_norm_eps", "bias_norm_eps", "rule_bn_eps", "base_bn_eps",

@@ -187,10 +187,20 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             return None
         return _coerce(value, args[0], path)
     if origin is tuple:
+        args = typing.get_args(annotation)
+        homogeneous = len(args) == 2 and args[1] is Ellipsis
+        if (isinstance(value, dict) and homogeneous
+                and typing.get_origin(args[0]) is tuple):
+            # a tuple of (key, value) pairs may be written as a YAML mapping
+            value = list(value.items())
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {value!r}")
-        item_type = typing.get_args(annotation)[0]
-        return tuple(_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
+        if not homogeneous:  # a fixed-length tuple such as tuple[str, float]
+            if len(value) != len(args):
+                raise ConfigError(f"{path} must have {len(args)} entries, got {value!r}")
+            return tuple(_coerce(v, a, f"{path}[{i}]")
+                         for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path} must be true or false, got {value!r}")

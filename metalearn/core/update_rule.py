@@ -34,23 +34,7 @@ import jax.numpy as jnp
 from metalearn.core import rule_layers as rl
 from metalearn.core.base_model import Architecture, BaseParams, forward
 from metalearn.core.base_model import init_params as init_base_params
-from metalearn.core.config import ConfigError, RuleConfig
-
-# The twelve weight-update planes, in the order of the merge's mixing weights.
-PLANE_NAMES = (
-    "w_base",          # W_hat
-    "large_decay",     # W_hat^2 * sign(W_hat)
-    "decorr_x",        # W_hat @ corr(x^l), unit-RMS
-    "hebb",            # -corr(x^{l-1}, x^l)
-    "0_order",         # LowRR(h^l, h^{l-1})
-    "rbf",             # exp(-W_hat^2) * LowRR
-    "1_order",         # W_hat * LowRR
-    "lin_upper_symm",  # W_hat @ S_u
-    "lin_upper_psd",   # W_hat @ P_u
-    "lin_lower_symm",  # S_l @ W_hat
-    "sqr_upper_symm",  # ((sqrt(1 + W_hat^2) - 1) @ S_u') * sign(W_hat)
-    "sqr_lower_symm",  # (S_l' @ (sqrt(1 + W_hat^2) - 1)) * sign(W_hat)
-)
+from metalearn.core.config import PLANE_NAMES, ConfigError, RuleConfig
 
 # Learned low-rank readouts: plane -> the readouts it owns (``_top`` reads the upper
 # layer's h or, for the symmetric "lower" planes, the lower layer's).
@@ -123,7 +107,10 @@ def init_theta(key: jax.Array, config: RuleConfig = RuleConfig()) -> dict:
                 for name in READOUT_NAMES}
 
     def merge():
-        return {"w": jnp.full((len(PLANE_NAMES),), c.merge_init), "b": jnp.zeros(())}
+        weights = dict.fromkeys(PLANE_NAMES, c.merge_init)
+        weights.update(c.merge_init_planes)
+        return {"w": jnp.asarray([weights[n] for n in PLANE_NAMES], jnp.float32),
+                "b": jnp.zeros(())}
 
     theta = {
         "top_d": top_d,
