@@ -91,3 +91,21 @@ def test_cli_export_and_refusals(tmp_path, tiny_rule, capsys):
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "notes"),
                  "--force"]) == 2
     assert (tmp_path / "notes" / "a.txt").read_text() == "mine"
+
+
+def test_pretrained_names_resolve_to_packaged_exports(tmp_path, tiny_rule, monkeypatch):
+    from metalearn.training import export as export_lib
+
+    root = tmp_path / "pretrained"
+    make_run(tmp_path / "run", tiny_rule, step=3)
+    export_run(str(tmp_path / "run"), str(root / "mine"))
+    (root / "not-an-export").mkdir()
+    monkeypatch.setattr(export_lib, "pretrained_root", lambda: str(root))
+    assert export_lib.pretrained_names() == ["mine"]
+    loaded = load_export("pretrained:mine")
+    assert loaded.step == 3 and loaded.rule == tiny_rule
+    assert read_export_meta("pretrained:mine")["step"] == 3
+    assert export_lib.resolve_checkpoint("some/path") == "some/path"
+    with pytest.raises(ConfigError, match="pretrained:nope: no such pretrained rule; this "
+                                          "package ships pretrained:mine"):
+        load_export("pretrained:nope")

@@ -1,6 +1,7 @@
 """``metalearn eval``: the learned rule and baselines on held-out data, with a report.
 
     metalearn eval EXPORT                                 # digits, 200 inner steps, 3 seeds
+    metalearn eval pretrained:laptop --dataset fashion_mnist  # the rule shipped with the package
     metalearn eval EXPORT --dataset fashion_mnist --image-size 28 --out reports/fm28
     metalearn eval EXPORT --sweep width --sweep-values 64,512,2048 --steps 30
     metalearn eval EXPORT --config eval.yaml --set data.pool_size=5000 --set ridge=0.3
@@ -27,7 +28,7 @@ from metalearn.evaluation.data import default_image_size
 from metalearn.evaluation.report import write_eval_report
 from metalearn.evaluation.run import Progress
 from metalearn.evaluation.sweep import DEFAULT_SWEEP_VALUES, SWEEPS, run_sweep
-from metalearn.training.export import load_export
+from metalearn.training.export import PRETRAINED_PREFIX, load_export
 from tasks.sources import check_name
 
 # flag (argparse dest) -> EvalConfig field; a flag that is given wins over --config / --set.
@@ -53,7 +54,9 @@ def add_parser(subparsers) -> None:
                     "against baselines; write a report folder (tables and plots).",
         epilog="baselines: " + "; ".join(f"{name} ({b.description})"
                                          for name, b in BASELINES.items()) + ".")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="folder from `metalearn export`")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="folder from `metalearn export`, or pretrained:laptop (the rule "
+                        "that ships with the package)")
     p.add_argument("--config", metavar="EVAL.yaml",
                    help="evaluation config (EvalConfig fields: data.dataset, width, steps, "
                         "baselines, ...); --set and the flags below win over its values")
@@ -158,7 +161,8 @@ def run_eval(args) -> int:
              force=True)
     result = run_sweep(config, exported.theta, exported.rule, sweep=sweep,
                        values_text=args.sweep_values, progress=progress)
-    source = {"checkpoint": os.path.abspath(args.checkpoint), "run": exported.meta.get("run"),
+    source = {"checkpoint": (args.checkpoint if args.checkpoint.startswith(PRETRAINED_PREFIX)
+                             else os.path.abspath(args.checkpoint)), "run": exported.meta.get("run"),
               "rule_step": exported.step, "meta_loss": exported.meta.get("meta_loss")}
     paths = write_eval_report(out, result, source)
     total = time.monotonic() - started

@@ -40,6 +40,7 @@ from metalearn.training.run_dir import RunDir
 
 FORMAT = "metalearn-rule-export"
 FORMAT_VERSION = 1
+PRETRAINED_PREFIX = "pretrained:"  # checkpoint references to rules shipped with the package
 THETA_ITEM = "theta"
 META_ITEM = "meta"
 _COMMIT_TEXT = "Checkpoint commit was successful"
@@ -191,11 +192,41 @@ def save_run_theta(run: RunDir, theta_flat: np.ndarray, rule: RuleConfig, step: 
 
 
 def load_theta(path: str):
-    """(theta pytree, rule config, step) from an export or a run folder's newest theta."""
+    """(theta pytree, rule config, step) from an export, ``pretrained:NAME`` or a run
+    folder's newest theta."""
+    path = resolve_checkpoint(path)
     if not is_export(path) and is_export(RunDir(path).theta):
         path = RunDir(path).theta
     exported = load_export(path)
     return exported.theta, exported.rule, exported.step
+
+
+def pretrained_root() -> str:
+    """The folder of the rules that ship with the package (``metalearn/pretrained``)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "pretrained")
+
+
+def pretrained_names() -> list[str]:
+    root = pretrained_root()
+    if not os.path.isdir(root):
+        return []
+    return sorted(n for n in os.listdir(root) if is_export(os.path.join(root, n)))
+
+
+def resolve_checkpoint(ref: str) -> str:
+    """A checkpoint reference -> its folder: ``pretrained:NAME`` names a rule shipped with
+    the package (``metalearn/pretrained/NAME``, an export with its provenance in
+    ``PROVENANCE.md``); anything else is a path and is returned unchanged."""
+    ref = os.fspath(ref)
+    if not ref.startswith(PRETRAINED_PREFIX):
+        return ref
+    name = ref[len(PRETRAINED_PREFIX):]
+    names = pretrained_names()
+    if name not in names:
+        raise ConfigError(f"{ref}: no such pretrained rule; this package ships "
+                          f"{', '.join(PRETRAINED_PREFIX + n for n in names) or 'none'}")
+    return os.path.join(pretrained_root(), name)
 
 
 def is_export(path: str) -> bool:
@@ -205,7 +236,7 @@ def is_export(path: str) -> bool:
 
 def read_export_meta(path: str) -> dict:
     """The JSON metadata of an export (cheap; no arrays are read)."""
-    path = os.path.abspath(path)
+    path = os.path.abspath(resolve_checkpoint(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not is_export(path):
@@ -226,7 +257,9 @@ def read_export_meta(path: str) -> dict:
 
 
 def load_export(path: str, rule: RuleConfig | None = None) -> ExportedRule:
-    """Load an export. With ``rule``, also check theta has that rule's shapes."""
+    """Load an export (a folder or ``pretrained:NAME``). With ``rule``, also check theta
+    has that rule's shapes."""
+    path = resolve_checkpoint(path)
     meta = read_export_meta(path)
     saved_rule = from_dict(RuleConfig, meta["rule"], "rule")
     absl_logger = logging.getLogger("absl")
@@ -245,5 +278,6 @@ def load_export(path: str, rule: RuleConfig | None = None) -> ExportedRule:
     return ExportedRule(theta, saved_rule, meta)
 
 
-__all__ = ["ExportedRule", "export_run", "is_export", "load_export", "load_theta",
-           "read_export_meta", "save_run_theta", "write_export"]
+__all__ = ["ExportedRule", "PRETRAINED_PREFIX", "export_run", "is_export", "load_export",
+           "load_theta", "pretrained_names", "pretrained_root", "read_export_meta",
+           "resolve_checkpoint", "save_run_theta", "write_export"]
