@@ -64,8 +64,14 @@ def test_initial_theta_trains_every_activation(activation, tiny_rule, digits):
     assert [r["step"] for r in rows] == [0, 2]
     for r in rows:
         assert 0.0 <= r["ridge_accuracy"] <= 1.0 and np.isfinite(r["logreg_accuracy"])
+        # an 8-unit top layer: between 0 (constant, e.g. a dead step layer) and 8
+        assert r["rank90"] in range(0, 9)
     moved = np.abs(extras["params_final"].w[0] - extras["params_init"].w[0]).max()
     assert moved > 0  # the rule changed the model
+    assert rows[0]["w_growth"] == 1.0
+    assert rows[1]["w_growth"] == pytest.approx(
+        np.linalg.norm(extras["params_final"].w[0]) / np.linalg.norm(extras["params_init"].w[0]),
+        rel=1e-5)
 
 
 def test_initial_theta_runs_on_width_1000_plus(tiny_rule, digits):
@@ -85,14 +91,22 @@ def test_rule_and_model_mismatch_is_named(tiny_rule, digits):
 
 
 def test_eval_points_and_summary():
-    assert eval_points_for(200) == [0, 12, 25, 50, 100, 200]
+    assert eval_points_for(200) == [0, 10, 30, 100, 200]
+    assert eval_points_for(1000) == [0, 10, 30, 100, 300, 1000]
+    assert eval_points_for(50000) == [0, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 50000]
+    assert eval_points_for(2) == [0, 2]
     assert eval_points_for(0) == [0]
-    rows = [{"method": "m", "step": 5, "ridge_accuracy": a, "logreg_accuracy": a}
-            for a in (0.5, 0.7, np.nan)]
-    (entry,) = summarise(rows)
+    rows = [{"method": "m", "step": 5, "ridge_accuracy": a, "logreg_accuracy": a,
+             "rank90": r, "w_growth": g}
+            for a, r, g in ((0.5, 2.0, 10.0), (0.7, 5.0, 30.0), (np.nan, np.nan, np.nan))]
+    rows.append({"method": "b", "step": 0, "ridge_accuracy": 0.4, "logreg_accuracy": 0.4,
+                 "rank90": 7.0})  # a baseline: no w_growth
+    entry, baseline = summarise(rows)
     assert entry["accuracy"] == pytest.approx(0.6)
     assert entry["accuracy_se"] == pytest.approx(np.std([0.5, 0.7], ddof=1) / np.sqrt(2))
     assert entry["seeds"] == 3 and entry["diverged"] == 1
+    assert entry["rank90"] == 3.5 and entry["w_growth"] == 20.0  # diverged seed skipped
+    assert baseline["rank90"] == 7.0 and "w_growth" not in baseline
 
 
 def test_continuous_evaluator(tiny_rule):

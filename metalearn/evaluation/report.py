@@ -3,7 +3,9 @@
 Files written by ``write_report`` into the output folder:
 
 * ``results.parquet``: one row per (method, seed, evaluation step) with both readouts;
-* ``summary.parquet``, ``results.md``: mean and standard error over seeds;
+* ``summary.parquet``, ``results.md``: mean and standard error over seeds, and the mean
+  collapse diagnostics ``rank90`` / ``w_growth``; ``results.md`` has the final step per
+  method and a method x step table at every evaluated horizon;
 * ``accuracy_vs_steps.png``: 10-shot accuracy of every method along its training;
 * ``receptive_fields.png``: first-layer weights of the learned-rule base model (seed 0)
   before and after inner training, one tile per unit;
@@ -57,12 +59,46 @@ def _fmt(mean: float, se: float) -> str:
     return "n/a" if not math.isfinite(mean) else f"{mean:.3f} ± {se:.3f}"
 
 
+def _diag(value, fmt: str) -> str:
+    return "" if value is None else "n/a" if not math.isfinite(value) else format(value, fmt)
+
+
+def horizon_table(rows: Sequence[dict]) -> list[str]:
+    """Markdown lines of a method x step table: each cell the ridge accuracy ± se, then
+    ``rank90`` (r) and ``w_growth`` (W x) where the method has them."""
+    steps = sorted({r["step"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in sorted(
+        rows, key=lambda r: (r["method"] != LEARNED, r["method"]))))
+    cells = {(r["method"], r["step"]): r for r in rows}
+    lines = ["| method | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|" + "---:|" * len(steps)]
+    for method in methods:
+        out = []
+        for step in steps:
+            r = cells.get((method, step))
+            if r is None:
+                out.append("")
+                continue
+            text = _fmt(r["accuracy"], r["accuracy_se"])
+            if r.get("rank90") is not None:
+                text += f", r {_diag(r['rank90'], '.1f')}"
+            if r.get("w_growth") is not None:
+                text += f", W x{_diag(r['w_growth'], '.2f')}"
+            out.append(text)
+        lines.append(f"| {method} | " + " | ".join(out) + " |")
+    return lines
+
+
 def markdown_table(summary: Sequence[dict], title: str, info: dict) -> str:
-    """Final accuracies per method, then every evaluation point."""
+    """Final accuracies per method, the per-horizon table (accuracy and collapse
+    diagnostics at every evaluated step), then every evaluation point in long form."""
     lines = [f"# {title}", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += ["", "Accuracy: mean ± standard error over seeds, 10-shot linear readouts on "
-              "the test set.", ""]
+              "the test set. r: principal components explaining 90% of the variance of "
+              "the test set's top-layer representation (rank90; 1-2 = collapsed); W x: "
+              "growth of the first layer's weight norm since step 0 (w_growth), both "
+              "averaged over seeds.", ""]
     sweeps = sorted({(r.get("sweep"), str(r.get("sweep_value"))) for r in summary},
                     key=lambda t: (str(t[0]), _sort_key(t[1])))
     for sweep, value in sweeps:
@@ -80,12 +116,17 @@ def markdown_table(summary: Sequence[dict], title: str, info: dict) -> str:
             lines.append(f"| {method} | {r['step']} | {_fmt(r['accuracy'], r['accuracy_se'])} "
                          f"| {_fmt(r['logreg_accuracy'], r['logreg_accuracy_se'])} "
                          f"| {r['seeds']} |")
+        lines += ["", "Per horizon (ridge accuracy, rank90, weight growth):", ""]
+        lines += horizon_table(rows)
         lines += ["", "<details><summary>every evaluation point</summary>", "",
-                  "| method | step | ridge accuracy | logistic accuracy |", "|---|---:|---:|---:|"]
+                  "| method | step | ridge accuracy | logistic accuracy | rank90 | w_growth |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in sorted(rows, key=lambda r: (r["method"], r["step"])):
             lines.append(f"| {r['method']} | {r['step']} | "
                          f"{_fmt(r['accuracy'], r['accuracy_se'])} | "
-                         f"{_fmt(r['logreg_accuracy'], r['logreg_accuracy_se'])} |")
+                         f"{_fmt(r['logreg_accuracy'], r['logreg_accuracy_se'])} | "
+                         f"{_diag(r.get('rank90'), '.1f')} | "
+                         f"{_diag(r.get('w_growth'), '.2f')} |")
         lines += ["", "</details>", ""]
     return "\n".join(lines)
 
@@ -376,4 +417,5 @@ def plot_meta_training(path: str, out: str | None = None) -> str:
 
 __all__ = ["write_report", "write_eval_report", "plot_meta_training", "plot_accuracy",
            "plot_receptive_fields", "plot_representation_pca", "plot_sweep", "markdown_table",
+           "horizon_table",
            "COLOURS", "LABELS"]
