@@ -143,6 +143,17 @@ def test_cli_eval_writes_report_and_json(tmp_path, tiny_rule, capsys):
     assert set(payload["methods"]) == {"learned", "pca", "random_init"}
     assert payload["methods"]["learned"]["step"] == 2
     assert payload["methods"]["pca"]["accuracy"] > 0.5
+    assert payload["inner_lr"] == tiny_rule.inner_lr
+    curve = payload["methods"]["learned"]["curve"]
+    assert [p["step"] for p in curve] == [0, 2]
+    assert [p["lr_steps"] for p in curve] == pytest.approx([0.0, 2 * tiny_rule.inner_lr])
+    assert curve[0]["w_growth"] == 1.0 and curve[1]["w_growth"] > 0
+    assert all(0 <= p["rank90"] <= 8 and 0 <= p["accuracy"] <= 1 for p in curve)
+    assert set(curve[0]) == {"step", "lr_steps", "accuracy", "accuracy_se",
+                             "logreg_accuracy", "rank90", "w_growth"}
+    assert curve[-1]["accuracy"] == payload["methods"]["learned"]["accuracy"]
+    (pca,) = payload["methods"]["pca"]["curve"]
+    assert pca["w_growth"] is None and 1 <= pca["rank90"] <= 32
     for name in ("results.parquet", "summary.parquet", "results.md", "accuracy_vs_steps.png",
                  "receptive_fields.png", "representation_pca.png"):
         assert (out / name).stat().st_size > 100, name
@@ -160,6 +171,7 @@ def test_cli_sweep_and_errors(tmp_path, tiny_rule, capsys):
     assert code == 0
     payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert payload["sweep"] == "depth" and set(payload["values"]) == {"1", "2"}
+    assert [p["step"] for p in payload["values"]["2"]["learned"]["curve"]] == [0, 1]
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 100
     assert main(["eval", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
