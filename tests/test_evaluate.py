@@ -130,6 +130,47 @@ def test_continuous_evaluator(tiny_rule):
         ContinuousEvalConfig(every=0)
 
 
+def test_continuous_evaluator_long_horizons(tiny_rule):
+    from jax.flatten_util import ravel_pytree
+    # The first dataset is missing here: the first *available* one gets long rollouts.
+    config = ContinuousEvalConfig(datasets=("file:/nonexistent/nope.npz", "two_moons"),
+                                  width=16, depth=1, steps=2, seeds=2, test_size=200,
+                                  horizons=(3, 1), long_every=5)
+    evaluator = ContinuousEvaluator(config, tiny_rule)
+    flat, _ = ravel_pytree(init_theta(jax.random.key(0), tiny_rule))
+    row = evaluator.evaluate(10, np.asarray(flat), short=False, long=True)
+    long_columns = {f"eval/two_moons/{m}@{h}" for m in ("accuracy", "rank90", "w_growth")
+                    for h in (1, 3)}
+    assert set(row) == {"step", "eval_long_s"} | long_columns
+    for h in (1, 3):
+        assert 0.5 <= row[f"eval/two_moons/accuracy@{h}"] <= 1.0
+        assert 0 <= row[f"eval/two_moons/rank90@{h}"] <= 8  # mean over 2 seeds
+        assert row[f"eval/two_moons/w_growth@{h}"] > 0
+    both = evaluator.evaluate(10, np.asarray(flat), long=True)
+    assert "eval/two_moons/meta_loss" in both and long_columns <= set(both)
+    # The long rollout's first steps are the short rollout's (same seed and stream).
+    short = evaluator.evaluate(10, np.asarray(flat))
+    assert not long_columns & set(short)
+    assert both["eval/two_moons/accuracy@3"] == row["eval/two_moons/accuracy@3"]
+
+
+def test_continuous_config_horizon_fields():
+    config = ContinuousEvalConfig(datasets=("two_moons", "digits"), horizons=(1000, 100))
+    assert config.horizons == (100, 1000) and config.long_every == 200
+    assert config.long_names() == ("two_moons",)  # default: the first dataset
+    assert "eval/two_moons/rank90@1000" in config.columns()
+    assert "eval/digits/accuracy@1000" not in config.columns()
+    assert "eval/digits/accuracy" in config.columns()
+    off = ContinuousEvalConfig(long_every=0)
+    assert off.long_names() == () and not any("@" in c for c in off.columns())
+    with pytest.raises(ConfigError, match=r"long_datasets: mnist not in evaluator\.datasets"):
+        ContinuousEvalConfig(datasets=("digits",), long_datasets=("mnist",))
+    with pytest.raises(ConfigError, match="long_every must be >= 0"):
+        ContinuousEvalConfig(long_every=-1)
+    with pytest.raises(ConfigError, match="horizons must be positive"):
+        ContinuousEvalConfig(horizons=(0, 10))
+
+
 def test_cli_eval_writes_report_and_json(tmp_path, tiny_rule, capsys):
     make_run(tmp_path / "run", tiny_rule)
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e")]) == 0

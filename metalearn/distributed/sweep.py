@@ -80,14 +80,23 @@ class TrialReporter(Callback):
     ``trial.steps`` says ``done``: Tune ends the trial there without asking the
     scheduler, so PBT never pauses or clones a trial that has nothing left to train (a
     clone restored at the last step would end without reporting anything).
+
+    Held-out evaluations finish after the row they measure was handled, so each report
+    carries the newest evaluation columns measured at or before its step
+    (``MetricsLog.latest_evaluation``, with ``eval_step``), and the sweep's ``metric``
+    is always present (NaN until first measured: Tune requires it in every report;
+    ASHA and PBT skip NaN). The ``done`` report waits for ``on_end``, after the
+    evaluation callback (first in the loop's list) has measured the last theta.
     """
 
     def __init__(self, spec: SweepSpec, run: RunDir, trial_id: str, start_step: int,
                  extra: dict):
         self.every, self.last = spec.trial.report_every, spec.trial.steps
+        self.metric = spec.metric
         self.run, self.trial_id, self.extra = run, trial_id, extra
         self.reported = start_step  # the step of the last report (or the restored one)
         self.pending: tuple[int, str] | None = None  # (checkpoint step, its copy)
+        self.final: tuple[dict, str] | None = None  # the done report, sent in on_end
 
     def _stage(self, loop: TrainingLoop) -> tuple[int, str]:
         step = loop.checkpoint()
@@ -97,9 +106,16 @@ class TrialReporter(Callback):
             json.dump({"trial_id": self.trial_id, "step": step}, f)
         return step, staging
 
-    def _report(self, loop: TrainingLoop, row: dict, staging: str) -> None:
+    def _report(self, loop: TrainingLoop, row: dict, staging: str,
+                at_end: bool = False) -> None:
+        if row["step"] >= self.last and not at_end:
+            self.final = (row, staging)  # reported in on_end, with the final evaluation
+            self.reported = row["step"]
+            return
         try:
-            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
+            values = {**loop.metrics.latest_evaluation(row["step"]), **row}
+            metrics = {k: v for k, v in values.items() if isinstance(v, (int, float, str))}
+            metrics.setdefault(self.metric, math.nan)
             metrics.update(self.extra, worker_failures=loop.worker_failures,
                            learner_restarts=loop.learner_restarts)
             if row["step"] >= self.last:
@@ -108,6 +124,12 @@ class TrialReporter(Callback):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.reported = row["step"]
+
+    def on_end(self, loop: TrainingLoop) -> None:
+        if self.final is not None:
+            row, staging = self.final
+            self.final = None
+            self._report(loop, row, staging, at_end=True)
 
     def on_row(self, loop: TrainingLoop, row: dict) -> None:
         if row["step"] <= self.reported:
@@ -130,9 +152,10 @@ class TrialReporter(Callback):
             self.pending = (step, staging)
 
     def discard(self) -> None:
-        if self.pending is not None:
-            shutil.rmtree(self.pending[1], ignore_errors=True)
-            self.pending = None
+        for held in (self.pending, self.final):
+            if held is not None:
+                shutil.rmtree(held[1], ignore_errors=True)
+        self.pending = self.final = None
 
 
 def run_trial(params: dict, spec: SweepSpec) -> None:
@@ -285,7 +308,10 @@ def collect(results, spec: SweepSpec, reports: list[dict] = ()):
                 "config": json.dumps({k[len("config/"):]: row[k] for k in row
                                       if k.startswith("config/")}, default=str),
             })
-        losses = [r.get(spec.metric) for r in rows if r.get(spec.metric) is not None]
+        # NaN: not measured yet (a held-out metric before the first evaluation)
+        losses = [r.get(spec.metric) for r in rows
+                  if isinstance(r.get(spec.metric), (int, float))
+                  and math.isfinite(r[spec.metric])]
         best = (min if spec.mode == "min" else max)(losses) if losses else math.nan
         last = rows[-1] if rows else {}
         final_step = int(last.get("step", -1)) if rows else -1
