@@ -281,6 +281,10 @@ def read_reports(path: str) -> list[dict]:
     return rows
 
 
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
 def collect(results, spec: SweepSpec, reports: list[dict] = ()):
     """(summary rows, history rows) of a ResultGrid and its ``reports.jsonl`` rows."""
     by_trial: dict = {}
@@ -296,18 +300,24 @@ def collect(results, spec: SweepSpec, reports: list[dict] = ()):
         # (Tune hands a restored trial the metrics of the checkpoint it starts from).
         trial_id = rows[-1].get("trial_id") if rows else os.path.basename(str(result.path))
         for row in rows:
-            history.append({
+            eval_step = _number(row.get("eval_step"))
+            entry = {
                 "trial_id": trial_id, "step": int(row.get("step", -1)),
                 "training_iteration": int(row.get("training_iteration", 0)),
                 "meta_loss": float(row.get("meta_loss", math.nan)),
                 "meta_loss_rolling": float(row.get("meta_loss_rolling", math.nan)),
                 "lr": float(row.get("lr", math.nan)),
                 "unroll_max": int(row.get("unroll_max", -1)),
+                # the step of the newest held-out evaluation the report carries
+                "eval_step": int(eval_step) if math.isfinite(eval_step) else -1,
                 "restored_from": str(row.get("restored_from", "") or ""),
                 "restored_step": int(row.get("restored_step", -1)),
                 "config": json.dumps({k[len("config/"):]: row[k] for k in row
                                       if k.startswith("config/")}, default=str),
-            })
+            }
+            # the sweep's metric as reported (NaN: not measured yet)
+            entry.setdefault(spec.metric, _number(row.get(spec.metric)))
+            history.append(entry)
         # NaN: not measured yet (a held-out metric before the first evaluation)
         losses = [r.get(spec.metric) for r in rows
                   if isinstance(r.get(spec.metric), (int, float))
@@ -320,7 +330,7 @@ def collect(results, spec: SweepSpec, reports: list[dict] = ()):
         entry = {"trial_id": trial_id, "status": status,
                  "reports": len(rows),
                  "final_step": final_step,
-                 f"final_{spec.metric}": float(last.get(spec.metric, math.nan)),
+                 f"final_{spec.metric}": _number(last.get(spec.metric)),
                  f"best_{spec.metric}": float(best),
                  "exploits": len({r.get("restored_step") for r in rows
                                   if r.get("restored_from") not in (None, "", trial_id)}),
@@ -351,7 +361,11 @@ def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
     matplotlib.use("Agg")  # chosen at the first plot, not at import (see evaluation.report)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    # A metric other than the meta-loss (a held-out accuracy) gets a panel of its own.
+    extra = spec.metric not in ("meta_loss", "meta_loss_rolling")
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(15 if extra else 8, 5),
+                             squeeze=False)
+    ax = axes[0, 0]
     trials = list(dict.fromkeys(r["trial_id"] for r in history))
     for index, trial in enumerate(trials):
         rows = [r for r in history if r["trial_id"] == trial]
@@ -371,6 +385,19 @@ def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
     ax.grid(alpha=0.3)
     if trials:
         ax.legend(fontsize=7, ncol=2)
+    if extra:
+        ax = axes[0, 1]
+        for index, trial in enumerate(trials):
+            pts = [(r["step"], r[spec.metric]) for r in history if r["trial_id"] == trial
+                   and isinstance(r.get(spec.metric), (int, float))
+                   and math.isfinite(r[spec.metric])]
+            if pts:
+                ax.plot(*zip(*pts), "-o", color=plt.cm.tab10(index % 10), markersize=3,
+                        label=trial)
+        ax.set_xlabel("learner step")
+        ax.set_ylabel(spec.metric)
+        ax.set_title(f"the sweep's metric ({spec.mode})")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
