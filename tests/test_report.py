@@ -20,7 +20,11 @@ def test_plot_meta_training_with_eval_columns(tmp_path, capsys):
              "loss/glyphs": [2.0 - 0.025 * s for s in steps],
              "loss/digits": [1.9 - 0.01 * s for s in steps],
              "eval/fashion_mnist/meta_loss": [None if s % 10 else 1.9 - 0.005 * s for s in steps],
-             "eval/fashion_mnist/accuracy": [None if s % 10 else 0.3 + 0.005 * s for s in steps]}
+             "eval/fashion_mnist/accuracy": [None if s % 10 else 0.3 + 0.005 * s for s in steps],
+             # long horizons: fewer rows still
+             "eval/fashion_mnist/accuracy@1000": [None if s % 20 else 0.2 + 0.005 * s
+                                                  for s in steps],
+             "eval/fashion_mnist/rank90@1000": [None if s % 20 else 3.0 for s in steps]}
     pq.write_table(pa.table(table), tmp_path / "metrics.parquet")
     assert main(["plot", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip()

@@ -355,7 +355,8 @@ def plot_meta_training(path: str, out: str | None = None) -> str:
     """Meta-training curves from a run's metrics table (``path``, a parquet file): the
     rolling meta-loss and the per-dataset meta-train losses (``loss/<dataset>``) against
     learner steps, with the held-out evaluator's ``eval/<dataset>/meta_loss`` beside them
-    and its accuracies (``eval/<dataset>/accuracy``) in a second panel when present.
+    and its accuracies (``eval/<dataset>/accuracy``, and the long-horizon
+    ``eval/<dataset>/accuracy@<h>`` dashed) in a second panel when present.
     ``out`` defaults to ``meta_training.png`` beside the table; the title is the name of
     the table's folder (the run)."""
     run_dir = os.path.dirname(path)
@@ -369,6 +370,8 @@ def plot_meta_training(path: str, out: str | None = None) -> str:
     train_cols = [c for c in columns if c.startswith("loss/")]
     eval_loss = [c for c in columns if c.startswith("eval/") and c.endswith("/meta_loss")]
     eval_acc = [c for c in columns if c.startswith("eval/") and c.endswith("/accuracy")]
+    # Long-horizon accuracies (``eval/<dataset>/accuracy@<h>``), only in some rows.
+    long_acc = [c for c in columns if c.startswith("eval/") and "/accuracy@" in c]
 
     def series(col):
         pts = [(r["step"], r[col]) for r in rows
@@ -377,7 +380,7 @@ def plot_meta_training(path: str, out: str | None = None) -> str:
         return np.array(pts, float).reshape(-1, 2)
 
     plt = _plt()
-    panels = 2 if eval_acc else 1
+    panels = 2 if eval_acc or long_acc else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
     ax = axes[0, 0]
     cmap = plt.get_cmap("tab10")
@@ -396,12 +399,17 @@ def plot_meta_training(path: str, out: str | None = None) -> str:
     ax.set_title("meta-training curves per dataset")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    if eval_acc:
+    if eval_acc or long_acc:
         ax = axes[0, 1]
         for i, col in enumerate(eval_acc):
             s = series(col)
             ax.plot(s[:, 0], s[:, 1], "o-", ms=3, color=cmap((len(train_cols) + i) % 10),
                     label=col[5:-9])
+        for i, col in enumerate(long_acc):
+            s = series(col)
+            ax.plot(s[:, 0], s[:, 1], "s--", ms=3,
+                    color=cmap((len(train_cols) + len(eval_acc) + i) % 10),
+                    label=col[5:].replace("/accuracy@", " @") + " inner steps")
         ax.set_xlabel("learner step")
         ax.set_ylabel("10-shot accuracy (held out)")
         ax.set_title("held-out evaluation")
