@@ -275,3 +275,18 @@ def test_eval_config_errors_name_the_dotted_field():
         from_dict(EvalConfig, {"data": {"image_size": 5}})
     with pytest.raises(ConfigError, match=r"^unknown config key data\.wayz"):
         from_dict(EvalConfig, {"data": {"wayz": 3}})
+
+
+def test_evaluation_schedule_short_long_and_final():
+    from metalearn.evaluation.config import EvaluationSchedule
+    schedule = EvaluationSchedule(ContinuousEvalConfig(every=2, long_every=3))
+    schedule.start(10)  # a resumed run: counted from its first step
+    due = {step: schedule.due(step) for step in range(11, 17)}
+    assert due == {11: None, 12: {"short": True, "long": False},
+                   13: {"short": False, "long": True}, 14: {"short": True, "long": False},
+                   15: None, 16: {"short": True, "long": True}}
+    assert schedule.due(16, final=True) is None  # the last theta is measured already
+    assert schedule.due(17, final=True) == {"short": True, "long": True}
+    off = EvaluationSchedule(ContinuousEvalConfig(every=2, long_every=0))
+    off.start(0)
+    assert off.due(5, final=True) == {"short": True, "long": False}
