@@ -64,8 +64,14 @@ def test_initial_theta_trains_every_activation(activation, tiny_rule, digits):
     assert [r["step"] for r in rows] == [0, 2]
     for r in rows:
         assert 0.0 <= r["ridge_accuracy"] <= 1.0 and np.isfinite(r["logreg_accuracy"])
+        # an 8-unit top layer: between 0 (constant, e.g. a dead step layer) and 8
+        assert r["rank90"] in range(0, 9)
     moved = np.abs(extras["params_final"].w[0] - extras["params_init"].w[0]).max()
     assert moved > 0  # the rule changed the model
+    assert rows[0]["w_growth"] == 1.0
+    assert rows[1]["w_growth"] == pytest.approx(
+        np.linalg.norm(extras["params_final"].w[0]) / np.linalg.norm(extras["params_init"].w[0]),
+        rel=1e-5)
 
 
 def test_initial_theta_runs_on_width_1000_plus(tiny_rule, digits):
@@ -85,14 +91,22 @@ def test_rule_and_model_mismatch_is_named(tiny_rule, digits):
 
 
 def test_eval_points_and_summary():
-    assert eval_points_for(200) == [0, 12, 25, 50, 100, 200]
+    assert eval_points_for(200) == [0, 10, 30, 100, 200]
+    assert eval_points_for(1000) == [0, 10, 30, 100, 300, 1000]
+    assert eval_points_for(50000) == [0, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 50000]
+    assert eval_points_for(2) == [0, 2]
     assert eval_points_for(0) == [0]
-    rows = [{"method": "m", "step": 5, "ridge_accuracy": a, "logreg_accuracy": a}
-            for a in (0.5, 0.7, np.nan)]
-    (entry,) = summarise(rows)
+    rows = [{"method": "m", "step": 5, "ridge_accuracy": a, "logreg_accuracy": a,
+             "rank90": r, "w_growth": g}
+            for a, r, g in ((0.5, 2.0, 10.0), (0.7, 5.0, 30.0), (np.nan, np.nan, np.nan))]
+    rows.append({"method": "b", "step": 0, "ridge_accuracy": 0.4, "logreg_accuracy": 0.4,
+                 "rank90": 7.0})  # a baseline: no w_growth
+    entry, baseline = summarise(rows)
     assert entry["accuracy"] == pytest.approx(0.6)
     assert entry["accuracy_se"] == pytest.approx(np.std([0.5, 0.7], ddof=1) / np.sqrt(2))
     assert entry["seeds"] == 3 and entry["diverged"] == 1
+    assert entry["rank90"] == 3.5 and entry["w_growth"] == 20.0  # diverged seed skipped
+    assert baseline["rank90"] == 7.0 and "w_growth" not in baseline
 
 
 def test_continuous_evaluator(tiny_rule):
@@ -116,6 +130,47 @@ def test_continuous_evaluator(tiny_rule):
         ContinuousEvalConfig(every=0)
 
 
+def test_continuous_evaluator_long_horizons(tiny_rule):
+    from jax.flatten_util import ravel_pytree
+    # The first dataset is missing here: the first *available* one gets long rollouts.
+    config = ContinuousEvalConfig(datasets=("file:/nonexistent/nope.npz", "two_moons"),
+                                  width=16, depth=1, steps=2, seeds=2, test_size=200,
+                                  horizons=(3, 1), long_every=5)
+    evaluator = ContinuousEvaluator(config, tiny_rule)
+    flat, _ = ravel_pytree(init_theta(jax.random.key(0), tiny_rule))
+    row = evaluator.evaluate(10, np.asarray(flat), short=False, long=True)
+    long_columns = {f"eval/two_moons/{m}@{h}" for m in ("accuracy", "rank90", "w_growth")
+                    for h in (1, 3)}
+    assert set(row) == {"step", "eval_long_s"} | long_columns
+    for h in (1, 3):
+        assert 0.5 <= row[f"eval/two_moons/accuracy@{h}"] <= 1.0
+        assert 0 <= row[f"eval/two_moons/rank90@{h}"] <= 8  # mean over 2 seeds
+        assert row[f"eval/two_moons/w_growth@{h}"] > 0
+    both = evaluator.evaluate(10, np.asarray(flat), long=True)
+    assert "eval/two_moons/meta_loss" in both and long_columns <= set(both)
+    # The long rollout's first steps are the short rollout's (same seed and stream).
+    short = evaluator.evaluate(10, np.asarray(flat))
+    assert not long_columns & set(short)
+    assert both["eval/two_moons/accuracy@3"] == row["eval/two_moons/accuracy@3"]
+
+
+def test_continuous_config_horizon_fields():
+    config = ContinuousEvalConfig(datasets=("two_moons", "digits"), horizons=(1000, 100))
+    assert config.horizons == (100, 1000) and config.long_every == 200
+    assert config.long_names() == ("two_moons",)  # default: the first dataset
+    assert "eval/two_moons/rank90@1000" in config.columns()
+    assert "eval/digits/accuracy@1000" not in config.columns()
+    assert "eval/digits/accuracy" in config.columns()
+    off = ContinuousEvalConfig(long_every=0)
+    assert off.long_names() == () and not any("@" in c for c in off.columns())
+    with pytest.raises(ConfigError, match=r"long_datasets: mnist not in evaluator\.datasets"):
+        ContinuousEvalConfig(datasets=("digits",), long_datasets=("mnist",))
+    with pytest.raises(ConfigError, match="long_every must be >= 0"):
+        ContinuousEvalConfig(long_every=-1)
+    with pytest.raises(ConfigError, match="horizons must be positive"):
+        ContinuousEvalConfig(horizons=(0, 10))
+
+
 def test_cli_eval_writes_report_and_json(tmp_path, tiny_rule, capsys):
     make_run(tmp_path / "run", tiny_rule)
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e")]) == 0
@@ -129,6 +184,17 @@ def test_cli_eval_writes_report_and_json(tmp_path, tiny_rule, capsys):
     assert set(payload["methods"]) == {"learned", "pca", "random_init"}
     assert payload["methods"]["learned"]["step"] == 2
     assert payload["methods"]["pca"]["accuracy"] > 0.5
+    assert payload["inner_lr"] == tiny_rule.inner_lr
+    curve = payload["methods"]["learned"]["curve"]
+    assert [p["step"] for p in curve] == [0, 2]
+    assert [p["lr_steps"] for p in curve] == pytest.approx([0.0, 2 * tiny_rule.inner_lr])
+    assert curve[0]["w_growth"] == 1.0 and curve[1]["w_growth"] > 0
+    assert all(0 <= p["rank90"] <= 8 and 0 <= p["accuracy"] <= 1 for p in curve)
+    assert set(curve[0]) == {"step", "lr_steps", "accuracy", "accuracy_se",
+                             "logreg_accuracy", "rank90", "w_growth"}
+    assert curve[-1]["accuracy"] == payload["methods"]["learned"]["accuracy"]
+    (pca,) = payload["methods"]["pca"]["curve"]
+    assert pca["w_growth"] is None and 1 <= pca["rank90"] <= 32
     for name in ("results.parquet", "summary.parquet", "results.md", "accuracy_vs_steps.png",
                  "receptive_fields.png", "representation_pca.png"):
         assert (out / name).stat().st_size > 100, name
@@ -146,6 +212,7 @@ def test_cli_sweep_and_errors(tmp_path, tiny_rule, capsys):
     assert code == 0
     payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert payload["sweep"] == "depth" and set(payload["values"]) == {"1", "2"}
+    assert [p["step"] for p in payload["values"]["2"]["learned"]["curve"]] == [0, 1]
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 100
     assert main(["eval", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -208,3 +275,18 @@ def test_eval_config_errors_name_the_dotted_field():
         from_dict(EvalConfig, {"data": {"image_size": 5}})
     with pytest.raises(ConfigError, match=r"^unknown config key data\.wayz"):
         from_dict(EvalConfig, {"data": {"wayz": 3}})
+
+
+def test_evaluation_schedule_short_long_and_final():
+    from metalearn.evaluation.config import EvaluationSchedule
+    schedule = EvaluationSchedule(ContinuousEvalConfig(every=2, long_every=3))
+    schedule.start(10)  # a resumed run: counted from its first step
+    due = {step: schedule.due(step) for step in range(11, 17)}
+    assert due == {11: None, 12: {"short": True, "long": False},
+                   13: {"short": False, "long": True}, 14: {"short": True, "long": False},
+                   15: None, 16: {"short": True, "long": True}}
+    assert schedule.due(16, final=True) is None  # the last theta is measured already
+    assert schedule.due(17, final=True) == {"short": True, "long": True}
+    off = EvaluationSchedule(ContinuousEvalConfig(every=2, long_every=0))
+    off.start(0)
+    assert off.due(5, final=True) == {"short": True, "long": False}

@@ -1,6 +1,7 @@
 """The single-process runner: the training loop without Ray, and the same rows as Ray."""
 
 import math
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -9,6 +10,8 @@ from metalearn.cli import main
 from metalearn.training.config import config_to_yaml
 from metalearn.training.export import load_theta
 from metalearn.training.local import train_local
+from metalearn.training.metrics import LEARNER_COLUMNS
+from metalearn.training.progress import ProgressLine
 from metalearn.training.run_dir import RunDir
 from train_helpers import tiny_config
 
@@ -71,17 +74,32 @@ def test_local_and_ray_runners_give_the_same_rows(ray_session, tmp_path):
             assert mine[column] == pytest.approx(theirs[column], rel=1e-4, abs=1e-6), column
 
 
-def test_local_runner_evaluates_held_out_data_in_process(tmp_path):
+def test_local_runner_evaluates_held_out_data_in_process(tmp_path, capsys):
     config = tiny_config(tmp_path, evaluator={
         "enabled": True, "every": 2, "datasets": ["two_moons"],
-        "width": 8, "depth": 1, "steps": 2, "seeds": 1, "batch_size": 16, "test_size": 40},
-        run={"steps": 4, "minutes": 5.0}, worker={"num_workers": 1, "batch_size": 8})
-    train_local(config, tmp_path / "run")
+        "width": 8, "depth": 1, "steps": 2, "seeds": 1, "batch_size": 16, "test_size": 40,
+        "horizons": [2, 3], "long_every": 3},
+        run={"steps": 5, "minutes": 5.0}, worker={"num_workers": 1, "batch_size": 8})
+    train_local(config, tmp_path / "run", callbacks=[ProgressLine(0.0, sys.stderr)])
     rows = rows_of(tmp_path / "run")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # merged, not appended
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # merged, not appended
+    # short every 2 steps, long every 3; step 5: the final evaluation of the last theta
     evaluated = [r["step"] for r in rows if r.get("eval/two_moons/accuracy") is not None]
-    assert evaluated == [2, 4]
+    assert evaluated == [2, 4, 5]
+    long = [r["step"] for r in rows if r.get("eval/two_moons/accuracy@3") is not None]
+    assert long == [3, 5]
     for row in rows:
         if row["step"] in evaluated:
             assert 0.0 <= row["eval/two_moons/accuracy"] <= 1.0
             assert math.isfinite(row["eval/two_moons/meta_loss"]) and row["eval_s"] > 0
+        if row["step"] in long:
+            for h in (2, 3):
+                assert 0.0 <= row[f"eval/two_moons/accuracy@{h}"] <= 1.0
+                assert 0 <= row[f"eval/two_moons/rank90@{h}"] <= 8
+                assert row[f"eval/two_moons/w_growth@{h}"] > 0
+        # every column is the learner's, a loss/<dataset> or the evaluator's
+        assert set(row) <= {*LEARNER_COLUMNS, "loss/digits", *config.evaluator.columns()}
+    # The progress line showed the long-horizon result once there was one.
+    assert "| tm@3 " in capsys.readouterr().err
+    # `metalearn plot` draws a table whose eval columns exist in some rows only.
+    assert main(["plot", str(tmp_path / "run")]) == 0

@@ -20,7 +20,11 @@ def test_plot_meta_training_with_eval_columns(tmp_path, capsys):
              "loss/glyphs": [2.0 - 0.025 * s for s in steps],
              "loss/digits": [1.9 - 0.01 * s for s in steps],
              "eval/fashion_mnist/meta_loss": [None if s % 10 else 1.9 - 0.005 * s for s in steps],
-             "eval/fashion_mnist/accuracy": [None if s % 10 else 0.3 + 0.005 * s for s in steps]}
+             "eval/fashion_mnist/accuracy": [None if s % 10 else 0.3 + 0.005 * s for s in steps],
+             # long horizons: fewer rows still
+             "eval/fashion_mnist/accuracy@1000": [None if s % 20 else 0.2 + 0.005 * s
+                                                  for s in steps],
+             "eval/fashion_mnist/rank90@1000": [None if s % 20 else 3.0 for s in steps]}
     pq.write_table(pa.table(table), tmp_path / "metrics.parquet")
     assert main(["plot", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip()
@@ -38,8 +42,18 @@ def test_plot_without_metrics_is_a_clear_error(tmp_path, capsys):
 
 def test_markdown_table_reports_final_step_per_method():
     summary = [{"method": "learned", "step": s, "accuracy": a, "accuracy_se": 0.01,
-                "logreg_accuracy": a, "logreg_accuracy_se": 0.02, "seeds": 3}
-               for s, a in ((0, 0.4), (100, 0.55))]
+                "logreg_accuracy": a, "logreg_accuracy_se": 0.02, "seeds": 3,
+                "rank90": r, "w_growth": g}
+               for s, a, r, g in ((0, 0.4, 20.0, 1.0), (100, 0.55, 1.5, 19.25))]
+    summary.append({"method": "pca", "step": 0, "accuracy": 0.6, "accuracy_se": 0.02,
+                    "logreg_accuracy": 0.6, "logreg_accuracy_se": 0.02, "seeds": 3,
+                    "rank90": 12.0})
     text = markdown_table(summary, "t", {"dataset": "digits"})
     assert "| learned | 100 | 0.550 ± 0.010 | 0.550 ± 0.020 | 3 |" in text
     assert "- dataset: digits" in text
+    # The per-horizon table: methods x steps, collapse diagnostics beside the accuracy.
+    assert "| method | step 0 | step 100 |" in text
+    assert ("| learned | 0.400 ± 0.010, r 20.0, W x1.00 | "
+            "0.550 ± 0.010, r 1.5, W x19.25 |") in text
+    assert "| pca | 0.600 ± 0.020, r 12.0 |  |" in text
+    assert "| learned | 100 | 0.550 ± 0.010 | 0.550 ± 0.020 | 1.5 | 19.25 |" in text

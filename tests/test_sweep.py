@@ -8,11 +8,13 @@ import json
 import os
 import struct
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from metalearn.cli import main
+from metalearn.core.config import ConfigError
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -174,3 +176,95 @@ def test_bad_spec_is_one_clear_line(tmp_path, capsys):
     assert "scheduler.sync" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert main(["sweep", SMOKE, "--out", str(tmp_path / "none"), "--resume"]) == 2
+
+
+def test_metric_must_be_a_reported_column(tmp_path, capsys):
+    from metalearn.distributed.sweep_spec import load_spec
+
+    # The smoke sweep runs no evaluator: a held-out metric is refused at load time.
+    spec = write_spec(tmp_path, "heldout_off", metric="eval/two_moons/accuracy@1000",
+                      mode="max")
+    assert main(["sweep", spec, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "metric: 'eval/two_moons/accuracy@1000' is not a column" in err
+    assert "evaluator.enabled: true" in err
+    # With the evaluator on, a horizon it does not measure is named with what it writes.
+    on = {"evaluator.enabled": True, "evaluator.datasets": ["two_moons"],
+          "evaluator.horizons": [100, 300], "evaluator.long_every": 50}
+    spec = write_spec(tmp_path, "heldout_h", metric="eval/two_moons/accuracy@1000",
+                      mode="max", set=on)
+    with pytest.raises(ConfigError, match=r"metric: .*eval/two_moons/accuracy@300"):
+        load_spec(spec)
+    spec = write_spec(tmp_path, "typo", metric="meta_los")
+    with pytest.raises(ConfigError, match="metric: 'meta_los' is not a column.*meta_loss"):
+        load_spec(spec)
+    ok = load_spec(write_spec(tmp_path, "heldout_ok", metric="eval/two_moons/rank90@300",
+                              mode="max", set=on))
+    assert ok.metric == "eval/two_moons/rank90@300"
+    for metric in ("lr", "loss/digits", "worker_failures"):  # training and report columns
+        assert load_spec(write_spec(tmp_path, "m", metric=metric)).metric == metric
+
+
+@pytest.mark.parametrize("name", ["curriculum", "lr_schedule", "meta_batch", "pbt",
+                                  "rule_size"])
+def test_comparing_sweeps_rank_by_held_out_accuracy(name):
+    from metalearn.distributed.sweep_spec import load_spec, trial_config
+
+    spec = load_spec(os.path.join(ROOT, "experiments", "sweeps", f"{name}.yaml"))
+    assert spec.metric == "eval/fashion_mnist/accuracy@1000" and spec.mode == "max"
+    evaluator = trial_config(spec, {}).evaluator
+    assert evaluator.enabled and evaluator.long_every > 0 and 1000 in evaluator.horizons
+
+
+class _Loop:
+    """What TrialReporter uses of a TrainingLoop."""
+
+    def __init__(self, metrics, step):
+        self.metrics, self.step = metrics, step
+        self.worker_failures = self.learner_restarts = 0
+
+    def checkpoint(self):
+        return self.step
+
+
+class _Run:
+    def copy_to(self, folder, up_to_step):
+        pass
+
+
+def test_reports_carry_the_newest_evaluation_and_the_final_one(tmp_path, monkeypatch):
+    from metalearn.distributed import sweep
+    from metalearn.distributed.sweep_spec import load_spec
+    from metalearn.training.metrics import MetricsLog
+    from metalearn.training.run_dir import RunDir
+
+    metric = "eval/two_moons/accuracy@3"
+    spec = load_spec(write_spec(
+        tmp_path, "rep", metric=metric, mode="max",
+        set={"evaluator.enabled": True, "evaluator.datasets": ["two_moons"],
+             "evaluator.horizons": [3], "evaluator.long_every": 2},
+        trial={"steps": 6, "report_every": 2}))
+    reports = []
+    monkeypatch.setattr(sweep.tune, "report",
+                        lambda metrics, checkpoint=None: reports.append(metrics))
+    monkeypatch.setattr(sweep.tune.Checkpoint, "from_directory", staticmethod(lambda d: d))
+    (tmp_path / "run").mkdir()
+    log = MetricsLog(RunDir(tmp_path / "run"), tensorboard=False)
+    reporter = sweep.TrialReporter(spec, _Run(), "t1", 0, {"trial_id": "t1"})
+    loop = _Loop(log, 0)
+    for step in range(1, 7):
+        row = {"step": step, "meta_loss": 1.0}
+        log.add(row)
+        loop.step = step
+        if step == 3:  # the evaluation of step 3 finishes while step 3 is handled
+            log.merge({"step": 3, metric: 0.7, "eval_long_s": 1.0})
+        reporter.on_row(loop, row)
+    # Step 2: not measured yet (NaN, as Tune needs the metric in every report); step 4
+    # carries step 3's evaluation; the done report waits for the end of the run.
+    assert [r["step"] for r in reports] == [2, 4]
+    assert np.isnan(reports[0][metric])
+    assert reports[1][metric] == 0.7 and reports[1]["eval_step"] == 3
+    log.merge({"step": 6, metric: 0.8})  # the final evaluation (the evaluator's on_end)
+    reporter.on_end(loop)
+    assert reports[-1]["step"] == 6 and reports[-1]["done"]
+    assert reports[-1][metric] == 0.8 and reports[-1]["eval_step"] == 6

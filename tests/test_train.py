@@ -64,7 +64,8 @@ def test_continuous_evaluation_writes_meta_test_columns(ray_session, tmp_path):
 
     config = tiny_config(tmp_path, evaluator={
         "enabled": True, "every": 2, "datasets": ["two_moons"],
-        "width": 8, "depth": 1, "steps": 2, "seeds": 1, "batch_size": 16, "test_size": 40},
+        "width": 8, "depth": 1, "steps": 2, "seeds": 1, "batch_size": 16, "test_size": 40,
+        "horizons": [3], "long_every": 4},
         run={"steps": 6, "minutes": 6.0})  # slack for a loaded CI machine
     run_dir = str(tmp_path / "run")
     train(config, run_dir)
@@ -76,6 +77,11 @@ def test_continuous_evaluation_writes_meta_test_columns(ray_session, tmp_path):
         assert 0.0 <= row["eval/two_moons/accuracy"] <= 1.0
         assert np.isfinite(row["eval/two_moons/meta_loss"])
         assert row["eval_s"] > 0
+    # The end of the run measured the last theta, short and long.
+    last = max(table, key=lambda r: r["step"])
+    assert 0.0 <= last["eval/two_moons/accuracy"] <= 1.0
+    assert 0.0 <= last["eval/two_moons/accuracy@3"] <= 1.0
+    assert last["eval/two_moons/w_growth@3"] > 0 and last["eval_long_s"] > 0
 
 
 def test_killed_worker_replaced_and_killed_learner_resumes(ray_session, tmp_path):

@@ -7,6 +7,11 @@
     metalearn eval EXPORT --config eval.yaml --set data.pool_size=5000 --set ridge=0.3
     metalearn eval EXPORT --json                           # last line: one JSON object
 
+The JSON object: ``methods`` (per method its final-step summary and its ``curve``, the
+summary at every evaluated horizon with ``lr_steps`` = ``inner_lr`` x step, ``rank90``
+and ``w_growth``), ``inner_lr`` (the rule's), ``dataset``, ``out``, ``seconds``; with
+``--sweep``, ``values`` (per swept value, the same per method) instead of ``methods``.
+
 EXPORT is a folder written by ``metalearn export``. Settings are an ``EvalConfig``
 (``metalearn.evaluation.config``): ``--config`` file first, then ``--set`` overrides,
 then the flags below. See docs/evaluation.md.
@@ -26,7 +31,7 @@ from metalearn.evaluation.baselines import BASELINES, NAMES
 from metalearn.evaluation.config import EvalConfig
 from metalearn.evaluation.data import default_image_size
 from metalearn.evaluation.report import write_eval_report
-from metalearn.evaluation.run import Progress
+from metalearn.evaluation.run import Progress, curves
 from metalearn.evaluation.sweep import DEFAULT_SWEEP_VALUES, SWEEPS, run_sweep
 from metalearn.training.export import PRETRAINED_PREFIX, load_export
 from tasks.sources import check_name
@@ -175,11 +180,31 @@ def run_eval(args) -> int:
     names = ", ".join(sorted(os.path.basename(p) for p in paths.values()))
     print(f"report in {os.path.abspath(out)} ({names}); {total:.0f} s", file=sys.stderr)
     if args.json:
-        payload = {"sweep": sweep, "values": finals} if sweep else {"methods": finals}
-        payload.update({"dataset": dataset, "out": os.path.abspath(out),
+        inner_lr = exported.rule.inner_lr
+        if sweep:
+            for value, methods in finals.items():
+                _add_curves(methods, [r for r in result.rows if r.get("sweep_value") == value],
+                            inner_lr)
+            payload = {"sweep": sweep, "values": finals}
+        else:
+            payload = {"methods": _add_curves(finals, result.rows, inner_lr)}
+        payload.update({"dataset": dataset, "inner_lr": inner_lr, "out": os.path.abspath(out),
                         "seconds": round(total, 1)})
         print(json.dumps(payload))
     return 0
+
+
+def _add_curves(finals: dict, rows: list[dict], inner_lr: float) -> dict:
+    """Give each method of ``finals`` its ``curve``: the summary at every evaluated step
+    with ``lr_steps`` = inner_lr x step, the amount of inner training, so that rules with
+    different inner learning rates compare at equal inner training (baselines' steps are
+    their own optimiser's; their lr_steps uses the rule's inner_lr all the same)."""
+    for method, points in curves(rows).items():
+        if method in finals:
+            finals[method]["curve"] = [{"step": p["step"], "lr_steps": inner_lr * p["step"],
+                                        **{k: v for k, v in p.items() if k != "step"}}
+                                       for p in points]
+    return finals
 
 
 __all__ = ["add_parser", "run_eval", "resolve_config"]

@@ -23,6 +23,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from typing import Sequence
 
 import ray
@@ -33,6 +34,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from metalearn.core.config_io import to_dict
 from metalearn.distributed.actors import LearnerActor, WorkerActor, thread_env
 from metalearn.distributed.evaluator import start_evaluator
+from metalearn.evaluation.config import EvaluationSchedule
 from metalearn.training.config import TrainConfig
 from metalearn.training.loop import (Callback, LearnerLost, RunSummary, TrainingLoop,
                                      Transport, WorkerStartError)
@@ -194,22 +196,32 @@ class RayTransport(Transport):
 class RayContinuousEvaluation(Callback):
     """Drives the evaluator actor from the training loop, never blocking it.
 
-    Every ``evaluator.every`` learner steps it hands the newest theta (the same object
-    ref the workers get) to the actor; a finished evaluation's columns
-    (``eval/<dataset>/meta_loss``, ``.../accuracy``, ``.../logreg_accuracy``, ``eval_s``)
-    are merged into the metrics row of the step it evaluated. A failing evaluator is
+    On the ``EvaluationSchedule`` (short every ``evaluator.every`` learner steps, long
+    horizons every ``evaluator.long_every``) it hands the newest theta (the same object
+    ref the workers get) to the actor, one evaluation at a time; a finished evaluation's
+    columns (``eval/<dataset>/meta_loss``, ``.../accuracy``, ``.../logreg_accuracy``,
+    ``eval_s``; ``.../accuracy@<h>``, ``.../rank90@<h>``, ``.../w_growth@<h>``,
+    ``eval_long_s``) are merged into the metrics row of the step it evaluated. At the end
+    of the run it evaluates the last theta (short and long, what it has not measured)
+    and waits up to ``evaluator.final_timeout_s`` for it, so a run's last row always
+    has a measurement (a sweep's final report carries it). A failing evaluator is
     reported once and switched off: it must never stop meta-training.
     """
 
     def __init__(self, config):
         self.config = config
-        self.every = config.evaluator.every
-        self.actor, self.pending, self.last_step = None, None, 0
+        self.schedule = EvaluationSchedule(config.evaluator)
+        self.actor, self.pending = None, None
 
     def on_start(self, loop) -> None:
-        self.last_step = loop.start_step
+        self.schedule.start(loop.start_step)
         self.actor = start_evaluator(self.config.evaluator, self.config.rule,
                                      self.config.objective, reserve=False)
+
+    def _submit(self, loop, final: bool) -> None:
+        due = self.schedule.due(loop.step, final)
+        if due is not None:
+            self.pending = self.actor.evaluate.remote(loop.step, loop.theta.payload, **due)
 
     def on_tick(self, loop) -> None:
         if self.actor is None:
@@ -219,9 +231,8 @@ class RayContinuousEvaluation(Callback):
             if not done:
                 return
             self._collect(loop)
-        if loop.step - self.last_step >= self.every:
-            self.pending = self.actor.evaluate.remote(loop.step, loop.theta.payload)
-            self.last_step = loop.step
+        if self.actor is not None:
+            self._submit(loop, final=False)
 
     def _collect(self, loop) -> None:
         try:
@@ -237,10 +248,22 @@ class RayContinuousEvaluation(Callback):
     def on_end(self, loop) -> None:
         if self.actor is None:
             return
-        if self.pending is not None:
-            ready, _ = ray.wait([self.pending], timeout=120)
-            if ready:
-                self._collect(loop)
+        deadline = time.monotonic() + self.config.evaluator.final_timeout_s
+        for final in (False, True):  # the evaluation under way, then the last theta's
+            if self.pending is None and final:
+                self._submit(loop, final=True)
+            if self.pending is None:
+                continue
+            ready, _ = ray.wait([self.pending],
+                                timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                print(f"\nthe final evaluation did not finish within "
+                      f"evaluator.final_timeout_s = {self.config.evaluator.final_timeout_s:g} s",
+                      file=sys.stderr)
+                break
+            self._collect(loop)
+            if self.actor is None:
+                break
         if self.actor is not None:
             ray.kill(self.actor, no_restart=True)
 
@@ -312,7 +335,9 @@ def ray_loop(config: TrainConfig, run: RunDir, *, resume: bool = False,
     mix = mix if mix is not None else resolve_mix(config.tasks)
     callbacks = list(callbacks)
     if config.evaluator.enabled:
-        callbacks.append(RayContinuousEvaluation(config))
+        # First: its final evaluation (on_end) is merged before a sweep's reporter makes
+        # the trial's final report from the same row.
+        callbacks.insert(0, RayContinuousEvaluation(config))
     return TrainingLoop(config, run, RayTransport(config, run, mix), resume=resume,
                         num_workers=num_workers, callbacks=callbacks)
 

@@ -5,10 +5,11 @@ the latest theta (the learner's flat numpy vector) every ``ContinuousEvalConfig.
 learner steps and merges the returned row into the run's metrics::
 
     evaluator = EvaluatorActor.remote(to_dict(eval_config), to_dict(rule), to_dict(objective))
-    pending = evaluator.evaluate.remote(step, theta_flat)    # non-blocking
+    pending = evaluator.evaluate.remote(step, theta_flat, short=True, long=False)
     ...
     row = ray.get(pending)   # {"step", "eval/<dataset>/meta_loss", "eval/<dataset>/accuracy",
-                             #  "eval/<dataset>/logreg_accuracy", "eval_s"}
+                             #  "eval/<dataset>/logreg_accuracy", "eval_s"}; with long=True
+                             #  also "eval/<dataset>/{accuracy,rank90,w_growth}@<h>"
 
 Configs cross the actor boundary as plain dicts (validated by ``from_dict``); theta as
 numpy (zero-copy through the object store). JAX is imported inside the actor after it
@@ -38,9 +39,10 @@ class EvaluatorActor:
             self.config, from_dict(RuleConfig, dict(rule), "rule"),
             from_dict(MetaObjectiveConfig, dict(objective or {}), "objective"))
 
-    def evaluate(self, step: int, theta) -> dict:
-        """Metrics row for ``theta`` (flat numpy vector or pytree) at learner ``step``."""
-        return self.evaluator.evaluate(step, theta)
+    def evaluate(self, step: int, theta, short: bool = True, long: bool = False) -> dict:
+        """Metrics row for ``theta`` (flat numpy vector or pytree) at learner ``step``:
+        the short rollout's columns and/or the long-horizon ones."""
+        return self.evaluator.evaluate(step, theta, short=short, long=long)
 
     def every(self) -> int:
         return self.config.every

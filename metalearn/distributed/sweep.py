@@ -80,14 +80,23 @@ class TrialReporter(Callback):
     ``trial.steps`` says ``done``: Tune ends the trial there without asking the
     scheduler, so PBT never pauses or clones a trial that has nothing left to train (a
     clone restored at the last step would end without reporting anything).
+
+    Held-out evaluations finish after the row they measure was handled, so each report
+    carries the newest evaluation columns measured at or before its step
+    (``MetricsLog.latest_evaluation``, with ``eval_step``), and the sweep's ``metric``
+    is always present (NaN until first measured: Tune requires it in every report;
+    ASHA and PBT skip NaN). The ``done`` report waits for ``on_end``, after the
+    evaluation callback (first in the loop's list) has measured the last theta.
     """
 
     def __init__(self, spec: SweepSpec, run: RunDir, trial_id: str, start_step: int,
                  extra: dict):
         self.every, self.last = spec.trial.report_every, spec.trial.steps
+        self.metric = spec.metric
         self.run, self.trial_id, self.extra = run, trial_id, extra
         self.reported = start_step  # the step of the last report (or the restored one)
         self.pending: tuple[int, str] | None = None  # (checkpoint step, its copy)
+        self.final: tuple[dict, str] | None = None  # the done report, sent in on_end
 
     def _stage(self, loop: TrainingLoop) -> tuple[int, str]:
         step = loop.checkpoint()
@@ -97,9 +106,16 @@ class TrialReporter(Callback):
             json.dump({"trial_id": self.trial_id, "step": step}, f)
         return step, staging
 
-    def _report(self, loop: TrainingLoop, row: dict, staging: str) -> None:
+    def _report(self, loop: TrainingLoop, row: dict, staging: str,
+                at_end: bool = False) -> None:
+        if row["step"] >= self.last and not at_end:
+            self.final = (row, staging)  # reported in on_end, with the final evaluation
+            self.reported = row["step"]
+            return
         try:
-            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
+            values = {**loop.metrics.latest_evaluation(row["step"]), **row}
+            metrics = {k: v for k, v in values.items() if isinstance(v, (int, float, str))}
+            metrics.setdefault(self.metric, math.nan)
             metrics.update(self.extra, worker_failures=loop.worker_failures,
                            learner_restarts=loop.learner_restarts)
             if row["step"] >= self.last:
@@ -108,6 +124,12 @@ class TrialReporter(Callback):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         self.reported = row["step"]
+
+    def on_end(self, loop: TrainingLoop) -> None:
+        if self.final is not None:
+            row, staging = self.final
+            self.final = None
+            self._report(loop, row, staging, at_end=True)
 
     def on_row(self, loop: TrainingLoop, row: dict) -> None:
         if row["step"] <= self.reported:
@@ -130,9 +152,10 @@ class TrialReporter(Callback):
             self.pending = (step, staging)
 
     def discard(self) -> None:
-        if self.pending is not None:
-            shutil.rmtree(self.pending[1], ignore_errors=True)
-            self.pending = None
+        for held in (self.pending, self.final):
+            if held is not None:
+                shutil.rmtree(held[1], ignore_errors=True)
+        self.pending = self.final = None
 
 
 def run_trial(params: dict, spec: SweepSpec) -> None:
@@ -258,6 +281,10 @@ def read_reports(path: str) -> list[dict]:
     return rows
 
 
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
 def collect(results, spec: SweepSpec, reports: list[dict] = ()):
     """(summary rows, history rows) of a ResultGrid and its ``reports.jsonl`` rows."""
     by_trial: dict = {}
@@ -273,19 +300,28 @@ def collect(results, spec: SweepSpec, reports: list[dict] = ()):
         # (Tune hands a restored trial the metrics of the checkpoint it starts from).
         trial_id = rows[-1].get("trial_id") if rows else os.path.basename(str(result.path))
         for row in rows:
-            history.append({
+            eval_step = _number(row.get("eval_step"))
+            entry = {
                 "trial_id": trial_id, "step": int(row.get("step", -1)),
                 "training_iteration": int(row.get("training_iteration", 0)),
                 "meta_loss": float(row.get("meta_loss", math.nan)),
                 "meta_loss_rolling": float(row.get("meta_loss_rolling", math.nan)),
                 "lr": float(row.get("lr", math.nan)),
                 "unroll_max": int(row.get("unroll_max", -1)),
+                # the step of the newest held-out evaluation the report carries
+                "eval_step": int(eval_step) if math.isfinite(eval_step) else -1,
                 "restored_from": str(row.get("restored_from", "") or ""),
                 "restored_step": int(row.get("restored_step", -1)),
                 "config": json.dumps({k[len("config/"):]: row[k] for k in row
                                       if k.startswith("config/")}, default=str),
-            })
-        losses = [r.get(spec.metric) for r in rows if r.get(spec.metric) is not None]
+            }
+            # the sweep's metric as reported (NaN: not measured yet)
+            entry.setdefault(spec.metric, _number(row.get(spec.metric)))
+            history.append(entry)
+        # NaN: not measured yet (a held-out metric before the first evaluation)
+        losses = [r.get(spec.metric) for r in rows
+                  if isinstance(r.get(spec.metric), (int, float))
+                  and math.isfinite(r[spec.metric])]
         best = (min if spec.mode == "min" else max)(losses) if losses else math.nan
         last = rows[-1] if rows else {}
         final_step = int(last.get("step", -1)) if rows else -1
@@ -294,7 +330,7 @@ def collect(results, spec: SweepSpec, reports: list[dict] = ()):
         entry = {"trial_id": trial_id, "status": status,
                  "reports": len(rows),
                  "final_step": final_step,
-                 f"final_{spec.metric}": float(last.get(spec.metric, math.nan)),
+                 f"final_{spec.metric}": _number(last.get(spec.metric)),
                  f"best_{spec.metric}": float(best),
                  "exploits": len({r.get("restored_step") for r in rows
                                   if r.get("restored_from") not in (None, "", trial_id)}),
@@ -325,7 +361,11 @@ def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
     matplotlib.use("Agg")  # chosen at the first plot, not at import (see evaluation.report)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    # A metric other than the meta-loss (a held-out accuracy) gets a panel of its own.
+    extra = spec.metric not in ("meta_loss", "meta_loss_rolling")
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(15 if extra else 8, 5),
+                             squeeze=False)
+    ax = axes[0, 0]
     trials = list(dict.fromkeys(r["trial_id"] for r in history))
     for index, trial in enumerate(trials):
         rows = [r for r in history if r["trial_id"] == trial]
@@ -345,6 +385,19 @@ def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
     ax.grid(alpha=0.3)
     if trials:
         ax.legend(fontsize=7, ncol=2)
+    if extra:
+        ax = axes[0, 1]
+        for index, trial in enumerate(trials):
+            pts = [(r["step"], r[spec.metric]) for r in history if r["trial_id"] == trial
+                   and isinstance(r.get(spec.metric), (int, float))
+                   and math.isfinite(r[spec.metric])]
+            if pts:
+                ax.plot(*zip(*pts), "-o", color=plt.cm.tab10(index % 10), markersize=3,
+                        label=trial)
+        ax.set_xlabel("learner step")
+        ax.set_ylabel(spec.metric)
+        ax.set_title(f"the sweep's metric ({spec.mode})")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from metalearn.core.config_io import ConfigError, apply_values, from_dict, read_yaml, to_dict
 from metalearn.training.config import TrainConfig, config_from_dict, read_config_values
+from metalearn.training.metrics import LEARNER_COLUMNS
 from metalearn.training.task_mix import resolve_mix
 from tasks.sampler import MixConfig
 
@@ -254,12 +255,48 @@ def load_spec(path: str) -> SweepSpec:
     for entry in spec.search:  # every searched value must make a valid config
         candidates = entry.domain.candidates() if entry.domain else (entry.value,)
         configs += [trial_config(spec, {entry.key: candidate}) for candidate in candidates]
+    for config in configs:  # every trial must report the metric Tune ranks them by
+        try:
+            check_metric(spec.metric, config)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
     mixes = {}
     for config in configs:
         key = mix_key(config)
         if key not in mixes:
             mixes[key] = to_dict(resolve_mix(config.tasks))
     return dataclasses.replace(spec, mixes=mixes)
+
+
+# What a trial's reports hold besides its metrics row (sweep.TrialReporter, and Tune's
+# own counters); a held-out evaluation's columns also carry ``eval_step``.
+REPORT_COLUMNS = ("trial_id", "restored_from", "restored_step", "worker_failures",
+                  "learner_restarts", "eval_step", "training_iteration", "time_total_s",
+                  "time_this_iter_s")
+
+
+def reported_columns(config: TrainConfig) -> list[str]:
+    """The columns every report of a trial with ``config`` carries (``loss/<dataset>``
+    aside): the learner's row, the reporter's extras and the evaluator's columns."""
+    return [*LEARNER_COLUMNS, *REPORT_COLUMNS, *config.evaluator.columns()]
+
+
+def check_metric(metric: str, config: TrainConfig) -> None:
+    """Raise a ConfigError naming ``metric`` unless trials of ``config`` report it (Tune
+    fails a trial whose reports lack the metric; a typo would waste a whole sweep)."""
+    if metric.startswith("loss/") or metric in reported_columns(config):
+        return
+    ev = config.evaluator
+    if metric.startswith("eval"):
+        if not ev.enabled:
+            hint = "the trials run no evaluator: set evaluator.enabled: true"
+        else:
+            hint = (f"the evaluator writes {', '.join(ev.columns())} (datasets "
+                    f"{list(ev.datasets)}, long_datasets {list(ev.long_names())}, "
+                    f"horizons {list(ev.horizons)}, long_every {ev.long_every})")
+    else:
+        hint = f"training rows have {', '.join(LEARNER_COLUMNS)} and loss/<dataset>"
+    raise ConfigError(f"metric: {metric!r} is not a column the trials report; {hint}")
 
 
 def mix_key(config: TrainConfig) -> str:
@@ -301,6 +338,6 @@ def trial_config(spec: SweepSpec, params: dict) -> TrainConfig:
     return config_from_dict(trial_values(spec, params))
 
 
-__all__ = ["AshaScheduler", "Domain", "FifoScheduler", "PbtScheduler", "SchedulerConfig",
+__all__ = ["REPORT_COLUMNS", "check_metric", "reported_columns", "AshaScheduler", "Domain", "FifoScheduler", "PbtScheduler", "SchedulerConfig",
            "SearchEntry", "SweepSpec", "TrialSettings", "load_spec", "mix_key",
            "trial_config", "trial_mix", "trial_values"]

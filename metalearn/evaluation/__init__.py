@@ -4,7 +4,9 @@ Floor above ``metalearn.core`` and ``tasks``; imports nothing else of metalearn.
 
     config       DataConfig, EvalConfig, ContinuousEvalConfig (typed, frozen)
     data         EvalData, load_data, Task, make_task
-    readout      ridge / logistic readouts of features: evaluate_features
+    readout      ridge / logistic readouts of features: evaluate_features; the standard
+                 horizons (eval_points_for)
+    diagnostics  collapse diagnostics: components_for_variance (rank90), weight_growth
     rollout      the base model, and the rule training it: rollout, learned_rule_curve
     run          run_evaluation -> EvalResult; summarise, final_accuracies, Progress
     sweep        what ``metalearn eval`` runs: run_sweep (one config or a sweep)
@@ -29,6 +31,8 @@ _EXPORTS = {
     "load_data": "data",
     "make_task": "data",
     "evaluate_features": "readout",
+    "components_for_variance": "diagnostics",
+    "weight_growth": "diagnostics",
     "architecture": "rollout",
     "learned_rule_curve": "rollout",
     "run_evaluation": "run",

@@ -1,4 +1,5 @@
-"""Typed configs of an evaluation: ``DataConfig``, ``EvalConfig``, ``ContinuousEvalConfig``.
+"""Typed configs of an evaluation: ``DataConfig``, ``EvalConfig``, ``ContinuousEvalConfig``
+(and ``EvaluationSchedule``, when its evaluations are due during meta-training).
 
 Frozen dataclasses like every config of the project: built from YAML, dicts and
 ``--set key=value`` overrides by ``metalearn.core.config_io`` (``from_dict`` names the
@@ -95,9 +96,16 @@ class EvalConfig:
 class ContinuousEvalConfig:
     """Small-budget evaluation of the latest theta during meta-training.
 
-    every: learner steps between evaluations.
+    every: learner steps between (short) evaluations.
     datasets: held-out sources (each evaluated at ``image_size``, native if 0).
-    steps: inner steps per rollout; seeds: rollouts per dataset.
+    steps: inner steps per short rollout; seeds: rollouts per dataset.
+    horizons: inner-step counts at which a long rollout is measured (accuracy, rank90,
+      w_growth at each; the rollout runs to the largest).
+    long_every: learner steps between long-horizon rollouts; 0 disables them.
+    long_datasets: datasets that get long rollouts (each must be in ``datasets``);
+      empty: the first of ``datasets`` that is available on the machine.
+    final_timeout_s: how long the end of a run waits for its final evaluation of the
+      last theta (the Ray runner's evaluator actor; the local runner runs it inline).
     """
 
     enabled: bool = True
@@ -113,9 +121,15 @@ class ContinuousEvalConfig:
     test_size: int = 500
     shots: int = 10
     data_dir: str | None = None
+    horizons: tuple[int, ...] = (100, 300, 1000)
+    long_every: int = 200
+    long_datasets: tuple[str, ...] = ()
+    final_timeout_s: float = 1800.0
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(self.datasets))
+        object.__setattr__(self, "horizons", tuple(sorted(set(self.horizons))))
+        object.__setattr__(self, "long_datasets", tuple(self.long_datasets))
         if self.every < 1:
             raise ConfigError(f"evaluator.every must be positive, got {self.every}")
         if not self.datasets:
@@ -124,7 +138,77 @@ class ContinuousEvalConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"evaluator.{name} must be positive, got "
                                   f"{getattr(self, name)}")
+        if self.long_every < 0:
+            raise ConfigError(f"evaluator.long_every must be >= 0 (0: no long rollouts), "
+                              f"got {self.long_every}")
+        if self.long_every and not self.horizons:
+            raise ConfigError("evaluator.horizons must name at least one inner-step count "
+                              "when evaluator.long_every > 0")
+        if any(h < 1 for h in self.horizons):
+            raise ConfigError(f"evaluator.horizons must be positive, got "
+                              f"{list(self.horizons)}")
+        missing = [d for d in self.long_datasets if d not in self.datasets]
+        if missing:
+            raise ConfigError(f"evaluator.long_datasets: {', '.join(missing)} not in "
+                              f"evaluator.datasets {list(self.datasets)}")
+        if not self.final_timeout_s >= 0:
+            raise ConfigError(f"evaluator.final_timeout_s must be >= 0, got "
+                              f"{self.final_timeout_s}")
         check_architecture(self.width, self.depth, self.activation)
 
+    def long_names(self) -> tuple[str, ...]:
+        """The datasets meant for long rollouts (``long_datasets``, else the first of
+        ``datasets``; at run time a missing first dataset gives way to the next)."""
+        if not self.long_every:
+            return ()
+        return self.long_datasets or self.datasets[:1]
 
-__all__ = ["DataConfig", "EvalConfig", "ContinuousEvalConfig", "check_architecture"]
+    def columns(self) -> list[str]:
+        """The metrics columns this evaluator writes when every dataset is available
+        (``eval/<dataset>/...``): what a sweep's metric may name."""
+        if not self.enabled:
+            return []
+        cols = [f"eval/{d}/{m}" for d in self.datasets
+                for m in ("meta_loss", "accuracy", "logreg_accuracy")]
+        cols += [f"eval/{d}/{m}@{h}" for d in self.long_names()
+                 for h in self.horizons for m in LONG_METRICS]
+        return cols + ["eval_s"] + (["eval_long_s"] if self.long_every else [])
+
+
+# The columns of a long rollout, per dataset and horizon h: ``<metric>@<h>``.
+LONG_METRICS = ("accuracy", "rank90", "w_growth")
+
+
+class EvaluationSchedule:
+    """When the continuous evaluation is due: a short rollout every ``evaluator.every``
+    learner steps, a long one every ``evaluator.long_every`` (0: never), and both once
+    more at the end of a run for a theta not yet measured. Shared by the local runner
+    and the Ray runner's evaluator callback."""
+
+    def __init__(self, config: ContinuousEvalConfig):
+        self.every, self.long_every = config.every, config.long_every
+        self.last_short = self.last_long = 0
+
+    def start(self, step: int) -> None:
+        self.last_short = self.last_long = step
+
+    def due(self, step: int, final: bool = False) -> dict | None:
+        """``{"short": bool, "long": bool}`` for ``evaluate`` (marked as done), or None.
+        ``final``: whatever has not measured ``step`` yet."""
+        if final:
+            short = step > self.last_short
+            long = bool(self.long_every) and step > self.last_long
+        else:
+            short = step - self.last_short >= self.every
+            long = bool(self.long_every) and step - self.last_long >= self.long_every
+        if not (short or long):
+            return None
+        if short:
+            self.last_short = step
+        if long:
+            self.last_long = step
+        return {"short": short, "long": long}
+
+
+__all__ = ["EvaluationSchedule", "DataConfig", "EvalConfig", "ContinuousEvalConfig", "LONG_METRICS",
+           "check_architecture"]

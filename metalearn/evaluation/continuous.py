@@ -1,6 +1,14 @@
 """Continuous evaluation during meta-training: ``ContinuousEvaluator``, the small-budget
-version of ``metalearn eval`` that the driver's evaluator actor runs on the latest theta
-(``metalearn.distributed.evaluator``)."""
+version of ``metalearn eval`` that the driver's evaluator actor
+(``metalearn.distributed.evaluator``) or the local runner runs on the latest theta.
+
+Two kinds of rollout: a short one every ``evaluator.every`` learner steps (the
+meta-objective and the final accuracy after ``evaluator.steps`` inner steps), and a long
+one every ``evaluator.long_every`` steps, measured at the fixed ``evaluator.horizons``
+(accuracy, ``rank90``, ``w_growth``): rules that look good for tens of inner steps can
+collapse at a thousand, and only a held-out measure at a fixed horizon compares thetas
+of different runs (the training meta-loss depends on the unroll lengths and tasks drawn).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from metalearn.core.meta_objective import make_pair, meta_objective
 from metalearn.core.theta import theta_spec
 from metalearn.evaluation.config import ContinuousEvalConfig, DataConfig
 from metalearn.evaluation.data import load_data, make_task
+from metalearn.evaluation.diagnostics import weight_growth
 from metalearn.evaluation.readout import evaluate_features
 from metalearn.evaluation.rollout import (CONTINUOUS_STREAM, architecture, base_features,
                                           rollout)
@@ -31,8 +40,12 @@ class ContinuousEvaluator:
     ``{"step": step, "eval/<dataset>/meta_loss": ..., "eval/<dataset>/accuracy": ...,
     "eval/<dataset>/logreg_accuracy": ..., "eval_s": ...}``: the meta-objective
     (mean over the rollout's inner steps, fixed labelled draws) and the final 10-shot
-    ridge / logistic accuracy, each averaged over ``seeds``. Data, tasks and labelled
-    draws are fixed at construction, so successive thetas are compared on the same tasks.
+    ridge / logistic accuracy, each averaged over ``seeds``. With ``long=True`` it adds,
+    for each long dataset and horizon h, ``eval/<dataset>/accuracy@<h>`` (ridge),
+    ``eval/<dataset>/rank90@<h>`` and ``eval/<dataset>/w_growth@<h>`` (means over seeds
+    of finite values) and ``eval_long_s``; ``short=False`` leaves the short columns out.
+    Data, tasks and labelled draws are fixed at construction, so successive thetas are
+    compared on the same tasks.
     """
 
     def __init__(self, config: ContinuousEvalConfig, rule: RuleConfig,
@@ -58,6 +71,10 @@ class ContinuousEvaluator:
         if not self._datasets:
             raise ConfigError(f"evaluator.datasets: none of {list(config.datasets)} is "
                               f"available here ({'; '.join(self.skipped.values())})")
+        available = [d[0] for d in self._datasets]
+        # Empty long_datasets: the first dataset that loaded (a missing one gives way).
+        wanted = (config.long_datasets or available[:1]) if config.long_every else ()
+        self.long_datasets = tuple(d for d in self._datasets if d[0] in wanted)
         self._loss = jax.jit(meta_objective, static_argnums=(2, 3, 4))
 
     def _labelled_pair(self, task):
@@ -84,10 +101,22 @@ class ContinuousEvaluator:
             return spec.unravel(flat)
         return theta
 
-    def evaluate(self, step: int, theta) -> dict:
+    def evaluate(self, step: int, theta, *, short: bool = True, long: bool = False) -> dict:
+        """The metrics columns of ``theta`` at learner ``step`` (see the class)."""
         started = time.monotonic()
         theta = jax.tree.map(jnp.asarray, self._unravel(theta))
         row: dict = {"step": int(step)}
+        if short:
+            row.update(self._short(theta))
+            row["eval_s"] = time.monotonic() - started
+        if long and self.long_datasets:
+            started = time.monotonic()
+            row.update(self._long(theta))
+            row["eval_long_s"] = time.monotonic() - started
+        return row
+
+    def _short(self, theta) -> dict:
+        row = {}
         for name, arch, tasks, pairs in self._datasets:
             losses, accs, logregs = [], [], []
             for task, pair in zip(tasks, pairs):
@@ -107,7 +136,35 @@ class ContinuousEvaluator:
             row[f"eval/{name}/meta_loss"] = float(np.mean(losses))
             row[f"eval/{name}/accuracy"] = float(np.mean(accs))
             row[f"eval/{name}/logreg_accuracy"] = float(np.mean(logregs))
-        row["eval_s"] = time.monotonic() - started
+        return row
+
+    def _long(self, theta) -> dict:
+        """One rollout per seed to the largest horizon, measured at every horizon."""
+        horizons = set(self.config.horizons)
+        row = {}
+        for name, arch, tasks, _ in self.long_datasets:
+            values: dict[str, list[float]] = {}
+            for task in tasks:
+                # The same seed and stream as the short rollout: its first steps are the
+                # short rollout's, so the two kinds of column describe one trajectory.
+                for k, params in rollout(theta, self.rule, arch, task.x_pool, seed=task.seed,
+                                         steps=max(horizons),
+                                         batch_size=self.config.batch_size,
+                                         stream=CONTINUOUS_STREAM):
+                    if k == 0:
+                        params_init = params
+                    if k not in horizons:
+                        continue
+                    acc = evaluate_features(base_features(params, arch,
+                                                          self.rule.base_bn_eps), task)
+                    for metric, value in (("accuracy", acc["ridge_accuracy"]),
+                                          ("rank90", acc["rank90"]),
+                                          ("w_growth", weight_growth(params_init, params))):
+                        values.setdefault(f"eval/{name}/{metric}@{k}", []).append(value)
+            for column, vals in values.items():
+                arr = np.asarray(vals, np.float64)
+                finite = arr[np.isfinite(arr)]  # a diverged seed: NaN, skipped
+                row[column] = float(finite.mean()) if finite.size else float("nan")
         return row
 
 

@@ -3,7 +3,9 @@
 Files written by ``write_report`` into the output folder:
 
 * ``results.parquet``: one row per (method, seed, evaluation step) with both readouts;
-* ``summary.parquet``, ``results.md``: mean and standard error over seeds;
+* ``summary.parquet``, ``results.md``: mean and standard error over seeds, and the mean
+  collapse diagnostics ``rank90`` / ``w_growth``; ``results.md`` has the final step per
+  method and a method x step table at every evaluated horizon;
 * ``accuracy_vs_steps.png``: 10-shot accuracy of every method along its training;
 * ``receptive_fields.png``: first-layer weights of the learned-rule base model (seed 0)
   before and after inner training, one tile per unit;
@@ -57,12 +59,46 @@ def _fmt(mean: float, se: float) -> str:
     return "n/a" if not math.isfinite(mean) else f"{mean:.3f} ± {se:.3f}"
 
 
+def _diag(value, fmt: str) -> str:
+    return "" if value is None else "n/a" if not math.isfinite(value) else format(value, fmt)
+
+
+def horizon_table(rows: Sequence[dict]) -> list[str]:
+    """Markdown lines of a method x step table: each cell the ridge accuracy ± se, then
+    ``rank90`` (r) and ``w_growth`` (W x) where the method has them."""
+    steps = sorted({r["step"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in sorted(
+        rows, key=lambda r: (r["method"] != LEARNED, r["method"]))))
+    cells = {(r["method"], r["step"]): r for r in rows}
+    lines = ["| method | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|" + "---:|" * len(steps)]
+    for method in methods:
+        out = []
+        for step in steps:
+            r = cells.get((method, step))
+            if r is None:
+                out.append("")
+                continue
+            text = _fmt(r["accuracy"], r["accuracy_se"])
+            if r.get("rank90") is not None:
+                text += f", r {_diag(r['rank90'], '.1f')}"
+            if r.get("w_growth") is not None:
+                text += f", W x{_diag(r['w_growth'], '.2f')}"
+            out.append(text)
+        lines.append(f"| {method} | " + " | ".join(out) + " |")
+    return lines
+
+
 def markdown_table(summary: Sequence[dict], title: str, info: dict) -> str:
-    """Final accuracies per method, then every evaluation point."""
+    """Final accuracies per method, the per-horizon table (accuracy and collapse
+    diagnostics at every evaluated step), then every evaluation point in long form."""
     lines = [f"# {title}", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     lines += ["", "Accuracy: mean ± standard error over seeds, 10-shot linear readouts on "
-              "the test set.", ""]
+              "the test set. r: principal components explaining 90% of the variance of "
+              "the test set's top-layer representation (rank90; 1-2 = collapsed); W x: "
+              "growth of the first layer's weight norm since step 0 (w_growth), both "
+              "averaged over seeds.", ""]
     sweeps = sorted({(r.get("sweep"), str(r.get("sweep_value"))) for r in summary},
                     key=lambda t: (str(t[0]), _sort_key(t[1])))
     for sweep, value in sweeps:
@@ -80,12 +116,17 @@ def markdown_table(summary: Sequence[dict], title: str, info: dict) -> str:
             lines.append(f"| {method} | {r['step']} | {_fmt(r['accuracy'], r['accuracy_se'])} "
                          f"| {_fmt(r['logreg_accuracy'], r['logreg_accuracy_se'])} "
                          f"| {r['seeds']} |")
+        lines += ["", "Per horizon (ridge accuracy, rank90, weight growth):", ""]
+        lines += horizon_table(rows)
         lines += ["", "<details><summary>every evaluation point</summary>", "",
-                  "| method | step | ridge accuracy | logistic accuracy |", "|---|---:|---:|---:|"]
+                  "| method | step | ridge accuracy | logistic accuracy | rank90 | w_growth |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for r in sorted(rows, key=lambda r: (r["method"], r["step"])):
             lines.append(f"| {r['method']} | {r['step']} | "
                          f"{_fmt(r['accuracy'], r['accuracy_se'])} | "
-                         f"{_fmt(r['logreg_accuracy'], r['logreg_accuracy_se'])} |")
+                         f"{_fmt(r['logreg_accuracy'], r['logreg_accuracy_se'])} | "
+                         f"{_diag(r.get('rank90'), '.1f')} | "
+                         f"{_diag(r.get('w_growth'), '.2f')} |")
         lines += ["", "</details>", ""]
     return "\n".join(lines)
 
@@ -314,7 +355,8 @@ def plot_meta_training(path: str, out: str | None = None) -> str:
     """Meta-training curves from a run's metrics table (``path``, a parquet file): the
     rolling meta-loss and the per-dataset meta-train losses (``loss/<dataset>``) against
     learner steps, with the held-out evaluator's ``eval/<dataset>/meta_loss`` beside them
-    and its accuracies (``eval/<dataset>/accuracy``) in a second panel when present.
+    and its accuracies (``eval/<dataset>/accuracy``, and the long-horizon
+    ``eval/<dataset>/accuracy@<h>`` dashed) in a second panel when present.
     ``out`` defaults to ``meta_training.png`` beside the table; the title is the name of
     the table's folder (the run)."""
     run_dir = os.path.dirname(path)
@@ -328,6 +370,8 @@ def plot_meta_training(path: str, out: str | None = None) -> str:
     train_cols = [c for c in columns if c.startswith("loss/")]
     eval_loss = [c for c in columns if c.startswith("eval/") and c.endswith("/meta_loss")]
     eval_acc = [c for c in columns if c.startswith("eval/") and c.endswith("/accuracy")]
+    # Long-horizon accuracies (``eval/<dataset>/accuracy@<h>``), only in some rows.
+    long_acc = [c for c in columns if c.startswith("eval/") and "/accuracy@" in c]
 
     def series(col):
         pts = [(r["step"], r[col]) for r in rows
@@ -336,7 +380,7 @@ def plot_meta_training(path: str, out: str | None = None) -> str:
         return np.array(pts, float).reshape(-1, 2)
 
     plt = _plt()
-    panels = 2 if eval_acc else 1
+    panels = 2 if eval_acc or long_acc else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
     ax = axes[0, 0]
     cmap = plt.get_cmap("tab10")
@@ -355,12 +399,17 @@ def plot_meta_training(path: str, out: str | None = None) -> str:
     ax.set_title("meta-training curves per dataset")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    if eval_acc:
+    if eval_acc or long_acc:
         ax = axes[0, 1]
         for i, col in enumerate(eval_acc):
             s = series(col)
             ax.plot(s[:, 0], s[:, 1], "o-", ms=3, color=cmap((len(train_cols) + i) % 10),
                     label=col[5:-9])
+        for i, col in enumerate(long_acc):
+            s = series(col)
+            ax.plot(s[:, 0], s[:, 1], "s--", ms=3,
+                    color=cmap((len(train_cols) + len(eval_acc) + i) % 10),
+                    label=col[5:].replace("/accuracy@", " @") + " inner steps")
         ax.set_xlabel("learner step")
         ax.set_ylabel("10-shot accuracy (held out)")
         ax.set_title("held-out evaluation")
@@ -376,4 +425,5 @@ def plot_meta_training(path: str, out: str | None = None) -> str:
 
 __all__ = ["write_report", "write_eval_report", "plot_meta_training", "plot_accuracy",
            "plot_receptive_fields", "plot_representation_pca", "plot_sweep", "markdown_table",
+           "horizon_table",
            "COLOURS", "LABELS"]

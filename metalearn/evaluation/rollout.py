@@ -22,6 +22,7 @@ from metalearn.core.config_io import ConfigError
 from metalearn.core.update_rule import inner_step
 from metalearn.evaluation.config import check_architecture
 from metalearn.evaluation.data import Task
+from metalearn.evaluation.diagnostics import weight_growth
 from metalearn.evaluation.readout import FeatureFn, evaluate_features
 
 # numpy random streams [task seed, stream] of the pool batches; each caller keeps its own
@@ -78,7 +79,9 @@ def learned_rule_curve(theta, rule: RuleConfig, arch: Architecture, task: Task,
                        keep_params: bool = False) -> tuple[list[dict], dict]:
     """Train a fresh base model with the rule; readout accuracies at ``eval_points``.
 
-    Returns (rows with ``step``, ``ridge_accuracy``, ``logreg_accuracy``;
+    Returns (rows with ``step``, ``ridge_accuracy``, ``logreg_accuracy`` and the collapse
+    diagnostics ``rank90`` (components for 90% of the variance of the test set's
+    top-layer features) and ``w_growth`` (||W^1|| / ||W^1 at step 0||);
     extras: ``params_init`` / ``params_final`` when ``keep_params``).
     """
     check_rule_fits(rule, arch)
@@ -86,17 +89,20 @@ def learned_rule_curve(theta, rule: RuleConfig, arch: Architecture, task: Task,
     wanted = set(points)
     rows: list[dict] = []
     extras: dict = {}
-    params = None
+    params = params_init = None
     for step, params in rollout(theta, rule, arch, task.x_pool, seed=task.seed,
                                 steps=points[-1] if points else 0, batch_size=batch_size,
                                 stream=CURVE_STREAM):
-        if step == 0 and keep_params:
-            extras["params_init"] = jax.tree.map(np.asarray, params)
+        if step == 0:
+            params_init = params
+            if keep_params:
+                extras["params_init"] = jax.tree.map(np.asarray, params)
         if step > 0 and on_step is not None:
             on_step(step)
         if step in wanted:
             acc = evaluate_features(base_features(params, arch, rule.base_bn_eps), task, ridge)
-            rows.append({"step": step, **acc})
+            rows.append({"step": step, **acc,
+                         "w_growth": weight_growth(params_init, params)})
     if keep_params:
         extras["params_final"] = jax.tree.map(np.asarray, params)
     return rows, extras

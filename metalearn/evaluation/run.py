@@ -7,12 +7,14 @@ The protocol, per seed:
    (``metalearn.evaluation.data``);
 2. a fresh base model (input -> width x depth -> 32) is initialised and the learned rule
    trains it on unlabelled batches drawn from the pool (``metalearn.evaluation.rollout``);
-3. at evaluation points along inner training, ``shots`` labelled examples per class are
+3. at the standard horizons along inner training (``eval_points_for``: 0, 10, 30, 100,
+   300, 1000, ... inner steps up to ``steps``, and ``steps``), ``shots`` labelled examples per class are
    drawn from the pool (the same draw for every method of that seed) and two linear
    readouts are fitted on the model's 32-d top-layer features
    (``metalearn.evaluation.readout``);
 4. accuracy on the test set is averaged over seeds (mean and standard error:
-   ``summarise``).
+   ``summarise``), with the collapse diagnostics ``rank90`` and ``w_growth``
+   (``metalearn.evaluation.diagnostics``) averaged beside it.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class Progress:
 class EvalResult:
     """Per-seed rows and what the report draws from."""
 
-    rows: list[dict]  # method, seed, step, ridge_accuracy, logreg_accuracy (+ extras)
+    rows: list[dict]  # method, seed, step, ridge_accuracy, logreg_accuracy, rank90,
+    #                   w_growth (learned rule only) (+ extras)
     config: EvalConfig
     data: EvalData
     seconds: dict  # method -> wall seconds
@@ -111,24 +114,39 @@ def run_evaluation(config: EvalConfig, theta, rule: RuleConfig, *,
     return result
 
 
+# Collapse diagnostics averaged per (method, step) where the rows have them: the learned
+# rule has both, the baselines ``rank90`` only (metalearn.evaluation.diagnostics).
+DIAGNOSTICS = ("rank90", "w_growth")
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    arr = np.asarray(values, np.float64)
+    finite = arr[np.isfinite(arr)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def summarise(rows: Sequence[dict], metric: str = "ridge_accuracy") -> list[dict]:
-    """Mean and standard error over seeds per (method, step) (+ sweep columns)."""
+    """Mean and standard error over seeds per (method, step) (+ sweep columns), and the
+    mean ``rank90`` / ``w_growth`` (over finite values) of the groups whose rows have them."""
     keys = ("sweep", "sweep_value", "method", "step")
-    groups: dict[tuple, list[float]] = {}
-    logreg: dict[tuple, list[float]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        key = tuple(row.get(k) for k in keys)
-        groups.setdefault(key, []).append(row[metric])
-        logreg.setdefault(key, []).append(row["logreg_accuracy"])
+        groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
     out = []
-    for key, values in groups.items():
+    for key, members in groups.items():
         entry = dict(zip(keys, key))
-        for name, vals in (("accuracy", values), ("logreg_accuracy", logreg[key])):
+        values = [r[metric] for r in members]
+        for name, vals in (("accuracy", values),
+                           ("logreg_accuracy", [r["logreg_accuracy"] for r in members])):
             arr = np.asarray(vals, np.float64)
             finite = arr[np.isfinite(arr)]
             entry[name] = float(finite.mean()) if finite.size else float("nan")
             entry[f"{name}_se"] = (float(finite.std(ddof=1) / math.sqrt(finite.size))
                                    if finite.size > 1 else 0.0)
+        for name in DIAGNOSTICS:
+            present = [r[name] for r in members if r.get(name) is not None]
+            if present:
+                entry[name] = _finite_mean(present)
         entry["seeds"] = len(values)
         entry["diverged"] = int(np.sum(~np.isfinite(np.asarray(values, np.float64))))
         out.append({k: v for k, v in entry.items() if v is not None or k in ("step",)})
@@ -145,8 +163,23 @@ def final_accuracies(rows: Sequence[dict]) -> dict:
     return {m: {"accuracy": e["accuracy"], "accuracy_se": e["accuracy_se"],
                 "logreg_accuracy": e["logreg_accuracy"],
                 "logreg_accuracy_se": e["logreg_accuracy_se"], "step": e["step"],
-                "seeds": e["seeds"]} for m, e in final.items()}
+                "seeds": e["seeds"], **{d: e[d] for d in DIAGNOSTICS if d in e}}
+            for m, e in final.items()}
 
 
-__all__ = ["LEARNED", "Progress", "EvalResult", "run_evaluation", "summarise",
-           "final_accuracies"]
+def curves(rows: Sequence[dict]) -> dict:
+    """Per method, its summary at every evaluated step, in step order:
+    ``{method: [{step, accuracy, accuracy_se, logreg_accuracy, rank90, w_growth}]}``
+    (a diagnostic the method's rows lack is None)."""
+    out: dict[str, list[dict]] = {}
+    for entry in sorted(summarise(rows), key=lambda e: (e["method"], e["step"])):
+        out.setdefault(entry["method"], []).append(
+            {"step": entry["step"], "accuracy": entry["accuracy"],
+             "accuracy_se": entry["accuracy_se"],
+             "logreg_accuracy": entry["logreg_accuracy"],
+             **{d: entry.get(d) for d in DIAGNOSTICS}})
+    return out
+
+
+__all__ = ["LEARNED", "DIAGNOSTICS", "Progress", "EvalResult", "run_evaluation",
+           "summarise", "final_accuracies", "curves"]

@@ -18,6 +18,7 @@ import sys
 import traceback
 from typing import Sequence
 
+from metalearn.evaluation.config import EvaluationSchedule
 from metalearn.evaluation.continuous import ContinuousEvaluator
 from metalearn.training.config import TrainConfig
 from metalearn.training.learner_host import LearnerHost
@@ -121,16 +122,18 @@ class InProcessTransport(Transport):
 
 
 class InlineContinuousEvaluation(Callback):
-    """Held-out evaluation of the newest theta every ``evaluator.every`` learner steps,
-    in this process (the Ray runner uses an evaluator actor instead); the columns are
-    merged into the evaluated step's metrics row. A failing evaluator is reported once
-    and switched off: it must never stop meta-training."""
+    """Held-out evaluation of the newest theta in this process (the Ray runner uses an
+    evaluator actor instead), on ``EvaluationSchedule``: short every ``evaluator.every``
+    learner steps, long-horizon every ``evaluator.long_every``, and a final one of the
+    last theta in ``on_end``; the columns are merged into the evaluated step's metrics
+    row. A failing evaluator is reported once and switched off: it must never stop
+    meta-training."""
 
     def __init__(self, config: TrainConfig):
         self.config = config.evaluator
         self.rule, self.objective = config.rule, config.objective
         self.evaluator: ContinuousEvaluator | None = None
-        self.last_step = 0
+        self.schedule = EvaluationSchedule(self.config)
 
     def _off(self, err: Exception) -> None:
         message = str(err).strip().splitlines()[-1][:300] if str(err).strip() else repr(err)
@@ -139,20 +142,28 @@ class InlineContinuousEvaluation(Callback):
         self.evaluator = None
 
     def on_start(self, loop: TrainingLoop) -> None:
-        self.last_step = loop.start_step
+        self.schedule.start(loop.start_step)
         try:
             self.evaluator = ContinuousEvaluator(self.config, self.rule, self.objective)
         except Exception as err:  # noqa: BLE001 - evaluation is optional
             self._off(err)
 
-    def on_tick(self, loop: TrainingLoop) -> None:
-        if self.evaluator is None or loop.step - self.last_step < self.config.every:
+    def _evaluate(self, loop: TrainingLoop, final: bool) -> None:
+        if self.evaluator is None:
             return
-        self.last_step = loop.step
+        due = self.schedule.due(loop.step, final)
+        if due is None:
+            return
         try:
-            loop.metrics.merge(self.evaluator.evaluate(loop.step, loop.theta.payload))
+            loop.metrics.merge(self.evaluator.evaluate(loop.step, loop.theta.payload, **due))
         except Exception as err:  # noqa: BLE001 - evaluation is optional
             self._off(err)
+
+    def on_tick(self, loop: TrainingLoop) -> None:
+        self._evaluate(loop, final=False)
+
+    def on_end(self, loop: TrainingLoop) -> None:
+        self._evaluate(loop, final=True)
 
 
 def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
@@ -164,7 +175,8 @@ def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool
     run.create(config)
     callbacks = list(callbacks)
     if config.evaluator.enabled:
-        callbacks.append(InlineContinuousEvaluation(config))
+        # First: its final evaluation (on_end) is merged before other callbacks end.
+        callbacks.insert(0, InlineContinuousEvaluation(config))
     loop = TrainingLoop(config, run, InProcessTransport(config, run, mix), resume=resume,
                         num_workers=num_workers, callbacks=callbacks)
     return loop.run()

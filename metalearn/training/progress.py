@@ -39,8 +39,36 @@ class Progress:
             self.stream.flush()
 
 
+def short_name(dataset: str) -> str:
+    """fashion_mnist -> fm, two_moons -> tm, digits -> digits (a progress-line label)."""
+    parts = [p for p in dataset.replace(":", "_").replace("/", "_").split("_") if p]
+    return "".join(p[0] for p in parts) if len(parts) > 1 else dataset[:8]
+
+
+def long_horizon_text(latest: dict, datasets=()) -> str:
+    """`` | fm@1000 0.452 r9`` from the newest evaluation columns ``latest``: accuracy and
+    rank90 at the largest horizon measured, for the first of ``datasets`` (config order)
+    that has long-horizon columns; empty when there are none yet."""
+    found: dict[str, dict[int, float]] = {}
+    for column, value in latest.items():
+        parts = column.split("/")
+        if len(parts) == 3 and parts[0] == "eval" and parts[2].startswith("accuracy@"):
+            found.setdefault(parts[1], {})[int(parts[2].split("@")[1])] = value
+    order = [d for d in datasets if d in found] + sorted(set(found) - set(datasets))
+    if not order:
+        return ""
+    name = order[0]
+    horizon = max(found[name])
+    accuracy = found[name][horizon]
+    rank = latest.get(f"eval/{name}/rank90@{horizon}")
+    rank_text = f" r{rank:.0f}" if isinstance(rank, (int, float)) and rank == rank else ""
+    return f" | {short_name(name)}@{horizon} {accuracy:.3f}{rank_text}"
+
+
 class ProgressLine(Callback):
-    """Shows the newest metrics row every ``run.progress_every_s``."""
+    """Shows the newest metrics row every ``run.progress_every_s``, and the newest
+    long-horizon evaluation (held-out accuracy and rank90 at the largest horizon of the
+    first dataset, e.g. ``fm@1000 0.452 r9``) when the run has one."""
 
     def __init__(self, every_s: float, stream=sys.stderr):
         self.progress = Progress(every_s, stream)
@@ -49,17 +77,20 @@ class ProgressLine(Callback):
         row = loop.last_row
         if row is None:
             return
+        evaluator = loop.config.evaluator
+        held_out = long_horizon_text(loop.metrics.latest_evaluation(),
+                                     evaluator.long_names() or evaluator.datasets)
         self.progress.show(
             f"step {loop.step:6d} | meta-loss {row['meta_loss_rolling']:.4f} "
             f"(vs task start {row['loss_vs_start_rolling']:+.4f}) | "
             f"{row['grads_per_s']:6.2f} grads/s | staleness "
             f"{row['staleness_mean']:4.2f} | dropped "
             f"{row['dropped_stale']}/{row['dropped_nonfinite']} | "
-            f"U {row['unroll_min']}-{row['unroll_max']} | "
+            f"U {row['unroll_min']}-{row['unroll_max']}{held_out} | "
             f"{loop.elapsed_s() / 60:5.1f} min", key=loop.step)
 
     def on_end(self, loop: TrainingLoop) -> None:
         self.progress.done()
 
 
-__all__ = ["Progress", "ProgressLine"]
+__all__ = ["Progress", "ProgressLine", "long_horizon_text", "short_name"]
