@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("metalearn.cli.eval", "evaluate an exported rule on held-out data vs baselines"),
     "export": ("metalearn.cli.export", "export a run's theta as a self-describing checkpoint"),
     "plot": ("metalearn.cli.plot", "plot a run's meta-training curves per dataset"),
+    "table": ("metalearn.cli.table", "held-out table of a rule vs baselines on several data sets"),
     "sweep": ("metalearn.cli.sweep", "Ray Tune sweeps of meta-trainings (ASHA, PBT)"),
     "train": ("metalearn.cli.train", "meta-train the update rule on Ray (asynchronous workers)"),
 }

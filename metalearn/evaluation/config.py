@@ -78,9 +78,13 @@ class EvalConfig:
     baselines: tuple[str, ...] = baselines.DEFAULTS
     baseline_steps: int = 2000  # training steps of the VAE and prototypical networks
     supervised_steps: int = 300
+    # inner steps scored besides the standard horizons (``readout.eval_points_for``)
+    extra_points: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "baselines", tuple(self.baselines))
+        if any(p < 0 for p in self.extra_points):
+            raise ConfigError(f"extra_points must be >= 0, got {list(self.extra_points)}")
         baselines.check(self.baselines)
         for name in ("steps", "baseline_steps", "supervised_steps"):
             if getattr(self, name) < 0:

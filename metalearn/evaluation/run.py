@@ -82,7 +82,8 @@ def run_evaluation(config: EvalConfig, theta, rule: RuleConfig, *,
     arch = architecture(data.input_size, config.width, config.depth, config.activation,
                         rule.top_units)
     check_rule_fits(rule, arch)
-    points = eval_points_for(config.steps)
+    points = sorted(set(eval_points_for(config.steps))
+                    | {p for p in config.extra_points if p <= config.steps})
     rows: list[dict] = []
     seconds: dict[str, float] = {}
     result = EvalResult(rows, config, data, seconds, arch=arch, rule=rule)
