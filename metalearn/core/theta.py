@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from metalearn.core.config import RuleConfig
+from metalearn.core.config import PLANE_NAMES, RuleConfig
 from metalearn.core.config_io import ConfigError
 from metalearn.core.update_rule import init_theta
 
@@ -60,9 +60,43 @@ class ThetaSpec:
         have = _shapes_of(theta)
         _raise_on_difference(have, self.shapes, where, "the rule needs")
 
+    def mask(self, selectors, where: str = "frozen") -> np.ndarray:
+        """[P] bool: True at the parameters ``selectors`` name. A selector is a leaf path,
+        dotted (``merge_w.w``; a prefix such as ``compute_h`` takes every leaf below it),
+        optionally with ``:PLANE`` to take one entry of a merge vector
+        (``merge_w.w:hebb``, planes as in ``PLANE_NAMES``)."""
+        index = jax.tree.map(np.asarray, self._unravel(np.arange(self.num_params,
+                                                                 dtype=np.float32)))
+        leaves = {_dotted(path): np.asarray(leaf).astype(np.int64)
+                  for path, leaf in jax.tree_util.tree_leaves_with_path(index)}
+        out = np.zeros(self.num_params, bool)
+        for selector in selectors:
+            path, _, plane = selector.partition(":")
+            chosen = [v for k, v in leaves.items() if k == path or k.startswith(path + ".")]
+            if not chosen:
+                raise ConfigError(f"{where}: {selector!r} names no theta leaf; leaves: "
+                                  f"{', '.join(sorted(leaves))}")
+            if plane:
+                if len(chosen) != 1 or chosen[0].shape != (len(PLANE_NAMES),):
+                    raise ConfigError(f"{where}: {selector!r}: ':PLANE' needs a merge "
+                                      f"vector such as merge_w.w")
+                if plane not in PLANE_NAMES:
+                    raise ConfigError(f"{where}: {selector!r}: unknown plane {plane!r}; "
+                                      f"planes: {', '.join(PLANE_NAMES)}")
+                out[chosen[0][PLANE_NAMES.index(plane)]] = True
+            else:
+                for v in chosen:
+                    out[v.ravel()] = True
+        return out
+
     def check_compatible(self, other: "ThetaSpec", where: str) -> None:
         """Raise ConfigError if ``other``'s theta cannot stand in for this one."""
         _raise_on_difference(other.shapes, self.shapes, where, "this rule config has")
+
+
+def _dotted(path) -> str:
+    """A tree path as a dotted name (``merge_w.w``, ``compute_h.layers.0.bn.offset``)."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def _shapes_of(tree) -> dict:

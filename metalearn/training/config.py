@@ -22,6 +22,7 @@ from typing import Literal
 
 import yaml
 
+from metalearn.core.theta import theta_spec
 from metalearn.core.config import ACTIVATIONS, MetaObjectiveConfig, RuleConfig, UnrollConfig
 from metalearn.core.config_io import (ConfigError, apply_overrides, from_dict,
                                       is_packaged_name, merge, read_yaml, resolve_config,
@@ -45,6 +46,9 @@ class LearnerConfig:
     # V - v <= max_staleness; older ones are dropped and counted.
     max_staleness: int = 16
     loss_window: int = 256  # gradients in the rolling meta-loss (overall and per dataset)
+    # theta entries kept at their initial values (ThetaSpec.mask selectors, e.g.
+    # "merge_w.w:hebb"): the local recipe holds its Oja-like core fixed (docs/results.md)
+    frozen: tuple[str, ...] = ()
     seed: int = 0  # theta initialisation and the learner's RNG
     checkpoint_minutes: float = 5.0
     keep_checkpoints: int = 3
@@ -228,6 +232,10 @@ class TrainConfig:
     run: RunConfig = RunConfig()
     # Continuous held-out evaluation (an evaluator actor; off unless a config turns it on).
     evaluator: ContinuousEvalConfig = ContinuousEvalConfig(enabled=False)
+
+    def __post_init__(self):
+        if self.learner.frozen:  # selectors must name theta entries of this rule
+            theta_spec(self.rule).mask(self.learner.frozen, "learner.frozen")
 
 
 DEFAULT_CONFIG = "local"  # the packaged local default (metalearn/configs/local.yaml)

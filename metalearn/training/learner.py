@@ -62,7 +62,7 @@ class Learner:
 
     def __init__(self, theta_flat: np.ndarray, config: LearnerConfig,
                  curriculum: CurriculumConfig, *, generation: str | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, frozen_mask: np.ndarray | None = None):
         self.config = config
         self.schedule = TruncationSchedule(curriculum)
         self.generation = generation or uuid.uuid4().hex[:12]
@@ -73,7 +73,17 @@ class Learner:
         self.opt_state = self.optimizer.init(theta)
         self.num_params = int(self.theta.size)
 
+        # [P] 1.0 where theta trains, 0.0 where it is frozen (``LearnerConfig.frozen``):
+        # a zero gradient gives Adam a zero update, so frozen entries never move.
+        keep = (np.ones(self.num_params, np.float32) if frozen_mask is None
+                else (~np.asarray(frozen_mask, bool)).astype(np.float32))
+        if keep.shape != (self.num_params,):
+            raise ValueError(f"frozen_mask has shape {keep.shape}, theta {self.num_params}")
+        self.frozen_count = int(self.num_params - keep.sum())
+        keep = jnp.asarray(keep)
+
         def apply(theta, opt_state, grad):
+            grad = grad * keep
             updates, opt_state = self.optimizer.update(grad, opt_state, theta)
             return (optax.apply_updates(theta, updates), opt_state,
                     optax.tree.norm(grad), optax.tree.norm(updates))

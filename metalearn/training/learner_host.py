@@ -45,7 +45,9 @@ class LearnerHost:
         self.run = run
         spec = theta_spec(config.rule)
         flat = spec.ravel(init_theta(jax.random.key(config.learner.seed), config.rule))
-        self.learner = Learner(flat, config.learner, config.curriculum)
+        frozen = (theta_spec(config.rule).mask(config.learner.frozen, "learner.frozen")
+                  if config.learner.frozen else None)
+        self.learner = Learner(flat, config.learner, config.curriculum, frozen_mask=frozen)
         self.learner.stop_step = config.run.steps
         self.checkpointer = Checkpointer(run.checkpoints, keep=config.learner.keep_checkpoints)
         self.restored_step = None
