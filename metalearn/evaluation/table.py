@@ -22,7 +22,7 @@ import numpy as np
 from metalearn.core.config import RuleConfig
 from metalearn.core.config_io import ConfigError
 from metalearn.evaluation import baselines
-from metalearn.evaluation.config import DataConfig, EvalConfig
+from metalearn.evaluation.config import EvalConfig
 from metalearn.evaluation.data import default_image_size
 from metalearn.evaluation.run import LEARNED, Progress, run_evaluation
 
