@@ -33,7 +33,7 @@ from metalearn.evaluation.data import default_image_size
 from metalearn.evaluation.report import write_eval_report
 from metalearn.evaluation.run import Progress, curves
 from metalearn.evaluation.sweep import DEFAULT_SWEEP_VALUES, SWEEPS, run_sweep
-from metalearn.training.export import PRETRAINED_PREFIX, load_export
+from metalearn.training.export import checkpoint_label, load_export
 from tasks.sources import check_name
 
 # flag (argparse dest) -> EvalConfig field; a flag that is given wins over --config / --set.
@@ -166,8 +166,7 @@ def run_eval(args) -> int:
              force=True)
     result = run_sweep(config, exported.theta, exported.rule, sweep=sweep,
                        values_text=args.sweep_values, progress=progress)
-    source = {"checkpoint": (args.checkpoint if args.checkpoint.startswith(PRETRAINED_PREFIX)
-                             else os.path.abspath(args.checkpoint)), "run": exported.meta.get("run"),
+    source = {"checkpoint": checkpoint_label(args.checkpoint), "run": exported.meta.get("run"),
               "rule_step": exported.step, "meta_loss": exported.meta.get("meta_loss")}
     paths = write_eval_report(out, result, source)
     total = time.monotonic() - started

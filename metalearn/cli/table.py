@@ -23,7 +23,7 @@ from metalearn.core.config_io import ConfigError
 from metalearn.evaluation.config import EvalConfig
 from metalearn.evaluation.run import LEARNED, Progress
 from metalearn.evaluation.table import TableConfig, markdown_table, run_table, summarise_table
-from metalearn.training.export import PRETRAINED_PREFIX, load_export
+from metalearn.training.export import checkpoint_label, load_export
 from tasks.sources import check_name
 
 
@@ -86,8 +86,7 @@ def run(args) -> int:
     rows = run_table(config, exported.theta, exported.rule, progress)
     summary = summarise_table(rows, config.horizons)
     methods = [LEARNED, *config.baselines]
-    source = (args.checkpoint if args.checkpoint.startswith(PRETRAINED_PREFIX)
-              else os.path.abspath(args.checkpoint))
+    source = checkpoint_label(args.checkpoint)
     text = (f"# Held-out table\n\nRule `{source}` (run {exported.meta.get('run')}, step "
             f"{exported.step}, inner lr {exported.rule.inner_lr:g}); base model "
             f"{config.eval.depth} x {config.eval.width} {config.eval.activation}; "

@@ -229,6 +229,12 @@ def resolve_checkpoint(ref: str) -> str:
     return os.path.join(pretrained_root(), name)
 
 
+def checkpoint_label(ref: str) -> str:
+    """How reports name a checkpoint: ``pretrained:NAME`` as given, a path made absolute."""
+    ref = os.fspath(ref)
+    return ref if ref.startswith(PRETRAINED_PREFIX) else os.path.abspath(ref)
+
+
 def is_export(path: str) -> bool:
     return os.path.isfile(os.path.join(path, META_ITEM, "metadata")) and os.path.isdir(
         os.path.join(path, THETA_ITEM))
@@ -278,6 +284,6 @@ def load_export(path: str, rule: RuleConfig | None = None) -> ExportedRule:
     return ExportedRule(theta, saved_rule, meta)
 
 
-__all__ = ["ExportedRule", "PRETRAINED_PREFIX", "export_run", "is_export", "load_export",
+__all__ = ["ExportedRule", "PRETRAINED_PREFIX", "checkpoint_label", "export_run", "is_export", "load_export",
            "load_theta", "pretrained_names", "pretrained_root", "read_export_meta",
            "resolve_checkpoint", "save_run_theta", "write_export"]
