@@ -21,9 +21,12 @@ import jax
 
 from metalearn.core.config_io import ConfigError, from_dict, to_dict  # noqa: F401 (re-exported)
 
-__all__ = ["ACTIVATIONS", "PLANE_NAMES", "ConfigError", "MetaObjectiveConfig", "RuleConfig", "UnrollConfig",
+__all__ = ["ACTIVATIONS", "ESTIMATORS", "PLANE_NAMES", "ConfigError", "MetaObjectiveConfig", "RuleConfig", "UnrollConfig",
            "from_dict", "to_dict"]
 
+
+# Meta-gradient estimators (``UnrollConfig.estimator``; metalearn.core.estimators).
+ESTIMATORS = ("truncated", "es", "pes", "hybrid")
 
 ACTIVATIONS = ("relu", "leaky_relu", "swish", "tanh", "sigmoid", "step", "identity")
 
@@ -163,6 +166,21 @@ class UnrollConfig:
       ``store``: keep every step's VJP residuals from the forward sweep (no recompute;
         memory grows with U).
     remat (scan only): ``jax.checkpoint`` the scan body, for long unrolls.
+
+    estimator: what a truncation's gradient estimates (docs/estimators.md):
+      ``truncated`` (default, the paper's): backprop through the truncation's U steps,
+        phi at its start held constant. Biased towards gains within a truncation.
+      ``es``: antithetic evolution strategies over the truncation: ``pairs`` pairs of
+        perturbations theta +- eps, eps ~ N(0, perturbation_std^2), from the same phi.
+        Estimates the gradient of the Gaussian-smoothed truncated loss; forwards only.
+      ``pes``: persistent ES (Vicol et al. 2021): each +- particle keeps its own phi
+        for the whole task and the perturbations are accumulated, so the estimate is
+        an unbiased gradient of the smoothed loss of the whole inner run so far.
+      ``hybrid``: truncated backprop and ES combined with weights inversely
+        proportional to their variances, estimated online (Metz et al. 2019).
+    perturbation_std, pairs: the ES family's sigma and number of antithetic pairs.
+    variance_decay: the hybrid's exponential moving average of each component's
+      variance (per worker, kept across tasks).
     """
 
     method: Literal["auto", "stepwise", "scan"] = "auto"
@@ -170,8 +188,24 @@ class UnrollConfig:
     scan_unroll: bool = False  # fully unroll the scan (fast on CPU, long compiles)
     remat: bool = False
     scan_buckets: tuple[int, ...] = (4, 8, 16)
+    estimator: Literal["truncated", "es", "pes", "hybrid"] = "truncated"
+    perturbation_std: float = 0.01
+    pairs: int = 4
+    variance_decay: float = 0.9
 
     def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"unroll.estimator must be one of {', '.join(ESTIMATORS)}, got "
+                              f"{self.estimator!r}")
+        if not (isinstance(self.perturbation_std, (int, float))
+                and math.isfinite(self.perturbation_std) and self.perturbation_std > 0):
+            raise ConfigError(f"unroll.perturbation_std must be a positive number, got "
+                              f"{self.perturbation_std!r}")
+        if not isinstance(self.pairs, int) or isinstance(self.pairs, bool) or self.pairs < 1:
+            raise ConfigError(f"unroll.pairs must be a positive integer, got {self.pairs!r}")
+        if not (isinstance(self.variance_decay, (int, float)) and 0 <= self.variance_decay < 1):
+            raise ConfigError(f"unroll.variance_decay must be in [0, 1), got "
+                              f"{self.variance_decay!r}")
         if self.method not in ("auto", "stepwise", "scan"):
             raise ConfigError(f"unroll.method must be 'auto', 'stepwise' or 'scan', got "
                               f"{self.method!r}")

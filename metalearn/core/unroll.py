@@ -70,19 +70,29 @@ class TruncationResult(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """Static description shared by every jitted function of an unroll."""
+    """Static description shared by every jitted function of an unroll: the rule's
+    inner step and meta-objective on one activation.
+
+    Any hashable object with the same ``step`` method can stand in for it (the
+    estimators' known-answer tests unroll a small system whose exact full-horizon
+    gradient is known); only a ``Problem`` gets the shape checks of ``validate``.
+    """
 
     activation: str
     rule: RuleConfig
     objective: MetaObjectiveConfig
 
+    def step(self, theta, params: BaseParams, x, pair: LabelledPair):
+        """One inner step, then the meta-objective of the new phi. x: [B, N_0]."""
+        new_params = inner_step(theta, params, x, self.activation, self.rule)
+        arch = architecture_of(params, self.activation)
+        loss = meta_objective(new_params, pair, arch, self.objective, self.rule.base_bn_eps)
+        return new_params, loss
+
 
 def step_and_loss(theta, params: BaseParams, x, pair: LabelledPair, problem: Problem):
-    """One inner step, then the meta-objective of the new phi. x: [B, N_0]."""
-    new_params = inner_step(theta, params, x, problem.activation, problem.rule)
-    arch = architecture_of(params, problem.activation)
-    loss = meta_objective(new_params, pair, arch, problem.objective, problem.rule.base_bn_eps)
-    return new_params, loss
+    """``problem.step``: one inner step, then the meta-objective of the new phi."""
+    return problem.step(theta, params, x, pair)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -185,7 +195,8 @@ class MetaGradient:
         self._scan = jax.jit(vm(scan, (None, tasks, tasks, None)))
 
     def __call__(self, theta, params: BaseParams, batch: TruncationBatch) -> TruncationResult:
-        self.validate(params, batch)
+        if isinstance(self.problem, Problem):
+            self.validate(params, batch)
         if self.method == "scan":
             return self._call_scan(theta, params, batch)
         return self._call_stepwise(theta, params, batch)
@@ -222,7 +233,7 @@ class MetaGradient:
         steps = batch.num_steps
         task = (lambda a, t: a[:, t]) if self.num_tasks else (lambda a, t: a[t])
         xs = [task(batch.inner_x, t) for t in range(steps)]
-        pairs = [LabelledPair(*[task(f, t) for f in batch.pair]) for t in range(steps)]
+        pairs = [type(batch.pair)(*[task(f, t) for f in batch.pair]) for t in range(steps)]
         store = self.unroll.residuals == "store"
 
         # Forward sweep.
