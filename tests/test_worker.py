@@ -179,3 +179,45 @@ def test_task_lengths_follow_the_curriculum(setup):
     assert abs(lengths.mean() - curriculum.mean_truncations()) < 4 * lengths.std() / np.sqrt(
         lengths.size)
     assert lengths.min() >= 1
+
+
+@pytest.mark.parametrize("estimator", ["es", "pes", "hybrid"])
+def test_every_estimator_runs_on_a_vmapped_worker(setup, estimator):
+    """ES-family estimators on T = 2 tasks of one shape: same tasks, data and center
+    loss as truncated backprop on the same stream; their own state lives with the task."""
+    import dataclasses
+
+    config, theta = setup
+    frozen = ("merge_w.w:hebb",)
+    configs = {name: dataclasses.replace(
+        config, unroll=dataclasses.replace(config.unroll, estimator=name, pairs=2),
+        worker=dataclasses.replace(config.worker, tasks_per_worker=2),
+        learner=dataclasses.replace(config.learner, frozen=frozen))
+        for name in ("truncated", estimator)}
+    curriculum = Curriculum(2, 2, 2.0, min_truncations=3)
+    runs = {}
+    for name, cfg in configs.items():
+        worker = make_worker(cfg, theta, seed=11)
+        runs[name] = [worker.run_truncation(curriculum) for _ in range(3)]
+    keep = ~worker.theta_spec.mask(frozen)
+    for ref, sub in zip(runs["truncated"], runs[estimator]):
+        assert (sub.count, sub.finite) == (2, True)
+        assert sub.metadata["task_seeds"] == ref.metadata["task_seeds"]
+        np.testing.assert_allclose(sub.loss, ref.loss, rtol=1e-4)  # the center trajectory
+        assert np.isfinite(sub.grad).all() and np.abs(sub.grad[keep]).sum() > 0
+        assert np.all(sub.grad[~keep] == 0)  # no perturbation of a frozen entry
+        assert sub.estimator_metrics["grad_norm"] > 0
+    metrics = [s.estimator_metrics for s in runs[estimator]]
+    if estimator == "pes":  # the accumulator grows along the task
+        assert metrics[0]["xi_norm"] < metrics[1]["xi_norm"] < metrics[2]["xi_norm"]
+    if estimator == "hybrid":
+        assert metrics[0]["w_bp"] == 0.5 and 0 <= metrics[2]["w_bp"] <= 1
+        assert {"bp_norm", "es_norm", "bp_var", "es_var"} <= set(metrics[2])
+    # The learner folds the estimator's metrics and the submissions' spread into its row.
+    learner = Learner(theta, dataclasses.replace(config.learner, meta_batch=6),
+                      config.curriculum, generation="gen")
+    learner.version = 3
+    rows = [learner.submit(s) for s in runs[estimator]]
+    row = rows[-1]
+    assert row["est/grad_norm"] == pytest.approx(np.mean([m["grad_norm"] for m in metrics]))
+    assert row["grad_var"] > 0 and row["grad_snr"] > 0

@@ -80,6 +80,7 @@ class Learner:
         if keep.shape != (self.num_params,):
             raise ValueError(f"frozen_mask has shape {keep.shape}, theta {self.num_params}")
         self.frozen_count = int(self.num_params - keep.sum())
+        self._keep = keep if self.frozen_count else None  # for the submissions' spread
         keep = jnp.asarray(keep)
 
         def apply(theta, opt_state, grad):
@@ -158,6 +159,15 @@ class Learner:
             self._grad_sum += count * grad.astype(np.float64)
         self._count += count
         self._loss_sum += count * loss
+        # Spread of the submissions' gradients (each a worker's estimate): the meta-batch's
+        # online variance estimate, whatever the estimator (row: grad_var, grad_snr).
+        trained = grad.astype(np.float64) if self._keep is None else grad * self._keep
+        self._sq_sum += count * float(np.dot(trained, trained))
+        for name, value in sub.estimator_metrics.items():
+            value = float(value)
+            if math.isfinite(value):
+                total, weight = self._est.get(name, (0.0, 0))
+                self._est[name] = [total + count * value, weight + count]
         self._staleness.append(staleness)
         self.losses.extend([loss] * count)
         if math.isfinite(float(sub.loss_start)):
@@ -187,6 +197,8 @@ class Learner:
         self._count = 0
         self._loss_sum = 0.0
         self._staleness: list[int] = []
+        self._sq_sum = 0.0  # sum of count * |grad|^2 (trainable entries)
+        self._est: dict[str, list] = {}  # estimator metric -> [count-weighted sum, count]
 
     def _update(self) -> dict:
         lr = self.lr()
@@ -220,6 +232,9 @@ class Learner:
         }
         for name, window in sorted(self.dataset_losses.items()):
             row[f"loss/{name}"] = float(np.mean(window))
+        row.update(self._spread())
+        for name, (total, weight) in sorted(self._est.items()):
+            row[f"est/{name}"] = total / weight
         self.counters["applied"] += self._count
         self.step += 1
         self.version += 1
@@ -229,6 +244,21 @@ class Learner:
         return row
 
     # ------------------------------------------------------------------ state
+
+    def _spread(self) -> dict:
+        """grad_var: the trace of the covariance of a submitted gradient over this
+        meta-batch (each submission weighted by its count; NaN with fewer than two
+        submissions), on the trainable entries; grad_snr: |mean|^2 over the variance of
+        the mean (> 1: the update's direction is mostly signal, not estimator noise)."""
+        n = self._count
+        if len(self._staleness) < 2 or n < 2:
+            return {"grad_var": math.nan, "grad_snr": math.nan}
+        mean = self._grad_sum / n
+        if self._keep is not None:
+            mean = mean * self._keep
+        mean_sq = float(np.dot(mean, mean))
+        var = max((self._sq_sum - n * mean_sq) / (n - 1), 0.0)
+        return {"grad_var": var, "grad_snr": mean_sq / (var / n) if var > 0 else math.inf}
 
     def state(self) -> tuple[dict, dict]:
         """(arrays, meta): arrays is a pytree of numpy arrays, meta is JSON-able."""
@@ -241,7 +271,8 @@ class Learner:
             "generation": self.generation,
             "num_params": self.num_params,
             "buffer": {"count": self._count, "loss_sum": self._loss_sum,
-                       "staleness": list(self._staleness)},
+                       "staleness": list(self._staleness), "sq_sum": self._sq_sum,
+                       "estimator_metrics": {k: list(v) for k, v in self._est.items()}},
             "counters": dict(self.counters),
             "losses": list(self.losses),
             "gains": list(self.gains),
@@ -274,6 +305,10 @@ class Learner:
         self._count = int(buffer["count"])
         self._loss_sum = float(buffer["loss_sum"])
         self._staleness = [int(s) for s in buffer["staleness"]]
+        # (Checkpoints from before the estimators' metrics lack these two.)
+        self._sq_sum = float(buffer.get("sq_sum", 0.0))
+        self._est = {k: [float(v[0]), int(v[1])]
+                     for k, v in buffer.get("estimator_metrics", {}).items()}
         self.counters = collections.Counter({k: int(v) for k, v in meta["counters"].items()})
         self.losses = collections.deque(meta["losses"], maxlen=self.config.loss_window)
         self.gains = collections.deque(meta.get("gains", []), maxlen=self.config.loss_window)

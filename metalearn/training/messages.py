@@ -59,6 +59,10 @@ class Submission:
     worker: int = -1
     metadata: dict = dataclasses.field(default_factory=dict)
     timings: dict = dataclasses.field(default_factory=dict)
+    # The estimator's own scalars for this truncation (mean over the kept tasks):
+    # grad_norm, and per estimator pair_var, xi_norm, bp_var, es_var, w_bp ... The
+    # learner averages them over a meta-batch into the row as est/<name>.
+    estimator_metrics: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,9 +8,12 @@ A worker
   tasks), initialises phi, and draws the number of truncations for that task from the
   learner's current curriculum;
 * for each truncation draws U from the curriculum, asks the task for U steps of data
-  and runs the core's meta-gradient estimator (one ``MetaGradient`` per activation,
-  reused, so every base-model shape compiles once per process; the persistent XLA
-  cache lets restarts and sibling workers skip even that);
+  and runs the meta-gradient estimator ``unroll.estimator`` names (truncated backprop,
+  ES, PES or the hybrid: ``metalearn.core.estimators``; one per activation, reused, so
+  every base-model shape compiles once per process; the persistent XLA cache lets
+  restarts and sibling workers skip even that). The estimator's per-task state (phi,
+  and PES's particles and accumulator) lives with the task and ends with it; the
+  hybrid's variance estimates carry over to the worker's next task;
 * returns a ``Submission``: the gradient as one flat float32 numpy vector, the theta
   version (and learner generation) it used, task metadata, loss and timings.
 
@@ -34,8 +37,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import init_params
+from metalearn.core.estimators import make_estimator
 from metalearn.core.theta import theta_spec
-from metalearn.core.unroll import make_meta_gradient
 from metalearn.training.config import TrainConfig
 from metalearn.training.messages import LearnerReply, Submission, WorkOrder
 from metalearn.training.schedules import Curriculum
@@ -74,10 +77,10 @@ class _TaskGroup:
     """Tasks in progress (one, or a vmapped worker's T of one shape): their phi (stacked
     on a leading task axis when T > 1) and how many truncations / steps remain."""
 
-    def __init__(self, tasks: list, seeds: list[int], params, truncations: int):
+    def __init__(self, tasks: list, seeds: list[int], state, truncations: int):
         self.tasks = tasks
         self.seeds = seeds
-        self.params = params
+        self.state = state  # the estimator's EstimatorState (phi, and its own state)
         self.truncations_planned = truncations  # the task's length, in truncations
         self.truncations_left = truncations
         self.loss_start = float("nan")  # meta-objective after the first inner step
@@ -114,6 +117,10 @@ class Worker:
                                   data_dir=config.tasks.data_dir)
         self.sampler = sampler
         self._estimators: dict[str, Any] = {}
+        self._last_state: dict[str, Any] = {}  # per activation: for cross-task statistics
+        frozen = config.learner.frozen
+        self.trainable = (None if not frozen else
+                          (~self.theta_spec.mask(frozen, "learner.frozen")).astype(np.float32))
         self._shapes_seen: set = set()
         self.theta = None
         self.theta_key: tuple[str, int] | None = None  # (generation, version)
@@ -147,9 +154,9 @@ class Worker:
         estimator = self._estimators.get(activation)
         if estimator is None:
             tasks = self.tasks_per_worker if self.tasks_per_worker > 1 else None
-            estimator = make_meta_gradient(activation, self.config.rule,
-                                           self.config.objective, self.config.unroll,
-                                           num_tasks=tasks)
+            estimator = make_estimator(activation, self.config.rule, self.config.objective,
+                                       self.config.unroll, num_tasks=tasks,
+                                       trainable=self.trainable)
             self._estimators[activation] = estimator
         return estimator
 
@@ -164,7 +171,11 @@ class Worker:
             stacked = params[0]
         else:
             stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
-        return _TaskGroup(tasks, seeds, stacked, curriculum.sample_truncations(self.rng))
+        activation = first.arch.activation
+        state = self._estimator(activation).init(
+            seeds if len(seeds) > 1 else seeds[0], stacked,
+            previous=self._last_state.get(activation))
+        return _TaskGroup(tasks, seeds, state, curriculum.sample_truncations(self.rng))
 
     def _batch(self, group: _TaskGroup, steps: int):
         objective = self.config.objective
@@ -199,7 +210,7 @@ class Worker:
         shape_key = (arch.activation, tuple(arch.sizes))
         new_shape = shape_key not in self._shapes_seen
         self._shapes_seen.add(shape_key)
-        result = self._estimator(arch.activation)(self.theta, state.params, batch)
+        result, new_state = self._estimator(arch.activation)(self.theta, state.state, batch)
         # JAX dispatches asynchronously (the scan estimator is one call): build the next
         # truncation's data while the device computes, if this task goes on. On GPU the
         # host-side batches of T tasks are a third of a truncation otherwise. The draws
@@ -227,7 +238,11 @@ class Worker:
         if state.truncations_done == 0:
             first = np.atleast_2d(np.asarray(result.step_losses, np.float64))[:, 0]
             state.loss_start = float(first[finite].mean()) if finite.any() else math.nan
-        state.params = result.params
+        state.state = new_state
+        self._last_state[arch.activation] = new_state
+        metrics = {name: float(np.mean(np.asarray(value, np.float64)[keep]
+                                       if np.ndim(value) else value))
+                   for name, value in result.metrics.items()}
         state.steps_done += steps
         state.truncations_done += 1
         state.truncations_left -= 1
@@ -249,6 +264,7 @@ class Worker:
             grad=grad, version=version, generation=generation, loss=loss,
             finite=bool(finite.any()),
             count=count, nonfinite_tasks=nonfinite, loss_start=state.loss_start,
+            estimator_metrics=metrics,
             dataset=state.dataset, num_steps=steps,
             worker=self.index, metadata=metadata,
             timings={"sample_s": sampled - start, "data_s": data - sampled,
