@@ -5,6 +5,7 @@ meta-trainings (tiny rule, 3-way 8x8 digits), one worker each, two at a time.
 """
 
 import json
+import dataclasses
 import os
 import struct
 
@@ -205,8 +206,8 @@ def test_metric_must_be_a_reported_column(tmp_path, capsys):
         assert load_spec(write_spec(tmp_path, "m", metric=metric)).metric == metric
 
 
-@pytest.mark.parametrize("name", ["curriculum", "lr_schedule", "meta_batch", "pbt",
-                                  "rule_size"])
+@pytest.mark.parametrize("name", ["curriculum", "estimators", "lr_schedule", "meta_batch",
+                                  "pbt", "rule_size"])
 def test_comparing_sweeps_rank_by_held_out_accuracy(name):
     from metalearn.distributed.sweep_spec import load_spec, trial_config
 
@@ -214,6 +215,22 @@ def test_comparing_sweeps_rank_by_held_out_accuracy(name):
     assert spec.metric == "eval/fashion_mnist/accuracy@1000" and spec.mode == "max"
     evaluator = trial_config(spec, {}).evaluator
     assert evaluator.enabled and evaluator.long_every > 0 and 1000 in evaluator.horizons
+
+
+def test_estimator_sweep_gives_every_estimator_the_same_seeds_and_budget():
+    from metalearn.core.config import ESTIMATORS
+    from metalearn.distributed.sweep_spec import load_spec, trial_config
+
+    spec = load_spec(os.path.join(ROOT, "experiments", "sweeps", "estimators.yaml"))
+    trials = [(e, s) for e in ESTIMATORS for s in (0, 1)]
+    configs = {t: trial_config(spec, {"unroll.estimator": t[0], "learner.seed": t[1]})
+               for t in trials}
+    assert {c.unroll.estimator for c in configs.values()} == set(ESTIMATORS)
+    # Only the estimator and the seed differ between trials.
+    for (estimator, seed), config in configs.items():
+        base = configs[("truncated", seed)]
+        assert dataclasses.replace(config, unroll=base.unroll) == base
+    assert spec.scheduler.type == "fifo"  # no trial is stopped early
 
 
 class _Loop:

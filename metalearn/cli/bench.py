@@ -2,6 +2,9 @@
 
     metalearn bench inner-step [--json] [--variants] [--small]   inner step, meta-gradient,
                                                                  matmul (metalearn.core.bench)
+    metalearn bench estimators [--json] [--unroll U] [--pairs K]  cost of one truncation's
+                                                                 gradient per estimator
+                                                                 (metalearn.core.bench)
     metalearn bench tasks [--mix FILE] [--json]                  data side of a truncation
                                                                  (tasks.bench)
     metalearn bench learner [--json]                             gradients/s one learner
@@ -22,7 +25,7 @@ import json
 import sys
 
 from metalearn.cli.data import DEFAULT_MIX, add_source_args, source_options
-from metalearn.core.bench import measure_inner_step
+from metalearn.core.bench import measure_estimators, measure_inner_step
 from metalearn.distributed.bench import measure_learner, measure_scaling
 from metalearn.training.config import load_config
 from tasks.bench import measure_tasks
@@ -43,6 +46,17 @@ def add_parser(subparsers) -> None:
     inner.add_argument("--small", action="store_true",
                        help="use the small rule preset instead of the paper size")
     inner.set_defaults(func=run_inner_step)
+
+    est = benches.add_parser("estimators", help="cost per gradient of truncated backprop, "
+                             "ES, PES and the hybrid, in one run")
+    est.add_argument("--json", action="store_true", help="last line: one JSON object")
+    est.add_argument("--unroll", type=int, default=6, help="U of the truncation (default 6)")
+    est.add_argument("--pairs", type=int, default=4, help="antithetic pairs (default 4)")
+    est.add_argument("--batch", type=int, default=64, help="inner batch (default 64)")
+    est.add_argument("--repeats", type=int, default=3)
+    est.add_argument("--paper-rule", action="store_true",
+                     help="the paper-size rule instead of the small preset")
+    est.set_defaults(func=run_estimators)
 
     p = benches.add_parser("tasks", help="task draw + inner batch + labelled pair, "
                            "as a fraction of one inner step")
@@ -115,6 +129,33 @@ def format_inner_step(r: dict) -> str:
     for name, v in r.get("variants", {}).items():
         lines.append(f"  {name:22s} {v['meta_grad_s']:7.3f} s ({v['over_forward']:.2f}x fwd), "
                      f"compile {v['compile_s']:.1f} s")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# estimators
+
+def run_estimators(args) -> int:
+    for name in ("unroll", "pairs", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"metalearn bench estimators: --{name} must be >= 1")
+    _log(f"timing one U={args.unroll} truncation's gradient per estimator ...")
+    report = measure_estimators(small=not args.paper_rule, unroll=args.unroll,
+                                pairs=args.pairs, batch=args.batch, repeats=args.repeats,
+                                log=_log)
+    return _finish(args, format_estimators(report), report)
+
+
+def format_estimators(r: dict) -> str:
+    lines = [f"device: {r['device']} ({r['backend']}), rule: {r['rule']} "
+             f"({r['theta_params']:,} theta params), base model {r['base_model']}, "
+             f"batch {r['batch']}, U={r['unroll']}, {r['pairs']} antithetic pairs",
+             f"{'estimator':10s} {'s/gradient':>10s} {'x truncated':>11s} {'compile s':>9s} "
+             f"{'cos(g, truncated)':>17s}"]
+    for name, v in r["estimators"].items():
+        lines.append(f"{name:10s} {v['seconds']:10.3f} {v['over_truncated']:11.2f} "
+                     f"{v['compile_s']:9.1f} {v['cosine_to_truncated']:17.3f}"
+                     + ("" if v["finite"] else "  NOT FINITE"))
     return "\n".join(lines)
 
 

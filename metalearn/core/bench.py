@@ -230,3 +230,58 @@ def _variants(theta, params, arch, rule, objective, steps, step_s, repeats,
                                         "over_forward": seconds / (u * step_s)}
     return out
 
+
+
+def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
+                       batch: int = 64, repeats: int = 3,
+                       estimators: tuple[str, ...] = ("truncated", "es", "pes", "hybrid"),
+                       log: Callable[[str], None] = lambda message: None) -> dict:
+    """The ``metalearn bench estimators`` report: the cost of one truncation's gradient
+    with each meta-gradient estimator, measured in one process on one U-step truncation
+    of the same data (the evaluation base model, 196 -> 128 x4 -> 32; the small rule by
+    default, the local recipe's).
+
+    Per estimator: ``seconds`` (median of ``repeats`` after a warm-up), ``compile_s``
+    (first call minus a warm one), ``over_truncated`` (the cost ratio), and
+    ``cosine_to_truncated``: the cosine between its gradient and truncated backprop's on
+    that truncation (ES-family estimates are noisy: about sqrt(pairs / trainable dims)
+    at this sigma when the two target gradients agree).
+    """
+    from jax.flatten_util import ravel_pytree
+
+    from metalearn.core.estimators import make_estimator
+
+    rule = RuleConfig.small() if small else RuleConfig()
+    objective = MetaObjectiveConfig()
+    theta, params, _, arch, rule = paper_problem(rule, batch=batch)
+    data = random_truncation(unroll, arch, objective, batch=batch)
+    report: dict = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+                    "rule": "small" if small else "paper", "theta_params": num_params(theta),
+                    "base_model": list(PAPER_SIZES), "batch": batch, "unroll": unroll,
+                    "pairs": pairs, "estimators": {}}
+    reference = None
+    for name in estimators:
+        log(f"  {name} ...")
+        estimator = make_estimator(arch.activation, rule, objective,
+                                   UnrollConfig(estimator=name, pairs=pairs))
+        state = estimator.init(0, params)
+
+        def call(estimator=estimator, state=state):
+            return estimator(theta, state, data)[0]
+
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        first = time.perf_counter() - start
+        seconds, estimate = timed(call, repeats=repeats)
+        flat = ravel_pytree(estimate.grad)[0]
+        if reference is None:
+            reference = flat
+        cosine = float(jnp.dot(flat, reference)
+                       / (jnp.linalg.norm(flat) * jnp.linalg.norm(reference) + 1e-30))
+        report["estimators"][name] = {"seconds": seconds, "compile_s": max(first - seconds, 0.0),
+                                      "finite": bool(estimate.finite),
+                                      "cosine_to_truncated": cosine}
+    base = report["estimators"][estimators[0]]["seconds"]
+    for entry in report["estimators"].values():
+        entry["over_truncated"] = entry["seconds"] / base
+    return report
