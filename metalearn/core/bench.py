@@ -235,6 +235,7 @@ def _variants(theta, params, arch, rule, objective, steps, step_s, repeats,
 def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
                        batch: int = 64, repeats: int = 3,
                        estimators: tuple[str, ...] = ("truncated", "es", "pes", "hybrid"),
+                       base_model: tuple[int, ...] = PAPER_SIZES, rule: RuleConfig | None = None,
                        log: Callable[[str], None] = lambda message: None) -> dict:
     """The ``metalearn bench estimators`` report: the cost of one truncation's gradient
     with each meta-gradient estimator, measured in one process on one U-step truncation
@@ -251,13 +252,17 @@ def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
 
     from metalearn.core.estimators import make_estimator
 
-    rule = RuleConfig.small() if small else RuleConfig()
+    rule_name = "custom" if rule is not None else ("small" if small else "paper")
+    rule = rule or (RuleConfig.small() if small else RuleConfig())
     objective = MetaObjectiveConfig()
-    theta, params, _, arch, rule = paper_problem(rule, batch=batch)
+    arch = Architecture(tuple(base_model), "relu")
+    keys = jax.random.split(jax.random.key(0), 2)
+    theta = init_theta(keys[0], rule)
+    params = init_params(keys[1], arch, w_std=rule.init_w_std, b_std=rule.init_b_std)
     data = random_truncation(unroll, arch, objective, batch=batch)
     report: dict = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-                    "rule": "small" if small else "paper", "theta_params": num_params(theta),
-                    "base_model": list(PAPER_SIZES), "batch": batch, "unroll": unroll,
+                    "rule": rule_name, "theta_params": num_params(theta),
+                    "base_model": list(base_model), "batch": batch, "unroll": unroll,
                     "pairs": pairs, "estimators": {}}
     reference = None
     for name in estimators:

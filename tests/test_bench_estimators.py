@@ -1,0 +1,26 @@
+"""``metalearn bench estimators``: one truncation's gradient per estimator, in one run."""
+
+import pytest
+
+from metalearn.cli.bench import format_estimators
+from metalearn.core.bench import measure_estimators
+from train_helpers import TINY_RULE
+
+
+def test_measures_every_estimator_on_the_same_truncation():
+    from metalearn.core.config import RuleConfig
+
+    rule = RuleConfig(**{**RuleConfig.small().__dict__, **TINY_RULE})
+    report = measure_estimators(unroll=2, pairs=2, batch=8, repeats=1,
+                                base_model=(16, 8, 8), rule=rule)
+    runs = report["estimators"]
+    assert list(runs) == ["truncated", "es", "pes", "hybrid"]
+    assert runs["truncated"]["over_truncated"] == 1.0
+    assert runs["truncated"]["cosine_to_truncated"] == pytest.approx(1.0, abs=1e-5)
+    for name, entry in runs.items():
+        assert entry["finite"] and entry["seconds"] > 0, name
+        assert -1.0 <= entry["cosine_to_truncated"] <= 1.0 + 1e-6
+    # The hybrid's first truncation weighs both halves 0.5, so it leans towards backprop.
+    assert runs["hybrid"]["cosine_to_truncated"] > runs["es"]["cosine_to_truncated"]
+    text = format_estimators(report)
+    assert "x truncated" in text and text.count("\n") == 5
