@@ -204,6 +204,11 @@ def test_online_variance_and_inverse_variance_weights():
     np.testing.assert_allclose(np.asarray(stats_a.mean), 1.0, atol=0.1)
     # The lower-variance estimator gets weight v_b / (v_a + v_b) = 0.9.
     assert float(inverse_variance_weight(stats_a, stats_b)) == pytest.approx(0.9, abs=0.03)
+    # A non-finite estimate leaves the statistics as they were.
+    bad = jnp.full(dim, jnp.nan).at[0].set(1.0)
+    kept = ema_update(stats_a, bad, decay)
+    for new, old in zip(kept, stats_a):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
 
 
 def test_hybrid_weights_move_towards_the_lower_variance_component():

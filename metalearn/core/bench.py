@@ -29,9 +29,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import Architecture, init_params
 from metalearn.core.config import MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.estimators import make_estimator
 from metalearn.core.meta_objective import LabelledPair, make_targets
 from metalearn.core.unroll import TruncationBatch, make_meta_gradient, timed
 from metalearn.core.update_rule import (NUM_INPUT_CHANNELS, NUM_WEIGHT_STATS, READOUT_NAMES,
@@ -248,10 +250,6 @@ def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
     that truncation (ES-family estimates are noisy: about sqrt(pairs / trainable dims)
     at this sigma when the two target gradients agree).
     """
-    from jax.flatten_util import ravel_pytree
-
-    from metalearn.core.estimators import make_estimator
-
     rule_name = "custom" if rule is not None else ("small" if small else "paper")
     rule = rule or (RuleConfig.small() if small else RuleConfig())
     objective = MetaObjectiveConfig()

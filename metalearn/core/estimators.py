@@ -99,13 +99,17 @@ class Estimate(NamedTuple):
 
 
 def ema_update(stats: VarianceStats, g, decay: float) -> VarianceStats:
-    """Fold one flat estimate g [D] into the EMA mean and variance (West's update)."""
+    """Fold one flat estimate g [D] into the EMA mean and variance (West's update).
+    A non-finite g is skipped: the statistics outlive the task, and one diverged
+    truncation must not poison them for the rest of the worker's life."""
     diff = g - stats.mean
     first = stats.count < 1  # the first sample sets the mean; no spread yet
     alpha = jnp.where(first, 1.0, 1.0 - decay)
     mean = stats.mean + alpha * diff
     var = jnp.where(first, 0.0, decay * (stats.var + (1.0 - decay) * jnp.sum(diff * diff)))
-    return VarianceStats(stats.count + 1.0, mean, var)
+    updated = VarianceStats(stats.count + 1.0, mean, var)
+    ok = jnp.all(jnp.isfinite(g))
+    return jax.tree.map(lambda new, old: jnp.where(ok, new, old), updated, stats)
 
 
 def inverse_variance_weight(bp: VarianceStats, es: VarianceStats):
