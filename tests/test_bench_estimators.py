@@ -7,6 +7,7 @@ from metalearn.core.bench import measure_estimators
 from train_helpers import TINY_RULE
 
 
+@pytest.mark.slow  # compiles all four estimators (~1 minute); run with -m slow
 def test_measures_every_estimator_on_the_same_truncation():
     from metalearn.core.config import RuleConfig
 

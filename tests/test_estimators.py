@@ -169,7 +169,7 @@ def test_every_estimator_reports_the_center_loss_and_advances_phi_alike():
         results[name] = (float(estimate.loss), np.asarray(state.params),
                          np.asarray(estimate.step_losses))
         assert estimate.grad["a"].shape == (N,)
-        assert "grad_norm" in estimate.metrics
+        assert set(estimate.metrics) == set(est.metric_names)  # the documented columns
     ref = results["truncated"]
     for name, (loss, params, steps) in results.items():
         assert loss == pytest.approx(ref[0], rel=1e-5), name

@@ -10,7 +10,7 @@ from metalearn.cli import main
 from metalearn.training.config import config_to_yaml
 from metalearn.training.export import load_theta
 from metalearn.training.local import train_local
-from metalearn.training.metrics import LEARNER_COLUMNS
+from metalearn.training.metrics import LEARNER_COLUMNS, estimator_columns
 from metalearn.training.progress import ProgressLine
 from metalearn.training.run_dir import RunDir
 from train_helpers import tiny_config
@@ -98,7 +98,8 @@ def test_local_runner_evaluates_held_out_data_in_process(tmp_path, capsys):
                 assert 0 <= row[f"eval/two_moons/rank90@{h}"] <= 8
                 assert row[f"eval/two_moons/w_growth@{h}"] > 0
         # every column is the learner's, a loss/<dataset> or the evaluator's
-        assert set(row) <= {*LEARNER_COLUMNS, "loss/digits", *config.evaluator.columns()}
+        assert set(row) <= {*LEARNER_COLUMNS, *estimator_columns(config.unroll.estimator),
+                            "loss/digits", *config.evaluator.columns()}
     # The progress line showed the long-horizon result once there was one.
     assert "| tm@3 " in capsys.readouterr().err
     # `metalearn plot` draws a table whose eval columns exist in some rows only.

@@ -182,7 +182,7 @@ def test_task_lengths_follow_the_curriculum(setup):
 
 
 @pytest.mark.parametrize("estimator", [pytest.param("es", marks=pytest.mark.slow), "pes",
-                                       "hybrid"])
+                                       pytest.param("hybrid", marks=pytest.mark.slow)])
 def test_every_estimator_runs_on_a_vmapped_worker(setup, estimator):
     """ES-family estimators on T = 2 tasks of one shape: same tasks, data and center
     loss as truncated backprop on the same stream; their own state lives with the task."""

@@ -135,6 +135,7 @@ class GradientEstimator:
     """
 
     name = "base"
+    metric_names: tuple[str, ...] = ()  # the keys of ``Estimate.metrics``
 
     def __init__(self, problem, unroll: UnrollConfig, theta_size: int,
                  num_tasks: int | None = None, trainable: np.ndarray | None = None):
@@ -174,6 +175,7 @@ class TruncatedBackprop(GradientEstimator):
     """The paper's estimator (``MetaGradient``). Metrics: grad_norm."""
 
     name = "truncated"
+    metric_names = ("grad_norm",)
 
     def __init__(self, problem, unroll, theta_size, num_tasks=None, trainable=None):
         super().__init__(problem, unroll, theta_size, num_tasks, trainable)
@@ -287,6 +289,7 @@ class ES(_Antithetic):
     pairs' spread)."""
 
     name = "es"
+    metric_names = ("grad_norm", "pair_var")
 
     def __call__(self, theta, state: EstimatorState, batch: TruncationBatch):
         self.validate(state, batch)
@@ -310,6 +313,7 @@ class PES(_Antithetic):
     |xi_k| / sigma: sqrt(truncations x trainable dims) grows along a task)."""
 
     name = "pes"
+    metric_names = ("grad_norm", "pair_var", "xi_norm")
 
     def init(self, seeds, params, previous=None):
         lead = (self.num_tasks,) if self.num_tasks else ()
@@ -348,6 +352,7 @@ class Hybrid(_Antithetic):
     variances. Metrics: grad_norm, bp_norm, es_norm, bp_var, es_var, w_bp."""
 
     name = "hybrid"
+    metric_names = ("grad_norm", "pair_var", "bp_norm", "es_norm", "bp_var", "es_var", "w_bp")
 
     def __init__(self, problem, unroll, theta_size, num_tasks=None, trainable=None):
         super().__init__(problem, unroll, theta_size, num_tasks, trainable)

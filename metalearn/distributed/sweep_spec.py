@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from metalearn.core.config_io import ConfigError, apply_values, from_dict, read_yaml, to_dict
 from metalearn.training.config import TrainConfig, config_from_dict, read_config_values
-from metalearn.training.metrics import LEARNER_COLUMNS
+from metalearn.training.metrics import LEARNER_COLUMNS, estimator_columns
 from metalearn.training.task_mix import resolve_mix
 from tasks.sampler import MixConfig
 
@@ -278,7 +278,8 @@ REPORT_COLUMNS = ("trial_id", "restored_from", "restored_step", "worker_failures
 def reported_columns(config: TrainConfig) -> list[str]:
     """The columns every report of a trial with ``config`` carries (``loss/<dataset>``
     aside): the learner's row, the reporter's extras and the evaluator's columns."""
-    return [*LEARNER_COLUMNS, *REPORT_COLUMNS, *config.evaluator.columns()]
+    return [*LEARNER_COLUMNS, *estimator_columns(config.unroll.estimator), *REPORT_COLUMNS,
+            *config.evaluator.columns()]
 
 
 def check_metric(metric: str, config: TrainConfig) -> None:
@@ -295,7 +296,8 @@ def check_metric(metric: str, config: TrainConfig) -> None:
                     f"{list(ev.datasets)}, long_datasets {list(ev.long_names())}, "
                     f"horizons {list(ev.horizons)}, long_every {ev.long_every})")
     else:
-        hint = f"training rows have {', '.join(LEARNER_COLUMNS)} and loss/<dataset>"
+        columns = [*LEARNER_COLUMNS, *estimator_columns(config.unroll.estimator)]
+        hint = f"training rows have {', '.join(columns)} and loss/<dataset>"
     raise ConfigError(f"metric: {metric!r} is not a column the trials report; {hint}")
 
 

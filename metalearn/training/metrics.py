@@ -14,6 +14,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from metalearn.core.estimators import ESTIMATOR_CLASSES
 from metalearn.training.checkpoint import atomic_write_bytes
 from metalearn.training.run_dir import RunDir
 
@@ -25,7 +26,12 @@ LEARNER_COLUMNS = (
     "step", "meta_loss", "meta_loss_rolling", "loss_vs_start_rolling", "grads_per_s",
     "staleness_mean", "staleness_max", "dropped_stale", "dropped_nonfinite",
     "dropped_generation", "received", "lr", "unroll_min", "unroll_max", "truncations_std",
-    "grad_norm", "update_norm", "theta_norm", "wall_s")
+    "grad_norm", "update_norm", "theta_norm", "wall_s", "grad_var", "grad_snr")
+
+
+def estimator_columns(estimator: str) -> tuple[str, ...]:
+    """The ``est/<name>`` columns rows carry under ``unroll.estimator`` = estimator."""
+    return tuple(f"est/{name}" for name in ESTIMATOR_CLASSES[estimator].metric_names)
 
 
 class MetricsLog:
@@ -108,4 +114,4 @@ class MetricsLog:
             self.writer.close()
 
 
-__all__ = ["EVAL_PREFIX", "LEARNER_COLUMNS", "MetricsLog"]
+__all__ = ["EVAL_PREFIX", "LEARNER_COLUMNS", "MetricsLog", "estimator_columns"]
