@@ -74,6 +74,10 @@ class LearnerReply:
     curriculum: Curriculum | None = None  # set with ``row``: the curriculum at ``step``
     checkpoint: int | None = None  # step of a checkpoint written while replying
     learner_lost: bool = False  # the push failed: no learner answered
+    # The learner cannot go on (e.g. its checkpoint could not be written: disk full,
+    # permission denied): one line saying why. The driver stops the run cleanly.
+    fatal: str = ""
+    received: int = 0  # task gradients this learner incarnation's lineage has received
 
 
 @dataclasses.dataclass(frozen=True)
