@@ -30,6 +30,7 @@ from metalearn.training.config import TrainConfig
 from metalearn.training.export import save_run_theta
 from metalearn.training.learner import Learner
 from metalearn.training.messages import LearnerReply, LearnerStatus, Submission
+from metalearn.training.metrics import LearnerRows
 from metalearn.training.run_dir import RunDir
 
 # Recent rows kept for replies lost with a dead worker; the driver drains them every
@@ -52,6 +53,9 @@ class LearnerHost:
         self.checkpointer = Checkpointer(run.checkpoints, keep=config.learner.keep_checkpoints)
         self.restored_step = None
         self.warnings: tuple[str, ...] = ()
+        # The learner writes its own metrics rows, always before a checkpoint: rows up
+        # to every checkpoint's step are on disk (metalearn.training.metrics).
+        self.metric_rows = LearnerRows(run, config.run.metrics_flush_s)
         if resume:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -62,6 +66,8 @@ class LearnerHost:
             step, arrays, meta = found
             self.learner.load_state(arrays, meta)
             self.restored_step = step
+            self.warnings += tuple(self.metric_rows.restore(
+                step, reason=f"learner restored from checkpoint step {step}"))
         self.last_checkpoint = time.monotonic()
         self.last_checkpoint_step = self.learner.step
         self.busy_s = 0.0  # time inside submit (checking, summing, applying, saving)
@@ -90,6 +96,7 @@ class LearnerHost:
         curriculum = checkpoint = None
         if row is not None:
             self.rows.append(row)
+            self.metric_rows.add(row)
             curriculum = learner.curriculum()
             minutes = (time.monotonic() - self.last_checkpoint) / 60.0
             if minutes >= self.config.learner.checkpoint_minutes:
@@ -106,6 +113,7 @@ class LearnerHost:
     def checkpoint(self) -> int:
         """Save the full state and theta now (if the step is new); returns the step."""
         step = self.learner.step
+        self.metric_rows.flush()  # rows first: a checkpoint never outruns its rows
         if step != self.last_checkpoint_step or not self.checkpointer.steps():
             self.checkpointer.save(step, *self.learner.state())
             save_run_theta(self.run, self.learner.theta, self.config.rule, step)
