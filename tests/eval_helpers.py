@@ -4,13 +4,12 @@ import os
 
 import jax
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from jax.flatten_util import ravel_pytree
 
 from metalearn.core.update_rule import init_theta
 from metalearn.training.export import save_run_theta
 from metalearn.training.run_dir import RunDir
+from metalearn.training.segments import SegmentedTable
 
 
 def make_run(run_dir, rule, step=7, perturb=0.0, metrics=True):
@@ -22,9 +21,8 @@ def make_run(run_dir, rule, step=7, perturb=0.0, metrics=True):
         flat = flat + perturb * np.random.default_rng(1).normal(size=flat.shape).astype(np.float32)
     save_run_theta(RunDir(run_dir), flat, rule, step)
     if metrics:
-        pq.write_table(pa.table({"step": [step - 2, step, step + 3],
-                                 "meta_loss": [1.9, 1.5, 1.1],
-                                 "meta_loss_rolling": [1.95, 1.6, 1.2],
-                                 "loss/glyphs": [1.8, 1.4, 1.0]}),
-                       RunDir(run_dir).metrics)
+        SegmentedTable(RunDir(run_dir).metrics).append([
+            {"step": s, "meta_loss": loss, "meta_loss_rolling": rolling, "loss/glyphs": glyphs}
+            for s, loss, rolling, glyphs in zip((step - 2, step, step + 3), (1.9, 1.5, 1.1),
+                                                (1.95, 1.6, 1.2), (1.8, 1.4, 1.0))])
     return flat

@@ -3,7 +3,7 @@
 import math
 import sys
 
-import pyarrow.parquet as pq
+from metalearn.training.metrics import read_metrics
 import pytest
 
 from metalearn.cli import main
@@ -23,7 +23,7 @@ DETERMINISTIC = ["step", "meta_loss", "meta_loss_rolling", "loss_vs_start_rollin
 
 
 def rows_of(run_dir) -> list[dict]:
-    return pq.read_table(RunDir(run_dir).metrics).to_pylist()
+    return read_metrics(run_dir).to_pylist()
 
 
 def one_worker_config(tmp_path, steps):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
+from metalearn.training.metrics import read_metrics
 import pytest
 import yaml
 
@@ -97,7 +97,7 @@ def test_node_lost_mid_run_workers_replaced_learner_intact(no_ray, tmp_path):
     assert summary.learner_restarts == 0  # the learner (on the head) never noticed
     assert seen["generation_after"] == seen["generation"]
     assert summary.final_step == 8
-    steps = pq.read_table(str(tmp_path / "run" / "metrics.parquet")).column("step").to_pylist()
+    steps = read_metrics(tmp_path / "run").column("step").to_pylist()
     assert sorted(steps) == list(range(1, 9))  # no step lost or repeated around the failure
 
 
@@ -142,7 +142,7 @@ def test_fake_multinode_autoscaler_adds_worker_nodes(no_ray, tmp_path):
         after = alive_nodes(address)
         assert len(after) >= 3, after  # the autoscaler added a node per worker
         assert sum(n["cpu"] for n in after) >= 2
-        steps = pq.read_table(str(run_dir / "metrics.parquet")).column("step").to_pylist()
+        steps = read_metrics(run_dir).column("step").to_pylist()
         assert sorted(steps) == [1, 2, 3, 4]  # (the driver may write the last rows unordered)
     finally:
         kill_started(head, address)
@@ -154,7 +154,7 @@ def test_fake_multinode_autoscaler_adds_worker_nodes(no_ray, tmp_path):
 def test_estimators_train_on_a_fake_multinode_cluster(no_ray, tmp_path, estimator):
     """ES-family estimators through the real driver, learner and worker actors on two
     worker nodes, with two vmapped tasks per worker: the learner needs no special case
-    (a submission is a gradient with a count) and their metrics reach metrics.parquet.
+    (a submission is a gradient with a count) and their metrics reach the metrics table.
     PES (the most state: particles and accumulator per task) runs in the default suite;
     ES and the hybrid share its code paths and run with ``-m slow``."""
     from ray.cluster_utils import Cluster
@@ -176,7 +176,7 @@ def test_estimators_train_on_a_fake_multinode_cluster(no_ray, tmp_path, estimato
                                      "tasks_per_worker": 2},
                              learner={"meta_batch": 4})
         summary = train(config, str(tmp_path / "run"))
-        table = pq.read_table(str(tmp_path / "run" / "metrics.parquet")).to_pydict()
+        table = read_metrics(tmp_path / "run").to_pydict()
     finally:
         ray.shutdown()
         cluster.shutdown()

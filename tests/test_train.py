@@ -3,7 +3,7 @@
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
+from metalearn.training.metrics import read_metrics
 import pytest
 
 from metalearn.cli import main
@@ -34,14 +34,14 @@ def snapshot(folder) -> dict:
 
 
 def steps_of(run_dir) -> list[int]:
-    return pq.read_table(os.path.join(run_dir, "metrics.parquet")).column("step").to_pylist()
+    return read_metrics(run_dir).column("step").to_pylist()
 
 
 def test_train_then_resume_continues_step_count(ray_session, config_file, tmp_path):
     run_dir = str(tmp_path / "run")
     assert main(["train", "--config", config_file, "--out", run_dir, "--steps", "3",
                  "--tensorboard"]) == 0
-    table = pq.read_table(os.path.join(run_dir, "metrics.parquet"))
+    table = read_metrics(run_dir)
     assert set(REQUIRED) <= set(table.column_names)
     assert "loss/digits" in table.column_names
     assert table.column("step").to_pylist() == [1, 2, 3]
@@ -69,7 +69,7 @@ def test_continuous_evaluation_writes_meta_test_columns(ray_session, tmp_path):
         run={"steps": 6, "minutes": 6.0})  # slack for a loaded CI machine
     run_dir = str(tmp_path / "run")
     train(config, run_dir)
-    table = pq.read_table(os.path.join(run_dir, "metrics.parquet")).to_pylist()
+    table = read_metrics(run_dir).to_pylist()
     assert sorted(r["step"] for r in table) == [1, 2, 3, 4, 5, 6]  # merged, not appended
     evaluated = [r for r in table if r.get("eval/two_moons/accuracy") is not None]
     assert evaluated, "no evaluation reached the metrics"

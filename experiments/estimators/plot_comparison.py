@@ -19,7 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+from metalearn.training.metrics import read_metrics  # noqa: E402
 
 ESTIMATORS = ("truncated", "pes", "es", "hybrid")
 COLORS = {"truncated": "C0", "pes": "C1", "es": "C2", "hybrid": "C3", "init": "grey"}
@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     fig, (live, table) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in ESTIMATORS:
-        path = os.path.join(args.runs, f"cmp-{name}", "metrics.parquet")
+        path = os.path.join(args.runs, f"cmp-{name}")
         if os.path.exists(path):
-            rows = pq.read_table(path).to_pandas()
+            rows = read_metrics(path).to_pandas()
             rows = rows.dropna(subset=["eval/fashion_mnist/accuracy@1000"])
             line, = live.plot(rows.wall_s / 60, rows["eval/fashion_mnist/accuracy@1000"],
                               "o-", label=name, color=COLORS[name])

@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # ``metalearn train`` handles the first SIGINT itself (a clean stop); this is a
+        # second one, or an interrupt of another command. Files are written whole or not
+        # at all, so a run folder is never corrupted by it.
+        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - user-facing errors become one clear line
         # Imported here: loading metalearn.core loads JAX, which ``--help`` never needs.

@@ -13,7 +13,7 @@ PLOT = "meta_training.png"  # default output, beside the run's metrics table
 def add_parser(subparsers) -> None:
     """Register ``plot``."""
     p = subparsers.add_parser("plot", help="plot a run's meta-training curves per dataset",
-                              description="Draw RUN_DIR/metrics.parquet: meta-training loss "
+                              description="Draw RUN_DIR's metrics: meta-training loss "
                                           "per dataset and held-out evaluation curves.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", help=f"PNG path (default RUN_DIR/{PLOT})")
@@ -22,7 +22,8 @@ def add_parser(subparsers) -> None:
 
 def run_plot(args) -> int:
     # RunDir owns the run folder's file names (the metrics table's among them).
-    metrics = os.path.join(args.run_dir, RunDir.METRICS)
+    run = RunDir(args.run_dir)
+    metrics = run.metrics if os.path.isdir(run.metrics) else run.legacy_metrics
     print(plot_meta_training(metrics, args.out or os.path.join(args.run_dir, PLOT)))
     return 0
 

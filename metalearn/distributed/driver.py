@@ -187,10 +187,12 @@ class RayTransport(Transport):
     def reseed(self, index: int, seed: int) -> None:
         self.workers[index].reseed.remote(seed)
 
-    def stop_workers(self) -> None:
+    def stop_workers(self) -> int:
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
+        cut = len(self.pending)
         self.pending.clear()
+        return cut
 
 
 class RayContinuousEvaluation(Callback):
@@ -247,6 +249,10 @@ class RayContinuousEvaluation(Callback):
 
     def on_end(self, loop) -> None:
         if self.actor is None:
+            return
+        if loop.interrupted:  # a signal or an error: stop now, no final evaluation
+            ray.kill(self.actor, no_restart=True)
+            self.actor = None
             return
         deadline = time.monotonic() + self.config.evaluator.final_timeout_s
         for final in (False, True):  # the evaluation under way, then the last theta's

@@ -352,18 +352,21 @@ def write_eval_report(out_dir: str, result: SweepResult, source: dict) -> dict:
 # meta-training curves
 
 def plot_meta_training(path: str, out: str | None = None) -> str:
-    """Meta-training curves from a run's metrics table (``path``, a parquet file): the
+    """Meta-training curves from a run's metrics (``path``: its ``metrics`` folder, or the
+    ``metrics.parquet`` of an older run): the
     rolling meta-loss and the per-dataset meta-train losses (``loss/<dataset>``) against
     learner steps, with the held-out evaluator's ``eval/<dataset>/meta_loss`` beside them
     and its accuracies (``eval/<dataset>/accuracy``, and the long-horizon
     ``eval/<dataset>/accuracy@<h>`` dashed) in a second panel when present.
     ``out`` defaults to ``meta_training.png`` beside the table; the title is the name of
     the table's folder (the run)."""
-    run_dir = os.path.dirname(path)
+    # Imported here: the training package loads JAX, which the report's tables do not need.
+    from metalearn.training.metrics import read_metric_rows
+    run_dir = os.path.dirname(os.path.abspath(path).rstrip(os.sep))
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: not a training run folder, or the run "
                                 f"has not logged metrics yet")
-    rows = pq.read_table(path).to_pylist()
+    rows = read_metric_rows(path)
     if not rows:
         raise FileNotFoundError(f"{path} has no rows yet")
     columns = list(dict.fromkeys(k for r in rows for k in r))

@@ -31,11 +31,11 @@ from importlib.metadata import PackageNotFoundError, version
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pyarrow.parquet as pq
 
 from metalearn.core.config import RuleConfig
 from metalearn.core.config_io import ConfigError, from_dict, to_dict
 from metalearn.core.theta import theta_spec
+from metalearn.training.metrics import read_metrics
 from metalearn.training.run_dir import RunDir
 
 FORMAT = "metalearn-rule-export"
@@ -69,10 +69,10 @@ def package_version() -> str:
 def meta_loss_at(run: RunDir, step: int) -> dict:
     """Meta-losses logged in the run's metrics at ``step`` (the last row with
     ``step <= step``); empty when the run has no metrics yet."""
-    path = run.metrics
-    if not os.path.exists(path):
+    try:
+        table = read_metrics(run.path)
+    except FileNotFoundError:
         return {}
-    table = pq.read_table(path)
     if "step" not in table.column_names or table.num_rows == 0:
         return {}
     rows = [r for r in table.to_pylist() if r.get("step") is not None and r["step"] <= step]

@@ -117,8 +117,10 @@ class InProcessTransport(Transport):
     def reseed(self, index: int, seed: int) -> None:
         self.workers[index].reseed(seed)
 
-    def stop_workers(self) -> None:
+    def stop_workers(self) -> int:
+        cut = len(self.queue)
         self.queue.clear()
+        return cut
 
 
 class InlineContinuousEvaluation(Callback):
@@ -163,7 +165,8 @@ class InlineContinuousEvaluation(Callback):
         self._evaluate(loop, final=False)
 
     def on_end(self, loop: TrainingLoop) -> None:
-        self._evaluate(loop, final=True)
+        if not loop.interrupted:  # a signal or an error: stop now, no final evaluation
+            self._evaluate(loop, final=True)
 
 
 def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,

@@ -15,8 +15,18 @@ curriculum), and handles what comes back:
   generation: in-flight gradients for the dead one are lost with it or dropped by the
   new one), and metrics rows beyond the restored step are discarded.
 
-The run stops at ``run.steps`` (an absolute learner step), after ``run.minutes``, or when
-a callback calls ``request_stop``; the learner then writes a final checkpoint.
+The run stops at ``run.steps`` (an absolute learner step), after ``run.minutes``, when
+a callback calls ``request_stop``, on SIGINT or SIGTERM, or when the learner reports that
+it cannot go on (``LearnerReply.fatal``: its checkpoint could not be written). It then
+stops handing out work, stops the workers, and the learner flushes its metrics rows and
+writes a final checkpoint; ``RunSummary.stop_reason`` says why. A second signal stops at
+once (``ImmediateStop``): every file is written whole or not at all, so nothing is
+corrupted, and the run resumes from its last checkpoint. An exception in the loop gets
+the same final checkpoint before it is raised.
+
+Every session appends to ``<run>/events.jsonl`` (``metalearn.training.events``): its start,
+workers that died, learners replaced and what they rolled back, the stop, and its end
+with the ``Ledger`` of its work orders.
 
 Transports: ``metalearn.training.local.InProcessTransport`` (one process, no Ray: tests,
 debugging, one GPU) and ``metalearn.distributed.driver.RayTransport`` (actors). The loop
@@ -28,12 +38,15 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
 from typing import Any, Sequence
 
 from metalearn.core.config_io import RunError
 from metalearn.training.config import TrainConfig
+from metalearn.training.events import Ledger, append_event
 from metalearn.training.messages import (LearnerReply, LearnerStatus, ThetaHandle,
                                          WorkerResult, WorkOrder)
 from metalearn.training.metrics import MetricsLog
@@ -46,6 +59,43 @@ class LearnerLost(RuntimeError):
 
 class WorkerStartError(RunError):
     """Workers could not start (their constructor failed); the message says why."""
+
+
+class LearnerFailed(RunError):
+    """The learner cannot go on (e.g. its checkpoint could not be written)."""
+
+
+class ImmediateStop(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM while the run was already stopping: stop at once."""
+
+
+class StopSignals:
+    """SIGINT and SIGTERM as requests to stop (``on_signal(name)``); a second one raises
+    ``ImmediateStop``. Installed only in the main thread (signals are delivered there;
+    a Tune trial's loop runs elsewhere and is stopped by Tune). ``restore`` puts the
+    previous handlers back."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on_signal):
+        self.on_signal = on_signal
+        self.received: list[str] = []
+        self.previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        self.received.append(name)
+        if len(self.received) > 1:
+            raise ImmediateStop(f"second signal ({name}): stopping at once")
+        self.on_signal(name)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 class Transport(abc.ABC):
@@ -105,7 +155,8 @@ class Transport(abc.ABC):
     def reseed(self, index: int, seed: int) -> None: ...
 
     @abc.abstractmethod
-    def stop_workers(self) -> None: ...
+    def stop_workers(self) -> int:
+        """Stop every worker; returns how many orders were still being computed."""
 
 
 class Callback:
@@ -136,6 +187,14 @@ class RunSummary:
     dropped_stale: int = 0
     dropped_nonfinite: int = 0
     dropped_generation: int = 0
+    # steps | minutes | requested | SIGINT | SIGTERM | learner failed | error
+    stop_reason: str = ""
+    ledger: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def signal(self) -> str | None:
+        """The signal that stopped the run, if one did."""
+        return self.stop_reason if self.stop_reason.startswith("SIG") else None
 
 
 class TrainingLoop:
@@ -159,7 +218,11 @@ class TrainingLoop:
         self.worker_count = 0
         self.workers_lost = 0  # workers whose restart failed in their constructor
         self.fatal = ""  # why the run had to stop (raised after the final checkpoint)
+        self.learner_failure = ""  # the learner cannot go on (``LearnerReply.fatal``)
         self.stopping = False
+        self.stop_reason = ""
+        self.ledger = Ledger()
+        self.finished = False
         self.started = time.monotonic()
         self.start_step = 0
         self.step = 0  # newest learner step known to the loop
@@ -169,12 +232,35 @@ class TrainingLoop:
         self.theta: ThetaHandle | None = None  # newest published theta
         self.curriculum = None
         self._stale_theta = False  # a newer version than ``theta`` exists
+        self._dead_received: dict[str, int] = {}  # generation -> newest ``received`` seen
 
     # ------------------------------------------------------------------ control
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "requested") -> None:
         """Stop handing out work; the run ends after this iteration."""
+        if not self.stopping:
+            self.stop_reason = self.stop_reason or reason
         self.stopping = True
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopping because of a signal, an error or a failed learner (not a budget)."""
+        return self.stopping and self.stop_reason not in ("steps", "minutes", "requested")
+
+    def _on_signal(self, name: str) -> None:
+        self.stop_reason = name
+        self.request_stop(name)
+        print(f"\n{name} received: stopping after the learner's final checkpoint "
+              f"(send it again to stop at once; the run resumes from its last "
+              f"checkpoint either way)", file=sys.stderr, flush=True)
+        self._event("signal", signal=name, step=self.step)
+
+    def _event(self, kind: str, **fields) -> None:
+        try:
+            append_event(self.run_dir.path, kind, **fields)
+        except OSError as err:  # a full disk must not hide the real failure
+            print(f"\ncould not record event {kind!r} in the run folder: {err}",
+                  file=sys.stderr)
 
     def checkpoint(self) -> int:
         """Checkpoint the learner now (replacing it first if it is gone)."""
@@ -190,6 +276,39 @@ class TrainingLoop:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> RunSummary:
+        """Train until a stop (see the module docstring); the final checkpoint is
+        written however the loop ends, except after ``ImmediateStop``."""
+        signals = StopSignals(self._on_signal)
+        try:
+            try:
+                self._train()
+            except ImmediateStop:
+                self._event("immediate_stop", step=self.step, ledger=self.ledger.as_dict())
+                raise
+            except BaseException as err:
+                reason = f"error: {type(err).__name__}: {str(err).strip()[:300]}"
+                self.request_stop(reason)
+                self.stop_reason = reason
+                self._event("error", error=reason, step=self.step)
+                if not self.finished:
+                    try:
+                        self._finish()
+                    except ImmediateStop:
+                        raise
+                    except Exception as final_err:  # noqa: BLE001 - report the first error
+                        print(f"\nthe final checkpoint after the error failed too: "
+                              f"{final_err}", file=sys.stderr)
+                raise
+            summary = self._finish()
+        finally:
+            signals.restore()
+        if self.fatal:
+            raise WorkerStartError(self.fatal)
+        if self.learner_failure:
+            raise LearnerFailed(self.learner_failure)
+        return summary
+
+    def _train(self) -> None:
         run, transport = self.config.run, self.transport
         self.started = time.monotonic()
         deadline = self.started + run.minutes * 60.0 if run.minutes > 0 else math.inf
@@ -211,24 +330,40 @@ class TrainingLoop:
               f"folder {self.run_dir.path}", file=sys.stderr)
         for callback in self.callbacks:
             callback.on_start(self)
+        self._event("session_start", step=self.start_step, resume=self.resume,
+                    workers=count, generation=status.generation,
+                    tasks_per_worker=self.config.worker.tasks_per_worker,
+                    checkpoint_minutes=self.config.learner.checkpoint_minutes)
         idle = list(range(count))
-        self.stopping = bool(run.steps and self.step >= run.steps)
-        while not self.stopping and time.monotonic() < deadline:
+        if run.steps and self.step >= run.steps:
+            self.request_stop("steps")
+        while not self.stopping:
+            if time.monotonic() >= deadline:
+                self.request_stop("minutes")
+                break
             for index in idle:
                 transport.dispatch(index, WorkOrder(self.theta, self.curriculum))
+                self.ledger.dispatched += 1
             idle = []
             replies = []
             for result in transport.collect(timeout_s=0.5):
                 if result.cannot_start:
                     # A restarted worker whose constructor fails: no restart will help.
+                    self.ledger.worker_died += 1
                     self._lost_worker(result)
                     continue
                 idle.append(result.index)
                 if result.died:
                     self.worker_failures += 1
+                    self.ledger.worker_died += 1
+                    self._event("worker_died", worker=result.index, step=self.step,
+                                cause=result.error or "process died")
                     self._reseed(result.index)
                 elif result.error:
                     self.worker_errors += 1
+                    self.ledger.truncation_failed += 1
+                    self._event("truncation_failed", worker=result.index, step=self.step,
+                                error=result.error)
                     print(f"\nworker {result.index}: truncation failed: {result.error}",
                           file=sys.stderr)
                     if self.successes == 0 and self.worker_errors > 2 * count + 2:
@@ -237,11 +372,13 @@ class TrainingLoop:
                     self._reseed(result.index)
                 elif result.reply.learner_lost:
                     # The learner this worker pushed to is gone; replace it once.
+                    self.ledger.learner_gone += 1
                     if (result.reply.generation == self.theta.generation
                             and not self._learner_alive()):
                         self._restart_learner()
                 else:
                     self.successes += 1
+                    self.ledger.replied += 1
                     replies.append(result.reply)
             # In learner order, so rows arrive in step order and few need fetching.
             for reply in sorted(replies, key=lambda r: (r.step, r.row is None)):
@@ -255,24 +392,29 @@ class TrainingLoop:
             idle.sort()
             for callback in self.callbacks:
                 callback.on_tick(self)
-        summary = self._finish()
-        if self.fatal:
-            raise WorkerStartError(self.fatal)
-        return summary
 
     def _lost_worker(self, result: WorkerResult) -> None:
         self.workers_lost += 1
         message = f"worker {result.index} cannot start: {result.error}"
+        self.ledger.lost_worker += 1
+        self._event("worker_lost", worker=result.index, cause=result.error)
         if (self.config.worker.on_start_failure == "stop"
                 or self.workers_lost >= self.worker_count):
             self.fatal = message
-            self.request_stop()
+            self.request_stop("workers lost")
         else:
             print(f"\n{message}; training goes on without it", file=sys.stderr)
 
     # ------------------------------------------------------------------ replies
 
     def _handle_reply(self, reply: LearnerReply) -> None:
+        self._dead_received[reply.generation] = max(
+            self._dead_received.get(reply.generation, 0), reply.received)
+        if reply.fatal and not self.learner_failure:
+            self.learner_failure = reply.fatal
+            print(f"\nthe learner cannot go on: {reply.fatal}", file=sys.stderr)
+            self._event("learner_failed", step=reply.step, error=reply.fatal)
+            self.request_stop("learner failed")
         if reply.generation != self.theta.generation:
             return  # a reply of a replaced learner
         row = reply.row
@@ -299,7 +441,7 @@ class TrainingLoop:
             self._stale_theta = True
         if reply.checkpoint is not None:
             self.checkpoint_step = reply.checkpoint
-            self.metrics.write()
+            self.metrics.write()  # evaluations (the learner wrote its rows already)
 
     def _add_row(self, row: dict) -> None:
         self.metrics.add(row)
@@ -307,7 +449,7 @@ class TrainingLoop:
         for callback in self.callbacks:
             callback.on_row(self, row)
         if self.config.run.steps and self.step >= self.config.run.steps:
-            self.stopping = True
+            self.request_stop("steps")
 
     # ------------------------------------------------------------------ the learner
 
@@ -329,9 +471,14 @@ class TrainingLoop:
 
     def _restart_learner(self) -> None:
         self.learner_restarts += 1
+        dead, last_step = self.theta.generation, self.step
         self.transport.stop_learner()
         status = self._take_learner(self.transport.start_learner(True))
         self.metrics.truncate(status.step)
+        self._event("learner_restart", dead_generation=dead, last_step_seen=last_step,
+                    dead_received_seen=self._dead_received.get(dead, 0),
+                    restored_step=status.step, generation=status.generation,
+                    restored_counters=status.counters, rolled_back_steps=last_step - status.step)
         print(f"\nlearner died; restarted from checkpoint step {status.step} "
               f"(generation {status.generation})", file=sys.stderr)
 
@@ -348,30 +495,40 @@ class TrainingLoop:
     # ------------------------------------------------------------------ the end
 
     def _finish(self) -> RunSummary:
+        self.finished = True
         for callback in self.callbacks:
             callback.on_end(self)
-        self.transport.stop_workers()  # their unsent gradients are not needed
+        # Their unsent gradients are not needed: what has arrived is applied or buffered,
+        # and the buffer is part of the final checkpoint.
+        self.ledger.cut_at_stop += self.transport.stop_workers() or 0
         final: dict[str, Any] = {}
         try:
             # Rows of updates whose replies were still with the workers.
             for row in self.transport.rows_after(self.recorded):
                 self.metrics.add(row)
+                self.recorded = self.step = row["step"]
             self.checkpoint_step, status = self.transport.close_learner()
             final = status.counters
+            self.learner_failure = self.learner_failure or getattr(status, "fatal", "")
         except LearnerLost:
             print("learner died at exit; the last checkpoint stands", file=sys.stderr)
         self.metrics.truncate(self.checkpoint_step)
         self.metrics.close()
         self.transport.stop_learner()
+        self._event("session_end", step=self.checkpoint_step, start_step=self.start_step,
+                    stop_reason=self.stop_reason, ledger=self.ledger.as_dict(),
+                    learner_counters=final, generation=self.theta.generation
+                    if self.theta else None, learner_restarts=self.learner_restarts)
         return RunSummary(
             run_dir=self.run_dir.path, start_step=self.start_step,
-            final_step=self.checkpoint_step, rows=len(self.metrics.rows),
+            final_step=self.checkpoint_step, rows=self.metrics.count,
             wall_s=self.elapsed_s(), worker_failures=self.worker_failures,
             worker_errors=self.worker_errors, learner_restarts=self.learner_restarts,
             checkpoint_step=self.checkpoint_step,
             dropped_stale=final.get("dropped_stale", 0),
             dropped_nonfinite=final.get("dropped_nonfinite", 0),
-            dropped_generation=final.get("dropped_generation", 0))
+            dropped_generation=final.get("dropped_generation", 0),
+            stop_reason=self.stop_reason, ledger=self.ledger.as_dict())
 
 
 class MetricsFlush(Callback):

@@ -1,22 +1,36 @@
-"""The metrics table of a run: one row per learner step (docs/training.md lists the
-columns); continuous-evaluation columns are merged into the row of the step evaluated.
+"""The metrics of a run: one row per learner step, plus continuous-evaluation rows.
 
-Evaluation columns (``eval/...``, ``eval_s``, ``eval_long_s``) appear only in the rows of
-evaluated steps, and the long-horizon ones (``eval/<dataset>/accuracy@<h>``...) only in
-some of those: a column missing from a row is null in the table. ``latest_evaluation``
-carries the newest value of each forward, for the progress line and Tune's reports."""
+Two append-only tables (``metalearn.training.segments.SegmentedTable``) in the run folder,
+each with one writer, so a flush costs the same at step 100,000 as at step 1,000 and a
+crash leaves whole segments only:
+
+* ``<run>/metrics/``: the learner's rows (``LEARNER_COLUMNS`` plus ``loss/<dataset>`` and
+  ``est/<name>``), written by the learner itself (``LearnerRows``) every
+  ``run.metrics_flush_s`` and always *before* each checkpoint: whenever checkpoint S
+  exists, every row up to S is on disk. A learner restored from step S moves rows beyond
+  S (updates rolled back with a dead learner, or a resume from an earlier checkpoint)
+  to ``<run>/discarded/metrics/``, with the reason: steps are exact (no gap, no
+  duplicate) across resumes and learner restarts, and lost work is on record.
+* ``<run>/evaluations/``: continuous-evaluation columns (``eval/<dataset>/...``,
+  ``eval_s``, ``eval_long_s``) of evaluated steps, written by the driver (``MetricsLog``).
+  A step evaluated twice (short, then long horizons) has two rows, merged on reading.
+
+``read_metrics`` gives the run's table as before: one row per step, evaluation columns
+joined in (null where a step was not evaluated). It also reads runs made before the
+segments (one ``metrics.parquet`` file).
+"""
 
 from __future__ import annotations
 
-import io
 import os
+import time
+import warnings
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from metalearn.core.estimators import ESTIMATOR_CLASSES
-from metalearn.training.checkpoint import atomic_write_bytes
 from metalearn.training.run_dir import RunDir
+from metalearn.training.segments import SegmentedTable, SegmentWarning
 
 
 EVAL_PREFIX = "eval"  # eval/<dataset>/..., eval_s, eval_long_s
@@ -27,6 +41,7 @@ LEARNER_COLUMNS = (
     "staleness_mean", "staleness_max", "dropped_stale", "dropped_nonfinite",
     "dropped_generation", "received", "lr", "unroll_min", "unroll_max", "truncations_std",
     "grad_norm", "update_norm", "theta_norm", "wall_s", "grad_var", "grad_snr")
+DISCARD_REASON = "discarded_reason"  # column of the rows in <run>/discarded/
 
 
 def estimator_columns(estimator: str) -> tuple[str, ...]:
@@ -34,14 +49,97 @@ def estimator_columns(estimator: str) -> tuple[str, ...]:
     return tuple(f"est/{name}" for name in ESTIMATOR_CLASSES[estimator].metric_names)
 
 
+def _clean(row: dict) -> dict:
+    return {k: v for k, v in row.items() if v is not None}
+
+
+def _discard(run: RunDir, kind: str, rows: list[dict], reason: str) -> None:
+    if rows:
+        SegmentedTable(os.path.join(run.discarded, kind)).append(
+            [{**_clean(r), DISCARD_REASON: reason} for r in rows])
+
+
+def _quarantine(run: RunDir, table: SegmentedTable, kind: str) -> list[str]:
+    moved = table.quarantine_unreadable(os.path.join(run.discarded, f"unreadable-{kind}"))
+    return [f"{kind} segment {name} is unreadable; moved to "
+            f"{os.path.join(run.discarded, f'unreadable-{kind}')}" for name in moved]
+
+
+def _migrate_legacy(run: RunDir) -> None:
+    """Runs from before the segments: their one ``metrics.parquet`` becomes the first
+    segments (learner and evaluation columns split), then the file is removed."""
+    if not os.path.isfile(run.legacy_metrics) or os.path.isdir(run.metrics):
+        return
+    import pyarrow.parquet as pq
+    rows = [_clean(r) for r in pq.read_table(run.legacy_metrics).to_pylist()]
+    evals = [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith(EVAL_PREFIX)}}
+             for r in rows]
+    SegmentedTable(run.evaluations).append([e for e in evals if len(e) > 1])
+    SegmentedTable(run.metrics).append(
+        [{k: v for k, v in r.items() if not k.startswith(EVAL_PREFIX)} for r in rows])
+    os.unlink(run.legacy_metrics)
+
+
+class LearnerRows:
+    """The learner's side: its update rows, appended to ``<run>/metrics/`` in step order.
+
+    ``add`` buffers a row and flushes when ``flush_s`` seconds passed since the last
+    flush; the learner host calls ``flush`` before every checkpoint and at the end.
+    """
+
+    def __init__(self, run: RunDir, flush_s: float, clock=time.monotonic):
+        self.run = run
+        self.table = SegmentedTable(run.metrics)
+        self.flush_s = flush_s
+        self.clock = clock
+        self.pending: list[dict] = []
+        self.last_flush = clock()
+        self.flushed_step = 0  # newest step on disk
+
+    def restore(self, step: int, reason: str) -> list[str]:
+        """Make the table hold exactly the rows up to ``step`` (the checkpoint a learner
+        was restored from); returns warnings for the user. Rows beyond it go to
+        ``<run>/discarded/metrics`` with ``reason``."""
+        _migrate_legacy(self.run)
+        messages = _quarantine(self.run, self.table, "metrics")
+        dropped = self.table.rewrite(lambda r: r["step"] <= step)
+        _discard(self.run, "metrics", dropped, reason)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SegmentWarning)
+            steps = self.table.read().column("step").to_pylist() if step else []
+        self.flushed_step = max(steps, default=0)
+        missing = step - len(set(steps))
+        if missing > 0:
+            messages.append(f"{missing} of the {step} steps up to the checkpoint have no "
+                            f"metrics row in {self.run.metrics} (lost before this run "
+                            f"version wrote rows before checkpoints)")
+        return messages
+
+    def add(self, row: dict) -> None:
+        self.pending.append(row)
+        if self.clock() - self.last_flush >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the buffered rows as one segment (nothing if none)."""
+        if self.pending:
+            self.table.append(self.pending)
+            self.flushed_step = self.pending[-1]["step"]
+            self.pending = []
+        self.last_flush = self.clock()
+
+
 class MetricsLog:
-    """Rows of learner steps, one per step in step order; the run's metrics table is
-    rewritten atomically at each ``write``; optional TensorBoard scalars."""
+    """The driver's side: every row it sees (TensorBoard, callbacks) and the evaluation
+    rows, which it appends to ``<run>/evaluations/`` at each ``write``."""
 
     def __init__(self, run: RunDir, tensorboard: bool):
-        self.path = run.metrics
-        self.rows: list[dict] = []
-        self.evaluations: list[dict] = []  # merged evaluation rows, in step order
+        self.run = run
+        self.table = SegmentedTable(run.evaluations)
+        self.count = 0  # rows seen this session
+        self.last_step = 0
+        self.evaluations: list[dict] = []  # every evaluation row, in step order
+        self.pending: list[dict] = []  # evaluation rows not written yet
         self.writer = None
         if tensorboard:
             # Optional dependency, loaded only when a run asks for TensorBoard.
@@ -49,26 +147,27 @@ class MetricsLog:
             self.writer = SummaryWriter(run.tensorboard)
 
     def load(self, up_to_step: int) -> None:
-        if os.path.exists(self.path):
-            rows = pq.read_table(self.path).to_pylist()
-            self.rows = [{k: v for k, v in r.items() if v is not None}
-                         for r in rows if r["step"] <= up_to_step]
-            # A resumed run (or a Tune trial restored from a checkpoint) reports its last
-            # evaluation until the next one.
-            self.evaluations = [ev for ev in ({"step": r["step"], **{
-                k: v for k, v in r.items() if k.startswith(EVAL_PREFIX)}} for r in self.rows)
-                if len(ev) > 1]
+        """A resumed run: evaluations beyond ``up_to_step`` are discarded, the others
+        kept for ``latest_evaluation`` (a resumed run, or a Tune trial restored from a
+        checkpoint, reports its last evaluation until the next one)."""
+        _migrate_legacy(self.run)
+        self.last_step = up_to_step
+        for message in _quarantine(self.run, self.table, "evaluations"):
+            warnings.warn(message, SegmentWarning, stacklevel=2)
+        self.truncate(up_to_step, reason=f"resumed from checkpoint step {up_to_step}")
+        self.evaluations = sorted((_clean(r) for r in self.table.read().to_pylist()),
+                                  key=lambda r: r["step"])
 
     def merge(self, row: dict) -> bool:
-        """Add ``row``'s columns to the existing row of the same step (evaluations)."""
-        for existing in reversed(self.rows):
-            if existing["step"] == row["step"]:
-                existing.update(row)
-                self._scalars(row)
-                self.evaluations.append(dict(row))
-                self.evaluations.sort(key=lambda r: r["step"])
-                return True
-        return False
+        """Record an evaluation's columns for the step it evaluated; False (ignored) for
+        a step this log has not seen."""
+        if row["step"] > self.last_step:
+            return False
+        self.pending.append(dict(row))
+        self.evaluations.append(dict(row))
+        self.evaluations.sort(key=lambda r: r["step"])
+        self._scalars(row)
+        return True
 
     def latest_evaluation(self, up_to_step: int | None = None) -> dict:
         """The newest value of every merged column measured at or before ``up_to_step``
@@ -81,12 +180,19 @@ class MetricsLog:
             latest["eval_step"] = ev["step"]
         return latest
 
-    def truncate(self, up_to_step: int) -> None:
-        self.rows = [r for r in self.rows if r["step"] <= up_to_step]
-        self.evaluations = [r for r in self.evaluations if r["step"] <= up_to_step]
+    def truncate(self, up_to_step: int, reason: str = "") -> None:
+        """Forget evaluations of steps beyond ``up_to_step`` (a learner restored from an
+        earlier checkpoint: those thetas are no longer on the run's path)."""
+        reason = reason or f"learner restored from checkpoint step {up_to_step}"
+        keep = lambda r: r["step"] <= up_to_step  # noqa: E731
+        self.pending = [r for r in self.pending if keep(r)]
+        self.evaluations = [r for r in self.evaluations if keep(r)]
+        _discard(self.run, "evaluations", self.table.rewrite(keep), reason)
+        self.last_step = min(self.last_step, up_to_step)
 
     def add(self, row: dict) -> None:
-        self.rows.append(row)
+        self.count += 1
+        self.last_step = row["step"]
         self._scalars(row)
 
     def _scalars(self, row: dict) -> None:
@@ -96,15 +202,9 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, row["step"])
 
     def write(self) -> None:
-        if not self.rows:
-            return
-        columns: dict[str, None] = {}
-        for row in self.rows:
-            columns.update(dict.fromkeys(row))
-        table = pa.table({c: [r.get(c) for r in self.rows] for c in columns})
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        atomic_write_bytes(self.path, buffer.getvalue())
+        if self.pending:
+            self.table.append(self.pending)
+            self.pending = []
         if self.writer is not None:
             self.writer.flush()
 
@@ -114,4 +214,68 @@ class MetricsLog:
             self.writer.close()
 
 
-__all__ = ["EVAL_PREFIX", "LEARNER_COLUMNS", "MetricsLog", "estimator_columns"]
+def _run_of(path: str | os.PathLike) -> RunDir:
+    """The run folder of ``path``: the folder itself, or its metrics table."""
+    path = os.path.abspath(os.fspath(path))
+    name = os.path.basename(path.rstrip(os.sep))
+    if name in (RunDir.METRICS, RunDir.LEGACY_METRICS):
+        return RunDir(os.path.dirname(path))
+    return RunDir(path)
+
+
+def _coalesce(rows: list[dict]) -> list[dict]:
+    """Rows of the same step merged (later values win), in step order."""
+    merged: dict[int, dict] = {}
+    for row in rows:
+        merged.setdefault(row["step"], {}).update(_clean(row))
+    return [merged[step] for step in sorted(merged)]
+
+
+def read_metrics(path: str | os.PathLike) -> pa.Table:
+    """The metrics table of a run (``path``: the run folder or its metrics folder or
+    legacy file): one row per learner step in step order, evaluation columns joined.
+    FileNotFoundError if the run has logged none."""
+    run = _run_of(path)
+    if os.path.isdir(run.metrics):
+        learner = SegmentedTable(run.metrics).read()
+        evaluations = _coalesce(SegmentedTable(run.evaluations).read().to_pylist())
+    elif os.path.isfile(run.legacy_metrics):
+        import pyarrow.parquet as pq
+        return pq.read_table(run.legacy_metrics)
+    else:
+        raise FileNotFoundError(f"{run.path} has no metrics yet (no {run.metrics}/): not "
+                                f"a training run folder, or the run has not logged a step")
+    if learner.num_rows == 0 or "step" not in learner.column_names:
+        return learner
+    learner = learner.sort_by("step")
+    if not evaluations:
+        return learner
+    by_step = {row["step"]: row for row in evaluations}
+    steps = learner.column("step").to_pylist()
+    columns = list(dict.fromkeys(k for row in evaluations for k in row if k != "step"))
+    extra = {c: [by_step.get(s, {}).get(c) for s in steps] for c in columns
+             if c not in learner.column_names}
+    return _with_columns(learner, extra)
+
+
+def _with_columns(table: pa.Table, columns: dict[str, list]) -> pa.Table:
+    for name, values in columns.items():
+        table = table.append_column(name, pa.array(values))
+    return table
+
+
+def read_metric_rows(path: str | os.PathLike) -> list[dict]:
+    """``read_metrics`` as a list of dicts, each without its null columns."""
+    return [_clean(r) for r in read_metrics(path).to_pylist()]
+
+
+def discarded_rows(path: str | os.PathLike, kind: str = "metrics") -> list[dict]:
+    """Rows rolled back in a run (``kind``: metrics or evaluations), each with its
+    ``discarded_reason``; empty if none were."""
+    run = _run_of(path)
+    return [_clean(r) for r in SegmentedTable(os.path.join(run.discarded, kind))
+            .read().to_pylist()]
+
+
+__all__ = ["DISCARD_REASON", "EVAL_PREFIX", "LEARNER_COLUMNS", "LearnerRows", "MetricsLog",
+           "discarded_rows", "estimator_columns", "read_metric_rows", "read_metrics"]

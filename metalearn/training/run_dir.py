@@ -1,10 +1,18 @@
 """``RunDir``: the layout of a training run folder, and the only code that names its files.
 
-    <run>/config.yaml         the resolved TrainConfig of the run (loads back equal)
+    <run>/config.yaml         the resolved TrainConfig of the latest session (loads back
+                              equal; the base of the next ``--resume``)
+    <run>/configs/<NNN>-step<S>.yaml
+                              the config of each session: NNN counts sessions from 000,
+                              S is the step it started from (``create`` writes it)
     <run>/checkpoints/<step>/ orbax checkpoints of the learner's whole state
     <run>/theta_latest/       theta at the newest checkpoint, in the export format
                               (``metalearn.training.export``: self-describing orbax)
-    <run>/metrics.parquet     one row per learner step (plus merged ``eval/*`` columns)
+    <run>/metrics/            one row per learner step: append-only parquet segments
+                              written by the learner (``metalearn.training.metrics``)
+    <run>/evaluations/        continuous-evaluation rows (``eval/*``) of evaluated steps
+    <run>/discarded/          rows rolled back (a learner restart or a resume from an
+                              earlier checkpoint) and unreadable segments, kept with why
     <run>/tensorboard/        TensorBoard scalars, when asked for
 
 A folder is a run once it has ``config.yaml`` and ``checkpoints/``. See
@@ -14,11 +22,10 @@ docs/architecture.md for who writes what.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
-import yaml
-
-from metalearn.core.config_io import ConfigError
+from metalearn.core.config_io import ConfigError, read_yaml
 from metalearn.training.checkpoint import atomic_write_bytes
 from metalearn.training.config import TrainConfig, config_from_dict, config_to_yaml
 
@@ -27,9 +34,13 @@ class RunDir:
     """A run folder at ``path`` (absolute); nothing is created until ``create``."""
 
     CONFIG = "config.yaml"
+    CONFIGS = "configs"  # one config per session: <NNN>-step<S>.yaml
     CHECKPOINTS = "checkpoints"
     THETA = "theta_latest"
-    METRICS = "metrics.parquet"
+    METRICS = "metrics"
+    EVALUATIONS = "evaluations"
+    DISCARDED = "discarded"
+    LEGACY_METRICS = "metrics.parquet"  # one file, rewritten whole (runs before 0.2)
     TENSORBOARD = "tensorboard"
     # Orbax writes a step into a temporary folder and renames it when complete.
     PARTIAL_CHECKPOINT_GLOB = "*.orbax-checkpoint-tmp*"
@@ -54,6 +65,10 @@ class RunDir:
         return os.path.join(self.path, self.CONFIG)
 
     @property
+    def configs(self) -> str:
+        return os.path.join(self.path, self.CONFIGS)
+
+    @property
     def checkpoints(self) -> str:
         return os.path.join(self.path, self.CHECKPOINTS)
 
@@ -64,6 +79,18 @@ class RunDir:
     @property
     def metrics(self) -> str:
         return os.path.join(self.path, self.METRICS)
+
+    @property
+    def evaluations(self) -> str:
+        return os.path.join(self.path, self.EVALUATIONS)
+
+    @property
+    def discarded(self) -> str:
+        return os.path.join(self.path, self.DISCARDED)
+
+    @property
+    def legacy_metrics(self) -> str:
+        return os.path.join(self.path, self.LEGACY_METRICS)
 
     @property
     def tensorboard(self) -> str:
@@ -84,28 +111,64 @@ class RunDir:
         return sorted(int(n) for n in os.listdir(self.checkpoints) if n.isdigit())
 
     def read_config(self) -> TrainConfig:
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"{self.path} is a file, not a run folder")
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"run folder not found: {self.path}")
         if not self.is_run():
             raise ConfigError(f"{self.path} is not a metalearn run folder (needs "
                               f"{self.CONFIG} and {self.CHECKPOINTS}/)")
-        return config_from_dict(self.read_config_dict())
+        try:
+            return config_from_dict(self.read_config_dict())
+        except ConfigError as err:  # e.g. a folder of another project with a config.yaml
+            raise ConfigError(f"{self.config_path} is not a metalearn training config: "
+                              f"{err}") from None
 
     def read_config_dict(self) -> dict | None:
-        """The saved config as a plain dict (None if there is none), unvalidated."""
+        """The saved config as a plain dict (None if there is none), unvalidated;
+        ConfigError if the file is not YAML."""
         if not os.path.isfile(self.config_path):
             return None
-        with open(self.config_path) as f:
-            return yaml.safe_load(f) or {}
+        return read_yaml(self.config_path, "run config")
+
+    def config_history(self) -> list[tuple[int, int, str]]:
+        """(session number, start step, file) of every session's config, oldest first;
+        empty for a run from before the history was kept."""
+        if not os.path.isdir(self.configs):
+            return []
+        found = [(m, name) for name in os.listdir(self.configs)
+                 if (m := _SESSION_CONFIG.fullmatch(name))]
+        return sorted((int(m[1]), int(m[2]), os.path.join(self.configs, name))
+                      for m, name in found)
 
     def create(self, config: TrainConfig) -> None:
-        """Make the folder and write ``config.yaml`` atomically (validation is done)."""
+        """Make the folder, keep ``config`` as this session's entry of ``configs/``
+        and write ``config.yaml`` (both atomically; validation is done).
+
+        The entry is ``configs/<NNN>-step<S>.yaml``: NNN is one more than the newest
+        entry (000 for a new run), S the newest complete checkpoint's step (0 for a new
+        run). Resuming a run from before the history was kept first saves its
+        ``config.yaml`` as ``000-step0.yaml``: the config of its steps so far."""
         os.makedirs(self.checkpoints, exist_ok=True)
-        atomic_write_bytes(self.config_path, config_to_yaml(config).encode())
+        os.makedirs(self.configs, exist_ok=True)
+        history = self.config_history()
+        steps = self.checkpoint_steps()
+        if not history and steps and os.path.isfile(self.config_path):
+            with open(self.config_path, "rb") as f:
+                earlier = f.read()
+            atomic_write_bytes(os.path.join(self.configs, _session_name(0, 0)), earlier)
+            history = self.config_history()
+        number = history[-1][0] + 1 if history else 0
+        text = config_to_yaml(config).encode()
+        atomic_write_bytes(os.path.join(self.configs,
+                                        _session_name(number, steps[-1] if steps else 0)),
+                           text)
+        atomic_write_bytes(self.config_path, text)
 
     def copy_to(self, dest: str, up_to_step: int) -> None:
         """Copy what a learner needs to resume (checkpoints up to ``up_to_step``, config,
-        metrics, theta) into ``dest``; later and partial checkpoints are left out."""
+        metrics, theta, the sessions' configs) into ``dest``; later and partial
+        checkpoints (and sessions that started after ``up_to_step``) are left out."""
         source = self.checkpoints
         partial = shutil.ignore_patterns(self.PARTIAL_CHECKPOINT_GLOB)
 
@@ -117,11 +180,28 @@ class RunDir:
 
         os.makedirs(dest, exist_ok=True)
         shutil.copytree(source, os.path.join(dest, self.CHECKPOINTS), ignore=ignore)
-        for path in (self.config_path, self.metrics):
+        for path in (self.config_path, self.legacy_metrics):
             if os.path.exists(path):
                 shutil.copy2(path, dest)
+        for folder in (self.metrics, self.evaluations, self.discarded):
+            if os.path.isdir(folder):
+                shutil.copytree(folder, os.path.join(dest, os.path.basename(folder)),
+                                ignore=shutil.ignore_patterns(".tmp-*"))
         if os.path.isdir(self.theta):
             shutil.copytree(self.theta, os.path.join(dest, self.THETA))
+        if os.path.isdir(self.configs):  # the configs of the sessions up to that step
+            def later(folder: str, names: list[str]) -> set[str]:
+                return {n for n in names if not (m := _SESSION_CONFIG.fullmatch(n))
+                        or int(m[2]) > up_to_step}
+
+            shutil.copytree(self.configs, os.path.join(dest, self.CONFIGS), ignore=later)
+
+
+_SESSION_CONFIG = re.compile(r"(\d+)-step(\d+)\.yaml")
+
+
+def _session_name(number: int, step: int) -> str:
+    return f"{number:03d}-step{step}.yaml"
 
 
 __all__ = ["RunDir"]

@@ -1,0 +1,212 @@
+"""``SegmentedTable``: an append-only parquet table kept as segment files in one folder.
+
+A run's metrics grow by a few rows at a time for days. Rewriting one parquet file at
+every flush costs time proportional to the whole run; here a flush writes only its new
+rows as one small file, so its cost does not grow with the run:
+
+    <folder>/L0-000000041-000000041.parquet   one flush (append number 41)
+    <folder>/L1-000000016-000000031.parquet   16 flushes merged (appends 16..31)
+
+A segment's name holds its level and the range of append numbers it contains. When
+``fanout`` segments of one level exist they are merged into one segment of the next
+level (up to ``max_level``), so a folder holds at most ``fanout`` segments per level
+plus one top-level segment per ``fanout ** max_level`` flushes, and each row is
+rewritten at most ``max_level`` times: the amortised cost of a flush is flat.
+
+Crash safety: every file is written to a dot-prefixed temporary name (which readers and
+``pyarrow.dataset`` ignore), fsynced, and renamed. A merge writes its output before it
+deletes its inputs; a crash in between leaves segments covered by the merged one, which
+readers skip and the next merge deletes. A segment that cannot be read (a torn file
+copied from elsewhere, a disk error) is skipped with a ``SegmentWarning`` naming it,
+never a traceback.
+
+Rows are dicts of scalars with an integer ``step`` column; columns may differ between
+segments (a column missing from a row is null). ``read`` unifies the schemas, which a
+bare ``pyarrow.parquet.read_table(folder)`` does not (it takes the first file's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import warnings
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from metalearn.training.checkpoint import atomic_write_bytes
+
+_NAME = re.compile(r"^L(\d+)-(\d{9})-(\d{9})\.parquet$")
+
+
+class SegmentWarning(UserWarning):
+    """A segment file could not be read and was skipped."""
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Segment:
+    first: int  # first append number it holds
+    last: int  # last append number it holds
+    level: int
+    path: str = dataclasses.field(compare=False)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    def covers(self, other: "Segment") -> bool:
+        return (self is not other and self.level > other.level
+                and self.first <= other.first and other.last <= self.last)
+
+
+def rows_to_table(rows: Sequence[dict]) -> pa.Table:
+    """Rows (dicts) as one table whose columns are the union of the rows' keys."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    return pa.table({c: [r.get(c) for r in rows] for c in columns})
+
+
+def concat(tables: Iterable[pa.Table]) -> pa.Table:
+    """Tables with different columns (or null vs typed, int vs float) as one."""
+    tables = [t for t in tables if t.num_columns]
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _to_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+class SegmentedTable:
+    """The append-only table in ``folder`` (created on the first append)."""
+
+    def __init__(self, folder: str, *, fanout: int = 16, max_level: int = 3):
+        if fanout < 2 or max_level < 0:
+            raise ValueError(f"fanout {fanout} must be >= 2 and max_level {max_level} >= 0")
+        self.folder = os.path.abspath(folder)
+        self.fanout, self.max_level = fanout, max_level
+        self._next: int | None = None  # next append number (from the folder's names)
+
+    # ------------------------------------------------------------------ listing
+
+    def _all_segments(self) -> list[Segment]:
+        if not os.path.isdir(self.folder):
+            return []
+        found = []
+        for name in os.listdir(self.folder):
+            match = _NAME.match(name)
+            if match:
+                level, first, last = (int(g) for g in match.groups())
+                found.append(Segment(first, last, level, os.path.join(self.folder, name)))
+        return sorted(found)
+
+    def segments(self) -> list[Segment]:
+        """The live segments in append order (those covered by a merge are left out)."""
+        every = self._all_segments()
+        return [s for s in every if not any(o.covers(s) for o in every)]
+
+    def next_append(self) -> int:
+        if self._next is None:
+            every = self._all_segments()
+            self._next = max((s.last for s in every), default=-1) + 1
+        return self._next
+
+    # ------------------------------------------------------------------ reading
+
+    def read_segment(self, segment: Segment) -> pa.Table | None:
+        """The segment's rows, or None (with a ``SegmentWarning``) if it is unreadable."""
+        try:
+            return pq.read_table(segment.path)
+        except (OSError, pa.ArrowException) as err:
+            warnings.warn(f"metrics segment {segment.path} is unreadable "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                          f"its rows are skipped", SegmentWarning, stacklevel=3)
+            return None
+
+    def read(self) -> pa.Table:
+        """Every readable row, in append order, as one table (columns unified)."""
+        return concat(t for t in map(self.read_segment, self.segments()) if t is not None)
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, rows: Sequence[dict]) -> Segment | None:
+        """Write ``rows`` as one new segment (then merge full levels); None if no rows."""
+        if not rows:
+            return None
+        os.makedirs(self.folder, exist_ok=True)
+        number = self.next_append()
+        segment = self._write(rows_to_table(rows), 0, number, number)
+        self._next = number + 1
+        self._merge_full_levels()
+        return segment
+
+    def _write(self, table: pa.Table, level: int, first: int, last: int) -> Segment:
+        path = os.path.join(self.folder, f"L{level}-{first:09d}-{last:09d}.parquet")
+        atomic_write_bytes(path, _to_bytes(table))
+        return Segment(first, last, level, path)
+
+    def _merge_full_levels(self) -> None:
+        every = self._all_segments()
+        if any(o.covers(s) for s in every for o in every):
+            self._delete_covered()  # left by a crash between a merge and its deletes
+        for level in range(self.max_level):
+            same = [s for s in self.segments() if s.level == level]
+            if len(same) < self.fanout:
+                return
+            self._merge(same, level + 1)
+
+    def _merge(self, inputs: list[Segment], level: int) -> None:
+        tables = [t for t in map(self.read_segment, inputs) if t is not None]
+        self._write(concat(tables), level, inputs[0].first, inputs[-1].last)
+        self._delete_covered()
+
+    def _delete_covered(self) -> None:
+        every = self._all_segments()
+        for segment in every:
+            if any(o.covers(segment) for o in every):
+                os.unlink(segment.path)
+
+    def rewrite(self, keep) -> list[dict]:
+        """Drop the rows for which ``keep(row)`` is false; returns them (rare: resumes,
+        learner restarts). Each affected segment is replaced by one holding the rows it
+        keeps (same name: an atomic rename), or deleted if it keeps none."""
+        dropped: list[dict] = []
+        for segment in self.segments():
+            table = self.read_segment(segment)
+            if table is None:
+                continue
+            rows = table.to_pylist()
+            kept = [r for r in rows if keep(r)]
+            if len(kept) == len(rows):
+                continue
+            dropped.extend(r for r in rows if not keep(r))
+            if kept:
+                atomic_write_bytes(segment.path, _to_bytes(
+                    rows_to_table([{k: v for k, v in r.items() if v is not None}
+                                   for r in kept])))
+            else:
+                os.unlink(segment.path)
+        return dropped
+
+    def quarantine_unreadable(self, into: str) -> list[str]:
+        """Move unreadable segments into ``into`` (out of the table); their names."""
+        moved = []
+        for segment in self.segments():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SegmentWarning)
+                if self.read_segment(segment) is not None:
+                    continue
+            os.makedirs(into, exist_ok=True)
+            os.replace(segment.path, os.path.join(into, segment.name))
+            moved.append(segment.name)
+        return moved
+
+
+__all__ = ["Segment", "SegmentWarning", "SegmentedTable", "concat", "rows_to_table"]
