@@ -8,7 +8,10 @@
 Resume order: with ``--resume RUN`` the run's own ``config.yaml`` is the base (or
 ``--config`` if given), then ``--set`` overrides, then the command-line limits; the
 learner continues from the newest readable checkpoint of RUN. Everything is validated
-before the run folder is touched.
+before the run folder is touched. A resume that changes what is trained (anything but
+budget, placement, bookkeeping and the evaluator: ``metalearn.training.session``) is
+refused unless ``--allow-config-change``; every session's config is kept in
+``RUN/configs/``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 from metalearn.distributed.driver import train
 from metalearn.training.local import train_local
 from metalearn.training.progress import ProgressLine
-from metalearn.training.session import resolve_session
+from metalearn.training.session import describe_changes, resolve_session
 
 
 def add_parser(subparsers) -> None:
@@ -38,6 +41,10 @@ def add_parser(subparsers) -> None:
                         help="ray: learner and worker actors (default); local: one "
                              "process, no Ray (debugging, one GPU)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="with --resume: train the next steps with a config that "
+                             "differs from the run's in what is trained (each session's "
+                             "config is kept in RUN_DIR/configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. learner.meta_batch=8 (repeatable)")
     parser.add_argument("--tensorboard", action="store_true",
@@ -56,7 +63,12 @@ def resolve(args):
             overrides.append(f"{key}={value}")
     if args.tensorboard:
         overrides.append("run.tensorboard=true")
-    return resolve_session(args.config, overrides, args.out, args.resume)
+    session = resolve_session(args.config, overrides, args.out, args.resume,
+                              allow_config_change=getattr(args, "allow_config_change", False))
+    if session.changes:
+        print(f"resuming {session.run.path} with a changed config: "
+              f"{describe_changes(list(session.changes))}", file=sys.stderr)
+    return session
 
 
 def run(args) -> int:

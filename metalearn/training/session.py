@@ -4,6 +4,27 @@ Resume order: with a run folder to resume, the run's own ``config.yaml`` is the 
 (or an explicit config file if given), then ``--set`` overrides; the learner continues
 from the newest readable checkpoint. A resumed config must give theta of the same
 structure and shapes. Everything is validated before any folder is touched.
+
+A resume keeps the run's provenance: a config that differs from the run's saved
+``config.yaml`` in anything that changes what is trained is refused (one line listing
+each differing key, old -> new) unless ``allow_config_change`` (``metalearn train
+--allow-config-change``). What never counts as a change (``resume_free``): budget,
+placement and bookkeeping, which decide how long, where and how visibly the run trains
+but not what it computes:
+
+* ``run.*`` (minutes, steps, address, runner, progress, metrics flush, tensorboard);
+* ``worker.num_workers``, ``worker.cpus_per_worker``, ``worker.gpus_per_worker``,
+  ``worker.on_start_failure``, ``worker.compilation_cache`` (how many workers, where they
+  run, how they start; each worker computes the same kind of gradient);
+* ``learner.checkpoint_minutes``, ``learner.keep_checkpoints`` (how often and how many
+  checkpoints are kept);
+* ``tasks.data_dir`` (where this machine finds the same sources);
+* ``evaluator.*`` (held-out measurements of theta; they never feed back into it).
+
+Everything else (rule, objective, unroll, learner optimisation, curriculum, worker batch
+size, tasks per worker, seeds, task mix...) is a change. Each session's config is kept
+in the run folder (``RunDir.create``: ``configs/<NNN>-step<S>.yaml``), and
+``config.yaml`` stays the latest one, the base of the next resume.
 """
 
 from __future__ import annotations
@@ -11,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Any
 
 from metalearn.core.config_io import ConfigError, apply_overrides, to_dict
 from metalearn.core.theta import theta_spec
@@ -18,6 +40,18 @@ from metalearn.training.config import TrainConfig, config_from_dict, load_config
 from metalearn.training.run_dir import RunDir
 from metalearn.training.task_mix import resolve_mix
 from tasks.sampler import MixConfig
+from tasks.sources import check_name
+
+# Dotted keys (a section, or one field) a resume may change without
+# ``--allow-config-change``: see the module docstring for why each is here.
+RESUME_FREE = (
+    "run",
+    "worker.num_workers", "worker.cpus_per_worker", "worker.gpus_per_worker",
+    "worker.on_start_failure", "worker.compilation_cache",
+    "learner.checkpoint_minutes", "learner.keep_checkpoints",
+    "tasks.data_dir",
+    "evaluator",
+)
 
 
 def check_resume_compatible(saved: TrainConfig, config: TrainConfig, run: RunDir) -> None:
@@ -27,26 +61,80 @@ def check_resume_compatible(saved: TrainConfig, config: TrainConfig, run: RunDir
         theta_spec(config.rule), where=f"cannot resume {run.path}: this config's theta")
 
 
+def resume_free(key: str) -> bool:
+    """True if dotted ``key`` may change on resume without ``--allow-config-change``."""
+    return any(key == free or key.startswith(free + ".") for free in RESUME_FREE)
+
+
+_MISSING = object()
+
+
+def _leaves(values: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: TrainConfig, config: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for each value that differs and changes what is trained
+    (``resume_free`` keys left out), in the config's order."""
+    old, new = _leaves(to_dict(saved)), _leaves(to_dict(config))
+    keys = list(new) + [k for k in old if k not in new]
+    return [(k, old.get(k, _MISSING), new.get(k, _MISSING)) for k in keys
+            if old.get(k, _MISSING) != new.get(k, _MISSING) and not resume_free(k)]
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _MISSING else repr(value)
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    """``learner.meta_batch 4 -> 8, unroll.estimator 'truncated' -> 'pes'``."""
+    return ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, old, new in changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class Session:
-    """What one invocation trains: the config, its resolved task mix, the run folder."""
+    """What one invocation trains: the config, its resolved task mix, the run folder;
+    ``changes``: what a resume allowed to change (``config_changes``), else empty."""
 
     config: TrainConfig
     run: RunDir
     resume: bool
     mix: MixConfig
+    changes: tuple = ()
 
 
 def resolve_session(config_path: str | None, overrides: list[str], out: str | None,
-                    resume: str | None) -> Session:
+                    resume: str | None, *, allow_config_change: bool = False) -> Session:
     """The ``Session`` of one invocation; ConfigError / FileNotFoundError on bad input,
-    before any folder is touched and before Ray starts."""
-    config, run, resuming = _config_and_run(config_path, overrides, out, resume)
-    return Session(config, run, resuming, resolve_mix(config.tasks))
+    before any folder is touched and before Ray starts. A resume whose config changes
+    what is trained is refused unless ``allow_config_change`` (module docstring)."""
+    config, run, resuming, changes = _config_and_run(config_path, overrides, out, resume,
+                                                     allow_config_change)
+    check_evaluator(config)
+    return Session(config, run, resuming, resolve_mix(config.tasks), tuple(changes))
+
+
+def check_evaluator(config: TrainConfig) -> None:
+    """The continuous evaluator's datasets are source names (a typo would only show as
+    a dataset skipped at run time)."""
+    if not config.evaluator.enabled:
+        return
+    for index, name in enumerate(config.evaluator.datasets):
+        try:
+            check_name(name)
+        except ConfigError as err:
+            raise ConfigError(f"evaluator.datasets[{index}]: {err}") from None
 
 
 def _config_and_run(config_path: str | None, overrides: list[str], out: str | None,
-                    resume: str | None) -> tuple[TrainConfig, RunDir, bool]:
+                    resume: str | None, allow_config_change: bool
+                    ) -> tuple[TrainConfig, RunDir, bool, list]:
     if resume:
         run = RunDir(resume)
         saved = run.read_config()
@@ -60,14 +148,24 @@ def _config_and_run(config_path: str | None, overrides: list[str], out: str | No
         if out and os.path.abspath(out) != run.path:
             raise ConfigError("--out and --resume name different folders; a resumed run "
                               "continues in its own folder")
-        return config, run, True
+        changes = config_changes(saved, config)
+        if changes and not allow_config_change:
+            raise ConfigError(
+                f"cannot resume {run.path} with a changed config: "
+                f"{describe_changes(changes)}; pass --allow-config-change to train the "
+                f"next steps with it (each session's config is kept in "
+                f"{os.path.join(run.path, RunDir.CONFIGS)}/)")
+        return config, run, True, changes
     config = load_config(config_path, overrides)
     run = RunDir(out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    if os.path.exists(run.path) and not os.path.isdir(run.path):
+        raise ConfigError(f"--out {run.path} is a file; choose a new --out")
     if not run.is_empty():
         what = "a run" if run.is_run() else "not empty"
         raise ConfigError(f"{run.path} is {what}; choose a new --out"
                           + (" or use --resume" if what == "a run" else ""))
-    return config, run, False
+    return config, run, False, []
 
 
-__all__ = ["Session", "check_resume_compatible", "resolve_session"]
+__all__ = ["RESUME_FREE", "Session", "check_evaluator", "check_resume_compatible",
+           "config_changes", "describe_changes", "resolve_session", "resume_free"]
