@@ -3,13 +3,13 @@
 import os
 
 import numpy as np
-from metalearn.training.metrics import read_metrics
 import pytest
 
 from metalearn.cli import main
 from metalearn.training.loop import Callback
 from metalearn.core.config import ConfigError
 from metalearn.training.config import config_to_yaml
+from metalearn.training.metrics import read_metrics
 from train_helpers import tiny_config
 
 REQUIRED = ["step", "meta_loss", "grads_per_s", "staleness_mean", "dropped_stale",

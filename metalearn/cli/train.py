@@ -16,6 +16,7 @@ refused unless ``--allow-config-change``; every session's config is kept in
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from metalearn.distributed.driver import train
@@ -78,6 +79,13 @@ def run(args) -> int:
     runner = train_local if config.run.runner == "local" else train
     summary = runner(config, run_dir, resume=session.resume, mix=session.mix,
                      callbacks=callbacks)
+    if summary.signal:
+        # 128 + the signal's number, as a shell reports a process the signal ended.
+        code = 128 + int(getattr(signal, summary.signal))
+        print(f"stopped by {summary.signal} at step {summary.final_step}: the final "
+              f"checkpoint and metrics are written; continue with: metalearn train "
+              f"--resume {run_dir.path}", file=sys.stderr)
+        return code
     print(f"done: steps {summary.start_step} -> {summary.final_step} in "
           f"{summary.wall_s / 60:.1f} min; checkpoint at step {summary.checkpoint_step}; "
           f"worker restarts {summary.worker_failures}, learner restarts "
