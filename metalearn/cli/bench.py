@@ -11,6 +11,9 @@
                                                                  ingests (Ray)
     metalearn bench scaling [--json] [--config FILE]             meta-gradients/s, 1 vs 2
                                                                  workers (Ray)
+    metalearn bench metrics [--json] [--steps N]                 metrics flush time at step
+                                                                 1,000 vs 100,000
+                                                                 (metalearn.training.bench)
 
 The measuring lives beside the code it measures (``metalearn.core.bench``,
 ``tasks.bench``, ``metalearn.distributed.bench``) and returns report dicts; this module
@@ -87,6 +90,15 @@ def add_parser(subparsers) -> None:
     scaling.add_argument("--unroll", type=int, default=4, help="U of every truncation")
     scaling.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     scaling.set_defaults(func=run_scaling)
+
+    metrics = benches.add_parser("metrics", help="metrics flush time at step 1,000 vs "
+                                 "100,000 (append-only segments vs rewriting one file)")
+    metrics.add_argument("--json", action="store_true", help="last line: one JSON object")
+    metrics.add_argument("--steps", type=int, default=100_000,
+                         help="rows of the synthetic run (default 100,000)")
+    metrics.add_argument("--rows-per-flush", type=int, default=10,
+                         help="rows a flush writes (default 10)")
+    metrics.set_defaults(func=run_metrics)
 
 
 def _log(message: str) -> None:
@@ -210,11 +222,36 @@ def run_scaling(args) -> int:
     return _finish(args, format_scaling(report), report)
 
 
+def run_metrics(args) -> int:
+    from metalearn.training.bench import measure_metrics
+    at = (1_000, args.steps) if args.steps > 1_000 else (args.steps,)
+    report = measure_metrics(steps=args.steps, rows_per_flush=args.rows_per_flush, at=at,
+                             log=_log)
+    return _finish(args, format_metrics(report), report)
+
+
+def format_metrics(report: dict) -> str:
+    lines = [f"metrics flush ({report['rows_per_flush']} rows of {report['columns']} "
+             f"columns a flush; window of {report['window']:,} steps before each point):"]
+    for p in report["points"]:
+        lines.append(f"  step {p['step']:>7,}: median {p['median_ms']:6.2f} ms, mean "
+                     f"{p['mean_ms']:6.2f} ms (merges included), max {p['max_ms']:7.1f} ms; "
+                     f"rewriting one file {p['rewrite_whole_ms']:8.1f} ms")
+    if "median_ratio" in report:
+        lines.append(f"  last/first: median {report['median_ratio']:.2f}x, mean "
+                     f"{report['mean_ratio']:.2f}x; rewriting one file "
+                     f"{report['rewrite_whole_ratio']:.0f}x")
+    lines.append(f"  {report['files']} segment files for {report['steps']:,} rows; reading "
+                 f"them all back {report['read_all_s']:.2f} s")
+    return "\n".join(lines)
+
+
 def format_scaling(report: dict) -> str:
     return (f"scaling: 1 worker {report['grads_per_s_1']:.3f} meta-grads/s, 2 workers "
             f"{report['grads_per_s_2']:.3f}/s, speedup {report['speedup']:.2f}x (cores "
             f"{report['cores']}, arch {report['arch']}, U={report['unroll']})")
 
 
-__all__ = ["add_parser", "format_inner_step", "format_learner", "format_scaling",
+__all__ = ["add_parser", "format_inner_step", "format_learner", "format_metrics",
+           "format_scaling", "run_metrics",
            "format_tasks", "run_inner_step", "run_learner", "run_scaling", "run_tasks"]
