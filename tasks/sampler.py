@@ -59,8 +59,9 @@ class ComponentConfig:
             check_name(self.source)
         except ConfigError as err:
             raise ConfigError(f"component.source: {err}") from None
-        if not self.weight >= 0:
-            raise ConfigError(f"component.weight must be >= 0, got {self.weight}")
+        if not 0 <= self.weight < float("inf"):
+            raise ConfigError(f"component.weight must be a finite number >= 0, got "
+                              f"{self.weight}")
         if not self.ways or any(w < 2 for w in self.ways):
             raise ConfigError(f"component.ways must be integers >= 2, got {list(self.ways)}")
         if self.fixed and len(set(self.ways)) != 1:

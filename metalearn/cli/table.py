@@ -24,7 +24,7 @@ from metalearn.evaluation.config import EvalConfig
 from metalearn.evaluation.run import LEARNED, Progress
 from metalearn.evaluation.table import TableConfig, markdown_table, run_table, summarise_table
 from metalearn.training.export import checkpoint_label, load_export
-from tasks.sources import check_name
+from tasks.sources import check_name, load
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -78,6 +78,8 @@ def run(args) -> int:
                          baselines=_names(args.baselines), eval=base)
     for name in config.datasets:
         check_name(name)
+        if name.startswith("file:"):  # your own data: checked (and memoised) up front
+            load(name, args.data_dir, progress=False)
     out = args.out or os.path.join("reports", f"table-{time.strftime('%Y%m%d-%H%M%S')}")
     progress = Progress(not args.quiet)
     progress(f"rule {exported.meta.get('run')} step {exported.step} (inner lr "

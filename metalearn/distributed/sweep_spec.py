@@ -17,16 +17,30 @@ wrong key or type is an error naming its dotted field (``trial.workers``,
 A trial's ``TrainConfig`` (``trial_config``) is the base config's dict with the fixed
 ``set`` values, the trial's sampled values and its limits set at their dotted keys,
 then validated like any training config.
+
+``load_spec`` checks everything it can before Ray starts, each error one line naming the
+spec file and the field: ranges (``uniform`` low <= high, ``loguniform`` 0 < low <= high,
+``randint`` low < high, all finite), every grid / choice value and both ends of every
+range of ``search`` and ``scheduler.mutations`` make a valid training config, a range
+never targets an integer field (it draws floats), no entry sets a key the trial limits
+own (``run.steps``, ``run.minutes``, ``worker.num_workers``: use ``trial``), PBT's
+searched and mutated values keep theta's shapes (its trials continue from each other's
+checkpoints), the scheduler's options are in Tune's ranges, and ``metric`` is a column
+the trials report.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import types
+import typing
 from typing import Any, Literal
 
 from metalearn.core.config_io import ConfigError, apply_values, from_dict, read_yaml, to_dict
+from metalearn.core.theta import theta_spec
 from metalearn.training.config import TrainConfig, config_from_dict, read_config_values
 from metalearn.training.metrics import LEARNER_COLUMNS, estimator_columns
 from metalearn.training.task_mix import resolve_mix
@@ -58,8 +72,22 @@ class Domain:
         kind, args = self.kind, self.args
         if not args:
             raise ConfigError(f"domain.{kind} must be a non-empty list")
-        if kind in ("uniform", "loguniform", "randint") and len(args) != 2:
+        if kind not in ("uniform", "loguniform", "randint"):
+            return
+        if len(args) != 2:
             raise ConfigError(f"domain.{kind} must be [low, high]")
+        low, high = args
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ConfigError(f"domain.{kind} must be finite numbers [low, high], "
+                              f"got {list(args)}")
+        if kind == "uniform" and low > high:
+            raise ConfigError(f"domain.uniform: low {low} > high {high}; give [low, high]")
+        if kind == "loguniform" and not 0 < low <= high:
+            raise ConfigError(f"domain.loguniform needs 0 < low <= high (a log scale), "
+                              f"got {list(args)}")
+        if kind == "randint" and not low < high:
+            raise ConfigError(f"domain.randint needs low < high (high is excluded), "
+                              f"got {list(args)}")
 
     @property
     def kind(self) -> str:
@@ -72,8 +100,11 @@ class Domain:
 
     def candidates(self) -> tuple:
         """Values a trial may get that ``load_spec`` checks make a valid config: every
-        grid or choice value, the low end of a range."""
-        return self.args if self.kind in ("grid", "choice") else self.args[:1]
+        grid or choice value, both ends of a range."""
+        if self.kind in ("grid", "choice"):
+            return self.args
+        low, high = self.args
+        return (low, high - 1) if self.kind == "randint" else (low, high)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +188,14 @@ class AshaScheduler(SchedulerConfig):
     grace_period: int | None = None  # None: trial.report_every (set by load_spec)
     reduction_factor: float = 2.0
 
+    def __post_init__(self):
+        if self.grace_period is not None and self.grace_period < 1:
+            raise ConfigError(f"scheduler.grace_period must be >= 1 learner step, "
+                              f"got {self.grace_period}")
+        if not self.reduction_factor > 1:
+            raise ConfigError(f"scheduler.reduction_factor must be > 1, "
+                              f"got {self.reduction_factor}")
+
 
 @dataclasses.dataclass(frozen=True)
 class PbtScheduler(SchedulerConfig):
@@ -173,6 +212,15 @@ class PbtScheduler(SchedulerConfig):
     def __post_init__(self):
         if not self.mutations:
             raise ConfigError("scheduler.mutations is required for pbt")
+        if self.perturbation_interval is not None and self.perturbation_interval < 1:
+            raise ConfigError(f"scheduler.perturbation_interval must be >= 1 learner step, "
+                              f"got {self.perturbation_interval}")
+        if not 0 <= self.quantile_fraction <= 0.5:
+            raise ConfigError(f"scheduler.quantile_fraction must be in [0, 0.5] (the share "
+                              f"of trials cloned and of donors), got {self.quantile_fraction}")
+        if not 0 <= self.resample_probability <= 1:
+            raise ConfigError(f"scheduler.resample_probability must be in [0, 1], "
+                              f"got {self.resample_probability}")
 
 
 SCHEDULERS: dict[str, type[SchedulerConfig]] = {
@@ -221,6 +269,14 @@ class SweepSpec:
         if not isinstance(self.set, dict):
             raise ConfigError(f"set must be a mapping of dotted keys to values, got "
                               f"{type(self.set).__name__}")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.max_concurrent < 0:
+            raise ConfigError(f"max_concurrent must be >= 0 (0: as many as fit), "
+                              f"got {self.max_concurrent}")
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures must be >= -1 (-1: retry forever), "
+                              f"got {self.max_failures}")
 
 
 _FILE_KEYS = tuple(f.name for f in dataclasses.fields(SweepSpec)
@@ -251,10 +307,7 @@ def load_spec(path: str) -> SweepSpec:
         os.path.abspath(path)))
     spec = dataclasses.replace(spec, path=os.path.abspath(path), base_values=base_values,
                                scheduler=_with_defaults(spec.scheduler, spec.trial))
-    configs = [trial_config(spec, {})]
-    for entry in spec.search:  # every searched value must make a valid config
-        candidates = entry.domain.candidates() if entry.domain else (entry.value,)
-        configs += [trial_config(spec, {entry.key: candidate}) for candidate in candidates]
+    configs = _checked_configs(spec, path)
     for config in configs:  # every trial must report the metric Tune ranks them by
         try:
             check_metric(spec.metric, config)
@@ -266,6 +319,80 @@ def load_spec(path: str) -> SweepSpec:
         if key not in mixes:
             mixes[key] = to_dict(resolve_mix(config.tasks))
     return dataclasses.replace(spec, mixes=mixes)
+
+
+# Keys ``trial_values`` sets from ``trial`` after everything else: a spec that sets or
+# searches them would be silently overridden.
+TRIAL_LIMITS = {"run.steps": "trial.steps", "run.minutes": "trial.minutes",
+                "worker.num_workers": "trial.workers"}
+
+
+def _checked_configs(spec: SweepSpec, path: str) -> list[TrainConfig]:
+    """The base trial config and one per searched or mutated candidate value, each
+    validated; ConfigError names ``path`` and the entry."""
+    try:
+        base = trial_config(spec, {})
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    mutations = spec.scheduler.mutations if isinstance(spec.scheduler, PbtScheduler) else ()
+    sections = [("set", SearchEntry(str(k), value=v)) for k, v in spec.set.items()]
+    sections += [("search", e) for e in spec.search]
+    sections += [("scheduler.mutations", e) for e in mutations]
+    configs = [base]
+    for section, entry in sections:
+        where = f"{path}: {section}.{entry.key}"
+        limit = _sets_limit(entry.key, entry.value)
+        if limit:
+            raise ConfigError(f"{where}: {limit} is set by {TRIAL_LIMITS[limit]} in every "
+                              f"trial; set it there")
+        if section == "set":
+            continue  # validated in the base config
+        if entry.domain and entry.domain.kind in ("uniform", "loguniform") \
+                and _field_type(entry.key) is int:
+            raise ConfigError(f"{where}: {entry.domain.kind} draws floats but {entry.key} "
+                              f"is an integer; use "
+                              f"{'randint or choice' if section == 'search' else 'choice'}")
+        candidates = entry.domain.candidates() if entry.domain else (entry.value,)
+        for candidate in candidates:  # every searched or mutated value: a valid config
+            try:
+                config = trial_config(spec, {entry.key: candidate})
+            except ConfigError as err:
+                raise ConfigError(f"{where} = {candidate!r}: {err}") from None
+            if mutations:  # PBT clones checkpoints between trials: theta must fit
+                theta_spec(base.rule).check_compatible(theta_spec(config.rule), where=(
+                    f"{where} = {candidate!r}: PBT trials continue from each other's "
+                    f"checkpoints, so theta must keep its shapes; this value's theta"))
+            configs.append(config)
+    return configs
+
+
+def _sets_limit(key: str, value: Any) -> str | None:
+    """The trial limit that setting ``key`` to ``value`` would set, if any."""
+    for limit in TRIAL_LIMITS:
+        if key == limit:
+            return limit
+        if limit.startswith(key + ".") and isinstance(value, dict):
+            node = value
+            for part in limit[len(key) + 1:].split("."):
+                if not isinstance(node, dict) or part not in node:
+                    break
+                node = node[part]
+            else:
+                return limit
+    return None
+
+
+def _field_type(key: str) -> Any:
+    """The annotation of training-config field ``key`` (Optional stripped), or None."""
+    cls: Any = TrainConfig
+    for part in key.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+        if typing.get_origin(cls) in (typing.Union, types.UnionType):
+            cls = next(a for a in typing.get_args(cls) if a is not type(None))
+    return cls
 
 
 # What a trial's reports hold besides its metrics row (sweep.TrialReporter, and Tune's
@@ -340,6 +467,6 @@ def trial_config(spec: SweepSpec, params: dict) -> TrainConfig:
     return config_from_dict(trial_values(spec, params))
 
 
-__all__ = ["REPORT_COLUMNS", "check_metric", "reported_columns", "AshaScheduler", "Domain", "FifoScheduler", "PbtScheduler", "SchedulerConfig",
+__all__ = ["REPORT_COLUMNS", "TRIAL_LIMITS", "check_metric", "reported_columns", "AshaScheduler", "Domain", "FifoScheduler", "PbtScheduler", "SchedulerConfig",
            "SearchEntry", "SweepSpec", "TrialSettings", "load_spec", "mix_key",
            "trial_config", "trial_mix", "trial_values"]

@@ -217,6 +217,10 @@ class RunConfig:
     def __post_init__(self):
         if self.minutes < 0 or self.steps < 0:
             raise ConfigError("run.minutes and run.steps must be >= 0")
+        for name in ("progress_every_s", "metrics_flush_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"run.{name} must be >= 0 (seconds), "
+                                  f"got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)

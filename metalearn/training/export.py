@@ -251,14 +251,23 @@ def read_export_meta(path: str) -> dict:
                 if is_export(RunDir(path).theta) else "")
         raise ConfigError(f"{path} is not a metalearn export (no {META_ITEM}/metadata and "
                           f"{THETA_ITEM}/ items){hint}")
-    with open(os.path.join(path, META_ITEM, "metadata")) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
+    try:
+        with open(os.path.join(path, META_ITEM, "metadata")) as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not a readable metalearn export: {META_ITEM}/metadata "
+                          f"is not JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = meta if isinstance(meta, dict) else {}
         raise ConfigError(f"{path} is an orbax checkpoint but not a metalearn export "
                           f"(format {meta.get('format')!r}, expected {FORMAT!r})")
     if int(meta.get("format_version", -1)) > FORMAT_VERSION:
         raise ConfigError(f"{path} has export format version {meta['format_version']}; this "
                           f"metalearn ({package_version()}) reads up to {FORMAT_VERSION}")
+    missing = [key for key in ("rule", "step") if key not in meta]
+    if missing:
+        raise ConfigError(f"{path}: the export's metadata lacks {', '.join(missing)}; it is "
+                          f"damaged: export the run again (`metalearn export`)")
     return meta
 
 
@@ -267,7 +276,11 @@ def load_export(path: str, rule: RuleConfig | None = None) -> ExportedRule:
     has that rule's shapes."""
     path = resolve_checkpoint(path)
     meta = read_export_meta(path)
-    saved_rule = from_dict(RuleConfig, meta["rule"], "rule")
+    try:
+        saved_rule = from_dict(RuleConfig, meta["rule"], "rule")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: the export's rule config does not load in this "
+                          f"metalearn ({package_version()}): {err}") from None
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
@@ -275,6 +288,10 @@ def load_export(path: str, rule: RuleConfig | None = None) -> ExportedRule:
         with ocp.Checkpointer(_handler()) as checkpointer:
             restored = checkpointer.restore(os.path.abspath(path), ocp.args.Composite(**{
                 THETA_ITEM: ocp.args.PyTreeRestore()}))
+    except Exception as err:  # noqa: BLE001 - a damaged export is bad input, one line
+        message = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ConfigError(f"{path}: cannot read theta from the export ({message}); it is "
+                          f"damaged: export the run again (`metalearn export`)") from None
     finally:
         absl_logger.setLevel(level)
     theta = _to_nested_numpy(dict(restored[THETA_ITEM]))

@@ -3,8 +3,10 @@
 A run's ``tasks.mix`` names a packaged mix (``local``, ``paper``, ``tiny``) or a YAML
 file on the submitting machine. ``resolve_mix`` reads it there, applies the config's
 shape bounds (``tasks.architecture``, ``tasks.ways``), validates it into a ``MixConfig``
-and checks what it can see before any actor starts: every ``file:`` source is a readable
-file and ``tasks.data_dir`` (if set) a readable folder. Workers receive the resolved mix
+and checks what it can see before any actor starts: ``tasks.data_dir`` (if set) is a
+readable folder, and every ``file:`` source a readable file with usable data (it is
+loaded once here, ``tasks.files``: no NaN or inf, at least 2 classes, one integer label
+per row, enough classes for the component's N-way tasks). Workers receive the resolved mix
 as a dict (``to_dict``); no node reads the mix file, and a ``file:`` source a node cannot
 read is reported by that worker with its node (docs/training.md, "Clusters").
 """
@@ -15,7 +17,8 @@ import os
 
 from metalearn.core.config_io import ConfigError, read_yaml, resolve_config
 from metalearn.training.config import TasksConfig
-from tasks.sampler import MixConfig, load_mix
+from tasks.sampler import MixConfig, TaskSampler, load_mix
+from tasks.sources import load
 
 
 def resolve_mix(tasks: TasksConfig) -> MixConfig:
@@ -70,6 +73,11 @@ def check_readable(mix: MixConfig, data_dir: str | None, where: str) -> None:
             raise FileNotFoundError(f"{field}: data file {path} not found")
         if not os.access(path, os.R_OK):
             raise ConfigError(f"{field}: data file {path} is not readable (permissions)")
+        try:  # memoised: a local run's sampler reuses what is loaded here
+            dataset = load(component.source, options=mix.sources, progress=False)
+            TaskSampler._pool(component, dataset)  # N-way and group against its classes
+        except ConfigError as err:
+            raise ConfigError(f"{field}: {err}") from None
 
 
 __all__ = ["check_readable", "resolve_mix"]
