@@ -15,6 +15,7 @@ import sys
 # command -> (module, one-line help)
 COMMANDS = {
     "bench": ("metalearn.cli.bench", "measure speed: inner-step, tasks, learner, scaling"),
+    "chaos": ("metalearn.cli.chaos", "train while killing workers, the learner and a node; audit"),
     "data": ("metalearn.cli.data", "list, build, inspect and show data sources and tasks"),
     "eval": ("metalearn.cli.eval", "evaluate an exported rule on held-out data vs baselines"),
     "export": ("metalearn.cli.export", "export a run's theta as a self-describing checkpoint"),

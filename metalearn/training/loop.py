@@ -38,6 +38,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import os
 import signal
 import sys
 import threading
@@ -51,6 +52,10 @@ from metalearn.training.messages import (LearnerReply, LearnerStatus, ThetaHandl
                                          WorkerResult, WorkOrder)
 from metalearn.training.metrics import MetricsLog
 from metalearn.training.run_dir import RunDir
+
+
+# After a worker died, its next order waits this long (Ray is restarting the process).
+RESTART_BACKOFF_S = 2.0
 
 
 class LearnerLost(RuntimeError):
@@ -233,6 +238,7 @@ class TrainingLoop:
         self.curriculum = None
         self._stale_theta = False  # a newer version than ``theta`` exists
         self._dead_received: dict[str, int] = {}  # generation -> newest ``received`` seen
+        self._not_before: dict[int, float] = {}  # worker -> when it may take an order
 
     # ------------------------------------------------------------------ control
 
@@ -341,10 +347,13 @@ class TrainingLoop:
             if time.monotonic() >= deadline:
                 self.request_stop("minutes")
                 break
+            now = time.monotonic()
+            deferred = [i for i in idle if self._not_before.get(i, 0.0) > now]
             for index in idle:
-                transport.dispatch(index, WorkOrder(self.theta, self.curriculum))
-                self.ledger.dispatched += 1
-            idle = []
+                if index not in deferred:
+                    transport.dispatch(index, WorkOrder(self.theta, self.curriculum))
+                    self.ledger.dispatched += 1
+            idle = deferred
             replies = []
             for result in transport.collect(timeout_s=0.5):
                 if result.cannot_start:
@@ -356,6 +365,9 @@ class TrainingLoop:
                 if result.died:
                     self.worker_failures += 1
                     self.ledger.worker_died += 1
+                    # While Ray restarts it, an order fails at once: wait a moment rather
+                    # than spin on a worker that is not there yet.
+                    self._not_before[result.index] = time.monotonic() + RESTART_BACKOFF_S
                     self._event("worker_died", worker=result.index, step=self.step,
                                 cause=result.error or "process died")
                     self._reseed(result.index)
@@ -472,10 +484,17 @@ class TrainingLoop:
     def _restart_learner(self) -> None:
         self.learner_restarts += 1
         dead, last_step = self.theta.generation, self.step
+        last_wall = (self.last_row or {}).get("wall_s")
         self.transport.stop_learner()
         status = self._take_learner(self.transport.start_learner(True))
         self.metrics.truncate(status.step)
+        try:  # how long ago the checkpoint restored from was written
+            lost_s = time.time() - os.path.getmtime(
+                os.path.join(self.run_dir.checkpoints, str(status.step)))
+        except OSError:
+            lost_s = float("nan")
         self._event("learner_restart", dead_generation=dead, last_step_seen=last_step,
+                    last_wall_s_seen=last_wall, checkpoint_age_s=round(lost_s, 2),
                     dead_received_seen=self._dead_received.get(dead, 0),
                     restored_step=status.step, generation=status.generation,
                     restored_counters=status.counters, rolled_back_steps=last_step - status.step)

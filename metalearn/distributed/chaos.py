@@ -1,0 +1,263 @@
+"""``metalearn chaos``: train on a local multi-node Ray cluster while breaking it, then
+audit the run folder (``metalearn.training.audit``).
+
+The chaos run starts a fake multi-node cluster in this machine (``ray.cluster_utils``: a
+head with no CPUs, where the driver and the learner live, and ``nodes`` worker nodes),
+runs ``metalearn train`` against it as a separate driver process, and on a schedule:
+
+* every ``worker_kill_s`` SIGKILLs one random worker actor process (a crash; Ray
+  restarts it and the driver reseeds it);
+* every ``learner_kill_s`` SIGKILLs the learner actor (the driver replaces it from the
+  last checkpoint);
+* once, at ``node_loss_at`` of the time, removes a worker node whole (its workers die
+  with it) and adds a fresh one;
+* once, at ``interrupt_at`` of the time, sends SIGINT to the driver, waits for its clean
+  stop (exit 130), and resumes the run with ``--resume`` for the remaining time.
+
+Every action is logged to ``<out>/chaos.jsonl``; the driver's output goes to
+``<out>/driver-<n>.log``; the audit report to ``<out>/audit.json``. The processes it kills
+are found by their process titles (``ray::WorkerActor``, ``ray::LearnerActor``) among
+the descendants of this cluster's raylets, so no other Ray on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import psutil
+
+from metalearn.training.audit import AuditReport, audit_run
+
+
+@dataclasses.dataclass(frozen=True)
+class ChaosPlan:
+    minutes: float = 30.0
+    worker_kill_s: float = 30.0
+    learner_kill_s: float = 300.0
+    node_loss_at: float = 0.4  # fraction of the run's time
+    interrupt_at: float = 0.6
+    nodes: int = 2
+    cpus_per_node: int = 1
+    config: str = "smoke"
+    checkpoint_minutes: float = 1.0
+    seed: int = 0
+    overrides: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        from metalearn.core.config_io import ConfigError
+        if not self.minutes > 0:
+            raise ConfigError(f"--minutes must be positive, got {self.minutes}")
+        for name in ("worker_kill_s", "learner_kill_s", "checkpoint_minutes"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("node_loss_at", "interrupt_at"):
+            if not 0 < getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a fraction in (0, 1), "
+                                  f"got {getattr(self, name)}")
+        if self.nodes < 2:
+            raise ConfigError(f"--nodes must be >= 2 (one is removed), got {self.nodes}")
+
+
+def _descendants_titled(roots: list[int], title: str) -> list[psutil.Process]:
+    found = []
+    for pid in roots:
+        try:
+            children = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            continue
+        for child in children:
+            try:
+                cmdline = child.cmdline()
+            except psutil.Error:
+                continue
+            if cmdline and cmdline[0].startswith(title):
+                found.append(child)
+    return found
+
+
+class ChaosRun:
+    """One chaos run in ``out`` (see the module docstring)."""
+
+    def __init__(self, plan: ChaosPlan, out: str, log: Callable[[str], None] = print):
+        plan.validate()
+        self.plan = plan
+        self.out = os.path.abspath(out)
+        self.run_dir = os.path.join(self.out, "run")
+        self.log = log
+        self.rng = random.Random(plan.seed)
+        self.cluster = None
+        self.worker_nodes: list = []
+        self.sessions = 0
+        self.counts = {"worker_kills": 0, "learner_kills": 0, "nodes_removed": 0,
+                       "interrupts": 0, "worker_kill_misses": 0}
+
+    # ------------------------------------------------------------------ records
+
+    def _record(self, action: str, **fields) -> None:
+        entry = {"action": action, "time": round(time.time(), 3), **fields}
+        with open(os.path.join(self.out, "chaos.jsonl"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.log(f"chaos: {action} " + " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    # ------------------------------------------------------------------ the cluster
+
+    def _start_cluster(self) -> None:
+        from ray.cluster_utils import Cluster
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        self.worker_nodes = [self.cluster.add_node(num_cpus=self.plan.cpus_per_node)
+                             for _ in range(self.plan.nodes)]
+        self.cluster.wait_for_nodes()
+        self._record("cluster", address=self.cluster.address, nodes=self.plan.nodes)
+
+    def _raylet_pids(self) -> list[int]:
+        import ray._private.ray_constants as constants
+        pids = []
+        for node in [self.cluster.head_node, *self.worker_nodes]:
+            for info in node.all_processes.get(constants.PROCESS_TYPE_RAYLET, []):
+                pids.append(info.process.pid)
+        return pids
+
+    def _actors(self, title: str) -> list[psutil.Process]:
+        return _descendants_titled(self._raylet_pids(), title)
+
+    # ------------------------------------------------------------------ the driver
+
+    def _driver(self, minutes: float, resume: bool) -> subprocess.Popen:
+        self.sessions += 1
+        args = [sys.executable, "-m", "metalearn.cli", "train", "--address",
+                self.cluster.address, "--minutes", f"{minutes:.3f}"]
+        if resume:
+            args += ["--resume", self.run_dir]
+        else:
+            args += ["--config", self.plan.config, "--out", self.run_dir,
+                     "--workers", str(self.plan.nodes * self.plan.cpus_per_node),
+                     "--set", f"learner.checkpoint_minutes={self.plan.checkpoint_minutes}",
+                     "--set", "run.metrics_flush_s=2", "--set", "evaluator.enabled=false"]
+            for override in self.plan.overrides:
+                args += ["--set", override]
+        log = open(os.path.join(self.out, f"driver-{self.sessions}.log"), "w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": self.cluster.address}
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self._record("driver_start", session=self.sessions, pid=proc.pid, minutes=minutes,
+                     resume=resume)
+        return proc
+
+    def _wait_training(self, proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
+        """Until the session's first learner row (the workers compiled and pushed)."""
+        from metalearn.training.events import read_events
+        deadline = time.monotonic() + timeout_s
+        starts = lambda: sum(e["event"] == "session_start"  # noqa: E731
+                             for e in read_events(self.run_dir))
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.isdir(self.run_dir) and starts() >= self.sessions:
+                return
+            time.sleep(1.0)
+        raise RuntimeError(f"driver session {self.sessions} did not start training "
+                           f"(exit {proc.poll()}); see {self.out}/driver-{self.sessions}.log")
+
+    # ------------------------------------------------------------------ the actions
+
+    def _kill(self, title: str, counter: str) -> None:
+        victims = self._actors(title)
+        if not victims:
+            self.counts["worker_kill_misses"] += 1
+            self._record("kill_missed", target=title)
+            return
+        victim = self.rng.choice(victims)
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            self.counts["worker_kill_misses"] += 1
+            return
+        self.counts[counter] += 1
+        self._record("kill", target=title, pid=victim.pid)
+
+    def _remove_node(self) -> None:
+        victim = self.worker_nodes.pop(self.rng.randrange(len(self.worker_nodes)))
+        self.cluster.remove_node(victim, allow_graceful=False)
+        self.worker_nodes.append(self.cluster.add_node(num_cpus=self.plan.cpus_per_node))
+        self.counts["nodes_removed"] += 1
+        self._record("node_removed", node=victim.node_id)
+
+    def _interrupt(self, proc: subprocess.Popen) -> None:
+        proc.send_signal(signal.SIGINT)
+        self._record("interrupt", pid=proc.pid)
+        try:
+            code = proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise RuntimeError("the driver did not stop within 600 s of SIGINT")
+        self.counts["interrupts"] += 1
+        self._record("driver_exit", session=self.sessions, code=code)
+        if code != 130:
+            raise RuntimeError(f"the interrupted driver exited {code}, not 130; see "
+                               f"{self.out}/driver-{self.sessions}.log")
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> AuditReport:
+        os.makedirs(self.out, exist_ok=True)
+        if os.path.exists(self.run_dir):
+            from metalearn.core.config_io import ConfigError
+            raise ConfigError(f"{self.run_dir} exists; give chaos a new --out")
+        plan = self.plan
+        total_s = plan.minutes * 60.0
+        self._start_cluster()
+        proc = None
+        try:
+            proc = self._driver(plan.minutes, resume=False)
+            self._wait_training(proc)
+            started = time.monotonic()
+            next_worker = started + plan.worker_kill_s
+            next_learner = started + plan.learner_kill_s
+            node_loss = started + plan.node_loss_at * total_s
+            interrupt = started + plan.interrupt_at * total_s
+            while proc.poll() is None or interrupt is not None:
+                now = time.monotonic()
+                if interrupt is not None and now >= interrupt:
+                    self._interrupt(proc)
+                    interrupt = None
+                    remaining = max(0.5, (total_s - (time.monotonic() - started)) / 60.0)
+                    proc = self._driver(remaining, resume=True)
+                    self._wait_training(proc)
+                    continue
+                if node_loss is not None and now >= node_loss:
+                    self._remove_node()
+                    node_loss = None
+                if now >= next_worker:
+                    self._kill("ray::WorkerActor", "worker_kills")
+                    next_worker += plan.worker_kill_s
+                if now >= next_learner:
+                    self._kill("ray::LearnerActor", "learner_kills")
+                    next_learner += plan.learner_kill_s
+                time.sleep(0.5)
+            code = proc.wait()
+            self._record("driver_exit", session=self.sessions, code=code)
+            if code != 0:
+                raise RuntimeError(f"the last driver session exited {code}; see "
+                                   f"{self.out}/driver-{self.sessions}.log")
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=300)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            self.cluster.shutdown()
+        report = audit_run(self.run_dir)
+        report.figures.update({f"chaos_{k}": v for k, v in self.counts.items()})
+        with open(os.path.join(self.out, "audit.json"), "w") as f:
+            json.dump(report.as_dict(), f, indent=1)
+        return report
+
+
+__all__ = ["ChaosPlan", "ChaosRun"]

@@ -1,0 +1,182 @@
+"""``audit_run``: what a run folder proves about the run that made it (``metalearn chaos``).
+
+From the metrics, the events log (``metalearn.training.events``), the checkpoints and
+theta alone, it checks:
+
+* ``steps``: the metrics hold every step from 1 to the last checkpoint's step exactly
+  once (no gap, no duplicate), across resumes and learner restarts;
+* ``no_update_twice``: the final learner's ``applied`` counter (restored with each
+  checkpoint, so updates rolled back with a dead learner do not count) equals
+  ``meta_batch`` times the final step (one task per truncation; at least that with
+  more): no update was applied twice or lost on the path that reached theta;
+* ``sessions``: every session started at the step the previous one ended at, and every
+  session that ended recorded its end;
+* ``orders``: every work order of every session has an outcome (``Ledger.balanced``);
+* ``gradients``: every gradient the final learner received is applied, dropped with a
+  cause (stale, non-finite, old generation, after the stop) or in the saved buffer; and
+  the drivers' replied gradients (plus those rolled back with dead learners) match what
+  the learners received, up to the pushes whose replies died with a worker or were cut
+  at a stop;
+* ``lost_work``: each learner restart lost at most one checkpoint interval of training
+  time (``learner.checkpoint_minutes``, plus the longest update interval and 30 s for an
+  asynchronous save), measured on the learner's ``wall_s`` clock from the checkpoint
+  restored to the dead learner's last update;
+* ``theta_finite``: theta at the last checkpoint is finite.
+
+Figures: kills survived (worker deaths, learner restarts), updates rolled back, the
+longest lost interval, gradients lost by cause.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from metalearn.training.events import Ledger, read_events
+from metalearn.training.metrics import discarded_rows, read_metrics
+from metalearn.training.run_dir import RunDir
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclasses.dataclass
+class AuditReport:
+    run_dir: str
+    checks: list[Check]
+    figures: dict
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def as_dict(self) -> dict:
+        return {"run_dir": self.run_dir, "ok": self.ok, "figures": self.figures,
+                "checks": [dataclasses.asdict(c) for c in self.checks]}
+
+    def format(self) -> str:
+        lines = [f"audit of {self.run_dir}: {'PASS' if self.ok else 'FAIL'}"]
+        lines += [f"  [{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in self.checks]
+        lines.append("  figures: " + ", ".join(f"{k} {v}" for k, v in self.figures.items()))
+        return "\n".join(lines)
+
+
+def _checkpoint_steps(run: RunDir) -> list[int]:
+    return run.checkpoint_steps()
+
+
+def audit_run(run_dir: str | os.PathLike) -> AuditReport:
+    """Audit the run folder ``run_dir`` (see the module docstring)."""
+    from metalearn.training.export import load_theta  # loads JAX
+
+    run = RunDir(run_dir)
+    config = run.read_config()
+    checks: list[Check] = []
+    add = lambda name, ok, detail: checks.append(Check(name, bool(ok), detail))  # noqa: E731
+
+    steps = read_metrics(run.path).column("step").to_pylist()
+    final = _checkpoint_steps(run)[-1] if _checkpoint_steps(run) else 0
+    duplicates = len(steps) - len(set(steps))
+    missing = sorted(set(range(1, final + 1)) - set(steps))
+    add("steps", steps == list(range(1, final + 1)),
+        f"{len(steps)} rows for steps 1..{final}; {duplicates} duplicates, "
+        f"{len(missing)} missing{' ' + str(missing[:10]) if missing else ''}"
+        f"{'; rows beyond the checkpoint' if steps and steps[-1] > final else ''}")
+
+    events = read_events(run.path)
+    starts = [e for e in events if e["event"] == "session_start"]
+    ends = [e for e in events if e["event"] == "session_end"]
+    restarts = [e for e in events if e["event"] == "learner_restart"]
+    deaths = [e for e in events if e["event"] == "worker_died"]
+    sessions_ok = len(starts) == len(ends) and all(
+        s["step"] == (ends[i - 1]["step"] if i else 0) for i, s in enumerate(starts))
+    add("sessions", sessions_ok and (not ends or ends[-1]["step"] == final),
+        f"{len(starts)} sessions started at steps {[s['step'] for s in starts]}, ended at "
+        f"{[e['step'] for e in ends]} ({', '.join(e['stop_reason'] for e in ends)})")
+
+    ledgers = [Ledger(**e["ledger"]) for e in ends]
+    add("orders", ledgers and all(ledger.balanced() for ledger in ledgers),
+        "; ".join(f"session {i}: {ledger.dispatched} dispatched = {ledger.replied} replied + "
+                  f"{ledger.worker_died} worker died + {ledger.truncation_failed} failed + "
+                  f"{ledger.learner_gone} learner gone + {ledger.cut_at_stop} cut at stop"
+                  for i, ledger in enumerate(ledgers)))
+
+    counters = ends[-1]["learner_counters"] if ends else {}
+    tasks = config.worker.tasks_per_worker
+    batch = config.learner.meta_batch
+    applied = int(counters.get("applied", -1))
+    add("no_update_twice", applied == batch * final if tasks == 1 else applied >= batch * final,
+        f"learner applied {applied} gradients in {final} updates of meta_batch {batch}")
+
+    accounted = sum(int(counters.get(k, 0)) for k in (
+        "applied", "dropped_stale", "dropped_nonfinite", "dropped_generation", "after_stop"))
+    buffered = int(counters.get("received", 0)) - accounted
+    rolled_back = sum(max(0, int(e["dead_received_seen"])
+                          - int(e["restored_counters"].get("received", 0))) for e in restarts)
+    replied = tasks * sum(ledger.replied for ledger in ledgers)
+    unsure = tasks * sum(ledger.worker_died + ledger.learner_gone + ledger.cut_at_stop
+                         for ledger in ledgers)
+    received = int(counters.get("received", 0))
+    add("gradients", 0 <= buffered < batch + tasks
+        and replied <= received + rolled_back <= replied + unsure,
+        f"received {received} = applied {counters.get('applied')} + stale "
+        f"{counters.get('dropped_stale')} + non-finite {counters.get('dropped_nonfinite')} + "
+        f"old generation {counters.get('dropped_generation')} + after stop "
+        f"{counters.get('after_stop')} + buffered {buffered}; drivers' replies {replied} <= "
+        f"received + rolled back {rolled_back} = {received + rolled_back} <= replies + "
+        f"unknown outcomes {unsure}")
+
+    discarded = discarded_rows(run.path)
+    walls = read_metrics(run.path).column("wall_s").to_pylist() if steps else []
+    wall_at = dict(zip(steps, walls))
+    longest_update = float(max(np.diff(walls), default=0.0)) if len(walls) > 1 else 0.0
+    bound = config.learner.checkpoint_minutes * 60.0 + longest_update + 30.0
+    lost_intervals = []
+    for e in restarts:
+        # The training time between the checkpoint restored and the dead learner's last
+        # update: its rows kept in discarded/, or the last one the driver saw.
+        reason = f"learner restored from checkpoint step {e['restored_step']}"
+        ends_at = [r["wall_s"] for r in discarded if r.get("discarded_reason") == reason]
+        if e.get("last_wall_s_seen") is not None and e["rolled_back_steps"] > 0:
+            ends_at.append(float(e["last_wall_s_seen"]))
+        start = wall_at.get(e["restored_step"], 0.0 if e["restored_step"] == 0 else None)
+        lost_intervals.append(max(ends_at) - start if ends_at and start is not None else 0.0)
+    add("lost_work", all(s <= bound for s in lost_intervals),
+        f"{len(restarts)} learner restarts lost {[e['rolled_back_steps'] for e in restarts]} "
+        f"steps over {[round(s, 1) for s in lost_intervals]} s (bound {bound:.0f} s: "
+        f"one checkpoint interval + the longest update + 30 s)")
+
+    theta, _, theta_step = load_theta(run.path)
+    import jax
+    finite = all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree.leaves(theta))
+    add("theta_finite", finite and theta_step == final,
+        f"theta_latest at step {theta_step}: {'finite' if finite else 'NOT finite'}")
+
+    figures = {
+        "final_step": final,
+        "sessions": len(starts),
+        "worker_deaths": len(deaths),
+        "learner_restarts": len(restarts),
+        "updates_rolled_back": sum(int(e["rolled_back_steps"]) for e in restarts),
+        "rows_discarded": len(discarded),
+        "max_lost_interval_s": round(max(lost_intervals, default=0.0), 1),
+        "orders_lost_worker_died": sum(ledger.worker_died for ledger in ledgers),
+        "orders_lost_learner_gone": sum(ledger.learner_gone for ledger in ledgers),
+        "orders_cut_at_stop": sum(ledger.cut_at_stop for ledger in ledgers),
+        "orders_failed": sum(ledger.truncation_failed for ledger in ledgers),
+        "gradients_dropped_generation": int(counters.get("dropped_generation", 0)),
+        "gradients_dropped_stale": int(counters.get("dropped_stale", 0)),
+    }
+    return AuditReport(run.path, checks, figures)
+
+
+__all__ = ["AuditReport", "Check", "audit_run"]
