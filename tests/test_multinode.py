@@ -10,12 +10,12 @@ import subprocess
 import sys
 import time
 
-from metalearn.training.metrics import read_metrics
 import pytest
 import yaml
 
 from metalearn.training.config import config_to_yaml
 from metalearn.training.loop import Callback
+from metalearn.training.metrics import read_metrics
 from cluster_helpers import alive_nodes, free_port, kill_started
 from train_helpers import tiny_config
 
