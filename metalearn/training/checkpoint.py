@@ -8,28 +8,169 @@ A checkpoint is one orbax step folder ``<run>/checkpoints/<step>/`` with two ite
 * ``meta``: a JSON dict (step, version, counters, rolling losses, curriculum position,
   RNG state, wall time).
 
+Saving is asynchronous: ``save(..., wait=False)`` copies the arrays and the meta dict
+(later updates cannot change what is written), starts orbax's background write and
+returns; a thread of this class waits for orbax and then runs ``then`` (the learner
+writes ``theta_latest`` there, so that it follows the newest *complete* checkpoint).
+``poll`` / ``wait`` collect the outcome; the next ``save`` and ``close`` wait for it.
+A save that fails (disk full, permission denied, read-only file system ..., raised at
+once or in orbax's background thread) raises one ``CheckpointSaveError`` naming the
+step, the cause and the last good step; the failed step's temporary folder is removed,
+older steps are untouched (orbax deletes old steps only after a save succeeded).
+
 Orbax writes into a temporary folder and renames it when complete, so a save cut by a
 crash leaves a ``*.orbax-checkpoint-tmp*`` folder that is never listed as a step.
-``restore_latest`` also survives a complete-looking step that fails to read (files
-lost or truncated): it warns and falls back to the previous step.
+
+``restore_latest`` tells corruption from trouble with the environment:
+
+* a step that is corrupt (files missing or truncated, metadata that does not parse,
+  the wrong structure, or meta naming another step) is skipped with a
+  ``CheckpointWarning`` and an older step is used; once an older step has been read,
+  the writer moves each skipped step aside to ``checkpoints/corrupt-<step>-<unixtime>``
+  (never listed as a step, never deleted), so a later save of that step number cannot
+  replace it. If no step reads, nothing is moved (the template may be the problem);
+* an environmental error (permission denied, I/O error, disk full, too many open files,
+  out of memory; from Python or from tensorstore), or an error that is not one of
+  corruption's, raises ``CheckpointReadError`` naming the folder: nothing falls back.
 
 Theta alone is stored in one format, the export (``metalearn.training.export``).
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
+import re
+import shutil
 import tempfile
+import threading
+import time
 import warnings
+from typing import Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy, save_decision_policy
 
+from metalearn.core.config_io import RunError
+
+# errno values that say "the machine or the file system", not "this checkpoint".
+ENVIRONMENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "EACCES", "EPERM", "EIO", "ENOSPC", "EDQUOT", "EROFS", "EMFILE", "ENFILE",
+        "ENOMEM", "ETIMEDOUT", "ESTALE", "ENODEV", "ENXIO", "EBUSY", "EAGAIN", "EINTR",
+        "ENOLCK", "ENOTCONN", "EHOSTDOWN", "ECONNRESET")
+    if hasattr(errno, name))
+# tensorstore raises ValueError("<STATUS>: ... [os_error_code='28'] ...").
+_TS_OS_CODE = re.compile(r"os_error_code='?(\d+)")
+_TS_PATH = re.compile(r'local file "([^"]+)"')
+_TS_ENVIRONMENT_STATUS = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
+                          "DEADLINE_EXCEEDED", "UNAUTHENTICATED", "CANCELLED", "ABORTED")
+# What orbax, tensorstore and json raise for a step whose files are missing, truncated,
+# garbled or of another structure (tried: docs/training.md, tests/test_checkpoint.py).
+_CORRUPTION_TYPES = (ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError,
+                     FileNotFoundError, NotADirectoryError, IsADirectoryError)
+QUARANTINE_PREFIX = "corrupt-"
+# After a failed save, how long orbax's other writer threads get to finish before the
+# step's temporary folder is removed (it is removed again at ``close``).
+ORBAX_SETTLE_S = 2.0
+
 
 class CheckpointWarning(UserWarning):
     """A checkpoint could not be read and an older one was used."""
+
+
+class CheckpointReadError(RunError):
+    """A checkpoint folder cannot be read for a reason that is not corruption of a step
+    (permissions, I/O, memory ...): nothing was skipped or moved."""
+
+
+class CheckpointSaveError(RunError):
+    """A checkpoint could not be written; the message is one line: the step, the cause,
+    the last good step. ``step`` and ``last_good`` (None: there is none) say the same."""
+
+    def __init__(self, message: str, step: int = -1, last_good: int | None = None):
+        super().__init__(message)
+        self.step, self.last_good = step, last_good
+
+    def __reduce__(self):
+        return type(self), (str(self), self.step, self.last_good)
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def os_error_of(err: BaseException) -> tuple[int, str] | None:
+    """(errno, path) of the operating-system error behind ``err`` (a Python ``OSError``,
+    a ``MemoryError`` or a tensorstore error carrying ``os_error_code``), or None."""
+    for e in _chain(err):
+        if isinstance(e, MemoryError):
+            return errno.ENOMEM, ""
+        if isinstance(e, OSError) and e.errno:
+            return e.errno, os.fspath(e.filename) if e.filename else ""
+        text = str(e)
+        code = _TS_OS_CODE.search(text)
+        if code:
+            path = _TS_PATH.search(text)
+            return int(code.group(1)), path.group(1) if path else ""
+    return None
+
+
+def is_environmental(err: BaseException) -> bool:
+    """True for errors of the machine or file system rather than of a checkpoint's data."""
+    for e in _chain(err):
+        if isinstance(e, (PermissionError, MemoryError)):
+            return True
+        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+            return True
+        text = str(e)
+        code = _TS_OS_CODE.search(text)
+        if code and int(code.group(1)) in ENVIRONMENT_ERRNOS:
+            return True
+        if text.startswith(_TS_ENVIRONMENT_STATUS):
+            return True
+    return False
+
+
+def is_corruption(err: BaseException) -> bool:
+    """True for what a corrupt step raises (and nothing environmental)."""
+    return isinstance(err, _CORRUPTION_TYPES) and not is_environmental(err)
+
+
+def describe_error(err: BaseException, where: str = "") -> str:
+    """One line: ``[Errno 28] No space left on device (<path>)`` for OS errors, else
+    ``<type>: <first line of the message>``."""
+    found = os_error_of(err)
+    if found is not None and (found[0] in ENVIRONMENT_ERRNOS or isinstance(err, OSError)):
+        code, path = found
+        return f"[Errno {code}] {os.strerror(code)} ({path or where})"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
+class _OrbaxSaveErrorFilter(logging.Filter):
+    """Drops orbax's own ERROR logs (several tracebacks per failure) while a save of ours
+    is in flight: the failure is reported once, as a ``CheckpointSaveError``."""
+
+    def __init__(self):
+        super().__init__()
+        self.active = 0
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.active and record.levelno >= logging.ERROR \
+                and f"{os.sep}orbax{os.sep}" in record.pathname:
+            self.dropped += 1
+            return False
+        return True
 
 
 class Checkpointer:
@@ -37,6 +178,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int = 3, read_only: bool = False):
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
         if not read_only:
             os.makedirs(self.directory, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
@@ -44,21 +186,162 @@ class Checkpointer:
             preservation_policy=preservation_policy.LatestN(keep),
             read_only=read_only,
             create=not read_only,
+            # The one writer removes what a killed or failed save of its own left.
+            cleanup_tmp_directories=not read_only,
+            # Step folders are made in ``save`` (a few ms): when that fails (disk full,
+            # read-only, permission), orbax's writer threads would otherwise wait for
+            # them for 5 minutes and hold the process open.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._thread: threading.Thread | None = None
+        self._pending: int | None = None  # step of the save in flight
+        steps = self.steps()
+        self.last_good_step: int | None = steps[-1] if steps else None
+        self._error: CheckpointSaveError | None = None  # its failure, not yet raised
+        self._partial: set[int] = set()  # steps whose failed save may have left a folder
+        self.failed: CheckpointSaveError | None = None  # the last failure raised
+        self._log_filter = _OrbaxSaveErrorFilter()
+        if not read_only:
+            logging.getLogger("absl").addFilter(self._log_filter)
+
+    # ------------------------------------------------------------------ steps
 
     def steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        """Complete steps (a save in flight is not one yet)."""
+        return sorted(s for s in self.manager.all_steps() if s != self._pending)
 
-    def save(self, step: int, arrays, meta: dict, *, wait: bool = True) -> None:
-        self.manager.wait_until_finished()
-        if step in self.manager.all_steps():
-            # Only after a fallback restore (the newer step was unreadable): replace it.
-            self.manager.delete(step)
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
-        if wait:
-            self.manager.wait_until_finished()
+    @property
+    def in_flight(self) -> int | None:
+        """The step being saved in the background, if any."""
+        return self._pending
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, step: int, arrays, meta: dict, *, wait: bool = True,
+             then: Callable[[], None] | None = None, then_what: str = "what follows it"
+             ) -> int | None:
+        """Save ``step``; ``then`` (``then_what``, for messages) runs once orbax has
+        completed it (in the background unless ``wait``). Waits for the previous save
+        first. Returns the step when ``wait`` (None otherwise); raises
+        ``CheckpointSaveError`` when the save fails (without ``wait``: from ``poll``,
+        ``wait`` or the next ``save``)."""
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only")
+        self.wait()
+        # Copies: the learner updates its buffers in place, and orbax writes (and
+        # json-encodes) them later, in its own threads.
+        arrays = jax.tree.map(lambda a: np.array(a, copy=True), arrays)
+        meta = json.loads(json.dumps(meta))
+        self._log_filter.active += 1
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as err:
+            self._log_filter.active -= 1
+            error = self._failure(step, err)
+            self.failed = error
+            raise error from err
+        self._pending = step
+        self._thread = threading.Thread(target=self._complete, args=(step, then, then_what),
+                                        name=f"checkpoint-{step}", daemon=True)
+        self._thread.start()
+        return self.wait() if wait else None
+
+    def _complete(self, step: int, then: Callable[[], None] | None, then_what: str) -> None:
+        """The background half of ``save``: wait for orbax, then run ``then``."""
+        try:
+            try:
+                self.manager.wait_until_finished()
+            except BaseException as err:  # noqa: BLE001 - reported by poll/wait
+                try:
+                    self._error = self._failure(step, err)
+                except BaseException:  # noqa: BLE001 - the save failed all the same
+                    self._error = CheckpointSaveError(
+                        f"checkpoint of step {step} failed: "
+                        f"{describe_error(err, self.directory)}", step, None)
+                self._error.__cause__ = err
+                return
+            self.last_good_step = step
+            if then is not None:
+                try:
+                    then()
+                except BaseException as err:  # noqa: BLE001 - reported by poll/wait
+                    self._error = CheckpointSaveError(
+                        f"checkpoint of step {step} was written but {then_what} failed: "
+                        f"{describe_error(err, self.directory)}; the last good checkpoint "
+                        f"is step {step}", step, step)
+                    self._error.__cause__ = err
+        finally:
+            self._log_filter.active -= 1
+
+    def _failure(self, step: int, err: BaseException) -> CheckpointSaveError:
+        """After a failed save of ``step``: forget what orbax assumed, remove the step's
+        temporary folder, and describe the failure in one line."""
+        try:
+            self.manager.reload()  # orbax listed the step (and dropped old ones) at save
+        except Exception:  # noqa: BLE001 - the listing is best effort on a broken disk
+            pass
+        # Orbax reports the first failed write while its other writers may still run:
+        # give them a moment before removing the folder (again at ``close``).
+        deadline = time.monotonic() + ORBAX_SETTLE_S
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and thread.is_alive() \
+                    and type(thread).__module__.startswith("orbax."):
+                try:  # (orbax's threads raise their own errors from join)
+                    thread.join(max(0.0, deadline - time.monotonic()))
+                except BaseException:  # noqa: BLE001
+                    pass
+        self._partial.add(step)
+        self._remove_partial()
+        steps = list(self.manager.all_steps())
+        last = max(steps) if steps else None
+        self.last_good_step = last
+        good = (f"the last good checkpoint is step {last}" if last is not None
+                else "there is no good checkpoint")
+        return CheckpointSaveError(f"checkpoint of step {step} failed: "
+                                   f"{describe_error(err, self.directory)}; {good}", step, last)
+
+    def _remove_partial(self) -> None:
+        """Remove the temporary folders of this writer's failed saves (no step is ever
+        removed: orbax lists only renamed, complete folders as steps)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            head, sep, _ = name.partition(".orbax-checkpoint-tmp")
+            if sep and head.isdigit() and int(head) in self._partial:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def poll(self) -> int | None:
+        """The step of a background save that has completed since the last call (None if
+        there is none, or it is still running); raises its ``CheckpointSaveError``."""
+        if self._thread is None or self._thread.is_alive():
+            return None
+        return self.wait()
+
+    def wait(self) -> int | None:
+        """Wait for the save in flight; its step (None if there was none). Raises its
+        ``CheckpointSaveError`` (once)."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        step, self._thread, self._pending = self._pending, None, None
+        error, self._error = self._error, None
+        if error is not None:
+            self.failed = error
+            self._log_filter.active += 1
+            try:  # orbax re-raises a failure once in every thread that waits for it
+                self.manager.wait_until_finished()
+            except Exception:  # noqa: BLE001 - the same failure, already in ``error``
+                pass
+            finally:
+                self._log_filter.active -= 1
+            raise error
+        return step
+
+    # ------------------------------------------------------------------ restoring
 
     def restore(self, step: int, template):
         """(arrays, meta) of ``step``; arrays restored against ``template``'s structure."""
@@ -73,33 +356,81 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
-    def restore_latest(self, template):
+    def restore_latest(self, template, *, quarantine: bool | None = None):
         """(step, arrays, meta) of the newest readable checkpoint, or None if none is.
 
-        Steps that fail to restore are skipped with a ``CheckpointWarning``.
+        Corrupt steps are skipped with a ``CheckpointWarning``; when an older step reads
+        and ``quarantine`` (default: not ``read_only``), they are moved aside to
+        ``corrupt-<step>-<unixtime>``. Any other error raises ``CheckpointReadError``.
         """
+        if quarantine is None:
+            quarantine = not self.read_only
+        skipped: list[tuple[int, str]] = []
+        found = None
         for step in reversed(self.steps()):
+            path = os.path.join(self.directory, str(step))
             try:
                 arrays, meta = self.restore(step, template)
-            except Exception as err:  # noqa: BLE001 - any unreadable step is skipped
-                warnings.warn(f"checkpoint {self.directory}/{step} is unreadable "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                              f"falling back to an earlier one", CheckpointWarning,
-                              stacklevel=2)
+            except Exception as err:
+                if not is_corruption(err):
+                    kind = ("an environmental error" if is_environmental(err)
+                            else "an error that is not corruption")
+                    raise CheckpointReadError(
+                        f"cannot read checkpoint {path}: {describe_error(err, path)}; "
+                        f"{kind}, so no older checkpoint is used instead and nothing was "
+                        f"moved: fix the cause and try again") from err
+                skipped.append((step, describe_error(err, path)))
                 continue
             if int(meta.get("step", -1)) != step:
-                warnings.warn(f"checkpoint {self.directory}/{step} holds step "
-                              f"{meta.get('step')}; skipped", CheckpointWarning, stacklevel=2)
+                skipped.append((step, f"it holds step {meta.get('step')}"))
                 continue
-            return step, arrays, meta
-        return None
+            found = (step, arrays, meta)
+            break
+        for step, why in skipped:
+            path = os.path.join(self.directory, str(step))
+            moved = self._quarantine(step) if quarantine and found is not None else ""
+            then = (f"falling back to step {found[0]}" if found is not None
+                    else "falling back to an earlier one")
+            warnings.warn(f"checkpoint {path} is unreadable ({why}); {then}"
+                          + (f"; moved to {moved}" if moved else ""),
+                          CheckpointWarning, stacklevel=2)
+        if found is not None and not self.read_only:
+            self.last_good_step = found[0]
+        return found
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def _quarantine(self, step: int) -> str:
+        """Move a corrupt step out of orbax's sight; the new path ('' if it stays)."""
+        source = os.path.join(self.directory, str(step))
+        base = os.path.join(self.directory, f"{QUARANTINE_PREFIX}{step}-{int(time.time())}")
+        dest, n = base, 1
+        while os.path.exists(dest):
+            dest, n = f"{base}.{n}", n + 1
+        try:
+            os.rename(source, dest)
+        except OSError as err:
+            warnings.warn(f"could not move the corrupt checkpoint {source} aside "
+                          f"({describe_error(err, source)}); a save of step {step} will "
+                          f"fail rather than replace it", CheckpointWarning, stacklevel=3)
+            return ""
+        finally:
+            self.manager.reload()
+        return dest
+
+    # ------------------------------------------------------------------ closing
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the save in flight (raising its failure) and close orbax."""
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001
+                if self.failed is None:
+                    raise
+            finally:
+                self._remove_partial()
+                logging.getLogger("absl").removeFilter(self._log_filter)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
