@@ -7,9 +7,17 @@ snapshot, and the recent metrics rows:
   the newest readable checkpoint (a restored learner is a new generation: gradients
   computed for the dead one are dropped, docs/training.md);
 * ``submit`` takes a worker's ``Submission`` and answers with a ``LearnerReply``; after an
-  update it also writes a checkpoint when ``learner.checkpoint_minutes`` have passed;
-* ``checkpoint`` saves the whole learner state (orbax) and theta in the export format
-  (``RunDir.theta``); ``rows_after`` gives rows whose replies were lost with a worker.
+  update it also *starts* a checkpoint when ``learner.checkpoint_minutes`` have passed
+  (orbax writes it in the background while gradients keep arriving; a save still in
+  flight when the next is due postpones that one, it never waits), and the first reply
+  after a save completed carries its step in ``checkpoint``;
+* ``checkpoint`` saves the whole learner state (orbax) and then theta in the export
+  format (``RunDir.theta``, written only once the orbax step is complete) and waits for
+  both; ``rows_after`` gives rows whose replies were lost with a worker;
+* a checkpoint that cannot be written (disk full, permission denied, ...) is fatal:
+  ``fatal`` holds one line (the step, the cause, the last good step), no save is tried
+  again, every later reply and status carries it, and ``close`` returns the last good
+  step. The driver stops the run.
 
 The single-process runner calls it directly; ``metalearn.distributed.actors.LearnerActor``
 wraps it as a Ray actor, method for method.
@@ -25,7 +33,7 @@ import jax
 
 from metalearn.core.theta import theta_spec
 from metalearn.core.update_rule import init_theta
-from metalearn.training.checkpoint import Checkpointer
+from metalearn.training.checkpoint import CheckpointSaveError, Checkpointer, describe_error
 from metalearn.training.config import TrainConfig
 from metalearn.training.export import save_run_theta
 from metalearn.training.learner import Learner
@@ -62,14 +70,21 @@ class LearnerHost:
                 found = self.checkpointer.restore_latest(self.learner.state_template())
             self.warnings = tuple(str(w.message) for w in caught)
             if found is None:
-                raise FileNotFoundError(f"no readable checkpoint in {run.path}")
+                why = f" ({self.warnings[0]})" if self.warnings else ""
+                raise FileNotFoundError(f"no readable checkpoint in {run.path}{why}")
             step, arrays, meta = found
             self.learner.load_state(arrays, meta)
             self.restored_step = step
             self.warnings += tuple(self.metric_rows.restore(
                 step, reason=f"learner restored from checkpoint step {step}"))
         self.last_checkpoint = time.monotonic()
-        self.last_checkpoint_step = self.learner.step
+        # The newest complete checkpoint (None: none yet), and one completed in the
+        # background that no reply has reported yet.
+        self.last_good_step: int | None = self.checkpointer.last_good_step
+        self._unreported: int | None = None
+        # Why this learner cannot go on (its checkpoint or metrics rows could not be
+        # written), one line; once set nothing more is written.
+        self.fatal = ""
         self.busy_s = 0.0  # time inside submit (checking, summing, applying, saving)
         self.rows: collections.deque = collections.deque(maxlen=RECENT_ROWS)
 
@@ -80,7 +95,7 @@ class LearnerHost:
             curriculum=learner.curriculum(), num_params=learner.num_params,
             counters=dict(learner.counters), meta_loss_rolling=learner.rolling_loss(),
             loss_vs_start_rolling=learner.rolling_gain(), restored_step=self.restored_step,
-            warnings=self.warnings, busy_s=self.busy_s)
+            warnings=self.warnings, busy_s=self.busy_s, fatal=self.fatal)
 
     def theta(self):
         """The current flat theta [P] float32 (numpy)."""
@@ -93,38 +108,101 @@ class LearnerHost:
         start = time.perf_counter()
         learner = self.learner
         row = learner.submit(submission)
-        curriculum = checkpoint = None
+        self._collect(wait=False)
+        curriculum = None
         if row is not None:
             self.rows.append(row)
-            self.metric_rows.add(row)
+            if not self.fatal:
+                self._write_rows(self.metric_rows.add, row)
             curriculum = learner.curriculum()
             minutes = (time.monotonic() - self.last_checkpoint) / 60.0
-            if minutes >= self.config.learner.checkpoint_minutes:
-                checkpoint = self.checkpoint()
+            if (minutes >= self.config.learner.checkpoint_minutes and not self.fatal
+                    and self.checkpointer.in_flight is None):
+                self._start_save()
+        checkpoint, self._unreported = self._unreported, None
         self.busy_s += time.perf_counter() - start
         return LearnerReply(generation=learner.generation, step=learner.step,
                             version=learner.version, row=row, curriculum=curriculum,
-                            checkpoint=checkpoint)
+                            checkpoint=checkpoint, fatal=self.fatal,
+                            received=int(learner.counters["received"]))
 
     def rows_after(self, step: int) -> list[dict]:
         """Metrics rows of this learner's updates after ``step``."""
         return [row for row in self.rows if row["step"] > step]
 
     def checkpoint(self) -> int:
-        """Save the full state and theta now (if the step is new); returns the step."""
-        step = self.learner.step
-        self.metric_rows.flush()  # rows first: a checkpoint never outruns its rows
-        if step != self.last_checkpoint_step or not self.checkpointer.steps():
-            self.checkpointer.save(step, *self.learner.state())
-            save_run_theta(self.run, self.learner.theta, self.config.rule, step)
+        """Save the full state and theta now (if the step is new) and wait for both;
+        returns the newest complete checkpoint's step (-1: none). After a failure
+        (``fatal``) nothing is saved again."""
+        self._collect(wait=True)
+        if not self.fatal:
+            self._write_rows(self.metric_rows.flush)
+        if not self.fatal and self.learner.step != self.last_good_step:
+            self._start_save()
+            self._collect(wait=True)
+        self._unreported = None  # the caller has it
         self.last_checkpoint = time.monotonic()
-        self.last_checkpoint_step = step
-        return step
+        return self._good_step()
 
     def close(self) -> int:
+        """The final checkpoint (none is tried after a failure) and orbax closed; returns
+        the newest complete checkpoint's step (-1: none)."""
         step = self.checkpoint()
-        self.checkpointer.close()
+        try:
+            self.checkpointer.close()
+        except CheckpointSaveError as err:  # (the save in flight was collected above)
+            self._fail(err)
         return step
+
+    # ------------------------------------------------------------------ saving
+
+    def _start_save(self) -> None:
+        """Start saving the learner's state; theta_latest follows once it is complete."""
+        learner, run, rule = self.learner, self.run, self.config.rule
+        step, theta = learner.step, learner.theta.copy()
+        self.last_checkpoint = time.monotonic()
+        # Rows first: a checkpoint never outruns its metrics rows.
+        self._write_rows(self.metric_rows.flush)
+        if self.fatal:
+            return
+        try:
+            self.checkpointer.save(step, *learner.state(), wait=False,
+                                   then=lambda: save_run_theta(run, theta, rule, step),
+                                   then_what=f"its theta_latest ({run.theta})")
+        except CheckpointSaveError as err:
+            self._fail(err)
+
+    def _collect(self, wait: bool) -> None:
+        """Take the outcome of a background save (waiting for it if ``wait``)."""
+        try:
+            step = self.checkpointer.wait() if wait else self.checkpointer.poll()
+        except CheckpointSaveError as err:
+            self._fail(err)
+            return
+        if step is not None:
+            self.last_good_step = step
+            self._unreported = step
+
+    def _write_rows(self, write, *args) -> None:
+        """Write metrics rows; a failure is fatal like a checkpoint's."""
+        try:
+            write(*args)
+        except Exception as err:  # noqa: BLE001 - any failure to write the run stops it
+            good = (f"the last good checkpoint is step {self.last_good_step}"
+                    if self.last_good_step is not None else "there is no good checkpoint")
+            self._fail(CheckpointSaveError(
+                f"metrics rows up to step {self.learner.step} could not be written to "
+                f"{self.run.metrics}: {describe_error(err, self.run.metrics)}; {good}",
+                self.learner.step, self.last_good_step))
+
+    def _fail(self, err: CheckpointSaveError) -> None:
+        if not self.fatal:  # the first failure is the cause; nothing is saved after it
+            self.fatal = str(err)
+        if err.last_good is not None:
+            self.last_good_step = err.last_good
+
+    def _good_step(self) -> int:
+        return -1 if self.last_good_step is None else self.last_good_step
 
 
 __all__ = ["LearnerHost", "RECENT_ROWS"]

@@ -93,6 +93,7 @@ class LearnerStatus:
     restored_step: int | None = None
     warnings: tuple[str, ...] = ()
     busy_s: float = 0.0  # seconds spent inside ``submit``
+    fatal: str = ""  # as ``LearnerReply.fatal``: the learner cannot go on (one line)
 
     @property
     def theta(self) -> ThetaHandle:
