@@ -434,3 +434,17 @@ def test_tensorstore_errors_are_classified_by_status_and_os_code():
     assert is_corruption(lost) and is_corruption(missing)
     assert is_corruption(KeyError("tree_metadata")) and is_corruption(FileNotFoundError("x"))
     assert not is_corruption(RuntimeError("something else"))  # raised, not skipped
+
+
+def test_a_new_writer_in_this_process_waits_for_the_previous_ones_save(tmp_path,
+                                                                       monkeypatch):
+    directory = str(tmp_path / "checkpoints")
+    learner = learner_with_steps(7)
+    old = Checkpointer(directory)
+    slow_json_writes(monkeypatch, 1.0)
+    old.save(2, *learner.state(), wait=False)  # e.g. a learner replaced in-process
+    new = Checkpointer(directory)
+    assert new.steps() == [2] and sorted(os.listdir(directory)) == ["2"]
+    assert old.wait() == 2
+    new.close()
+    old.close()

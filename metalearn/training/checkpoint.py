@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from typing import Callable
 
 import jax
@@ -173,6 +174,11 @@ class _OrbaxSaveErrorFilter(logging.Filter):
         return True
 
 
+# The writer of each directory in this process (a learner replaced in-process must not
+# race the save its predecessor still has in flight).
+_WRITERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 class Checkpointer:
     """Owns ``<run>/checkpoints`` (one process writes; ``read_only`` for inspection)."""
 
@@ -181,6 +187,10 @@ class Checkpointer:
         self.read_only = read_only
         if not read_only:
             os.makedirs(self.directory, exist_ok=True)
+            previous = _WRITERS.get(self.directory)
+            thread = previous._thread if previous is not None else None
+            if thread is not None:
+                thread.join()  # its outcome stays with it; its step, if whole, is listed
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=save_decision_policy.ContinuousCheckpointingPolicy(),
             preservation_policy=preservation_policy.LatestN(keep),
@@ -204,6 +214,7 @@ class Checkpointer:
         self._log_filter = _OrbaxSaveErrorFilter()
         if not read_only:
             logging.getLogger("absl").addFilter(self._log_filter)
+            _WRITERS[self.directory] = self
 
     # ------------------------------------------------------------------ steps
 
