@@ -1,12 +1,15 @@
 """The training loop's protocol, without Ray: lost rows, dead workers and learners,
 failing truncations, callbacks (``InProcessTransport`` with injected faults)."""
 
-import pyarrow.parquet as pq
+import errno
+
 import pytest
 
 from metalearn.training.local import InProcessTransport
-from metalearn.training.loop import Callback, TrainingLoop
+from metalearn.training import learner_host
+from metalearn.training.loop import Callback, LearnerFailed, TrainingLoop
 from metalearn.training.messages import WorkerResult
+from metalearn.training.metrics import read_metrics
 from metalearn.training.run_dir import RunDir
 from train_helpers import tiny_config
 
@@ -43,7 +46,7 @@ def make_loop(tmp_path, transport_cls=InProcessTransport, callbacks=(), **sectio
 
 
 def steps_of(run):
-    return pq.read_table(run.metrics).column("step").to_pylist()
+    return read_metrics(run.path).column("step").to_pylist()
 
 
 def test_row_lost_with_a_worker_is_fetched_from_the_learner(tmp_path):
@@ -108,3 +111,45 @@ def test_a_callback_can_stop_the_run(tmp_path):
     assert summary.final_step == summary.checkpoint_step == 2
     assert steps_of(run) == [1, 2]
     assert run.checkpoint_steps()[-1] == 2
+
+
+def test_a_full_disk_stops_the_run_cleanly_with_the_last_good_checkpoint(tmp_path,
+                                                                         monkeypatch):
+    """A checkpoint that cannot be written (here theta_latest, after the orbax step)
+    stops the run: no more work, no save retried, one line, the last good checkpoint
+    intact, and the run resumes from it."""
+    from metalearn.training.events import read_events
+
+    saves = []
+    original = learner_host.save_run_theta
+
+    def full_after_two(run, theta, rule, step):
+        saves.append(step)
+        if len(saves) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device", run.theta)
+        return original(run, theta, rule, step)
+
+    monkeypatch.setattr(learner_host, "save_run_theta", full_after_two)
+    loop, run = make_loop(tmp_path, run={"steps": 40, "minutes": 5.0},
+                          learner={"checkpoint_minutes": 1e-6})
+    with pytest.raises(LearnerFailed) as failed:
+        loop.run()
+    message = str(failed.value)
+    # The orbax step of the third save is complete; its theta_latest is what failed.
+    good = saves[2]
+    assert message.startswith(f"checkpoint of step {good} was written but its "
+                              f"theta_latest ({run.theta}) failed: [Errno 28] No space "
+                              f"left on device"), message
+    assert "\n" not in message
+    assert message.endswith(f"the last good checkpoint is step {good}")
+    assert len(saves) == 3  # never retried
+    assert loop.stop_reason == "learner failed" and loop.step < 40
+    assert steps_of(run)[:good] == list(range(1, good + 1))
+    end = [e for e in read_events(run.path) if e["event"] == "session_end"][-1]
+    assert end["stop_reason"] == "learner failed"
+    monkeypatch.undo()
+    resumed = TrainingLoop(loop.config, run, InProcessTransport(loop.config, run),
+                           resume=True)
+    summary = resumed.run()
+    assert summary.start_step == good
+    assert steps_of(run) == list(range(1, summary.final_step + 1))

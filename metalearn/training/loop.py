@@ -531,7 +531,7 @@ class TrainingLoop:
             self.learner_failure = self.learner_failure or getattr(status, "fatal", "")
         except LearnerLost:
             print("learner died at exit; the last checkpoint stands", file=sys.stderr)
-        self.metrics.truncate(self.checkpoint_step)
+        self.metrics.truncate(max(self.checkpoint_step, 0))  # -1: not even step 0 saved
         self.metrics.close()
         self.transport.stop_learner()
         self._event("session_end", step=self.checkpoint_step, start_step=self.start_step,

@@ -175,7 +175,8 @@ class RunDir:
         def ignore(folder: str, names: list[str]) -> set[str]:
             skip = set(partial(folder, names))
             if os.path.abspath(folder) == source:
-                skip |= {n for n in names if n.isdigit() and int(n) > up_to_step}
+                skip |= {n for n in names if (n.isdigit() and int(n) > up_to_step)
+                         or n.startswith("corrupt-")}
             return skip
 
         os.makedirs(dest, exist_ok=True)
