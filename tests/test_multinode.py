@@ -50,6 +50,9 @@ def node_of(actor) -> str:
             time.sleep(1)
 
 
+# In the slow set: the short chaos run (tests/test_chaos.py) removes a node in the
+# default suite; this one also checks where the replaced worker lands.
+@pytest.mark.slow
 def test_node_lost_mid_run_workers_replaced_learner_intact(no_ray, tmp_path):
     from ray.cluster_utils import Cluster
 

@@ -84,6 +84,9 @@ def test_continuous_evaluation_writes_meta_test_columns(ray_session, tmp_path):
     assert last["eval/two_moons/w_growth@3"] > 0 and last["eval_long_s"] > 0
 
 
+# In the slow set: the short chaos run (tests/test_chaos.py) kills workers and the
+# learner in the default suite and audits the whole run folder.
+@pytest.mark.slow
 def test_killed_worker_replaced_and_killed_learner_resumes(ray_session, tmp_path):
     from metalearn.distributed.driver import train
 
