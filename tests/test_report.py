@@ -1,11 +1,12 @@
 """Report tables and plots, and `metalearn plot` on a run's metrics."""
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from metalearn.cli import main
 from metalearn.evaluation.report import markdown_table, plot_meta_training
+from metalearn.training.metrics import MetricsLog, read_metric_rows
+from metalearn.training.run_dir import RunDir
+from metalearn.training.segments import SegmentedTable
 
 
 def _png_ok(path):
@@ -25,19 +26,31 @@ def test_plot_meta_training_with_eval_columns(tmp_path, capsys):
              "eval/fashion_mnist/accuracy@1000": [None if s % 20 else 0.2 + 0.005 * s
                                                   for s in steps],
              "eval/fashion_mnist/rank90@1000": [None if s % 20 else 3.0 for s in steps]}
-    pq.write_table(pa.table(table), tmp_path / "metrics.parquet")
+    rows = [{k: v[i] for k, v in table.items() if v[i] is not None}
+            for i in range(len(steps))]
+    run = RunDir(tmp_path)
+    SegmentedTable(run.metrics).append(
+        [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows])
+    evaluations = MetricsLog(run, tensorboard=False)
+    evaluations.last_step = 40
+    for row in rows:
+        if any(k.startswith("eval/") for k in row):
+            evaluations.merge({k: v for k, v in row.items()
+                               if k == "step" or k.startswith("eval/")})
+    evaluations.write()
+    assert read_metric_rows(run.path) == rows
     assert main(["plot", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip()
     assert out.endswith("meta_training.png") and _png_ok(out)
-    path = plot_meta_training(str(tmp_path / "metrics.parquet"), str(tmp_path / "x.png"))
+    path = plot_meta_training(rows, str(tmp_path), str(tmp_path / "x.png"))
     assert _png_ok(path)
 
 
 def test_plot_without_metrics_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="metrics.parquet"):
-        plot_meta_training(str(tmp_path / "metrics.parquet"))
+    with pytest.raises(FileNotFoundError, match="has no metrics rows yet"):
+        plot_meta_training([], str(tmp_path))
     assert main(["plot", str(tmp_path)]) == 2
-    assert "metrics.parquet" in capsys.readouterr().err
+    assert "has no metrics yet" in capsys.readouterr().err
 
 
 def test_markdown_table_reports_final_step_per_method():

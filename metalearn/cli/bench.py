@@ -30,6 +30,7 @@ import sys
 from metalearn.cli.data import DEFAULT_MIX, add_source_args, source_options
 from metalearn.core.bench import measure_estimators, measure_inner_step
 from metalearn.distributed.bench import measure_learner, measure_scaling
+from metalearn.training.bench import measure_metrics
 from metalearn.training.config import load_config
 from tasks.bench import measure_tasks
 from metalearn.core.config_io import resolve_config
@@ -223,7 +224,6 @@ def run_scaling(args) -> int:
 
 
 def run_metrics(args) -> int:
-    from metalearn.training.bench import measure_metrics
     at = (1_000, args.steps) if args.steps > 1_000 else (args.steps,)
     report = measure_metrics(steps=args.steps, rows_per_flush=args.rows_per_flush, at=at,
                              log=_log)

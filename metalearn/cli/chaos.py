@@ -16,6 +16,9 @@ import os
 import sys
 import time
 
+from metalearn.distributed.chaos import ChaosPlan, ChaosRun
+from metalearn.training.audit import audit_run
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("chaos", help="train while breaking the cluster, then audit",
@@ -46,11 +49,9 @@ def add_parser(subparsers) -> None:
 
 
 def run_chaos(args) -> int:
-    from metalearn.training.audit import audit_run
     if args.check:
         report = audit_run(args.check)
     else:
-        from metalearn.distributed.chaos import ChaosPlan, ChaosRun
         plan = ChaosPlan(minutes=args.minutes, worker_kill_s=args.worker_kill_s,
                          learner_kill_s=args.learner_kill_s, node_loss_at=args.node_loss_at,
                          interrupt_at=args.interrupt_at, nodes=args.nodes,

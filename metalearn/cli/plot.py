@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from metalearn.evaluation.report import plot_meta_training
-from metalearn.training.run_dir import RunDir
+from metalearn.training.metrics import read_metric_rows
 
 PLOT = "meta_training.png"  # default output, beside the run's metrics table
 
@@ -22,9 +22,8 @@ def add_parser(subparsers) -> None:
 
 def run_plot(args) -> int:
     # RunDir owns the run folder's file names (the metrics table's among them).
-    run = RunDir(args.run_dir)
-    metrics = run.metrics if os.path.isdir(run.metrics) else run.legacy_metrics
-    print(plot_meta_training(metrics, args.out or os.path.join(args.run_dir, PLOT)))
+    rows = read_metric_rows(args.run_dir)  # FileNotFoundError: no metrics yet
+    print(plot_meta_training(rows, args.run_dir, args.out or os.path.join(args.run_dir, PLOT)))
     return 0
 
 

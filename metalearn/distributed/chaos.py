@@ -33,8 +33,12 @@ import time
 from typing import Callable
 
 import psutil
+import ray._private.ray_constants as ray_constants
+from ray.cluster_utils import Cluster
 
+from metalearn.core.config_io import ConfigError
 from metalearn.training.audit import AuditReport, audit_run
+from metalearn.training.events import read_events
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +56,6 @@ class ChaosPlan:
     overrides: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        from metalearn.core.config_io import ConfigError
         if not self.minutes > 0:
             raise ConfigError(f"--minutes must be positive, got {self.minutes}")
         for name in ("worker_kill_s", "learner_kill_s", "checkpoint_minutes"):
@@ -110,7 +113,6 @@ class ChaosRun:
     # ------------------------------------------------------------------ the cluster
 
     def _start_cluster(self) -> None:
-        from ray.cluster_utils import Cluster
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
         self.worker_nodes = [self.cluster.add_node(num_cpus=self.plan.cpus_per_node)
@@ -119,10 +121,9 @@ class ChaosRun:
         self._record("cluster", address=self.cluster.address, nodes=self.plan.nodes)
 
     def _raylet_pids(self) -> list[int]:
-        import ray._private.ray_constants as constants
         pids = []
         for node in [self.cluster.head_node, *self.worker_nodes]:
-            for info in node.all_processes.get(constants.PROCESS_TYPE_RAYLET, []):
+            for info in node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []):
                 pids.append(info.process.pid)
         return pids
 
@@ -152,8 +153,7 @@ class ChaosRun:
         return proc
 
     def _wait_training(self, proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
-        """Until the session's first learner row (the workers compiled and pushed)."""
-        from metalearn.training.events import read_events
+        """Until the session has started training (its ``session_start`` event)."""
         deadline = time.monotonic() + timeout_s
         starts = lambda: sum(e["event"] == "session_start"  # noqa: E731
                              for e in read_events(self.run_dir))
@@ -207,7 +207,6 @@ class ChaosRun:
     def run(self) -> AuditReport:
         os.makedirs(self.out, exist_ok=True)
         if os.path.exists(self.run_dir):
-            from metalearn.core.config_io import ConfigError
             raise ConfigError(f"{self.run_dir} exists; give chaos a new --out")
         plan = self.plan
         total_s = plan.minutes * 60.0

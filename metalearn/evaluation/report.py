@@ -14,7 +14,7 @@ Files written by ``write_report`` into the output folder:
 * ``sweep.png`` (with ``--sweep``): accuracy against the swept setting.
 
 ``write_eval_report`` adds ``info.json`` and the title of a ``metalearn eval`` run.
-``plot_meta_training(metrics_path)`` draws a run's metrics table (``metalearn plot``).
+``plot_meta_training(rows, run_dir)`` draws a run's metrics table (``metalearn plot``).
 """
 
 from __future__ import annotations
@@ -351,24 +351,15 @@ def write_eval_report(out_dir: str, result: SweepResult, source: dict) -> dict:
 # ---------------------------------------------------------------------------
 # meta-training curves
 
-def plot_meta_training(path: str, out: str | None = None) -> str:
-    """Meta-training curves from a run's metrics (``path``: its ``metrics`` folder, or the
-    ``metrics.parquet`` of an older run): the
-    rolling meta-loss and the per-dataset meta-train losses (``loss/<dataset>``) against
+def plot_meta_training(rows: list[dict], run_dir: str, out: str | None = None) -> str:
+    """Meta-training curves from a run's metrics ``rows`` (one dict a learner step, as
+    ``metalearn.training.metrics.read_metric_rows`` gives them): the rolling meta-loss and the per-dataset meta-train losses (``loss/<dataset>``) against
     learner steps, with the held-out evaluator's ``eval/<dataset>/meta_loss`` beside them
     and its accuracies (``eval/<dataset>/accuracy``, and the long-horizon
     ``eval/<dataset>/accuracy@<h>`` dashed) in a second panel when present.
-    ``out`` defaults to ``meta_training.png`` beside the table; the title is the name of
-    the table's folder (the run)."""
-    # Imported here: the training package loads JAX, which the report's tables do not need.
-    from metalearn.training.metrics import read_metric_rows
-    run_dir = os.path.dirname(os.path.abspath(path).rstrip(os.sep))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: not a training run folder, or the run "
-                                f"has not logged metrics yet")
-    rows = read_metric_rows(path)
+    ``out`` defaults to ``meta_training.png`` in ``run_dir``; the title is its name."""
     if not rows:
-        raise FileNotFoundError(f"{path} has no rows yet")
+        raise FileNotFoundError(f"{run_dir} has no metrics rows yet")
     columns = list(dict.fromkeys(k for r in rows for k in r))
     train_cols = [c for c in columns if c.startswith("loss/")]
     eval_loss = [c for c in columns if c.startswith("eval/") and c.endswith("/meta_loss")]

@@ -32,9 +32,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import numpy as np
 
 from metalearn.training.events import Ledger, read_events
+from metalearn.training.export import load_theta
 from metalearn.training.metrics import discarded_rows, read_metrics
 from metalearn.training.run_dir import RunDir
 
@@ -76,8 +78,6 @@ def _checkpoint_steps(run: RunDir) -> list[int]:
 
 def audit_run(run_dir: str | os.PathLike) -> AuditReport:
     """Audit the run folder ``run_dir`` (see the module docstring)."""
-    from metalearn.training.export import load_theta  # loads JAX
-
     run = RunDir(run_dir)
     config = run.read_config()
     checks: list[Check] = []
@@ -156,7 +156,6 @@ def audit_run(run_dir: str | os.PathLike) -> AuditReport:
         f"one checkpoint interval + the longest update + 30 s)")
 
     theta, _, theta_step = load_theta(run.path)
-    import jax
     finite = all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree.leaves(theta))
     add("theta_finite", finite and theta_step == final,
         f"theta_latest at step {theta_step}: {'finite' if finite else 'NOT finite'}")

@@ -27,6 +27,7 @@ import time
 import warnings
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from metalearn.core.estimators import ESTIMATOR_CLASSES
 from metalearn.training.run_dir import RunDir
@@ -70,7 +71,6 @@ def _migrate_legacy(run: RunDir) -> None:
     segments (learner and evaluation columns split), then the file is removed."""
     if not os.path.isfile(run.legacy_metrics) or os.path.isdir(run.metrics):
         return
-    import pyarrow.parquet as pq
     rows = [_clean(r) for r in pq.read_table(run.legacy_metrics).to_pylist()]
     evals = [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith(EVAL_PREFIX)}}
              for r in rows]
@@ -240,8 +240,7 @@ def read_metrics(path: str | os.PathLike) -> pa.Table:
         learner = SegmentedTable(run.metrics).read()
         evaluations = _coalesce(SegmentedTable(run.evaluations).read().to_pylist())
     elif os.path.isfile(run.legacy_metrics):
-        import pyarrow.parquet as pq
-        return pq.read_table(run.legacy_metrics)
+            return pq.read_table(run.legacy_metrics)
     else:
         raise FileNotFoundError(f"{run.path} has no metrics yet (no {run.metrics}/): not "
                                 f"a training run folder, or the run has not logged a step")
