@@ -211,7 +211,7 @@ class RunConfig:
     # (metalearn.training.local: tests, debugging, the fastest path on one GPU).
     runner: Literal["ray", "local"] = "ray"
     progress_every_s: float = 2.0
-    metrics_flush_s: float = 15.0  # metrics.parquet rewrite interval
+    metrics_flush_s: float = 15.0  # seconds between metrics segment flushes
     tensorboard: bool = False
 
     def __post_init__(self):

@@ -10,7 +10,7 @@ format with the run's provenance, and ``metalearn eval`` reads it. An export is 
 * ``meta``: JSON with ``format`` (``metalearn-rule-export``), ``format_version``, the
   rule config (``rule``), the run folder's name and training config (``run``,
   ``run_config``), the learner ``step``, the ``meta_loss`` logged at that step
-  (``metrics.parquet``), ``num_params`` and the ``package_version``.
+  (the run's ``metrics/``), ``num_params`` and the ``package_version``.
 
 Loading (``load_export``) needs nothing but that folder. Orbax stamps wall-clock times
 and the destination path into its bookkeeping files; ``export_run`` rewrites them to

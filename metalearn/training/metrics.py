@@ -240,7 +240,7 @@ def read_metrics(path: str | os.PathLike) -> pa.Table:
         learner = SegmentedTable(run.metrics).read()
         evaluations = _coalesce(SegmentedTable(run.evaluations).read().to_pylist())
     elif os.path.isfile(run.legacy_metrics):
-            return pq.read_table(run.legacy_metrics)
+        return pq.read_table(run.legacy_metrics)
     else:
         raise FileNotFoundError(f"{run.path} has no metrics yet (no {run.metrics}/): not "
                                 f"a training run folder, or the run has not logged a step")
