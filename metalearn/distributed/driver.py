@@ -79,7 +79,10 @@ class RayTransport(Transport):
         self.learner = LearnerActor.options(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote(self.config_dict, self.run.path, resume)
-        return ray.get(self.learner.status.remote())
+        try:
+            return ray.get(self.learner.status.remote())
+        except _GONE as err:  # killed or its node lost while starting, or it raised
+            raise LearnerLost(f"the learner did not start: {str(err).strip()}") from err
 
     def stop_learner(self) -> None:
         if self.learner is not None:

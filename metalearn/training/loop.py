@@ -43,7 +43,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from metalearn.core.config_io import RunError
 from metalearn.training.config import TrainConfig
@@ -54,8 +54,13 @@ from metalearn.training.metrics import MetricsLog
 from metalearn.training.run_dir import RunDir
 
 
+T = TypeVar("T")
+
 # After a worker died, its next order waits this long (Ray is restarting the process).
 RESTART_BACKOFF_S = 2.0
+# A replacement learner that dies while it starts (killed, its node lost) is started
+# again, this many times in all; the same learner call is retried as often.
+LEARNER_ATTEMPTS = 3
 
 
 class LearnerLost(RuntimeError):
@@ -270,11 +275,7 @@ class TrainingLoop:
 
     def checkpoint(self) -> int:
         """Checkpoint the learner now (replacing it first if it is gone)."""
-        try:
-            return self.transport.checkpoint()
-        except LearnerLost:
-            self._restart_learner()
-            return self.transport.checkpoint()
+        return self._with_learner(self.transport.checkpoint)
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
@@ -481,12 +482,38 @@ class TrainingLoop:
         except LearnerLost:
             return False
 
+    def _with_learner(self, call: Callable[[], T]) -> T:
+        """``call()``, with the learner replaced and the call repeated if it is gone."""
+        for attempt in range(1, LEARNER_ATTEMPTS + 1):
+            try:
+                return call()
+            except LearnerLost:
+                if attempt == LEARNER_ATTEMPTS:
+                    raise
+                self._restart_learner()
+        raise AssertionError("unreachable")
+
+    def _start_replacement(self) -> LearnerStatus:
+        """A new learner restored from the newest checkpoint; one that dies while it
+        starts is started again (``LEARNER_ATTEMPTS`` in all)."""
+        for attempt in range(1, LEARNER_ATTEMPTS + 1):
+            self.transport.stop_learner()
+            try:
+                return self._take_learner(self.transport.start_learner(True))
+            except LearnerLost as err:
+                if attempt == LEARNER_ATTEMPTS:
+                    raise
+                self._event("learner_start_failed", attempt=attempt, error=str(err)[:300])
+                print(f"\nthe replacement learner died while starting ({err}); "
+                      f"starting another", file=sys.stderr)
+                time.sleep(RESTART_BACKOFF_S)
+        raise AssertionError("unreachable")
+
     def _restart_learner(self) -> None:
         self.learner_restarts += 1
         dead, last_step = self.theta.generation, self.step
         last_wall = (self.last_row or {}).get("wall_s")
-        self.transport.stop_learner()
-        status = self._take_learner(self.transport.start_learner(True))
+        status = self._start_replacement()
         self.metrics.truncate(status.step)
         try:  # how long ago the checkpoint restored from was written
             lost_s = time.time() - os.path.getmtime(
@@ -502,11 +529,7 @@ class TrainingLoop:
               f"(generation {status.generation})", file=sys.stderr)
 
     def _stream_seeds(self, count: int) -> list[int]:
-        try:
-            return self.transport.new_stream_seeds(count)
-        except LearnerLost:
-            self._restart_learner()
-            return self.transport.new_stream_seeds(count)
+        return self._with_learner(lambda: self.transport.new_stream_seeds(count))
 
     def _reseed(self, index: int) -> None:
         self.transport.reseed(index, self._stream_seeds(1)[0])
