@@ -24,7 +24,7 @@ def kill_started(group: subprocess.Popen, marker: str) -> None:
         except ProcessLookupError:
             break
         try:
-            group.wait(timeout=15)
+            group.wait(timeout=5)  # a test cluster: SIGKILL after a short grace
             break
         except subprocess.TimeoutExpired:
             continue

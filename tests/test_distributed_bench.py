@@ -44,6 +44,9 @@ def test_learner_bench_counts_what_the_learner_applied(ray2, capsys):
     assert report["meets_target"] == (report["grads_per_s"] >= 1000)
 
 
+# A measuring command's own test (20 s of two-worker phases); the learner bench above
+# keeps the bench path in the default suite.
+@pytest.mark.slow
 def test_scaling_bench_alternates_phases(ray2, tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(config_to_yaml(tiny_config(tmp_path)))

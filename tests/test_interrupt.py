@@ -90,6 +90,9 @@ def test_a_signal_at_a_random_moment_stops_cleanly_and_resumes_without_a_gap(
     assert [s["step"] for s in sessions] == [0, reached]
 
 
+# The loop-level test of a second signal (tests/test_loop.py) is in the default suite;
+# this one, through a real `metalearn train` process, is slow.
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once_and_the_run_still_resumes(ray_session, tmp_path):
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(config_to_yaml(tiny_config(tmp_path)))

@@ -1,13 +1,17 @@
 """The training loop's protocol, without Ray: lost rows, dead workers and learners,
-failing truncations, callbacks (``InProcessTransport`` with injected faults)."""
+failing truncations, callbacks, signals (``InProcessTransport`` with injected faults)."""
 
 import errno
+import os
+import signal
 
 import pytest
 
 from metalearn.training.local import InProcessTransport
 from metalearn.training import learner_host
-from metalearn.training.loop import Callback, LearnerFailed, TrainingLoop
+from metalearn.training.events import read_events
+from metalearn.training.loop import (LEARNER_ATTEMPTS, Callback, ImmediateStop, LearnerFailed,
+                                     LearnerLost, TrainingLoop)
 from metalearn.training.messages import WorkerResult
 from metalearn.training.metrics import read_metrics
 from metalearn.training.run_dir import RunDir
@@ -86,6 +90,57 @@ def test_lost_learner_is_replaced_from_its_checkpoint(tmp_path):
     assert steps_of(run) == [1, 2, 3, 4, 5, 6]
 
 
+class ReplacementsDie(InProcessTransport):
+    """The first ``deaths`` replacement learners die while they start (killed, or their
+    node lost, before they answer)."""
+
+    def __init__(self, config, run, deaths):
+        super().__init__(config, run)
+        self.deaths = deaths
+
+    def start_learner(self, resume):
+        if resume and self.deaths:
+            self.deaths -= 1
+            raise LearnerLost("the learner did not start: killed")
+        return super().start_learner(resume)
+
+
+class KillLearnerAt(Callback):
+    def __init__(self, step):
+        self.step, self.done = step, False
+
+    def on_row(self, loop, row):
+        if row["step"] == self.step and not self.done:
+            self.done = True
+            loop.transport.stop_learner()
+
+
+def test_a_replacement_that_dies_while_starting_is_started_again(tmp_path, monkeypatch):
+    from metalearn.training import loop as loop_module
+
+    monkeypatch.setattr(loop_module, "RESTART_BACKOFF_S", 0.0)
+    config = tiny_config(tmp_path, run={"steps": 6, "minutes": 5.0},
+                         worker={"num_workers": 2, "batch_size": 8},
+                         learner={"meta_batch": 2, "checkpoint_minutes": 1e-5})
+    run = RunDir(tmp_path / "run")
+    run.create(config)
+    transport = ReplacementsDie(config, run, deaths=LEARNER_ATTEMPTS - 1)
+    summary = TrainingLoop(config, run, transport, callbacks=[KillLearnerAt(3)]).run()
+    assert summary.learner_restarts == 1 and summary.final_step == 6
+    assert steps_of(run) == [1, 2, 3, 4, 5, 6]
+    failed = [e for e in read_events(run.path) if e["event"] == "learner_start_failed"]
+    assert [e["attempt"] for e in failed] == list(range(1, LEARNER_ATTEMPTS))
+
+    # One more death than attempts: the run stops with the cause, its checkpoint intact.
+    run2 = RunDir(tmp_path / "run2")
+    run2.create(config)
+    transport = ReplacementsDie(config, run2, deaths=LEARNER_ATTEMPTS)
+    with pytest.raises(LearnerLost, match="did not start: killed"):
+        TrainingLoop(config, run2, transport, callbacks=[KillLearnerAt(3)]).run()
+    last = run2.checkpoint_steps()[-1]
+    assert last >= 1 and steps_of(run2)[:last] == list(range(1, last + 1))
+
+
 def test_every_truncation_failing_stops_the_run(tmp_path):
     class Broken(InProcessTransport):
         def start_workers(self, seeds):
@@ -118,8 +173,6 @@ def test_a_full_disk_stops_the_run_cleanly_with_the_last_good_checkpoint(tmp_pat
     """A checkpoint that cannot be written (here theta_latest, after the orbax step)
     stops the run: no more work, no save retried, one line, the last good checkpoint
     intact, and the run resumes from it."""
-    from metalearn.training.events import read_events
-
     saves = []
     original = learner_host.save_run_theta
 
@@ -153,3 +206,58 @@ def test_a_full_disk_stops_the_run_cleanly_with_the_last_good_checkpoint(tmp_pat
     summary = resumed.run()
     assert summary.start_step == good
     assert steps_of(run) == list(range(1, summary.final_step + 1))
+
+
+class SignalsAt(Callback):
+    """Sends this process ``count`` SIGINTs when the row of ``step`` arrives (the loop
+    runs in the main thread, where Python runs signal handlers)."""
+
+    def __init__(self, step: int, count: int):
+        self.step, self.count = step, count
+
+    def on_row(self, loop, row):
+        if row["step"] == self.step:
+            for _ in range(self.count):
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_signal_stops_the_run_with_a_final_checkpoint_and_it_resumes(tmp_path):
+    loop, run = make_loop(tmp_path, callbacks=[SignalsAt(step=2, count=1)],
+                          run={"steps": 40, "minutes": 5.0})
+    summary = loop.run()
+    assert summary.signal == "SIGINT" and loop.interrupted
+    # What had arrived is applied and checkpointed: the final checkpoint is the last
+    # step of the metrics, which hold every step once.
+    reached = summary.final_step
+    assert 2 <= reached < 40 and summary.checkpoint_step == reached
+    assert run.checkpoint_steps()[-1] == reached
+    assert steps_of(run) == list(range(1, reached + 1))
+    events = [e["event"] for e in read_events(run.path)]
+    assert events[0] == "session_start" and "signal" in events and events[-1] == "session_end"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    resumed = TrainingLoop(loop.config, run, InProcessTransport(loop.config, run),
+                           resume=True)
+    after = resumed.run()
+    assert after.start_step == reached and after.final_step == 40
+    assert steps_of(run) == list(range(1, 41))
+
+
+def test_a_second_signal_stops_at_once_and_the_run_still_resumes(tmp_path):
+    loop, run = make_loop(tmp_path, callbacks=[SignalsAt(step=3, count=2)],
+                          run={"steps": 40, "minutes": 5.0},
+                          learner={"checkpoint_minutes": 1e-6})
+    with pytest.raises(ImmediateStop):
+        loop.run()
+    assert loop.step < 40
+    # No final checkpoint: the newest complete one is at most where the loop stopped,
+    # and the metrics hold every step up to it once.
+    last = run.checkpoint_steps()[-1]
+    assert last <= loop.step
+    assert steps_of(run)[:last] == list(range(1, last + 1))
+    assert [e["event"] for e in read_events(run.path)][-1] == "immediate_stop"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    after = TrainingLoop(loop.config, run, InProcessTransport(loop.config, run),
+                         resume=True).run()
+    # A save that was in flight may complete before the resume reads the checkpoints.
+    assert last <= after.start_step <= loop.step and after.final_step == 40
+    assert steps_of(run) == list(range(1, 41))

@@ -104,6 +104,9 @@ def test_node_lost_mid_run_workers_replaced_learner_intact(no_ray, tmp_path):
     assert sorted(steps) == list(range(1, 9))  # no step lost or repeated around the failure
 
 
+# Slow (about a minute): the cluster rehearsal (tests/test_cluster_rehearsal.py) keeps
+# `ray start` nodes and a submitted run in the default suite.
+@pytest.mark.slow
 def test_fake_multinode_autoscaler_adds_worker_nodes(no_ray, tmp_path):
     port = free_port()
     address = f"127.0.0.1:{port}"

@@ -99,6 +99,9 @@ def test_smoke_sweep_every_trial_reports_then_resume(ray2, tmp_path):
     assert main(["sweep", spec, "--out", str(out)]) == 2
 
 
+# Slow (about a minute of two trials' sessions): the smoke sweep above keeps Tune's
+# trials, reports and resume in the default suite.
+@pytest.mark.slow
 def test_pbt_clones_a_trial_and_changes_its_config_mid_run(ray2, tmp_path):
     # Two trials, very different LRs; at step 4 PBT replaces the worse trial by a clone
     # of the better one's checkpoint, with mutated curriculum / LR values.
