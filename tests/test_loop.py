@@ -222,6 +222,7 @@ class SignalsAt(Callback):
 
 
 def test_a_signal_stops_the_run_with_a_final_checkpoint_and_it_resumes(tmp_path):
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a background job, for one
     loop, run = make_loop(tmp_path, callbacks=[SignalsAt(step=2, count=1)],
                           run={"steps": 40, "minutes": 5.0})
     summary = loop.run()
@@ -234,7 +235,7 @@ def test_a_signal_stops_the_run_with_a_final_checkpoint_and_it_resumes(tmp_path)
     assert steps_of(run) == list(range(1, reached + 1))
     events = [e["event"] for e in read_events(run.path)]
     assert events[0] == "session_start" and "signal" in events and events[-1] == "session_end"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
     resumed = TrainingLoop(loop.config, run, InProcessTransport(loop.config, run),
                            resume=True)
     after = resumed.run()
@@ -243,6 +244,7 @@ def test_a_signal_stops_the_run_with_a_final_checkpoint_and_it_resumes(tmp_path)
 
 
 def test_a_second_signal_stops_at_once_and_the_run_still_resumes(tmp_path):
+    before = signal.getsignal(signal.SIGINT)
     loop, run = make_loop(tmp_path, callbacks=[SignalsAt(step=3, count=2)],
                           run={"steps": 40, "minutes": 5.0},
                           learner={"checkpoint_minutes": 1e-6})
@@ -255,7 +257,7 @@ def test_a_second_signal_stops_at_once_and_the_run_still_resumes(tmp_path):
     assert last <= loop.step
     assert steps_of(run)[:last] == list(range(1, last + 1))
     assert [e["event"] for e in read_events(run.path)][-1] == "immediate_stop"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     after = TrainingLoop(loop.config, run, InProcessTransport(loop.config, run),
                          resume=True).run()
     # A save that was in flight may complete before the resume reads the checkpoints.

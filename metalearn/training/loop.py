@@ -504,7 +504,8 @@ class TrainingLoop:
                 if attempt == LEARNER_ATTEMPTS:
                     raise
                 self._event("learner_start_failed", attempt=attempt, error=str(err)[:300])
-                print(f"\nthe replacement learner died while starting ({err}); "
+                print(f"\nthe replacement learner died while starting "
+                      f"({str(err).splitlines()[0]}); "
                       f"starting another", file=sys.stderr)
                 time.sleep(RESTART_BACKOFF_S)
         raise AssertionError("unreachable")
