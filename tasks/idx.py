@@ -1,4 +1,8 @@
-"""Fashion-MNIST from its original IDX files (``fashion_mnist``); no TFDS, no download.
+"""Fashion-MNIST from its original IDX files; no TFDS, no download.
+
+``fashion_mnist`` is the official test file (10,000 images), the held-out set that
+reports use; ``fashion_mnist_val`` is the official train file (60,000), the
+meta-validation set that selects (never reported).
 
 Debian's ``dataset-fashion-mnist`` package installs the four files in
 ``/usr/share/datasets/fashion-mnist``; any folder holding them (gzipped or not) works
@@ -59,23 +63,39 @@ def fashion_mnist_dir(options: SourceOptions) -> str:
             or DEFAULT_DIR)
 
 
-@register("fashion_mnist", "Fashion-MNIST 28x28 grey, 10 classes, train+test (70000), from IDX files",
-          needs=f"IDX files (Debian dataset-fashion-mnist, {DEFAULT_DIR})")
-def build_fashion_mnist(options: SourceOptions, progress: bool = True) -> Dataset:
+def _build_split(name: str, splits: tuple[str, ...], options: SourceOptions) -> Dataset:
     folder = fashion_mnist_dir(options)
-    paths = {split: tuple(_find(folder, stem) for stem in stems) for split, stems in FILES.items()}
+    paths = {split: tuple(_find(folder, stem) for stem in FILES[split]) for split in splits}
     stat = {p: os.path.getsize(p) for pair in paths.values() for p in pair}
 
     def build() -> Dataset:
-        xs, ys, splits = [], [], []
+        xs, ys, counts = [], [], []
         for split, (images, labels) in paths.items():
             x, y = read_idx(images), read_idx(labels)
             if x.shape[0] != y.shape[0]:
                 raise ValueError(f"{images} has {x.shape[0]} images, {labels} {y.shape[0]} labels")
             xs.append(x.astype(np.uint8))
             ys.append(y.astype(np.int32))
-            splits.append((split, int(x.shape[0])))
-        return Dataset("fashion_mnist", np.concatenate(xs), np.concatenate(ys), CLASS_NAMES,
-                       "image", info={"origin": folder, "splits": dict(splits)})
+            counts.append((split, int(x.shape[0])))
+        return Dataset(name, np.concatenate(xs), np.concatenate(ys), CLASS_NAMES,
+                       "image", info={"origin": folder, "splits": dict(counts)})
 
-    return cached("fashion_mnist", {"files": stat}, build, options)
+    return cached(name, {"files": stat}, build, options)
+
+
+# Two disjoint sources, so that what selects a rule never sees what reports it
+# (docs/evaluation.md, "Validation and test"): the official test file is the held-out
+# set every reported figure uses; the official train file is the meta-validation set
+# that screens, the continuous evaluator, checkpoint choice and sweep ranking use.
+@register("fashion_mnist", "Fashion-MNIST 28x28 grey, 10 classes, the official test file "
+          "(10000): the reported held-out set", needs=f"IDX files (Debian dataset-fashion-mnist, "
+          f"{DEFAULT_DIR})")
+def build_fashion_mnist(options: SourceOptions, progress: bool = True) -> Dataset:
+    return _build_split("fashion_mnist", ("test",), options)
+
+
+@register("fashion_mnist_val", "Fashion-MNIST 28x28 grey, 10 classes, the official train "
+          "file (60000): the meta-validation set, never reported",
+          needs=f"IDX files (Debian dataset-fashion-mnist, {DEFAULT_DIR})")
+def build_fashion_mnist_val(options: SourceOptions, progress: bool = True) -> Dataset:
+    return _build_split("fashion_mnist_val", ("train",), options)

@@ -218,12 +218,14 @@ class Task:
         positions = (self._rng.random(batch_size) * self._counts[local]).astype(np.int64)
         return self._examples(local, positions)[0]
 
-    def labelled_pair(self, num_draws: int, samples_per_class: int) -> LabelledPair:
+    def labelled_pair(self, num_draws: int, samples_per_class: int,
+                      regression_targets: bool = True) -> LabelledPair:
         """M class-balanced (train, test) pairs, as numpy.
 
         x_*: [M, n * spc, D] float32, class-major; y_*: [M, n * spc, K] float32 (one-hot
-        then regression targets). Within a draw, train and test examples are distinct
-        when a class has at least 2 * spc examples (else drawn with replacement).
+        then, with ``regression_targets``, the augmentation's regression targets: K = n +
+        R; without, K = n). Within a draw, train and test examples are distinct when a
+        class has at least 2 * spc examples (else drawn with replacement).
         """
         m, n, spc = num_draws, self.num_classes, samples_per_class
         k = 2 * spc
@@ -240,17 +242,18 @@ class Task:
         local = np.broadcast_to(np.arange(n)[None, None, :, None], positions.shape)
         x, reg = self._examples(local.reshape(-1), positions.reshape(-1))
         onehot = np.eye(n, dtype=np.float32)[local.reshape(-1)]
-        y = np.concatenate([onehot, reg], axis=1)
+        y = np.concatenate([onehot, reg], axis=1) if regression_targets else onehot
         x = x.reshape(m, 2, n * spc, -1)
         y = y.reshape(m, 2, n * spc, -1)
         return LabelledPair(x[:, 0], y[:, 0], x[:, 1], y[:, 1])
 
     def truncation_batch(self, num_steps: int, batch_size: int, num_draws: int,
-                         samples_per_class: int) -> TruncationBatch:
+                         samples_per_class: int, regression_targets: bool = True
+                         ) -> TruncationBatch:
         """U steps of data: inner_x [U, B, D]; pair fields [U, M, n * spc, ...]."""
         u = num_steps
         inner = self.inner_batch(u * batch_size).reshape(u, batch_size, -1)
-        pair = self.labelled_pair(u * num_draws, samples_per_class)
+        pair = self.labelled_pair(u * num_draws, samples_per_class, regression_targets)
         pair = LabelledPair(*(f.reshape(u, num_draws, *f.shape[1:]) for f in pair))
         return TruncationBatch(inner, pair)
 

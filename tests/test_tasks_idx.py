@@ -45,9 +45,11 @@ def test_small_folder_of_idx_files(tmp_path):
     for split, n in (("train", 6), ("t10k", 4)):
         _write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8), 0x08)
         _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8), 0x08)
-    ds = load("fashion_mnist", options=SourceOptions(fashion_mnist_dir=str(tmp_path),
-                                                     cache_dir=str(tmp_path / "cache")))
-    assert ds.num_examples == 10 and ds.shape == (28, 28)
+    options = SourceOptions(fashion_mnist_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    test, val = load("fashion_mnist", options=options), load("fashion_mnist_val", options=options)
+    # The reported set is the test file alone; validation is the train file alone.
+    assert test.num_examples == 4 and val.num_examples == 6 and test.shape == (28, 28)
+    assert test.info["splits"] == {"test": 4} and val.info["splits"] == {"train": 6}
 
 
 def test_missing_files_say_what_to_install(tmp_path):
@@ -60,7 +62,10 @@ def test_missing_files_say_what_to_install(tmp_path):
                            "dataset-fashion-mnist; .ci/run installs it)")
 def test_real_fashion_mnist(tmp_path):
     ds = load("fashion_mnist", options=SourceOptions(cache_dir=str(tmp_path)))
-    assert ds.num_examples == 70000 and ds.shape == (28, 28) and ds.num_classes == 10
-    np.testing.assert_array_equal(ds.class_index.counts, np.full(10, 7000))
+    assert ds.num_examples == 10000 and ds.shape == (28, 28) and ds.num_classes == 10
+    np.testing.assert_array_equal(ds.class_index.counts, np.full(10, 1000))
     assert ds.x.max() == 255 and 40 < ds.x.mean() < 100  # real images, not zeros
-    assert ds.info["splits"] == {"train": 60000, "test": 10000}
+    assert ds.info["splits"] == {"test": 10000}
+    val = load("fashion_mnist_val", options=SourceOptions(cache_dir=str(tmp_path)))
+    assert val.num_examples == 60000 and val.info["splits"] == {"train": 60000}
+    np.testing.assert_array_equal(val.class_index.counts, np.full(10, 6000))

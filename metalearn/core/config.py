@@ -21,12 +21,14 @@ import jax
 
 from metalearn.core.config_io import ConfigError, from_dict, to_dict  # noqa: F401 (re-exported)
 
-__all__ = ["ACTIVATIONS", "ESTIMATORS", "PLANE_NAMES", "ConfigError", "MetaObjectiveConfig", "RuleConfig", "UnrollConfig",
+__all__ = ["ACTIVATIONS", "ESTIMATORS", "PLANE_NAMES", "ConfigError", "HorizonConfig",
+           "MetaObjectiveConfig", "RuleConfig", "UnrollConfig",
            "from_dict", "to_dict"]
 
 
 # Meta-gradient estimators (``UnrollConfig.estimator``; metalearn.core.estimators).
-ESTIMATORS = ("truncated", "es", "pes", "hybrid")
+# The last two score a perturbation over a whole inner run (metalearn.core.full_horizon).
+ESTIMATORS = ("truncated", "es", "pes", "hybrid", "es_full", "guided_es")
 
 ACTIVATIONS = ("relu", "leaky_relu", "swish", "tanh", "sigmoid", "step", "identity")
 
@@ -136,6 +138,11 @@ class MetaObjectiveConfig:
     samples_per_class: int = 10
     add_ridge_penalty: bool = True  # reference adds ridge * sum(w^2) / B to the loss
     normalize_predictions: bool = True
+    # The paper's targets append a task's augmentation parameters (rotation, shifts) to
+    # the one-hot labels. On the local glyph tasks those dominate the loss and reward a
+    # rule that collapses the representation onto a few directions (docs/results.md);
+    # False scores the class labels alone.
+    regression_targets: bool = True
 
     def __post_init__(self):
         if not self.ridge > 0:
@@ -145,6 +152,45 @@ class MetaObjectiveConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(
                     f"meta_objective.{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HorizonConfig:
+    """Inner runs of the full-horizon estimators (``es_full``, ``guided_es``; docs/estimators.md).
+
+    steps: inner steps of one task's run. inner_lr: the run's inner learning rate (0: the
+      rule's ``inner_lr``); a search may take fewer steps at a larger rate, since the
+      horizon that matters is inner_lr x steps, while the exported rule keeps
+      ``rule.inner_lr``. points: evenly spaced steps at which the meta-objective is
+      measured (fresh labelled draws at each). fitness: ``mean`` over the points or the
+      ``final`` point only. guide_alpha, guide_dims, surrogate_steps: ``guided_es``'s
+      share of isotropic noise, number of surrogate gradients kept, and the truncation
+      length of its truncated-backprop surrogate.
+    """
+
+    steps: int = 300
+    inner_lr: float = 0.0
+    points: int = 10
+    fitness: Literal["mean", "final"] = "mean"
+    guide_alpha: float = 0.5
+    guide_dims: int = 2
+    surrogate_steps: int = 4
+
+    def __post_init__(self):
+        for name in ("steps", "points", "guide_dims", "surrogate_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"horizon.{name} must be a positive integer, got {value!r}")
+        if self.points > self.steps:
+            raise ConfigError(f"horizon.points ({self.points}) cannot exceed horizon.steps "
+                              f"({self.steps})")
+        if not (isinstance(self.inner_lr, (int, float)) and 0 <= self.inner_lr < 1):
+            raise ConfigError(f"horizon.inner_lr must be in [0, 1) (0: the rule's), got "
+                              f"{self.inner_lr!r}")
+        if self.fitness not in ("mean", "final"):
+            raise ConfigError(f"horizon.fitness must be 'mean' or 'final', got {self.fitness!r}")
+        if not (isinstance(self.guide_alpha, (int, float)) and 0 < self.guide_alpha <= 1):
+            raise ConfigError(f"horizon.guide_alpha must be in (0, 1], got {self.guide_alpha!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +224,9 @@ class UnrollConfig:
         an unbiased gradient of the smoothed loss of the whole inner run so far.
       ``hybrid``: truncated backprop and ES combined with weights inversely
         proportional to their variances, estimated online (Metz et al. 2019).
+      ``es_full`` / ``guided_es``: one antithetic perturbation held for a whole inner run
+        of ``horizon.steps`` steps, scored by the meta-objective over the run
+        (``metalearn.core.full_horizon``; ``HorizonConfig``).
     perturbation_std, pairs: the ES family's sigma and number of antithetic pairs.
     variance_decay: the hybrid's exponential moving average of each component's
       variance (per worker, kept across tasks).
@@ -188,7 +237,7 @@ class UnrollConfig:
     scan_unroll: bool = False  # fully unroll the scan (fast on CPU, long compiles)
     remat: bool = False
     scan_buckets: tuple[int, ...] = (4, 8, 16)
-    estimator: Literal["truncated", "es", "pes", "hybrid"] = "truncated"
+    estimator: Literal["truncated", "es", "pes", "hybrid", "es_full", "guided_es"] = "truncated"
     perturbation_std: float = 0.01
     pairs: int = 4
     variance_decay: float = 0.9

@@ -84,10 +84,17 @@ class Problem:
 
     def step(self, theta, params: BaseParams, x, pair: LabelledPair):
         """One inner step, then the meta-objective of the new phi. x: [B, N_0]."""
-        new_params = inner_step(theta, params, x, self.activation, self.rule)
+        new_params = self.advance(theta, params, x)
+        return new_params, self.loss(new_params, pair)
+
+    def advance(self, theta, params: BaseParams, x) -> BaseParams:
+        """One inner step of the rule. x: [B, N_0]."""
+        return inner_step(theta, params, x, self.activation, self.rule)
+
+    def loss(self, params: BaseParams, pair: LabelledPair):
+        """The meta-objective of phi on one labelled pair (M draws)."""
         arch = architecture_of(params, self.activation)
-        loss = meta_objective(new_params, pair, arch, self.objective, self.rule.base_bn_eps)
-        return new_params, loss
+        return meta_objective(params, pair, arch, self.objective, self.rule.base_bn_eps)
 
 
 def step_and_loss(theta, params: BaseParams, x, pair: LabelledPair, problem: Problem):

@@ -20,10 +20,12 @@ import dataclasses
 import os
 from typing import Literal
 
+import numpy as np
 import yaml
 
 from metalearn.core.theta import theta_spec
-from metalearn.core.config import ACTIVATIONS, MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.config import (ACTIVATIONS, HorizonConfig, MetaObjectiveConfig, RuleConfig,
+                                   UnrollConfig)
 from metalearn.core.config_io import (ConfigError, apply_overrides, from_dict,
                                       is_packaged_name, merge, read_yaml, resolve_config,
                                       to_dict)
@@ -46,8 +48,11 @@ class LearnerConfig:
     # V - v <= max_staleness; older ones are dropped and counted.
     max_staleness: int = 16
     loss_window: int = 256  # gradients in the rolling meta-loss (overall and per dataset)
-    # theta entries kept at their initial values (ThetaSpec.mask selectors, e.g.
-    # "merge_w.w:hebb"): the local recipe holds its Oja-like core fixed (docs/results.md)
+    # The trainable subspace of theta, as ThetaSpec.mask selectors ("merge_w",
+    # "merge_w.w:hebb", "compute_h"): empty trains every entry. ``frozen`` entries are
+    # kept at their initial values; both may be given (trainable minus frozen).
+    # ``trainable_mask`` is the one place the two are combined (docs/training.md).
+    trainable: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
     seed: int = 0  # theta initialisation and the learner's RNG
     checkpoint_minutes: float = 5.0
@@ -229,6 +234,8 @@ class TrainConfig:
     rule: RuleConfig = RuleConfig()
     objective: MetaObjectiveConfig = MetaObjectiveConfig()
     unroll: UnrollConfig = UnrollConfig()
+    # Whole inner runs of the full-horizon estimators (unroll.estimator es_full, guided_es)
+    horizon: HorizonConfig = HorizonConfig()
     learner: LearnerConfig = LearnerConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
     worker: WorkerConfig = WorkerConfig()
@@ -238,8 +245,28 @@ class TrainConfig:
     evaluator: ContinuousEvalConfig = ContinuousEvalConfig(enabled=False)
 
     def __post_init__(self):
-        if self.learner.frozen:  # selectors must name theta entries of this rule
-            theta_spec(self.rule).mask(self.learner.frozen, "learner.frozen")
+        if self.learner.frozen or self.learner.trainable:
+            trainable_mask(self.rule, self.learner)  # selectors must name theta entries
+        if self.unroll.estimator in ("es_full", "guided_es") and self.worker.tasks_per_worker > 1:
+            raise ConfigError(f"worker.tasks_per_worker must be 1 with unroll.estimator "
+                              f"{self.unroll.estimator} (its {2 * self.unroll.pairs} "
+                              f"population members are what the worker vmaps), got "
+                              f"{self.worker.tasks_per_worker}")
+
+
+def trainable_mask(rule, learner: LearnerConfig) -> np.ndarray | None:
+    """[P] bool: True at the theta entries the learner trains (``learner.trainable``, all
+    if empty, minus ``learner.frozen``); None when every entry trains."""
+    if not learner.trainable and not learner.frozen:
+        return None
+    spec = theta_spec(rule)
+    mask = (spec.mask(learner.trainable, "learner.trainable") if learner.trainable
+            else np.ones(spec.num_params, bool))
+    if learner.frozen:
+        mask &= ~spec.mask(learner.frozen, "learner.frozen")
+    if not mask.any():
+        raise ConfigError("learner.trainable / learner.frozen leave no theta entry to train")
+    return mask
 
 
 DEFAULT_CONFIG = "local"  # the packaged local default (metalearn/configs/local.yaml)

@@ -34,7 +34,7 @@ import jax
 from metalearn.core.theta import theta_spec
 from metalearn.core.update_rule import init_theta
 from metalearn.training.checkpoint import CheckpointSaveError, Checkpointer, describe_error
-from metalearn.training.config import TrainConfig
+from metalearn.training.config import TrainConfig, trainable_mask
 from metalearn.training.export import save_run_theta
 from metalearn.training.learner import Learner
 from metalearn.training.messages import LearnerReply, LearnerStatus, Submission
@@ -54,8 +54,8 @@ class LearnerHost:
         self.run = run
         spec = theta_spec(config.rule)
         flat = spec.ravel(init_theta(jax.random.key(config.learner.seed), config.rule))
-        frozen = (theta_spec(config.rule).mask(config.learner.frozen, "learner.frozen")
-                  if config.learner.frozen else None)
+        trainable = trainable_mask(config.rule, config.learner)
+        frozen = None if trainable is None else ~trainable
         self.learner = Learner(flat, config.learner, config.curriculum, frozen_mask=frozen)
         self.learner.stop_step = config.run.steps
         self.checkpointer = Checkpointer(run.checkpoints, keep=config.learner.keep_checkpoints)

@@ -26,6 +26,7 @@ published version differs from ``theta_key``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -38,8 +39,12 @@ from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import init_params
 from metalearn.core.estimators import make_estimator
+from metalearn.core.full_horizon import (FULL_HORIZON_ESTIMATORS, FullHorizonES, HorizonData,
+                                         evaluation_points)
+from metalearn.core.meta_objective import LabelledPair
+from metalearn.core.unroll import Problem
 from metalearn.core.theta import theta_spec
-from metalearn.training.config import TrainConfig
+from metalearn.training.config import TrainConfig, trainable_mask
 from metalearn.training.messages import LearnerReply, Submission, WorkOrder
 from metalearn.training.schedules import Curriculum
 from metalearn.training.task_mix import resolve_mix
@@ -118,10 +123,11 @@ class Worker:
         self.sampler = sampler
         self._estimators: dict[str, Any] = {}
         self._last_state: dict[str, Any] = {}  # per activation: for cross-task statistics
-        frozen = config.learner.frozen
-        self.trainable = (None if not frozen else
-                          (~self.theta_spec.mask(frozen, "learner.frozen")).astype(np.float32))
+        trainable = trainable_mask(config.rule, config.learner)
+        self.trainable = None if trainable is None else trainable.astype(np.float32)
         self._shapes_seen: set = set()
+        self.full_horizon = config.unroll.estimator in FULL_HORIZON_ESTIMATORS
+        self._guides: dict[str, Any] = {}  # guided_es: surrogate FIFO per activation
         self.theta = None
         self.theta_key: tuple[str, int] | None = None  # (generation, version)
         self.truncations = 0
@@ -180,7 +186,8 @@ class Worker:
     def _batch(self, group: _TaskGroup, steps: int):
         objective = self.config.objective
         batches = [task.truncation_batch(steps, self.config.worker.batch_size,
-                                         objective.num_draws, objective.samples_per_class)
+                                         objective.num_draws, objective.samples_per_class,
+                                         objective.regression_targets)
                    for task in group.tasks]
         if len(batches) == 1:
             return batches[0]
@@ -190,9 +197,12 @@ class Worker:
         return curriculum.sample_unroll(self.rng)
 
     def run_truncation(self, curriculum: Curriculum) -> Submission:
-        """One truncation of the current task(s) (new ones if none is in progress)."""
+        """One truncation of the current task(s) (new ones if none is in progress); with a
+        full-horizon estimator, one whole task (``run_task``)."""
         if self.theta is None:
             raise RuntimeError("worker has no theta yet: call set_theta first")
+        if self.full_horizon:
+            return self.run_task()
         start = time.perf_counter()
         if self._task is None:
             self._task = self._new_tasks(curriculum)
@@ -271,6 +281,75 @@ class Worker:
                      "prefetch_s": prefetch_done - data, "grad_s": grad_done - data,
                      "total_s": end - start, "new_shape": float(new_shape),
                      "prefetched": float(prefetched)})
+
+    # ------------------------------------------------------------------ whole tasks
+
+    def _horizon_rule(self):
+        horizon = self.config.horizon
+        rule = self.config.rule
+        return rule if not horizon.inner_lr else dataclasses.replace(rule,
+                                                                     inner_lr=horizon.inner_lr)
+
+    def _full_horizon_estimator(self, activation: str) -> FullHorizonES:
+        estimator = self._estimators.get(activation)
+        if estimator is None:
+            problem = Problem(activation, self._horizon_rule(), self.config.objective)
+            estimator = FullHorizonES(problem, self.theta, self.config.unroll,
+                                      self.config.horizon,
+                                      None if self.trainable is None else self.trainable > 0)
+            self._estimators[activation] = estimator
+        return estimator
+
+    def horizon_data(self, task, steps: int, points: int) -> HorizonData:
+        """A task's whole run: ``steps`` inner batches and a labelled draw per point."""
+        objective, batch_size = self.config.objective, self.config.worker.batch_size
+        at = evaluation_points(steps, points)
+        inner = task.inner_batch(steps * batch_size).reshape(steps, batch_size, -1)
+        pair = task.labelled_pair(len(at) * objective.num_draws, objective.samples_per_class,
+                                  objective.regression_targets)
+        pairs = LabelledPair(*(f.reshape(len(at), objective.num_draws, *f.shape[1:])
+                               for f in pair))
+        return HorizonData(inner, pairs, at)
+
+    def run_task(self) -> Submission:
+        """One task's whole inner run under the full-horizon estimator: its 2K population
+        members each trained for ``horizon.steps`` steps from the same phi_0 on the same
+        data; the submission is the estimate over the whole run (count 1)."""
+        start = time.perf_counter()
+        horizon, rule = self.config.horizon, self.config.rule
+        seed = int(self.rng.integers(0, 2 ** 62))
+        task = self.sampler.sample(seed)
+        arch = task.arch
+        phi0 = init_params(jax.random.key(seed % (2 ** 31)), arch, w_std=rule.init_w_std,
+                           b_std=rule.init_b_std)
+        data = self.horizon_data(task, horizon.steps, horizon.points)
+        sampled = time.perf_counter()
+        shape_key = (arch.activation, tuple(arch.sizes))
+        new_shape = shape_key not in self._shapes_seen
+        self._shapes_seen.add(shape_key)
+        estimator = self._full_horizon_estimator(arch.activation)
+        estimate, guide = estimator(self.theta, phi0, data, seed,
+                                    self._guides.get(arch.activation))
+        if guide is not None:
+            self._guides[arch.activation] = guide
+        done = time.perf_counter()
+        self.truncations += 1
+        generation, version = self.theta_key
+        metadata = dict(task.metadata())
+        metadata.update(task_seed=seed, truncation=1, task_truncations=1,
+                        task_steps=horizon.steps, arch=list(arch.sizes),
+                        activation=arch.activation, fitness=estimate.fitness.tolist(),
+                        curve=estimate.curve.tolist(), points=list(data.points))
+        loss = float(np.mean(estimate.fitness))
+        return Submission(
+            grad=np.asarray(estimate.grad, np.float32), version=version, generation=generation,
+            loss=loss, finite=estimate.finite, count=1,
+            nonfinite_tasks=0, loss_start=estimate.loss_start,
+            estimator_metrics=estimate.metrics, dataset=task_dataset_name(task),
+            num_steps=horizon.steps, worker=self.index, metadata=metadata,
+            timings={"sample_s": 0.0, "data_s": sampled - start, "prefetch_s": 0.0,
+                     "grad_s": done - sampled, "total_s": done - start,
+                     "new_shape": float(new_shape), "prefetched": 0.0})
 
     # ------------------------------------------------------------------ one order
 
