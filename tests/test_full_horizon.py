@@ -179,3 +179,11 @@ def test_evaluation_points_and_bad_settings():
         estimator("pes")
     with pytest.raises(ConfigError, match="trainable subspace is empty"):
         estimator(trainable=np.zeros(N, bool))
+
+
+def test_a_vmapped_population_and_a_looped_one_give_the_same_numbers():
+    data = horizon_data(12, 3, seed=2)
+    vmapped, _ = estimator(population="vmap", steps=12, points=3)(THETA, PHI0, data, 4)
+    looped, _ = estimator(population="loop", steps=12, points=3)(THETA, PHI0, data, 4)
+    np.testing.assert_allclose(vmapped.fitness, looped.fitness, rtol=1e-5)
+    np.testing.assert_allclose(vmapped.grad, looped.grad, rtol=1e-4, atol=1e-6)

@@ -222,3 +222,43 @@ def test_every_estimator_runs_on_a_vmapped_worker(setup, estimator):
     row = rows[-1]
     assert row["est/grad_norm"] == pytest.approx(np.mean([m["grad_norm"] for m in metrics]))
     assert row["grad_var"] > 0 and row["grad_snr"] > 0
+
+
+@pytest.mark.parametrize("estimator", ["es_full", "guided_es"])
+def test_full_horizon_worker_scores_whole_tasks_on_the_trainable_subspace(setup, estimator):
+    """es_full / guided_es: one order is one whole task; every population member starts
+    from the same phi_0 and data; the estimate lives on learner.trainable only."""
+    import dataclasses
+
+    from metalearn.core.config import HorizonConfig
+
+    config, theta = setup
+    cfg = dataclasses.replace(
+        config, unroll=dataclasses.replace(config.unroll, estimator=estimator, pairs=2,
+                                           perturbation_std=0.3),
+        horizon=HorizonConfig(steps=6, inner_lr=0.03, points=3, fitness="final",
+                              surrogate_steps=2),
+        learner=dataclasses.replace(config.learner, trainable=("merge_w",)))
+    worker = make_worker(cfg, theta, seed=5)
+    subs = [worker.run_truncation(Curriculum(2, 2, 2.0)) for _ in range(2)]
+    keep = worker.theta_spec.mask(["merge_w"])
+    assert keep.sum() == 13
+    for sub in subs:
+        assert (sub.count, sub.finite, sub.num_steps, sub.version) == (1, True, 6, 3)
+        assert np.all(sub.grad[~keep] == 0) and np.abs(sub.grad[keep]).sum() > 0
+        assert len(sub.metadata["fitness"]) == 4 and sub.metadata["points"] == [2, 4, 6]
+        # the loss is the members' mean fitness (their final-point meta-objective)
+        assert sub.loss == pytest.approx(np.mean(sub.metadata["fitness"]))
+        assert np.isfinite(sub.loss_start) and sub.estimator_metrics["fitness_spread"] > 0
+    assert subs[0].metadata["task_seed"] != subs[1].metadata["task_seed"]
+    if estimator == "guided_es":  # the surrogate FIFO carries over to the next task
+        assert "surrogate_cos" in subs[1].estimator_metrics
+        assert worker._guides["relu"].surrogates.shape[0] == 2
+    # The learner moves only the trainable subspace.
+    learner = Learner(theta, dataclasses.replace(config.learner, meta_batch=2),
+                      config.curriculum, generation="gen", frozen_mask=~keep)
+    learner.version = 3
+    row = [learner.submit(s) for s in subs][-1]
+    assert row is not None and row["est/fitness_mean"] > 0
+    moved = learner.theta != theta
+    assert moved[keep].any() and not moved[~keep].any()

@@ -13,23 +13,32 @@ from metalearn.training.export import export_run
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "export", help="export a run's theta as a self-describing orbax checkpoint",
-        description="Write RUN_DIR's latest theta, its rule config and provenance (run, "
-                    "step, meta-loss, package version) to a standalone orbax checkpoint.")
+        description="Write RUN_DIR's best theta by validation (its newest with --last, or "
+                    "when the run has no validation score), its rule config and provenance "
+                    "(run, step, meta-loss, validation score, package version) to a "
+                    "standalone orbax checkpoint.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="training run folder")
     parser.add_argument("--out", required=True, help="export folder to write")
     parser.add_argument("--force", action="store_true", help="replace an existing export")
+    parser.add_argument("--last", action="store_true",
+                        help="export the run's newest theta, not its best by validation")
     parser.add_argument("--json", action="store_true", help="print the metadata as JSON")
     parser.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    meta = export_run(args.run_dir, args.out, force=args.force)
+    meta = export_run(args.run_dir, args.out, force=args.force, last=args.last)
     if args.json:
         print(json.dumps({"out": os.path.abspath(args.out), **meta}, default=str))
     else:
         loss = meta["meta_loss"]
-        print(f"exported {meta['run']} step {meta['step']} "
-              f"(meta-loss {'n/a' if loss is None else f'{loss:.4f}'}) to "
+        if meta["selected"] == "best":
+            val = meta["validation"]
+            which = f"best by validation ({val['score_column']} {val['score']:.3f})"
+        else:
+            which = "newest" + ("" if args.last else " (the run has no validation score)")
+        print(f"exported {meta['run']} step {meta['step']}, its {which} "
+              f"(meta-loss {'n/a' if loss is None else f'{loss:.4f}'}), to "
               f"{os.path.abspath(args.out)}", file=sys.stderr)
     return 0
 

@@ -165,7 +165,11 @@ class HorizonConfig:
       measured (fresh labelled draws at each). fitness: ``mean`` over the points or the
       ``final`` point only. guide_alpha, guide_dims, surrogate_steps: ``guided_es``'s
       share of isotropic noise, number of surrogate gradients kept, and the truncation
-      length of its truncated-backprop surrogate.
+      length of its truncated-backprop surrogate. population: how the 2K members are
+      stepped: ``vmap`` (one jitted call for all, the accelerator's way), ``loop`` (one
+      jitted call per member: on XLA's CPU backend a vmapped population measured 2.2x
+      slower per member than a loop, ``metalearn bench population``) or ``auto``
+      (``loop`` on CPU, ``vmap`` elsewhere).
     """
 
     steps: int = 300
@@ -175,8 +179,12 @@ class HorizonConfig:
     guide_alpha: float = 0.5
     guide_dims: int = 2
     surrogate_steps: int = 4
+    population: Literal["auto", "vmap", "loop"] = "auto"
 
     def __post_init__(self):
+        if self.population not in ("auto", "vmap", "loop"):
+            raise ConfigError(f"horizon.population must be 'auto', 'vmap' or 'loop', got "
+                              f"{self.population!r}")
         for name in ("steps", "points", "guide_dims", "surrogate_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -191,6 +199,12 @@ class HorizonConfig:
             raise ConfigError(f"horizon.fitness must be 'mean' or 'final', got {self.fitness!r}")
         if not (isinstance(self.guide_alpha, (int, float)) and 0 < self.guide_alpha <= 1):
             raise ConfigError(f"horizon.guide_alpha must be in (0, 1], got {self.guide_alpha!r}")
+
+
+    def resolved_population(self, backend: str | None = None) -> str:
+        if self.population != "auto":
+            return self.population
+        return "loop" if (backend or jax.default_backend()) == "cpu" else "vmap"
 
 
 @dataclasses.dataclass(frozen=True)

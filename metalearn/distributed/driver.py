@@ -217,9 +217,10 @@ class RayContinuousEvaluation(Callback):
         self.config = config
         self.schedule = EvaluationSchedule(config.evaluator)
         self.actor, self.pending = None, None
+        self.pending_theta = None  # (step, theta payload) of the evaluation under way
 
     def on_start(self, loop) -> None:
-        self.schedule.start(loop.start_step)
+        self.schedule.start(loop.start_step, measure_now=not loop.best.known)
         self.actor = start_evaluator(self.config.evaluator, self.config.rule,
                                      self.config.objective, reserve=False)
 
@@ -227,6 +228,7 @@ class RayContinuousEvaluation(Callback):
         due = self.schedule.due(loop.step, final)
         if due is not None:
             self.pending = self.actor.evaluate.remote(loop.step, loop.theta.payload, **due)
+            self.pending_theta = (loop.step, loop.theta.payload)
 
     def on_tick(self, loop) -> None:
         if self.actor is None:
@@ -241,7 +243,12 @@ class RayContinuousEvaluation(Callback):
 
     def _collect(self, loop) -> None:
         try:
-            loop.metrics.merge(ray.get(self.pending))
+            row = ray.get(self.pending)
+            loop.metrics.merge(row)
+            step, payload = self.pending_theta
+            if isinstance(payload, ray.ObjectRef):
+                payload = ray.get(payload)
+            loop.best.offer(step, payload, row)
         except Exception as err:  # noqa: BLE001 - evaluation is optional
             message = str(err).strip().splitlines()[-1][:300]
             print(f"\ncontinuous evaluation failed and is switched off: {message}",

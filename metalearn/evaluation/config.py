@@ -102,7 +102,9 @@ class ContinuousEvalConfig:
 
     every: learner steps between (short) evaluations.
     datasets: held-out sources (each evaluated at ``image_size``, native if 0).
-    steps: inner steps per short rollout; seeds: rollouts per dataset.
+    steps: inner steps per short rollout; seeds: rollouts per dataset; long_seeds: rollouts
+      of a long evaluation (0: ``seeds``). The same seeds every time (paired), so that
+      successive thetas are compared on the same tasks, draws and batches.
     horizons: inner-step counts at which a long rollout is measured (accuracy, rank90,
       w_growth at each; the rollout runs to the largest).
     long_every: learner steps between long-horizon rollouts; 0 disables them.
@@ -128,6 +130,7 @@ class ContinuousEvalConfig:
     horizons: tuple[int, ...] = (100, 300, 1000)
     long_every: int = 200
     long_datasets: tuple[str, ...] = ()
+    long_seeds: int = 0
     final_timeout_s: float = 1800.0
 
     def __post_init__(self):
@@ -142,6 +145,9 @@ class ContinuousEvalConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"evaluator.{name} must be positive, got "
                                   f"{getattr(self, name)}")
+        if self.long_seeds < 0:
+            raise ConfigError(f"evaluator.long_seeds must be >= 0 (0: evaluator.seeds), got "
+                              f"{self.long_seeds}")
         if self.long_every < 0:
             raise ConfigError(f"evaluator.long_every must be >= 0 (0: no long rollouts), "
                               f"got {self.long_every}")
@@ -193,8 +199,12 @@ class EvaluationSchedule:
         self.every, self.long_every = config.every, config.long_every
         self.last_short = self.last_long = 0
 
-    def start(self, step: int) -> None:
+    def start(self, step: int, measure_now: bool = False) -> None:
+        """Count from ``step``; ``measure_now``: evaluate ``step`` itself first (a new run's
+        start, so that the best theta by validation can be the start)."""
         self.last_short = self.last_long = step
+        if measure_now:
+            self.last_short, self.last_long = step - self.every, step - self.long_every
 
     def due(self, step: int, final: bool = False) -> dict | None:
         """``{"short": bool, "long": bool}`` for ``evaluate`` (marked as done), or None.

@@ -65,7 +65,8 @@ class ContinuousEvaluator:
                 continue
             arch = architecture(data.input_size, config.width, config.depth,
                                 config.activation, rule.top_units)
-            tasks = [make_task(data, seed, 10, config.shots) for seed in range(config.seeds)]
+            count = max(config.seeds, config.long_seeds)
+            tasks = [make_task(data, seed, 10, config.shots) for seed in range(count)]
             pairs = [self._labelled_pair(task) for task in tasks]
             self._datasets.append((name, arch, tasks, pairs))
         if not self._datasets:
@@ -119,7 +120,8 @@ class ContinuousEvaluator:
         row = {}
         for name, arch, tasks, pairs in self._datasets:
             losses, accs, logregs = [], [], []
-            for task, pair in zip(tasks, pairs):
+            seeds = self.config.seeds
+            for task, pair in zip(tasks[:seeds], pairs[:seeds]):
                 step_losses = []
                 for k, params in rollout(theta, self.rule, arch, task.x_pool, seed=task.seed,
                                          steps=self.config.steps,
@@ -142,9 +144,10 @@ class ContinuousEvaluator:
         """One rollout per seed to the largest horizon, measured at every horizon."""
         horizons = set(self.config.horizons)
         row = {}
+        seeds = self.config.long_seeds or self.config.seeds
         for name, arch, tasks, _ in self.long_datasets:
             values: dict[str, list[float]] = {}
-            for task in tasks:
+            for task in tasks[:seeds]:
                 # The same seed and stream as the short rollout: its first steps are the
                 # short rollout's, so the two kinds of column describe one trajectory.
                 for k, params in rollout(theta, self.rule, arch, task.x_pool, seed=task.seed,

@@ -373,8 +373,10 @@ def plot_meta_training(rows: list[dict], run_dir: str, out: str | None = None) -
                and math.isfinite(r[col])]
         return np.array(pts, float).reshape(-1, 2)
 
+    theta_cols = [c for c in columns if c.startswith("theta/merge_w/")]
+
     plt = _plt()
-    panels = 2 if eval_acc or long_acc else 1
+    panels = 1 + bool(eval_acc or long_acc) + bool(theta_cols)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
     ax = axes[0, 0]
     cmap = plt.get_cmap("tab10")
@@ -393,8 +395,10 @@ def plot_meta_training(rows: list[dict], run_dir: str, out: str | None = None) -
     ax.set_title("meta-training curves per dataset")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    panel = 1
     if eval_acc or long_acc:
-        ax = axes[0, 1]
+        ax = axes[0, panel]
+        panel += 1
         for i, col in enumerate(eval_acc):
             s = series(col)
             ax.plot(s[:, 0], s[:, 1], "o-", ms=3, color=cmap((len(train_cols) + i) % 10),
@@ -404,11 +408,33 @@ def plot_meta_training(rows: list[dict], run_dir: str, out: str | None = None) -
             ax.plot(s[:, 0], s[:, 1], "s--", ms=3,
                     color=cmap((len(train_cols) + len(eval_acc) + i) % 10),
                     label=col[5:].replace("/accuracy@", " @") + " inner steps")
+        if long_acc:
+            # The score that picks the exported theta (training/best.py): the first long
+            # dataset's largest horizon; its running best is what an export takes.
+            horizon = max(int(c.split("@")[1]) for c in long_acc)
+            chosen = next(c for c in long_acc if c.endswith(f"@{horizon}"))
+            s = series(chosen)
+            if len(s):
+                ax.step(s[:, 0], np.maximum.accumulate(s[:, 1]), "k-", where="post", lw=1.5,
+                        alpha=0.7, label=f"best so far ({chosen[5:]}, exported)")
         ax.set_xlabel("learner step")
-        ax.set_ylabel("10-shot accuracy (held out)")
-        ax.set_title("held-out evaluation")
+        ax.set_ylabel("10-shot accuracy (validation / held out)")
+        ax.set_title("continuous evaluation")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    if theta_cols:
+        ax = axes[0, panel]
+        for i, col in enumerate(theta_cols):
+            pts = [(r["wall_s"] / 60.0, r[col]) for r in rows
+                   if r.get(col) is not None and r.get("wall_s") is not None]
+            s = np.array(pts, float).reshape(-1, 2)
+            ax.plot(s[:, 0], s[:, 1], color=plt.get_cmap("tab20")(i % 20),
+                    label=col[len("theta/merge_w/"):])
+        ax.set_xlabel("meta-training wall time (minutes)")
+        ax.set_ylabel("mixing weight")
+        ax.set_title("the rule's merge weights")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
     fig.suptitle(os.path.basename(os.path.abspath(run_dir)))
     fig.tight_layout()
     out = out or os.path.join(run_dir, "meta_training.png")

@@ -162,24 +162,32 @@ def write_export(out: str, theta, rule: RuleConfig, meta: dict, *, force: bool =
     return out
 
 
-def export_run(run_dir: str, out: str, *, force: bool = False) -> dict:
-    """Export the run's newest theta to ``out`` with its provenance; returns the metadata."""
+def export_run(run_dir: str, out: str, *, force: bool = False, last: bool = False) -> dict:
+    """Export a run's theta to ``out`` with its provenance; returns the metadata.
+
+    By default the best theta by validation (``<run>/theta_best``, metalearn.training.best)
+    when the run has one, else the newest (``theta_latest``); ``last`` takes the newest.
+    ``meta["selected"]`` says which: ``best`` or ``last``."""
     run = RunDir(run_dir)
     if not os.path.isdir(run.path):
         raise FileNotFoundError(f"run folder {run.path} does not exist")
     if not is_export(run.theta):
         raise FileNotFoundError(f"{run.path} has no {RunDir.THETA}/: not a training run "
                                 f"folder, or the run has not saved theta yet")
-    saved = load_export(run.theta)
+    best = not last and is_export(run.best)
+    saved = load_export(run.best if best else run.theta)
     losses = meta_loss_at(run, saved.step)
     meta = {
         "run": run.name,
         "run_config": run.read_config_dict(),
         "step": saved.step,
+        "selected": "best" if best else "last",
         "meta_loss": losses.get("meta_loss_rolling", losses.get("meta_loss")),
         "metrics": losses,
         "package_version": package_version(),
     }
+    if best:
+        meta["validation"] = {k: saved.meta.get(k) for k in ("score", "score_column", "rank90")}
     write_export(out, saved.theta, saved.rule, meta, force=force)
     return meta
 

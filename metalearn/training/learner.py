@@ -62,7 +62,8 @@ class Learner:
 
     def __init__(self, theta_flat: np.ndarray, config: LearnerConfig,
                  curriculum: CurriculumConfig, *, generation: str | None = None,
-                 clock=time.monotonic, frozen_mask: np.ndarray | None = None):
+                 clock=time.monotonic, frozen_mask: np.ndarray | None = None,
+                 watch: dict[str, int] | None = None):
         self.config = config
         self.schedule = TruncationSchedule(curriculum)
         self.generation = generation or uuid.uuid4().hex[:12]
@@ -80,6 +81,9 @@ class Learner:
         if keep.shape != (self.num_params,):
             raise ValueError(f"frozen_mask has shape {keep.shape}, theta {self.num_params}")
         self.frozen_count = int(self.num_params - keep.sum())
+        # Single theta entries logged in every row as ``theta/<name>`` (the merge weights:
+        # how the rule itself changes over meta-training).
+        self.watch = dict(watch or {})
         self._keep = keep if self.frozen_count else None  # for the submissions' spread
         keep = jnp.asarray(keep)
 
@@ -232,6 +236,8 @@ class Learner:
         }
         for name, window in sorted(self.dataset_losses.items()):
             row[f"loss/{name}"] = float(np.mean(window))
+        for name, index in self.watch.items():
+            row[f"theta/{name}"] = float(self.theta[index])
         row.update(self._spread())
         for name, (total, weight) in sorted(self._est.items()):
             row[f"est/{name}"] = total / weight

@@ -30,7 +30,9 @@ import time
 import warnings
 
 import jax
+import numpy as np
 
+from metalearn.core.config import PLANE_NAMES
 from metalearn.core.theta import theta_spec
 from metalearn.core.update_rule import init_theta
 from metalearn.training.checkpoint import CheckpointSaveError, Checkpointer, describe_error
@@ -46,6 +48,16 @@ from metalearn.training.run_dir import RunDir
 RECENT_ROWS = 4096
 
 
+def merge_weight_indices(spec) -> dict[str, int]:
+    """{"merge_w/<plane>": flat index, "merge_w/bias": ...}: the rule's mixing weights, the
+    handful of numbers that say which update the rule makes (docs/rule.md)."""
+    out = {}
+    for plane in PLANE_NAMES:
+        out[f"merge_w/{plane}"] = int(np.argmax(spec.mask([f"merge_w.w:{plane}"])))
+    out["merge_w/bias"] = int(np.argmax(spec.mask(["merge_w.b"])))
+    return out
+
+
 class LearnerHost:
     """A learner with its checkpoints in ``run`` (the one process that writes them)."""
 
@@ -56,7 +68,8 @@ class LearnerHost:
         flat = spec.ravel(init_theta(jax.random.key(config.learner.seed), config.rule))
         trainable = trainable_mask(config.rule, config.learner)
         frozen = None if trainable is None else ~trainable
-        self.learner = Learner(flat, config.learner, config.curriculum, frozen_mask=frozen)
+        self.learner = Learner(flat, config.learner, config.curriculum, frozen_mask=frozen,
+                               watch=merge_weight_indices(spec))
         self.learner.stop_step = config.run.steps
         self.checkpointer = Checkpointer(run.checkpoints, keep=config.learner.keep_checkpoints)
         self.restored_step = None

@@ -144,7 +144,7 @@ class InlineContinuousEvaluation(Callback):
         self.evaluator = None
 
     def on_start(self, loop: TrainingLoop) -> None:
-        self.schedule.start(loop.start_step)
+        self.schedule.start(loop.start_step, measure_now=not loop.best.known)
         try:
             self.evaluator = ContinuousEvaluator(self.config, self.rule, self.objective)
         except Exception as err:  # noqa: BLE001 - evaluation is optional
@@ -157,9 +157,12 @@ class InlineContinuousEvaluation(Callback):
         if due is None:
             return
         try:
-            loop.metrics.merge(self.evaluator.evaluate(loop.step, loop.theta.payload, **due))
+            row = self.evaluator.evaluate(loop.step, loop.theta.payload, **due)
         except Exception as err:  # noqa: BLE001 - evaluation is optional
             self._off(err)
+            return
+        loop.metrics.merge(row)
+        loop.best.offer(row["step"], loop.theta.payload, row)
 
     def on_tick(self, loop: TrainingLoop) -> None:
         self._evaluate(loop, final=False)

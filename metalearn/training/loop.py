@@ -50,6 +50,7 @@ from metalearn.training.config import TrainConfig
 from metalearn.training.events import Ledger, append_event
 from metalearn.training.messages import (LearnerReply, LearnerStatus, ThetaHandle,
                                          WorkerResult, WorkOrder)
+from metalearn.training.best import BestTheta
 from metalearn.training.metrics import MetricsLog
 from metalearn.training.run_dir import RunDir
 
@@ -221,6 +222,8 @@ class TrainingLoop:
         # The metrics table is flushed last in an iteration, after evaluations merged.
         self.callbacks = [*callbacks, MetricsFlush(config.run.metrics_flush_s)]
         self.metrics = MetricsLog(run, config.run.tensorboard)
+        # The best theta by validation, fed by the continuous evaluation's callbacks.
+        self.best = BestTheta(run, config.rule, config.evaluator)
         self.worker_failures = 0
         self.worker_errors = 0
         self.learner_restarts = 0

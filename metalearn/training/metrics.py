@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from metalearn.core.estimators import ESTIMATOR_CLASSES
+from metalearn.core.full_horizon import METRIC_NAMES as FULL_HORIZON_METRICS
 from metalearn.training.run_dir import RunDir
 from metalearn.training.segments import SegmentedTable, SegmentWarning
 
@@ -47,7 +48,9 @@ DISCARD_REASON = "discarded_reason"  # column of the rows in <run>/discarded/
 
 def estimator_columns(estimator: str) -> tuple[str, ...]:
     """The ``est/<name>`` columns rows carry under ``unroll.estimator`` = estimator."""
-    return tuple(f"est/{name}" for name in ESTIMATOR_CLASSES[estimator].metric_names)
+    names = (FULL_HORIZON_METRICS[estimator] if estimator in FULL_HORIZON_METRICS
+             else ESTIMATOR_CLASSES[estimator].metric_names)
+    return tuple(f"est/{name}" for name in names)
 
 
 def _clean(row: dict) -> dict:

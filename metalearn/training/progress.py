@@ -67,8 +67,9 @@ def long_horizon_text(latest: dict, datasets=()) -> str:
 
 class ProgressLine(Callback):
     """Shows the newest metrics row every ``run.progress_every_s``, and the newest
-    long-horizon evaluation (held-out accuracy and rank90 at the largest horizon of the
-    first dataset, e.g. ``fm@1000 0.452 r9``) when the run has one."""
+    long-horizon evaluation (validation accuracy and rank90 at the largest horizon of the
+    first dataset, and the best so far: e.g. ``fmv@1000 0.452 r9 best 0.561 @40``) when
+    the run has one."""
 
     def __init__(self, every_s: float, stream=sys.stderr):
         self.progress = Progress(every_s, stream)
@@ -80,6 +81,7 @@ class ProgressLine(Callback):
         evaluator = loop.config.evaluator
         held_out = long_horizon_text(loop.metrics.latest_evaluation(),
                                      evaluator.long_names() or evaluator.datasets)
+        held_out += loop.best.text() if held_out else ""
         self.progress.show(
             f"step {loop.step:6d} | meta-loss {row['meta_loss_rolling']:.4f} "
             f"(vs task start {row['loss_vs_start_rolling']:+.4f}) | "

@@ -8,6 +8,8 @@
     <run>/checkpoints/<step>/ orbax checkpoints of the learner's whole state
     <run>/theta_latest/       theta at the newest checkpoint, in the export format
                               (``metalearn.training.export``: self-describing orbax)
+    <run>/theta_best/         the best theta by the validation score so far, same
+                              format (``metalearn.training.best``)
     <run>/metrics/            one row per learner step: append-only parquet segments
                               written by the learner (``metalearn.training.metrics``)
     <run>/evaluations/        continuous-evaluation rows (``eval/*``) of evaluated steps
@@ -37,6 +39,7 @@ class RunDir:
     CONFIGS = "configs"  # one config per session: <NNN>-step<S>.yaml
     CHECKPOINTS = "checkpoints"
     THETA = "theta_latest"
+    BEST = "theta_best"  # the best theta by the validation score (training/best.py)
     METRICS = "metrics"
     EVALUATIONS = "evaluations"
     DISCARDED = "discarded"
@@ -75,6 +78,10 @@ class RunDir:
     @property
     def theta(self) -> str:
         return os.path.join(self.path, self.THETA)
+
+    @property
+    def best(self) -> str:
+        return os.path.join(self.path, self.BEST)
 
     @property
     def metrics(self) -> str:
@@ -188,8 +195,9 @@ class RunDir:
             if os.path.isdir(folder):
                 shutil.copytree(folder, os.path.join(dest, os.path.basename(folder)),
                                 ignore=shutil.ignore_patterns(".tmp-*"))
-        if os.path.isdir(self.theta):
-            shutil.copytree(self.theta, os.path.join(dest, self.THETA))
+        for folder in (self.theta, self.best):
+            if os.path.isdir(folder):
+                shutil.copytree(folder, os.path.join(dest, os.path.basename(folder)))
         if os.path.isdir(self.configs):  # the configs of the sessions up to that step
             def later(folder: str, names: list[str]) -> set[str]:
                 return {n for n in names if not (m := _SESSION_CONFIG.fullmatch(n))

@@ -1,0 +1,88 @@
+"""The best theta of a run by validation (docs/training.md, "Best theta").
+
+Every long-horizon evaluation of the continuous evaluator scores the theta it measured
+on the meta-validation set (``fashion_mnist_val`` in the packaged configs, never a
+reported set). ``BestTheta`` keeps the highest-scoring theta in ``<run>/theta_best``
+(the export format, with the score, its column, rank90 and the step in its metadata),
+so ``metalearn export`` hands out the best rule a run found rather than its last, and a
+run that drifts below its start exports its start. The score is the validation ridge
+accuracy at the largest horizon (``selection_column``); the start of a new run is
+evaluated first, so the start is always a candidate. The state lives in the folder, so
+it survives resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from metalearn.core.config import RuleConfig
+from metalearn.evaluation.config import ContinuousEvalConfig
+from metalearn.training.export import is_export, read_export_meta, write_export
+from metalearn.core.theta import theta_spec
+from metalearn.training.run_dir import RunDir
+
+
+def selection_column(config: ContinuousEvalConfig, row: dict) -> str | None:
+    """The column of ``row`` that scores a theta: ``eval/<d>/accuracy@<H>`` with H the
+    largest horizon, for the first long dataset (config order) the row has."""
+    if not config.long_every or not config.horizons:
+        return None
+    horizon = max(config.horizons)
+    names = list(config.long_names()) + list(config.datasets)
+    for name in names:
+        column = f"eval/{name}/accuracy@{horizon}"
+        if column in row:
+            return column
+    return None
+
+
+class BestTheta:
+    """Keeps ``<run>/theta_best``: the theta with the highest validation score so far."""
+
+    def __init__(self, run: RunDir, rule: RuleConfig, config: ContinuousEvalConfig):
+        self.run, self.rule, self.config = run, rule, config
+        self.score = -math.inf
+        self.step: int | None = None
+        self.column: str | None = None
+        if is_export(run.best):
+            meta = read_export_meta(run.best)
+            self.score = float(meta.get("score", -math.inf))
+            self.step = int(meta["step"])
+            self.column = meta.get("score_column")
+
+    @property
+    def known(self) -> bool:
+        return self.step is not None
+
+    def offer(self, step: int, theta_flat, row: dict) -> bool:
+        """Consider the evaluation ``row`` of ``theta_flat`` (flat [P], learner ``step``);
+        write it as the new best if its score beats the best so far. True if it did."""
+        column = selection_column(self.config, row)
+        if column is None:
+            return False
+        score = row.get(column)
+        if not isinstance(score, (int, float)) or not math.isfinite(score):
+            return False
+        if score <= self.score:
+            return False
+        rank = row.get(column.replace("accuracy@", "rank90@"))
+        theta = theta_spec(self.rule).unravel(np.asarray(theta_flat, np.float32))
+        write_export(self.run.best, theta, self.rule,
+                     {"step": int(step), "run": self.run.name, "score": float(score),
+                      "score_column": column,
+                      "rank90": float(rank) if isinstance(rank, (int, float)) else None},
+                     force=True)
+        self.score, self.step, self.column = float(score), int(step), column
+        return True
+
+    def text(self) -> str:
+        """`` best 0.612 @ step 40`` for the progress line; empty before any score."""
+        if not self.known:
+            return ""
+        return f" best {self.score:.3f} @{self.step}"
+
+
+__all__ = ["BestTheta", "selection_column"]

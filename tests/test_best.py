@@ -1,0 +1,90 @@
+"""The best theta of a run by validation (metalearn.training.best) and its export."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from metalearn.core.theta import theta_spec
+from metalearn.core.update_rule import init_theta
+from metalearn.evaluation.config import ContinuousEvalConfig, EvaluationSchedule
+from metalearn.training.best import BestTheta, selection_column
+from metalearn.training.export import export_run, load_export, save_run_theta
+from metalearn.training.run_dir import RunDir
+from train_helpers import tiny_config
+
+EVAL = ContinuousEvalConfig(datasets=("fashion_mnist_val", "two_moons"), horizons=(100, 1000),
+                            long_every=5)
+
+
+def test_selection_column_is_the_first_long_dataset_at_the_largest_horizon():
+    row = {"eval/two_moons/accuracy@1000": 0.9, "eval/fashion_mnist_val/accuracy@1000": 0.5,
+           "eval/fashion_mnist_val/accuracy@100": 0.6}
+    assert selection_column(EVAL, row) == "eval/fashion_mnist_val/accuracy@1000"
+    # a missing first dataset gives way to the next, as the evaluator does
+    assert selection_column(EVAL, {"eval/two_moons/accuracy@1000": 0.9}) == \
+        "eval/two_moons/accuracy@1000"
+    assert selection_column(EVAL, {"eval/fashion_mnist_val/accuracy": 0.5}) is None
+    no_long = ContinuousEvalConfig(datasets=("digits",), long_every=0)
+    assert selection_column(no_long, row) is None
+
+
+@pytest.fixture
+def run(tmp_path):
+    config = tiny_config(tmp_path)
+    run = RunDir(tmp_path / "run")
+    run.create(config)
+    return run, config
+
+
+def thetas(config, count):
+    spec = theta_spec(config.rule)
+    base = spec.ravel(init_theta(jax.random.key(0), config.rule))
+    return [base + 0.01 * k for k in range(count)]
+
+
+def test_best_theta_keeps_the_highest_score_and_survives_a_new_session(run):
+    run, config = run
+    column = "eval/fashion_mnist_val/accuracy@1000"
+    t0, t1, t2, t3 = thetas(config, 4)
+    best = BestTheta(run, config.rule, EVAL)
+    assert not best.known and best.text() == ""
+    assert best.offer(0, t0, {"step": 0, column: 0.40, column.replace("accuracy", "rank90"): 20})
+    assert not best.offer(5, t1, {"step": 5, column: 0.38})   # worse: the start stays
+    assert not best.offer(7, t1, {"step": 7, column: math.nan})
+    assert not best.offer(8, t1, {"step": 8, "eval/fashion_mnist_val/accuracy": 0.9})
+    assert best.offer(10, t2, {"step": 10, column: 0.45})
+    assert (best.step, best.score) == (10, 0.45) and best.text() == " best 0.450 @10"
+    again = BestTheta(run, config.rule, EVAL)  # a resumed session reads the folder
+    assert (again.step, again.score, again.column) == (10, 0.45, column)
+    assert not again.offer(12, t3, {"step": 12, column: 0.45})  # ties keep the earlier
+    saved = load_export(run.best)
+    np.testing.assert_allclose(theta_spec(config.rule).ravel(saved.theta), t2)
+    assert saved.meta["score"] == 0.45 and saved.step == 10
+
+
+def test_export_takes_the_best_theta_unless_asked_for_the_last(run, tmp_path):
+    run, config = run
+    t0, t1 = thetas(config, 2)
+    save_run_theta(run, t1, config.rule, 20)
+    meta = export_run(run.path, str(tmp_path / "no_best"))
+    assert (meta["selected"], meta["step"]) == ("last", 20)  # no validation score yet
+    BestTheta(run, config.rule, EVAL).offer(
+        5, t0, {"step": 5, "eval/fashion_mnist_val/accuracy@1000": 0.5})
+    meta = export_run(run.path, str(tmp_path / "best"))
+    assert (meta["selected"], meta["step"]) == ("best", 5)
+    assert meta["validation"]["score"] == 0.5
+    np.testing.assert_allclose(theta_spec(config.rule).ravel(
+        load_export(str(tmp_path / "best")).theta), t0)
+    meta = export_run(run.path, str(tmp_path / "last"), last=True)
+    assert (meta["selected"], meta["step"]) == ("last", 20)
+
+
+def test_a_new_run_measures_its_start_first():
+    schedule = EvaluationSchedule(ContinuousEvalConfig(every=10, long_every=50))
+    schedule.start(0, measure_now=True)
+    assert schedule.due(0) == {"short": True, "long": True}
+    assert schedule.due(1) is None and schedule.due(10) == {"short": True, "long": False}
+    schedule.start(30)  # a resumed run with a best already: counts from its step
+    assert schedule.due(30) is None
