@@ -9,25 +9,30 @@ import pytest
 from metalearn.core.theta import theta_spec
 from metalearn.core.update_rule import init_theta
 from metalearn.evaluation.config import ContinuousEvalConfig, EvaluationSchedule
-from metalearn.training.best import BestTheta, selection_column
+from metalearn.training.best import BestTheta, selection_score
 from metalearn.training.export import export_run, load_export, save_run_theta
 from metalearn.training.run_dir import RunDir
 from train_helpers import tiny_config
 
-EVAL = ContinuousEvalConfig(datasets=("fashion_mnist_val", "two_moons"), horizons=(100, 1000),
+EVAL = ContinuousEvalConfig(datasets=("fashion_mnist_val", "two_moons"), horizons=(1000,),
                             long_every=5)
+EVAL2 = ContinuousEvalConfig(datasets=("fashion_mnist_val", "two_moons"), horizons=(100, 1000),
+                             long_every=5)
 
 
-def test_selection_column_is_the_first_long_dataset_at_the_largest_horizon():
-    row = {"eval/two_moons/accuracy@1000": 0.9, "eval/fashion_mnist_val/accuracy@1000": 0.5,
+def test_selection_score_is_the_mean_over_horizons_of_the_first_long_dataset():
+    row = {"eval/two_moons/accuracy@1000": 0.9, "eval/two_moons/accuracy@100": 0.8,
+           "eval/fashion_mnist_val/accuracy@1000": 0.5,
            "eval/fashion_mnist_val/accuracy@100": 0.6}
-    assert selection_column(EVAL, row) == "eval/fashion_mnist_val/accuracy@1000"
+    assert selection_score(EVAL2, row) == (pytest.approx(0.55),
+                                          "eval/fashion_mnist_val/accuracy@100+1000")
     # a missing first dataset gives way to the next, as the evaluator does
-    assert selection_column(EVAL, {"eval/two_moons/accuracy@1000": 0.9}) == \
-        "eval/two_moons/accuracy@1000"
-    assert selection_column(EVAL, {"eval/fashion_mnist_val/accuracy": 0.5}) is None
+    moons = {k: v for k, v in row.items() if "two_moons" in k}
+    assert selection_score(EVAL2, moons)[0] == pytest.approx(0.85)
+    assert selection_score(EVAL, {"eval/fashion_mnist_val/accuracy": 0.5}) is None
+    assert selection_score(EVAL2, {**moons, "eval/two_moons/accuracy@100": math.nan}) is None
     no_long = ContinuousEvalConfig(datasets=("digits",), long_every=0)
-    assert selection_column(no_long, row) is None
+    assert selection_score(no_long, row) is None
 
 
 @pytest.fixture

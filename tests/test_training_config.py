@@ -16,7 +16,8 @@ def test_packaged_configs_load_from_any_directory(tmp_path, monkeypatch):
     assert load_config("paper").learner.meta_batch == 256
     smoke = load_config("smoke", ["run.steps=3"])
     assert smoke.tasks.mix == "tiny" and smoke.run.steps == 3
-    assert smoke.learner.lr_values == local.learner.lr_values  # inherited through base:
+    assert smoke.evaluator.datasets == local.evaluator.datasets  # inherited through base:
+    assert smoke.rule.inner_lr == local.rule.inner_lr
 
 
 def test_base_chain_relative_mix_and_loops(tmp_path):

@@ -5,6 +5,9 @@
     metalearn bench estimators [--json] [--unroll U] [--pairs K]  cost of one truncation's
                                                                  gradient per estimator
                                                                  (metalearn.core.bench)
+    metalearn bench population [--json] [--pairs K] [--steps T]  a full-horizon ES task's
+                                                                 population, looped vs
+                                                                 vmapped (metalearn.core.bench)
     metalearn bench tasks [--mix FILE] [--json]                  data side of a truncation
                                                                  (tasks.bench)
     metalearn bench learner [--json]                             gradients/s one learner
@@ -28,7 +31,7 @@ import json
 import sys
 
 from metalearn.cli.data import DEFAULT_MIX, add_source_args, source_options
-from metalearn.core.bench import measure_estimators, measure_inner_step
+from metalearn.core.bench import measure_estimators, measure_inner_step, measure_population
 from metalearn.distributed.bench import measure_learner, measure_scaling
 from metalearn.training.bench import measure_metrics
 from metalearn.training.config import load_config
@@ -61,6 +64,15 @@ def add_parser(subparsers) -> None:
     est.add_argument("--paper-rule", action="store_true",
                      help="the paper-size rule instead of the small preset")
     est.set_defaults(func=run_estimators)
+
+    pop = benches.add_parser("population", help="one full-horizon ES task: its population "
+                             "stepped member by member vs vmapped, in one run")
+    pop.add_argument("--json", action="store_true", help="last line: one JSON object")
+    pop.add_argument("--pairs", type=int, default=2, help="antithetic pairs (default 2)")
+    pop.add_argument("--steps", type=int, default=20, help="inner steps (default 20)")
+    pop.add_argument("--batch", type=int, default=128, help="inner batch (default 128)")
+    pop.add_argument("--repeats", type=int, default=2)
+    pop.set_defaults(func=run_population)
 
     p = benches.add_parser("tasks", help="task draw + inner batch + labelled pair, "
                            "as a fraction of one inner step")
@@ -173,6 +185,30 @@ def format_estimators(r: dict) -> str:
 
 
 # ---------------------------------------------------------------------------
+# population
+
+def run_population(args) -> int:
+    for name in ("pairs", "steps", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"metalearn bench population: --{name} must be >= 1")
+    _log(f"timing one full-horizon task ({2 * args.pairs} members x {args.steps} steps) ...")
+    report = measure_population(pairs=args.pairs, steps=args.steps, batch=args.batch,
+                                repeats=args.repeats, log=_log)
+    return _finish(args, format_population(report), report)
+
+
+def format_population(r: dict) -> str:
+    lines = [f"device: {r['device']} ({r['backend']}), base model {r['base_model']}, batch "
+             f"{r['batch']}, {r['members']} members x {r['steps']} inner steps",
+             f"{'mode':6s} {'s/task':>8s} {'ms/member-step':>15s} {'x loop':>7s} {'compile s':>9s}"]
+    for name, v in r["modes"].items():
+        lines.append(f"{name:6s} {v['seconds']:8.2f} {v['ms_per_member_step']:15.1f} "
+                     f"{v['over_loop']:7.2f} {v['compile_s']:9.1f}")
+    lines.append(f"fitness agrees across modes within {r['max_fitness_difference']:.2e}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
 # tasks
 
 def run_tasks(args) -> int:
@@ -252,6 +288,6 @@ def format_scaling(report: dict) -> str:
             f"{report['cores']}, arch {report['arch']}, U={report['unroll']})")
 
 
-__all__ = ["add_parser", "format_inner_step", "format_learner", "format_metrics",
+__all__ = ["add_parser", "format_inner_step", "format_population", "run_population", "format_learner", "format_metrics",
            "format_scaling", "run_metrics",
            "format_tasks", "run_inner_step", "run_learner", "run_scaling", "run_tasks"]

@@ -288,3 +288,57 @@ def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
     for entry in report["estimators"].values():
         entry["over_truncated"] = entry["seconds"] / base
     return report
+
+
+def measure_population(*, pairs: int = 2, steps: int = 20, batch: int = 128,
+                       base_model: tuple[int, ...] = (196, 128, 128, 32),
+                       rule: RuleConfig | None = None, repeats: int = 2,
+                       log: Callable[[str], None] = lambda message: None) -> dict:
+    """The ``metalearn bench population`` report: one full-horizon ES task (``es_full``,
+    2K members trained ``steps`` inner steps on the same data, merge weights trainable)
+    with the population stepped member by member (``loop``) and in one vmapped call
+    (``vmap``), in one process. Per mode: seconds per task (median of ``repeats`` after
+    a warm-up), milliseconds per member-step, and the ratio to ``loop``; the two modes'
+    fitnesses must agree (``max_fitness_difference``)."""
+    from metalearn.core.config import HorizonConfig
+    from metalearn.core.full_horizon import FullHorizonES, HorizonData, evaluation_points
+    from metalearn.core.theta import theta_spec
+    from metalearn.core.unroll import Problem
+
+    rule = rule or RuleConfig.small(inner_lr=3e-2)
+    objective = MetaObjectiveConfig()
+    arch = Architecture(tuple(base_model), "relu")
+    keys = jax.random.split(jax.random.key(0), 2)
+    theta = init_theta(keys[0], rule)
+    params = init_params(keys[1], arch, w_std=rule.init_w_std, b_std=rule.init_b_std)
+    at = evaluation_points(steps, 2)
+    data = random_truncation(len(at), arch, objective, batch=batch)
+    inner = jax.random.normal(jax.random.key(3), (steps, batch, arch.input_size))
+    horizon_data = HorizonData(inner, data.pair, at)
+    trainable = theta_spec(rule).mask(["merge_w"])
+    report: dict = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+                    "base_model": list(base_model), "batch": batch, "steps": steps,
+                    "pairs": pairs, "members": 2 * pairs, "modes": {}}
+    fitness = {}
+    for mode in ("loop", "vmap"):
+        log(f"  {mode} ...")
+        estimator = FullHorizonES(Problem(arch.activation, rule, objective), theta,
+                                  UnrollConfig(estimator="es_full", pairs=pairs,
+                                               perturbation_std=0.3),
+                                  HorizonConfig(steps=steps, points=2, population=mode),
+                                  trainable)
+
+        def call(estimator=estimator):
+            return estimator(theta, params, horizon_data, 0)[0]
+
+        start = time.perf_counter()
+        call()
+        first = time.perf_counter() - start
+        seconds, estimate = timed(call, repeats=repeats)
+        fitness[mode] = estimate.fitness
+        report["modes"][mode] = {"seconds": seconds, "compile_s": max(first - seconds, 0.0),
+                                 "ms_per_member_step": 1e3 * seconds / (2 * pairs * steps)}
+    for entry in report["modes"].values():
+        entry["over_loop"] = entry["seconds"] / report["modes"]["loop"]["seconds"]
+    report["max_fitness_difference"] = float(abs(fitness["loop"] - fitness["vmap"]).max())
+    return report

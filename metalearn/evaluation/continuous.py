@@ -12,6 +12,7 @@ of different runs (the training meta-loss depends on the unroll lengths and task
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -51,6 +52,10 @@ class ContinuousEvaluator:
     def __init__(self, config: ContinuousEvalConfig, rule: RuleConfig,
                  objective: MetaObjectiveConfig = MetaObjectiveConfig()):
         self.config, self.rule, self.objective = config, rule, objective
+        # Rollouts may take fewer steps at a larger inner lr (the horizon that matters is
+        # inner_lr x steps); the rule's own lr is what exports and reports use.
+        self.rollout_rule = (rule if not config.inner_lr
+                             else dataclasses.replace(rule, inner_lr=config.inner_lr))
         self._datasets = []
         self.skipped: dict[str, str] = {}
         for name in config.datasets:
@@ -123,7 +128,8 @@ class ContinuousEvaluator:
             seeds = self.config.seeds
             for task, pair in zip(tasks[:seeds], pairs[:seeds]):
                 step_losses = []
-                for k, params in rollout(theta, self.rule, arch, task.x_pool, seed=task.seed,
+                for k, params in rollout(theta, self.rollout_rule, arch, task.x_pool,
+                                         seed=task.seed,
                                          steps=self.config.steps,
                                          batch_size=self.config.batch_size,
                                          stream=CONTINUOUS_STREAM):
@@ -150,7 +156,8 @@ class ContinuousEvaluator:
             for task in tasks[:seeds]:
                 # The same seed and stream as the short rollout: its first steps are the
                 # short rollout's, so the two kinds of column describe one trajectory.
-                for k, params in rollout(theta, self.rule, arch, task.x_pool, seed=task.seed,
+                for k, params in rollout(theta, self.rollout_rule, arch, task.x_pool,
+                                         seed=task.seed,
                                          steps=max(horizons),
                                          batch_size=self.config.batch_size,
                                          stream=CONTINUOUS_STREAM):

@@ -410,13 +410,17 @@ def plot_meta_training(rows: list[dict], run_dir: str, out: str | None = None) -
                     label=col[5:].replace("/accuracy@", " @") + " inner steps")
         if long_acc:
             # The score that picks the exported theta (training/best.py): the first long
-            # dataset's largest horizon; its running best is what an export takes.
-            horizon = max(int(c.split("@")[1]) for c in long_acc)
-            chosen = next(c for c in long_acc if c.endswith(f"@{horizon}"))
-            s = series(chosen)
+            # dataset's accuracy averaged over its horizons; its running best is what
+            # ``metalearn export`` takes.
+            first = long_acc[0].split("/")[1]
+            mine = [c for c in long_acc if c.split("/")[1] == first]
+            pts = [(r["step"], float(np.mean([r[c] for c in mine]))) for r in rows
+                   if all(r.get(c) is not None for c in mine)]
+            s = np.array(pts, float).reshape(-1, 2)
             if len(s):
+                horizons = "+".join(c.split("@")[1] for c in mine)
                 ax.step(s[:, 0], np.maximum.accumulate(s[:, 1]), "k-", where="post", lw=1.5,
-                        alpha=0.7, label=f"best so far ({chosen[5:]}, exported)")
+                        alpha=0.7, label=f"best so far ({first} mean @{horizons}, exported)")
         ax.set_xlabel("learner step")
         ax.set_ylabel("10-shot accuracy (validation / held out)")
         ax.set_title("continuous evaluation")

@@ -6,9 +6,10 @@ reported set). ``BestTheta`` keeps the highest-scoring theta in ``<run>/theta_be
 (the export format, with the score, its column, rank90 and the step in its metadata),
 so ``metalearn export`` hands out the best rule a run found rather than its last, and a
 run that drifts below its start exports its start. The score is the validation ridge
-accuracy at the largest horizon (``selection_column``); the start of a new run is
-evaluated first, so the start is always a candidate. The state lives in the folder, so
-it survives resumes.
+accuracy averaged over the evaluator's horizons (``selection_score``): a rule that
+learns fast and then collapses scores its collapse. The start of a new run is evaluated
+first, so the start is always a candidate. The state lives in the folder, so it
+survives resumes.
 """
 
 from __future__ import annotations
@@ -25,17 +26,22 @@ from metalearn.core.theta import theta_spec
 from metalearn.training.run_dir import RunDir
 
 
-def selection_column(config: ContinuousEvalConfig, row: dict) -> str | None:
-    """The column of ``row`` that scores a theta: ``eval/<d>/accuracy@<H>`` with H the
-    largest horizon, for the first long dataset (config order) the row has."""
+def selection_score(config: ContinuousEvalConfig, row: dict) -> tuple[float, str] | None:
+    """(score, what) of an evaluation ``row``: the mean over ``config.horizons`` of
+    ``eval/<d>/accuracy@<h>``, for the first long dataset (config order) the row has at
+    every horizon; None when it has none (a short evaluation) or a value is not finite."""
     if not config.long_every or not config.horizons:
         return None
-    horizon = max(config.horizons)
     names = list(config.long_names()) + list(config.datasets)
     for name in names:
-        column = f"eval/{name}/accuracy@{horizon}"
-        if column in row:
-            return column
+        columns = [f"eval/{name}/accuracy@{h}" for h in config.horizons]
+        if all(c in row for c in columns):
+            values = [row[c] for c in columns]
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                return None
+            what = (f"eval/{name}/accuracy@{'+'.join(str(h) for h in config.horizons)}"
+                    if len(columns) > 1 else columns[0])
+            return float(np.mean(values)), what
     return None
 
 
@@ -60,15 +66,14 @@ class BestTheta:
     def offer(self, step: int, theta_flat, row: dict) -> bool:
         """Consider the evaluation ``row`` of ``theta_flat`` (flat [P], learner ``step``);
         write it as the new best if its score beats the best so far. True if it did."""
-        column = selection_column(self.config, row)
-        if column is None:
+        scored = selection_score(self.config, row)
+        if scored is None:
             return False
-        score = row.get(column)
-        if not isinstance(score, (int, float)) or not math.isfinite(score):
-            return False
+        score, column = scored
         if score <= self.score:
             return False
-        rank = row.get(column.replace("accuracy@", "rank90@"))
+        name = column.split("/")[1]
+        rank = row.get(f"eval/{name}/rank90@{max(self.config.horizons)}")
         theta = theta_spec(self.rule).unravel(np.asarray(theta_flat, np.float32))
         write_export(self.run.best, theta, self.rule,
                      {"step": int(step), "run": self.run.name, "score": float(score),
@@ -85,4 +90,4 @@ class BestTheta:
         return f" best {self.score:.3f} @{self.step}"
 
 
-__all__ = ["BestTheta", "selection_column"]
+__all__ = ["BestTheta", "selection_score"]

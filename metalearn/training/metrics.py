@@ -236,7 +236,8 @@ def _coalesce(rows: list[dict]) -> list[dict]:
 
 def read_metrics(path: str | os.PathLike) -> pa.Table:
     """The metrics table of a run (``path``: the run folder or its metrics folder or
-    legacy file): one row per learner step in step order, evaluation columns joined.
+    legacy file): one row per learner step in step order, evaluation columns joined
+    (and a row of its own for an evaluated step the learner has no row for: the start).
     FileNotFoundError if the run has logged none."""
     run = _run_of(path)
     if os.path.isdir(run.metrics):
@@ -254,6 +255,14 @@ def read_metrics(path: str | os.PathLike) -> pa.Table:
         return learner
     by_step = {row["step"]: row for row in evaluations}
     steps = learner.column("step").to_pylist()
+    # An evaluated step with no learner row (a new run's start, step 0: the first
+    # candidate of the best theta) gets a row of its own, learner columns null.
+    alone = sorted(s for s in by_step if s not in set(steps))
+    if alone:
+        rows = [{"step": s} for s in alone] + learner.to_pylist()
+        learner = pa.Table.from_pylist(sorted(rows, key=lambda r: r["step"]),
+                                       schema=learner.schema)
+        steps = learner.column("step").to_pylist()
     columns = list(dict.fromkeys(k for row in evaluations for k in row if k != "step"))
     extra = {c: [by_step.get(s, {}).get(c) for s in steps] for c in columns
              if c not in learner.column_names}
