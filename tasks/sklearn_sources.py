@@ -1,6 +1,6 @@
-"""scikit-learn's bundled and generated sets: ``digits`` (8x8 handwritten) and ``two_moons``.
-
-Both exist on every machine with scikit-learn installed; nothing downloads.
+"""scikit-learn's bundled and generated sets: ``digits`` (8x8 handwritten), ``two_moons``
+and ``photo_patches`` (natural-image patches from the two photographs scikit-learn
+bundles). All exist on every machine with scikit-learn installed; nothing downloads.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 import sklearn
-from sklearn.datasets import load_digits, make_moons
+from sklearn.datasets import load_digits, load_sample_images, make_moons
 
 from tasks.cache import cached
 from tasks.registry import Dataset, SourceOptions, register
@@ -52,3 +52,56 @@ def build_two_moons(options: SourceOptions, progress: bool = True) -> Dataset:
 
     return cached("two_moons", {"sklearn": sklearn.__version__, **dataclasses.asdict(cfg)},
                   build, options)
+
+
+@dataclasses.dataclass(frozen=True)
+class PhotoPatchesConfig:
+    """``photo_patches``: each of scikit-learn's two bundled photographs (427 x 640) is cut
+    into a ``rows`` x ``cols`` grid of regions; a region is a class, and its examples are
+    ``per_class`` grey crops of ``crop`` px (at random positions inside the region,
+    seeded), averaged down to ``size`` px. Telling regions apart is a natural-image task:
+    dense grey patches whose variance is dominated by brightness and texture, unlike the
+    glyphs' and digits' sparse strokes."""
+
+    rows: int = 4
+    cols: int = 6
+    per_class: int = 300
+    crop: int = 28
+    size: int = 14
+    seed: int = 0
+
+
+PHOTO_PATCHES = PhotoPatchesConfig()
+
+
+@register("photo_patches", "natural-image patches: 48 regions of scikit-learn's two bundled "
+          "photographs, 14x14 grey, 300 crops each")
+def build_photo_patches(options: SourceOptions, progress: bool = True) -> Dataset:
+    cfg = PHOTO_PATCHES
+
+    def build() -> Dataset:
+        rng = np.random.default_rng(cfg.seed)
+        images, labels, names = [], [], []
+        factor = cfg.crop // cfg.size
+        for photo, name in zip(load_sample_images().images, ("china", "flower")):
+            grey = photo.astype(np.float32).mean(axis=-1)
+            height, width = grey.shape
+            for r in range(cfg.rows):
+                for c in range(cfg.cols):
+                    top, bottom = r * height // cfg.rows, (r + 1) * height // cfg.rows
+                    left, right = c * width // cfg.cols, (c + 1) * width // cfg.cols
+                    ys = rng.integers(top, max(top + 1, bottom - cfg.crop), cfg.per_class)
+                    xs = rng.integers(left, max(left + 1, right - cfg.crop), cfg.per_class)
+                    crops = np.stack([grey[y:y + cfg.crop, x:x + cfg.crop]
+                                      for y, x in zip(ys, xs)])
+                    crops = crops.reshape(-1, cfg.size, factor, cfg.size, factor).mean((2, 4))
+                    images.append(np.round(crops).astype(np.uint8))
+                    labels.append(np.full(cfg.per_class, len(names), np.int32))
+                    names.append(f"{name}/{r},{c}")
+        return Dataset("photo_patches", np.concatenate(images), np.concatenate(labels),
+                       tuple(names), "image",
+                       info={"origin": "sklearn.datasets.load_sample_images",
+                             **dataclasses.asdict(cfg)})
+
+    return cached("photo_patches", {"sklearn": sklearn.__version__,
+                                    **dataclasses.asdict(cfg)}, build, options)

@@ -93,3 +93,17 @@ def test_a_new_run_measures_its_start_first():
     assert schedule.due(1) is None and schedule.due(10) == {"short": True, "long": False}
     schedule.start(30)  # a resumed run with a best already: counts from its step
     assert schedule.due(30) is None
+
+
+def test_export_start_is_the_runs_initial_theta(run, tmp_path):
+    from metalearn.training.export import export_run
+
+    run, config = run
+    t0, t1 = thetas(config, 2)
+    save_run_theta(run, t1, config.rule, 20)
+    meta = export_run(run.path, str(tmp_path / "start"), start=True)
+    assert (meta["selected"], meta["step"]) == ("start", 0)
+    start = theta_spec(config.rule).ravel(load_export(str(tmp_path / "start")).theta)
+    np.testing.assert_allclose(start, t0)  # init_theta(learner.seed), as the learner made it
+    with pytest.raises(Exception, match="one of --last and --start"):
+        export_run(run.path, str(tmp_path / "x"), start=True, last=True)

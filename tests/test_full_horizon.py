@@ -187,3 +187,19 @@ def test_a_vmapped_population_and_a_looped_one_give_the_same_numbers():
     looped, _ = estimator(population="loop", steps=12, points=3)(THETA, PHI0, data, 4)
     np.testing.assert_allclose(vmapped.fitness, looped.fitness, rtol=1e-5)
     np.testing.assert_allclose(vmapped.grad, looped.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fitness_shaping_gives_every_task_an_equal_say():
+    from metalearn.core.full_horizon import shape_fitness
+
+    easy, hard = np.asarray([1.0, 1.2, 0.8, 1.1]), np.asarray([10.0, 12.0, 8.0, 11.0])
+    np.testing.assert_allclose(shape_fitness(easy, "normalize"), shape_fitness(hard, "normalize"))
+    np.testing.assert_allclose(shape_fitness(hard, "ranks"), [-1 / 6, 0.5, -0.5, 1 / 6])
+    np.testing.assert_array_equal(shape_fitness(np.ones(4), "normalize"), np.zeros(4))
+    np.testing.assert_array_equal(shape_fitness(hard, "none"), hard)
+    # The shaped estimate still points downhill on the linear system.
+    data = horizon_data(20, 2, seed=4)
+    exact = exact_gradient(data)
+    mean, _ = mean_and_se(estimates(estimator(shaping="normalize", steps=20, points=2),
+                                    data, range(100)))
+    assert mean @ exact > 0.9 * np.linalg.norm(mean) * np.linalg.norm(exact)

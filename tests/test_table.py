@@ -41,6 +41,25 @@ def test_summary_pairs_seeds_and_keeps_requested_horizons():
     assert "| d | +0.103 ± 0.009 | +0.070 ± 0.015 | 11.0 | 11.0 |" in text
 
 
+def test_a_second_rule_is_scored_at_the_same_horizons_and_paired():
+    rows = _rows()
+    for seed, (v100, v1000) in enumerate([(0.45, 0.40), (0.40, 0.41), (0.40, 0.38)]):
+        for step, acc in ((100, v100), (1000, v1000)):
+            rows.append({"dataset": "d", "method": "versus", "seed": seed, "step": step,
+                         "ridge_accuracy": acc, "rank90": 20.0})
+    summary = summarise_table(rows, (100, 1000))
+    learned = {e["step"]: e for e in summary if e["method"] == "learned"}
+    versus = {e["step"]: e for e in summary if e["method"] == "versus"}
+    assert sorted(versus) == [100, 1000] and "vs_versus" not in versus[100]
+    # learned - versus at 100: 0.05, 0.02, 0.04
+    assert learned[100]["vs_versus"] == pytest.approx(0.11 / 3)
+    assert learned[1000]["vs_versus"] == pytest.approx((0.05 - 0.01 + 0.03) / 3)
+    text = markdown_table(summary, (100, 1000), ["learned", "random_init", "pca"])
+    assert "| d | 0.417 ± 0.017 | 0.397 ± 0.009 | +0.037 ± 0.009 | +0.023 ± 0.018 | 20.0 | 20.0 |" \
+        in text
+    assert "versus" not in text.split("\n")[0]  # not a baseline column
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="horizons"):
         TableConfig(horizons=(0, 10))
@@ -65,5 +84,14 @@ def test_cli_table(tmp_path, tiny_rule, capsys):
     text = (out / "heldout.md").read_text()
     assert "| two_moons |" in text and "metalearn table" in text
     assert (out / "rows.parquet").stat().st_size > 0
+    # --versus: a second rule at the same horizons and seeds, paired (the same rule here,
+    # so every paired difference is exactly 0)
+    assert main(["table", str(tmp_path / "export"), "--datasets", "two_moons",
+                 "--horizons", "2,3", "--seeds", "2", "--baselines", "random_init",
+                 "--depth", "1", "--width", "16", "--out", str(out), "--json", "--quiet",
+                 "--versus", str(tmp_path / "export")]) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [e["vs_versus"] for e in payload["summary"] if e["method"] == "learned"] == [0, 0]
+    assert "learned - versus @2" in (out / "heldout.md").read_text()
     assert main(["table", str(tmp_path / "export"), "--datasets", "nope"]) == 2
     assert main(["table", str(tmp_path / "export"), "--horizons", "a,b"]) == 2

@@ -22,23 +22,29 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--force", action="store_true", help="replace an existing export")
     parser.add_argument("--last", action="store_true",
                         help="export the run's newest theta, not its best by validation")
+    parser.add_argument("--start", action="store_true",
+                        help="export the run's initial theta (its own baseline, for "
+                             "metalearn table --versus)")
     parser.add_argument("--json", action="store_true", help="print the metadata as JSON")
     parser.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    meta = export_run(args.run_dir, args.out, force=args.force, last=args.last)
+    meta = export_run(args.run_dir, args.out, force=args.force, last=args.last,
+                      start=args.start)
     if args.json:
         print(json.dumps({"out": os.path.abspath(args.out), **meta}, default=str))
     else:
         loss = meta["meta_loss"]
-        if meta["selected"] == "best":
+        if meta["selected"] == "start":
+            which = "initial theta (its start)"
+        elif meta["selected"] == "best":
             val = meta["validation"]
             which = f"best by validation ({val['score_column']} {val['score']:.3f})"
         else:
             which = "newest" + ("" if args.last else " (the run has no validation score)")
-        print(f"exported {meta['run']} step {meta['step']}, its {which} "
-              f"(meta-loss {'n/a' if loss is None else f'{loss:.4f}'}), to "
+        print(f"exported {meta['run']} step {meta['step']}, its {which}"
+              f"{'' if loss is None else f' (meta-loss {loss:.4f})'}, to "
               f"{os.path.abspath(args.out)}", file=sys.stderr)
     return 0
 

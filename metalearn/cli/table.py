@@ -57,6 +57,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=defaults.seeds, help="paired seeds (5)")
     p.add_argument("--baselines", default=",".join(defaults.baselines),
                    help="comma list or none (default %(default)s)")
+    p.add_argument("--versus", metavar="CHECKPOINT", default=None,
+                   help="a second rule scored at the same horizons and seeds, with the "
+                        "paired difference (e.g. the run's start: metalearn export RUN "
+                        "--start --out START)")
     p.add_argument("--depth", type=int, default=None, help="hidden layers (default 4)")
     p.add_argument("--width", type=int, default=None, help="hidden width (default 128)")
     p.add_argument("--data-dir", default=None, help="TFDS data dir")
@@ -69,6 +73,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     started = time.monotonic()
     exported = load_export(args.checkpoint)
+    versus = load_export(args.versus) if args.versus else None
     base = EvalConfig()
     data = dataclasses.replace(base.data, data_dir=args.data_dir)
     base = dataclasses.replace(base, data=data, depth=args.depth or base.depth,
@@ -85,7 +90,8 @@ def run(args) -> int:
     progress(f"rule {exported.meta.get('run')} step {exported.step} (inner lr "
              f"{exported.rule.inner_lr:g}); {', '.join(config.datasets)}; {config.seeds} "
              f"seeds; horizons {list(config.horizons)}", force=True)
-    rows = run_table(config, exported.theta, exported.rule, progress)
+    rows = run_table(config, exported.theta, exported.rule, progress,
+                     versus=None if versus is None else (versus.theta, versus.rule))
     summary = summarise_table(rows, config.horizons)
     methods = [LEARNED, *config.baselines]
     source = checkpoint_label(args.checkpoint)
@@ -98,12 +104,18 @@ def run(args) -> int:
             f"{config.seeds} paired seeds. Regenerate: `metalearn table {args.checkpoint} "
             f"--datasets {','.join(config.datasets)} --horizons "
             f"{','.join(map(str, config.horizons))} --seeds {config.seeds} --baselines "
-            f"{','.join(config.baselines) or 'none'}`\n\n"
+            f"{','.join(config.baselines) or 'none'}"
+            f"{'' if versus is None else ' --versus ' + args.versus}`"
+            + ("" if versus is None else
+               f"\n\nVersus: `{checkpoint_label(args.versus)}` (run {versus.meta.get('run')}, "
+               f"step {versus.step}{', its start' if versus.meta.get('selected') == 'start' else ''})")
+            + "\n\n"
             + markdown_table(summary, config.horizons, methods))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "heldout.md"), "w") as f:
         f.write(text)
     payload = {"checkpoint": source, "rule_step": exported.step,
+               "versus": None if versus is None else checkpoint_label(args.versus),
                "inner_lr": exported.rule.inner_lr, "horizons": list(config.horizons),
                "seeds": config.seeds, "datasets": list(config.datasets),
                "summary": summary, "seconds": round(time.monotonic() - started, 1),

@@ -163,7 +163,11 @@ class HorizonConfig:
       horizon that matters is inner_lr x steps, while the exported rule keeps
       ``rule.inner_lr``. points: evenly spaced steps at which the meta-objective is
       measured (fresh labelled draws at each). fitness: ``mean`` over the points or the
-      ``final`` point only. guide_alpha, guide_dims, surrogate_steps: ``guided_es``'s
+      ``final`` point only. shaping: how a task's member fitnesses enter the estimate:
+      ``none`` (raw differences: unbiased for the smoothed fitness, but tasks whose loss
+      moves more weigh more), ``normalize`` (each task's 2K fitnesses standardised, so
+      every task, easy or hard, gets an equal say in the direction) or ``ranks``
+      (centred ranks in [-0.5, 0.5]). guide_alpha, guide_dims, surrogate_steps: ``guided_es``'s
       share of isotropic noise, number of surrogate gradients kept, and the truncation
       length of its truncated-backprop surrogate. population: how the 2K members are
       stepped: ``vmap`` (one jitted call for all, the accelerator's way), ``loop`` (one
@@ -176,6 +180,7 @@ class HorizonConfig:
     inner_lr: float = 0.0
     points: int = 10
     fitness: Literal["mean", "final"] = "mean"
+    shaping: Literal["none", "normalize", "ranks"] = "none"
     guide_alpha: float = 0.5
     guide_dims: int = 2
     surrogate_steps: int = 4
@@ -195,6 +200,9 @@ class HorizonConfig:
         if not (isinstance(self.inner_lr, (int, float)) and 0 <= self.inner_lr < 1):
             raise ConfigError(f"horizon.inner_lr must be in [0, 1) (0: the rule's), got "
                               f"{self.inner_lr!r}")
+        if self.shaping not in ("none", "normalize", "ranks"):
+            raise ConfigError(f"horizon.shaping must be 'none', 'normalize' or 'ranks', got "
+                              f"{self.shaping!r}")
         if self.fitness not in ("mean", "final"):
             raise ConfigError(f"horizon.fitness must be 'mean' or 'final', got {self.fitness!r}")
         if not (isinstance(self.guide_alpha, (int, float)) and 0 < self.guide_alpha <= 1):

@@ -105,6 +105,22 @@ def fitness_of(curves, mode: str):
     return curves[..., -1] if mode == "final" else jnp.mean(curves, axis=-1)
 
 
+def shape_fitness(fitness: np.ndarray, mode: str) -> np.ndarray:
+    """A task's [2K] member fitnesses as the estimate uses them (``HorizonConfig.shaping``):
+    raw, standardised over the members, or centred ranks in [-0.5, 0.5]."""
+    fitness = np.asarray(fitness, np.float64)
+    if mode == "normalize":
+        spread = fitness.std()
+        return (fitness - fitness.mean()) / spread if spread > 0 else np.zeros_like(fitness)
+    if mode == "ranks":
+        if fitness.size < 2:
+            return np.zeros_like(fitness)
+        ranks = np.empty(fitness.size)
+        ranks[np.argsort(fitness, kind="stable")] = np.arange(fitness.size)
+        return ranks / (fitness.size - 1) - 0.5
+    return fitness
+
+
 class FullHorizonES:
     """``es_full`` / ``guided_es`` over a problem with ``advance(theta, phi, x) -> phi``,
     ``loss(phi, pair) -> scalar`` and (for the surrogate) ``step(theta, phi, x, pair)``.
@@ -232,13 +248,14 @@ class FullHorizonES:
             curves, phi_mid = self._run_looped(theta, eps, phi0, data, midpoint)
         fitness = np.asarray(fitness_of(curves, self.horizon.fitness), np.float64)
         k = self.pairs
-        diff = fitness[:k] - fitness[k:]
+        shaped = shape_fitness(fitness, self.horizon.shaping)
+        diff = shaped[:k] - shaped[k:]
         per_pair = eps.astype(np.float64) * (diff / (2.0 * self.sigma ** 2))[:, None]
         grad = per_pair.mean(axis=0)
         finite = bool(np.isfinite(fitness).all() and np.isfinite(grad).all())
         metrics = {"grad_norm": float(np.linalg.norm(grad)),
                    "fitness_mean": float(np.mean(fitness)),
-                   "fitness_spread": float(np.mean(np.abs(diff))),
+                   "fitness_spread": float(np.mean(np.abs(fitness[:k] - fitness[k:]))),
                    "pair_var": (float(np.sum(np.var(per_pair, axis=0, ddof=1)) / k)
                                 if k > 1 else float("nan"))}
         if self.guided:
@@ -314,4 +331,5 @@ def make_full_horizon(problem, theta_template, unroll: UnrollConfig, horizon: Ho
 
 
 __all__ = ["FULL_HORIZON_ESTIMATORS", "METRIC_NAMES", "FullHorizonES", "GuideState", "HorizonData",
-           "HorizonEstimate", "evaluation_points", "fitness_of", "make_full_horizon"]
+           "HorizonEstimate", "evaluation_points", "fitness_of", "make_full_horizon",
+           "shape_fitness"]

@@ -27,6 +27,7 @@ from metalearn.evaluation.data import default_image_size
 from metalearn.evaluation.run import LEARNED, Progress, run_evaluation
 
 RANDOM = "random_init"
+VERSUS = "versus"  # a second rule scored at the same horizons and seeds (e.g. the run's start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,15 +60,23 @@ class TableConfig:
 
 
 def run_table(config: TableConfig, theta, rule: RuleConfig,
-              progress: Progress | None = None) -> list[dict]:
+              progress: Progress | None = None, versus=None) -> list[dict]:
     """Per-seed rows (``dataset``, ``method``, ``seed``, ``step``, accuracies, diagnostics)
-    of every data set, evaluated one after the other."""
+    of every data set, evaluated one after the other. ``versus``: (theta, rule) of a
+    second rule scored at the same horizons on the same seeds (method ``versus``)."""
     progress = progress or Progress(False)
     rows: list[dict] = []
     for index, dataset in enumerate(config.datasets):
         progress(f"data set {index + 1}/{len(config.datasets)}: {dataset}", force=True)
-        result = run_evaluation(config.eval_config(dataset), theta, rule, progress=progress)
+        eval_config = config.eval_config(dataset)
+        result = run_evaluation(eval_config, theta, rule, progress=progress)
         rows.extend({"dataset": dataset, **row} for row in result.rows)
+        if versus is not None:
+            progress(f"  the second rule (--versus) on {dataset}", force=True)
+            other = run_evaluation(dataclasses.replace(eval_config, baselines=()), *versus,
+                                   progress=progress)
+            rows.extend({"dataset": dataset, **row, "method": VERSUS} for row in other.rows
+                        if row["method"] == LEARNED)
     return rows
 
 
@@ -94,8 +103,9 @@ def summarise_table(rows: Sequence[dict], horizons: Sequence[int]) -> list[dict]
         for r in by_method.get(RANDOM, []):  # the final row of each seed
             if r["seed"] not in random_by_seed or r["step"] > random_by_seed[r["seed"]]["step"]:
                 random_by_seed[r["seed"]] = r
+        versus = {(r["seed"], r["step"]): r for r in by_method.get(VERSUS, [])}
         for method, members in by_method.items():
-            if method == LEARNED:
+            if method in (LEARNED, VERSUS):
                 steps = [h for h in horizons if any(r["step"] == h for r in members)]
             else:
                 steps = [max(r["step"] for r in members)]
@@ -109,6 +119,10 @@ def summarise_table(rows: Sequence[dict], horizons: Sequence[int]) -> list[dict]
                     diffs = [r["ridge_accuracy"] - random_by_seed[r["seed"]]["ridge_accuracy"]
                              for r in at if r["seed"] in random_by_seed]
                     entry["vs_random"], entry["vs_random_se"], _ = _mean_se(diffs)
+                if method == LEARNED and versus:
+                    diffs = [r["ridge_accuracy"] - versus[(r["seed"], step)]["ridge_accuracy"]
+                             for r in at if (r["seed"], step) in versus]
+                    entry["vs_versus"], entry["vs_versus_se"], _ = _mean_se(diffs)
                 out.append(entry)
     return out
 
@@ -129,9 +143,10 @@ def markdown_table(summary: Sequence[dict], horizons: Sequence[int],
     each baseline) and a second table of the learned rule's paired gain over random init
     and its rank90 per horizon."""
     index = {(e["dataset"], e["method"], e["step"]): e for e in summary}
-    finals = {(e["dataset"], e["method"]): e for e in summary if e["method"] != LEARNED}
+    finals = {(e["dataset"], e["method"]): e for e in summary
+              if e["method"] not in (LEARNED, VERSUS)}
     datasets = list(dict.fromkeys(e["dataset"] for e in summary))
-    others = [m for m in method_order if m != LEARNED]
+    others = [m for m in method_order if m not in (LEARNED, VERSUS)]
     head = ([f"learned @{h}" for h in horizons] + others)
     lines = ["| held-out data | " + " | ".join(head) + " |",
              "|---|" + "---:|" * len(head)]
@@ -153,7 +168,25 @@ def markdown_table(summary: Sequence[dict], horizons: Sequence[int],
             ranks.append("-" if e is None or not math.isfinite(e["rank90"])
                          else f"{e['rank90']:.1f}")
         lines.append(f"| {_label(d)} | " + " | ".join(gains + ranks) + " |")
+    if any(e["method"] == VERSUS for e in summary):
+        lines += ["", "The second rule (`--versus`) at the same horizons and seeds, and the "
+                  "learned rule minus it (paired over seeds):", "",
+                  "| held-out data | " + " | ".join(f"versus @{h}" for h in horizons) + " | "
+                  + " | ".join(f"learned - versus @{h}" for h in horizons) + " | "
+                  + " | ".join(f"versus rank90 @{h}" for h in horizons) + " |",
+                  "|---|" + "---:|" * (3 * len(horizons))]
+        for d in datasets:
+            cells = [_cell(index.get((d, VERSUS, h))) for h in horizons]
+            for h in horizons:
+                e = index.get((d, LEARNED, h))
+                cells.append("-" if e is None or "vs_versus" not in e
+                             else f"{e['vs_versus']:+.3f} ± {e['vs_versus_se']:.3f}")
+            for h in horizons:
+                e = index.get((d, VERSUS, h))
+                cells.append("-" if e is None or not math.isfinite(e["rank90"])
+                             else f"{e['rank90']:.1f}")
+            lines.append(f"| {_label(d)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["TableConfig", "run_table", "summarise_table", "markdown_table"]
+__all__ = ["RANDOM", "TableConfig", "VERSUS", "markdown_table", "run_table", "summarise_table"]

@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from metalearn.core.config import RuleConfig
 from metalearn.core.config_io import ConfigError, from_dict, to_dict
 from metalearn.core.theta import theta_spec
+from metalearn.core.update_rule import init_theta
 from metalearn.training.metrics import read_metrics
 from metalearn.training.run_dir import RunDir
 
@@ -162,18 +163,31 @@ def write_export(out: str, theta, rule: RuleConfig, meta: dict, *, force: bool =
     return out
 
 
-def export_run(run_dir: str, out: str, *, force: bool = False, last: bool = False) -> dict:
+def export_run(run_dir: str, out: str, *, force: bool = False, last: bool = False,
+               start: bool = False) -> dict:
     """Export a run's theta to ``out`` with its provenance; returns the metadata.
 
     By default the best theta by validation (``<run>/theta_best``, metalearn.training.best)
-    when the run has one, else the newest (``theta_latest``); ``last`` takes the newest.
-    ``meta["selected"]`` says which: ``best`` or ``last``."""
+    when the run has one, else the newest (``theta_latest``); ``last`` takes the newest;
+    ``start`` the run's initial theta (made again from its config, as its learner made it:
+    the baseline a run must beat). ``meta["selected"]`` says which: ``best``, ``last`` or
+    ``start``."""
     run = RunDir(run_dir)
     if not os.path.isdir(run.path):
         raise FileNotFoundError(f"run folder {run.path} does not exist")
     if not is_export(run.theta):
         raise FileNotFoundError(f"{run.path} has no {RunDir.THETA}/: not a training run "
                                 f"folder, or the run has not saved theta yet")
+    if last and start:
+        raise ConfigError("export: choose one of --last and --start")
+    if start:
+        config = run.read_config()
+        theta = init_theta(jax.random.key(config.learner.seed), config.rule)
+        meta = {"run": run.name, "run_config": run.read_config_dict(), "step": 0,
+                "selected": "start", "meta_loss": None, "metrics": {},
+                "package_version": package_version()}
+        write_export(out, theta, config.rule, meta, force=force)
+        return meta
     best = not last and is_export(run.best)
     saved = load_export(run.best if best else run.theta)
     losses = meta_loss_at(run, saved.step)
