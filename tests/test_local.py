@@ -8,9 +8,9 @@ import pytest
 
 from metalearn.cli import main
 from metalearn.training.config import config_to_yaml
-from metalearn.training.export import load_theta
+from metalearn.training.export import load_export, load_theta
 from metalearn.training.local import train_local
-from metalearn.training.metrics import LEARNER_COLUMNS, estimator_columns
+from metalearn.training.metrics import LEARNER_COLUMNS, THETA_COLUMNS, estimator_columns
 from metalearn.training.progress import ProgressLine
 from metalearn.training.run_dir import RunDir
 from train_helpers import tiny_config
@@ -82,12 +82,19 @@ def test_local_runner_evaluates_held_out_data_in_process(tmp_path, capsys):
         run={"steps": 5, "minutes": 5.0}, worker={"num_workers": 1, "batch_size": 8})
     train_local(config, tmp_path / "run", callbacks=[ProgressLine(0.0, sys.stderr)])
     rows = rows_of(tmp_path / "run")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # merged, not appended
+    # merged, not appended; step 0 is the start, measured first (a row of its own)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5]
     # short every 2 steps, long every 3; step 5: the final evaluation of the last theta
     evaluated = [r["step"] for r in rows if r.get("eval/two_moons/accuracy") is not None]
-    assert evaluated == [2, 4, 5]
+    assert evaluated == [0, 2, 4, 5]
     long = [r["step"] for r in rows if r.get("eval/two_moons/accuracy@3") is not None]
-    assert long == [3, 5]
+    assert long == [0, 3, 5]
+    # the best theta by validation: the highest mean over the horizons, kept with it
+    scores = {r["step"]: (r["eval/two_moons/accuracy@2"] + r["eval/two_moons/accuracy@3"]) / 2
+              for r in rows if r["step"] in long}
+    best = load_export(RunDir(tmp_path / "run").best)
+    assert best.step == max(scores, key=lambda k: (scores[k], -k))
+    assert best.meta["score"] == pytest.approx(max(scores.values()))
     for row in rows:
         if row["step"] in evaluated:
             assert 0.0 <= row["eval/two_moons/accuracy"] <= 1.0
@@ -97,9 +104,10 @@ def test_local_runner_evaluates_held_out_data_in_process(tmp_path, capsys):
                 assert 0.0 <= row[f"eval/two_moons/accuracy@{h}"] <= 1.0
                 assert 0 <= row[f"eval/two_moons/rank90@{h}"] <= 8
                 assert row[f"eval/two_moons/w_growth@{h}"] > 0
-        # every column is the learner's, a loss/<dataset> or the evaluator's
+        # every column is the learner's, a loss/<dataset>, a watched theta entry or the
+        # evaluator's
         assert set(row) <= {*LEARNER_COLUMNS, *estimator_columns(config.unroll.estimator),
-                            "loss/digits", *config.evaluator.columns()}
+                            "loss/digits", *THETA_COLUMNS, *config.evaluator.columns()}
     # The progress line showed the long-horizon result once there was one.
     assert "| tm@3 " in capsys.readouterr().err
     # `metalearn plot` draws a table whose eval columns exist in some rows only.

@@ -70,7 +70,16 @@ def test_continuous_evaluation_writes_meta_test_columns(ray_session, tmp_path):
     run_dir = str(tmp_path / "run")
     train(config, run_dir)
     table = read_metrics(run_dir).to_pylist()
-    assert sorted(r["step"] for r in table) == [1, 2, 3, 4, 5, 6]  # merged, not appended
+    # merged, not appended; step 0 is the start, measured first (a row of its own)
+    assert sorted(r["step"] for r in table) == [0, 1, 2, 3, 4, 5, 6]
+    assert table[0]["step"] == 0 and table[0]["eval/two_moons/accuracy@3"] is not None
+    # the best theta by validation is kept, with its score
+    from metalearn.training.export import read_export_meta
+    from metalearn.training.run_dir import RunDir
+    best = read_export_meta(RunDir(run_dir).best)
+    scores = [r["eval/two_moons/accuracy@3"] for r in table
+              if r.get("eval/two_moons/accuracy@3") is not None]
+    assert best["score"] == pytest.approx(max(scores))
     evaluated = [r for r in table if r.get("eval/two_moons/accuracy") is not None]
     assert evaluated, "no evaluation reached the metrics"
     for row in evaluated:

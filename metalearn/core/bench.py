@@ -32,10 +32,12 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import Architecture, init_params
-from metalearn.core.config import MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.config import HorizonConfig, MetaObjectiveConfig, RuleConfig, UnrollConfig
 from metalearn.core.estimators import make_estimator
+from metalearn.core.full_horizon import FullHorizonES, HorizonData, evaluation_points
 from metalearn.core.meta_objective import LabelledPair, make_targets
-from metalearn.core.unroll import TruncationBatch, make_meta_gradient, timed
+from metalearn.core.theta import theta_spec
+from metalearn.core.unroll import Problem, TruncationBatch, make_meta_gradient, timed
 from metalearn.core.update_rule import (NUM_INPUT_CHANNELS, NUM_WEIGHT_STATS, READOUT_NAMES,
                                         init_theta, inner_step, num_params)
 
@@ -300,11 +302,6 @@ def measure_population(*, pairs: int = 2, steps: int = 20, batch: int = 128,
     (``vmap``), in one process. Per mode: seconds per task (median of ``repeats`` after
     a warm-up), milliseconds per member-step, and the ratio to ``loop``; the two modes'
     fitnesses must agree (``max_fitness_difference``)."""
-    from metalearn.core.config import HorizonConfig
-    from metalearn.core.full_horizon import FullHorizonES, HorizonData, evaluation_points
-    from metalearn.core.theta import theta_spec
-    from metalearn.core.unroll import Problem
-
     rule = rule or RuleConfig.small(inner_lr=3e-2)
     objective = MetaObjectiveConfig()
     arch = Architecture(tuple(base_model), "relu")

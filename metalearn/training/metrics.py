@@ -29,6 +29,7 @@ import warnings
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from metalearn.core.config import PLANE_NAMES
 from metalearn.core.estimators import ESTIMATOR_CLASSES
 from metalearn.core.full_horizon import METRIC_NAMES as FULL_HORIZON_METRICS
 from metalearn.training.run_dir import RunDir
@@ -43,6 +44,9 @@ LEARNER_COLUMNS = (
     "staleness_mean", "staleness_max", "dropped_stale", "dropped_nonfinite",
     "dropped_generation", "received", "lr", "unroll_min", "unroll_max", "truncations_std",
     "grad_norm", "update_norm", "theta_norm", "wall_s", "grad_var", "grad_snr")
+# The rule's mixing weights after each update (LearnerHost watches them): which update the
+# rule makes, against meta-training time (``metalearn plot``).
+THETA_COLUMNS = tuple(f"theta/merge_w/{name}" for name in (*PLANE_NAMES, "bias"))
 DISCARD_REASON = "discarded_reason"  # column of the rows in <run>/discarded/
 
 
@@ -288,5 +292,5 @@ def discarded_rows(path: str | os.PathLike, kind: str = "metrics") -> list[dict]
             .read().to_pylist()]
 
 
-__all__ = ["DISCARD_REASON", "EVAL_PREFIX", "LEARNER_COLUMNS", "LearnerRows", "MetricsLog",
+__all__ = ["DISCARD_REASON", "EVAL_PREFIX", "LEARNER_COLUMNS", "THETA_COLUMNS", "LearnerRows", "MetricsLog",
            "discarded_rows", "estimator_columns", "read_metric_rows", "read_metrics"]
