@@ -84,7 +84,8 @@ class BestTheta:
         return True
 
     def text(self) -> str:
-        """`` best 0.612 @ step 40`` for the progress line; empty before any score."""
+        """`` best 0.612 @40`` (the best score, a mean over the horizons, and its learner
+        step) for the progress line; empty before any score."""
         if not self.known:
             return ""
         return f" best {self.score:.3f} @{self.step}"
