@@ -5,8 +5,11 @@ outside the repository (its dependencies are this environment's, reached through
 ``.pth`` file, so nothing is downloaded). A head and an extra node are started with
 ``ray start`` from two other folders, and ``metalearn train --address`` is submitted
 with a packaged config from a third: every process works from the installed package
-only. The short version (default suite) trains and resumes; the full one (slow) also
-removes a node mid-run and sees training go on.
+only. Both are in the slow set (the wheel build and two `ray start` nodes take about
+80 s): the short one trains and resumes, the full one also removes a node mid-run and
+sees training go on. `.ci/run` itself installs the wheel non-editably and trains, exports
+and evaluates from outside the checkout; `tests/test_multinode.py` covers a multi-node
+cluster in the default suite.
 """
 
 import os
@@ -124,6 +127,7 @@ def cluster(installed, tmp_path):
         kill_started(head, address)
 
 
+@pytest.mark.slow
 def test_wheel_in_a_fresh_environment_trains_on_a_cluster_and_resumes(installed, cluster,
                                                                        tmp_path):
     run_dir = str(tmp_path / "runs" / "smoke")
