@@ -1,11 +1,13 @@
 """The best theta of a run by validation (metalearn.training.best) and its export."""
 
+import dataclasses
 import math
 
 import jax
 import numpy as np
 import pytest
 
+from metalearn.core.config_io import ConfigError
 from metalearn.core.theta import theta_spec
 from metalearn.core.update_rule import init_theta
 from metalearn.evaluation.config import ContinuousEvalConfig, EvaluationSchedule
@@ -67,6 +69,20 @@ def test_best_theta_keeps_the_highest_score_and_survives_a_new_session(run):
     saved = load_export(run.best)
     np.testing.assert_allclose(theta_spec(config.rule).ravel(saved.theta), t2)
     assert saved.meta["score"] == 0.45 and saved.step == 10
+
+
+def test_a_gain_within_the_margin_does_not_replace_the_start(run):
+    run, config = run
+    column = "eval/fashion_mnist_val/accuracy@1000"
+    t0, t1, t2 = thetas(config, 3)
+    best = BestTheta(run, config.rule, dataclasses.replace(EVAL, best_margin=0.02))
+    assert best.offer(0, t0, {"step": 0, column: 0.308})   # the start is always taken
+    assert not best.offer(12, t1, {"step": 12, column: 0.323})  # +0.015: within the noise
+    assert best.step == 0
+    assert best.offer(20, t2, {"step": 20, column: 0.335})  # +0.027
+    assert (best.step, best.score) == (20, 0.335)
+    with pytest.raises(ConfigError, match="evaluator.best_margin"):
+        dataclasses.replace(EVAL, best_margin=-0.1)
 
 
 def test_export_takes_the_best_theta_unless_asked_for_the_last(run, tmp_path):

@@ -112,6 +112,9 @@ class ContinuousEvalConfig:
       empty: the first of ``datasets`` that is available on the machine.
     final_timeout_s: how long the end of a run waits for its final evaluation of the
       last theta (the Ray runner's evaluator actor; the local runner runs it inline).
+    best_margin: how far a theta's validation score must exceed the best so far (the
+      start's, at first) to become the run's best theta, the one exported: a gain
+      smaller than the validation estimate's noise is not taken.
     """
 
     enabled: bool = True
@@ -136,6 +139,7 @@ class ContinuousEvalConfig:
     # is inner_lr x steps; docs/results.md), at a tenth of the cost.
     inner_lr: float = 0.0
     final_timeout_s: float = 1800.0
+    best_margin: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(self.datasets))
@@ -152,6 +156,9 @@ class ContinuousEvalConfig:
         if not 0 <= self.inner_lr < 1:
             raise ConfigError(f"evaluator.inner_lr must be in [0, 1) (0: the rule's), got "
                               f"{self.inner_lr}")
+        if not 0 <= self.best_margin < 1:
+            raise ConfigError(f"evaluator.best_margin must be in [0, 1) (a score difference), "
+                              f"got {self.best_margin}")
         if self.long_seeds < 0:
             raise ConfigError(f"evaluator.long_seeds must be >= 0 (0: evaluator.seeds), got "
                               f"{self.long_seeds}")

@@ -65,12 +65,13 @@ class BestTheta:
 
     def offer(self, step: int, theta_flat, row: dict) -> bool:
         """Consider the evaluation ``row`` of ``theta_flat`` (flat [P], learner ``step``);
-        write it as the new best if its score beats the best so far. True if it did."""
+        write it as the new best if its score beats the best so far by more than
+        ``evaluator.best_margin``. True if it did."""
         scored = selection_score(self.config, row)
         if scored is None:
             return False
         score, column = scored
-        if score <= self.score:
+        if score <= self.score + self.config.best_margin:
             return False
         name = column.split("/")[1]
         rank = row.get(f"eval/{name}/rank90@{max(self.config.horizons)}")
