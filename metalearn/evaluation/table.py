@@ -137,6 +137,11 @@ def _label(dataset: str) -> str:
     return os.path.basename(dataset[5:]) if dataset.startswith("file:") else dataset
 
 
+def _rank_cell(entry: dict | None) -> str:
+    return ("-" if entry is None or not math.isfinite(entry["rank90"])
+            else f"{entry['rank90']:.1f}")
+
+
 def markdown_table(summary: Sequence[dict], horizons: Sequence[int],
                    method_order: Sequence[str]) -> str:
     """Accuracy table (rows: data sets; columns: the learned rule at each horizon, then
@@ -165,8 +170,7 @@ def markdown_table(summary: Sequence[dict], horizons: Sequence[int],
             e = index.get((d, LEARNED, h))
             gains.append("-" if e is None or "vs_random" not in e
                          else f"{e['vs_random']:+.3f} ± {e['vs_random_se']:.3f}")
-            ranks.append("-" if e is None or not math.isfinite(e["rank90"])
-                         else f"{e['rank90']:.1f}")
+            ranks.append(_rank_cell(e))
         lines.append(f"| {_label(d)} | " + " | ".join(gains + ranks) + " |")
     if any(e["method"] == VERSUS for e in summary):
         lines += ["", "The second rule (`--versus`) at the same horizons and seeds, and the "
@@ -182,9 +186,7 @@ def markdown_table(summary: Sequence[dict], horizons: Sequence[int],
                 cells.append("-" if e is None or "vs_versus" not in e
                              else f"{e['vs_versus']:+.3f} ± {e['vs_versus_se']:.3f}")
             for h in horizons:
-                e = index.get((d, VERSUS, h))
-                cells.append("-" if e is None or not math.isfinite(e["rank90"])
-                             else f"{e['rank90']:.1f}")
+                cells.append(_rank_cell(index.get((d, VERSUS, h))))
             lines.append(f"| {_label(d)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

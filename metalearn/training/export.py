@@ -163,6 +163,12 @@ def write_export(out: str, theta, rule: RuleConfig, meta: dict, *, force: bool =
     return out
 
 
+def run_start_theta(config) -> dict:
+    """The initial theta of a run with TrainConfig ``config``: the one its learner starts
+    from on a fresh run, and ``export --start`` makes again."""
+    return init_theta(jax.random.key(config.learner.seed), config.rule)
+
+
 def export_run(run_dir: str, out: str, *, force: bool = False, last: bool = False,
                start: bool = False) -> dict:
     """Export a run's theta to ``out`` with its provenance; returns the metadata.
@@ -182,7 +188,7 @@ def export_run(run_dir: str, out: str, *, force: bool = False, last: bool = Fals
         raise ConfigError("export: choose one of --last and --start")
     if start:
         config = run.read_config()
-        theta = init_theta(jax.random.key(config.learner.seed), config.rule)
+        theta = run_start_theta(config)
         meta = {"run": run.name, "run_config": run.read_config_dict(), "step": 0,
                 "selected": "start", "meta_loss": None, "metrics": {},
                 "package_version": package_version()}

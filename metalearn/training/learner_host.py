@@ -29,15 +29,13 @@ import collections
 import time
 import warnings
 
-import jax
 import numpy as np
 
 from metalearn.core.config import PLANE_NAMES
 from metalearn.core.theta import theta_spec
-from metalearn.core.update_rule import init_theta
 from metalearn.training.checkpoint import CheckpointSaveError, Checkpointer, describe_error
 from metalearn.training.config import TrainConfig, trainable_mask
-from metalearn.training.export import save_run_theta
+from metalearn.training.export import run_start_theta, save_run_theta
 from metalearn.training.learner import Learner
 from metalearn.training.messages import LearnerReply, LearnerStatus, Submission
 from metalearn.training.metrics import LearnerRows
@@ -65,7 +63,7 @@ class LearnerHost:
         self.config = config
         self.run = run
         spec = theta_spec(config.rule)
-        flat = spec.ravel(init_theta(jax.random.key(config.learner.seed), config.rule))
+        flat = spec.ravel(run_start_theta(config))
         trainable = trainable_mask(config.rule, config.learner)
         frozen = None if trainable is None else ~trainable
         self.learner = Learner(flat, config.learner, config.curriculum, frozen_mask=frozen,

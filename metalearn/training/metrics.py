@@ -261,7 +261,8 @@ def read_metrics(path: str | os.PathLike) -> pa.Table:
     steps = learner.column("step").to_pylist()
     # An evaluated step with no learner row (a new run's start, step 0: the first
     # candidate of the best theta) gets a row of its own, learner columns null.
-    alone = sorted(s for s in by_step if s not in set(steps))
+    logged = set(steps)
+    alone = sorted(s for s in by_step if s not in logged)
     if alone:
         rows = [{"step": s} for s in alone] + learner.to_pylist()
         learner = pa.Table.from_pylist(sorted(rows, key=lambda r: r["step"]),
