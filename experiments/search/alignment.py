@@ -60,11 +60,17 @@ def main() -> None:
     parser.add_argument("--inner-lr", type=float, default=0.03)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--shots", default="10",
+                        help="comma-separated labelled examples per class of the meta-objective "
+                             "(each is scored; the readout accuracy uses the first)")
+    parser.add_argument("--ridge", type=float, default=0.1)
     parser.add_argument("--regression-targets", action="store_true",
                         help="score with the augmentation targets too (the paper's)")
     args = parser.parse_args()
     rule = RuleConfig.small(inner_lr=args.inner_lr)
-    objective = MetaObjectiveConfig(regression_targets=args.regression_targets)
+    shots = [int(v) for v in args.shots.split(",")]
+    objectives = {k: MetaObjectiveConfig(regression_targets=args.regression_targets,
+                                         samples_per_class=k, ridge=args.ridge) for k in shots}
     config = load_config("local", [f"tasks.mix={args.mix}",
                                    f"tasks.architecture.min_layers={args.depth}",
                                    f"tasks.architecture.max_layers={args.depth}",
@@ -80,8 +86,9 @@ def main() -> None:
         task = sampler.sample(args.seed + i)
         arch = task.arch
         xs = task.inner_batch(args.steps * args.batch).reshape(args.steps, args.batch, -1)
-        pair = LabelledPair(*map(jnp.asarray, task.labelled_pair(
-            5, 10, regression_targets=args.regression_targets)))
+        pairs = {k: LabelledPair(*map(jnp.asarray, task.labelled_pair(
+            5, k, regression_targets=args.regression_targets))) for k in shots}
+        pair = pairs[shots[0]]
         phi0 = init_params(jax.random.key(i), arch, w_std=rule.init_w_std,
                            b_std=rule.init_b_std)
         n, m = task.num_classes, pair.x_train.shape[1]
@@ -89,25 +96,28 @@ def main() -> None:
             phi = phi0
             for t in range(args.steps):
                 phi = step(theta, phi, xs[t])
-            loss = float(loss_fn(phi, pair, arch, objective, rule.base_bn_eps))
+            losses = [float(loss_fn(phi, pairs[k], arch, objectives[k], rule.base_bn_eps))
+                      for k in shots]
             f = np.asarray(feats(phi, np.concatenate([pair.x_train[0], pair.x_test[0]]), arch,
                                  rule.base_bn_eps))
             labels = [np.argmax(np.asarray(y[0, :, :n]), 1) for y in (pair.y_train,
                                                                        pair.y_test)]
-            accuracy = float(ridge_accuracy(f[:m], labels[0], f[m:], labels[1], n, 0.1))
-            results[name].append((task.component, loss, accuracy, rank90(f[m:])))
+            accuracy = float(ridge_accuracy(f[:m], labels[0], f[m:], labels[1], n, args.ridge))
+            results[name].append((task.component, losses, accuracy, rank90(f[m:])))
         print(f"task {i + 1}/{args.tasks}: {task.component}, {n}-way", flush=True)
     print(f"mix {args.mix}, depth {args.depth} x {args.width}, {args.steps} steps at "
           f"{args.inner_lr:g}, batch {args.batch}, "
-          f"{'all' if args.regression_targets else 'class'} targets")
+          f"{'all' if args.regression_targets else 'class'} targets, shots {shots} "
+          f"(losses in that order), ridge {args.ridge:g}")
     for name, rows in results.items():
         by_family = collections.defaultdict(list)
-        for component, loss, _, _ in rows:
-            by_family[component.split("/")[0]].append(loss)
+        for component, losses, _, _ in rows:
+            by_family[component.split("/")[0]].append(losses[0])
         families = ", ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(by_family.items()))
-        array = np.asarray([r[1:] for r in rows], float)
-        print(f"{name:20s} loss {array[:, 0].mean():.3f} ({families}) accuracy "
-              f"{array[:, 1].mean():.3f} rank90 {array[:, 2].mean():.1f}")
+        losses = np.asarray([r[1] for r in rows], float).mean(0)
+        array = np.asarray([r[2:] for r in rows], float)
+        print(f"{name:20s} loss {' / '.join(f'{v:.3f}' for v in losses)} ({families}) "
+              f"accuracy {array[:, 0].mean():.3f} rank90 {array[:, 1].mean():.1f}")
 
 
 if __name__ == "__main__":
