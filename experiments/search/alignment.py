@@ -49,6 +49,22 @@ def rule_theta(name: str, rule: RuleConfig):
     return jax.tree.map(jnp.asarray, theta)
 
 
+def reconstruction_error(f_train: np.ndarray, x_train: np.ndarray, f_test: np.ndarray,
+                         x_test: np.ndarray, ridge: float) -> float:
+    """How much of the input a ridge readout of the features recovers on held-out examples.
+
+    f_*: [B, F] features; x_*: [B, D] inputs. Returns the test squared error of the
+    readout relative to predicting the train mean (1: nothing recovered, 0: everything).
+    """
+    a = np.concatenate([f_train, np.ones((len(f_train), 1))], 1)
+    penalty = np.full(a.shape[1], ridge)
+    penalty[-1] = 0.0
+    weights = np.linalg.solve(a.T @ a + np.diag(penalty), a.T @ x_train)
+    pred = np.concatenate([f_test, np.ones((len(f_test), 1))], 1) @ weights
+    baseline = np.sum(np.square(x_test - x_train.mean(0)))
+    return float(np.sum(np.square(pred - x_test)) / baseline)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rules", default="paper,oja,hebb")
@@ -103,7 +119,9 @@ def main() -> None:
             labels = [np.argmax(np.asarray(y[0, :, :n]), 1) for y in (pair.y_train,
                                                                        pair.y_test)]
             accuracy = float(ridge_accuracy(f[:m], labels[0], f[m:], labels[1], n, args.ridge))
-            results[name].append((task.component, losses, accuracy, rank90(f[m:])))
+            recon = reconstruction_error(f[:m], np.asarray(pair.x_train[0]), f[m:],
+                                         np.asarray(pair.x_test[0]), args.ridge)
+            results[name].append((task.component, losses, accuracy, rank90(f[m:]), recon))
         print(f"task {i + 1}/{args.tasks}: {task.component}, {n}-way", flush=True)
     print(f"mix {args.mix}, depth {args.depth} x {args.width}, {args.steps} steps at "
           f"{args.inner_lr:g}, batch {args.batch}, "
@@ -111,13 +129,14 @@ def main() -> None:
           f"(losses in that order), ridge {args.ridge:g}")
     for name, rows in results.items():
         by_family = collections.defaultdict(list)
-        for component, losses, _, _ in rows:
+        for component, losses, *_ in rows:
             by_family[component.split("/")[0]].append(losses[0])
         families = ", ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(by_family.items()))
         losses = np.asarray([r[1] for r in rows], float).mean(0)
         array = np.asarray([r[2:] for r in rows], float)
         print(f"{name:20s} loss {' / '.join(f'{v:.3f}' for v in losses)} ({families}) "
-              f"accuracy {array[:, 0].mean():.3f} rank90 {array[:, 1].mean():.1f}")
+              f"accuracy {array[:, 0].mean():.3f} rank90 {array[:, 1].mean():.1f} "
+              f"reconstruction {array[:, 2].mean():.3f}")
 
 
 if __name__ == "__main__":
