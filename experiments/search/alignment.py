@@ -7,6 +7,12 @@ for every rule) so they can be compared with their validation accuracy:
     python experiments/search/alignment.py --rules paper,oja,hebb,EXPORT --tasks 10 \\
         --depth 4 --steps 100 --inner-lr 0.03 [--mix local] [--regression-targets]
 
+``--shots 10,30,60`` scores several meta-objective sizes on the same runs, ``--ridge`` sets
+the readout's penalty, and each line also gives the held-out error of a ridge readout of
+the input pixels from the features (``reconstruction``: 1 recovers nothing); ``--mix
+FILE`` takes any task mix, e.g. one component of ``fashion_mnist_val`` to score rules on
+validation with the same protocol.
+
 A rule is an export folder, ``pretrained:NAME`` or a named merge setting of the small
 rule at the paper's initialisation: ``paper`` (every plane 0.1), ``oja`` (hebb 3,
 decorr_x 1.35, others 0: the screened Oja-like core of docs/results.md), ``hebb``
