@@ -1,6 +1,7 @@
 """The live progress line's held-out part: the newest long-horizon evaluation."""
 
-from metalearn.training.progress import long_horizon_text, short_name
+from metalearn.training.config import load_config
+from metalearn.training.progress import long_horizon_text, short_name, unroll_text
 
 
 def test_short_names():
@@ -17,3 +18,10 @@ def test_long_horizon_text_picks_the_first_dataset_and_the_largest_horizon():
     assert long_horizon_text(latest, ("two_moons",)) == " | tm@1000 0.900"  # no rank
     assert long_horizon_text({"eval/digits/accuracy": 0.5}, ("digits",)) == ""
     assert long_horizon_text({}, ()) == ""
+
+
+def test_unroll_text_names_what_a_task_runs():
+    row = {"unroll_min": 2, "unroll_max": 4}
+    assert unroll_text(load_config("local"), row) == "T 100"  # es_full: whole runs
+    truncated = load_config("local", ["unroll.estimator=truncated"])
+    assert unroll_text(truncated, row) == "U 2-4"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+from metalearn.core.full_horizon import FULL_HORIZON_ESTIMATORS
 from metalearn.training.loop import Callback, TrainingLoop
 
 
@@ -43,6 +44,15 @@ def short_name(dataset: str) -> str:
     """fashion_mnist -> fm, two_moons -> tm, digits -> digits (a progress-line label)."""
     parts = [p for p in dataset.replace(":", "_").replace("/", "_").split("_") if p]
     return "".join(p[0] for p in parts) if len(parts) > 1 else dataset[:8]
+
+
+def unroll_text(config, row: dict) -> str:
+    """What one worker task runs: ``U 2-4`` (truncations per unroll, the curriculum's
+    range) for the truncated estimators, ``T 100`` (inner steps of one whole run) for the
+    full-horizon ones, whose curriculum is unused."""
+    if config.unroll.estimator in FULL_HORIZON_ESTIMATORS:
+        return f"T {config.horizon.steps}"
+    return f"U {row['unroll_min']}-{row['unroll_max']}"
 
 
 def long_horizon_text(latest: dict, datasets=()) -> str:
@@ -88,11 +98,11 @@ class ProgressLine(Callback):
             f"{row['grads_per_s']:6.2f} grads/s | staleness "
             f"{row['staleness_mean']:4.2f} | dropped "
             f"{row['dropped_stale']}/{row['dropped_nonfinite']} | "
-            f"U {row['unroll_min']}-{row['unroll_max']}{held_out} | "
+            f"{unroll_text(loop.config, row)}{held_out} | "
             f"{loop.elapsed_s() / 60:5.1f} min", key=loop.step)
 
     def on_end(self, loop: TrainingLoop) -> None:
         self.progress.done()
 
 
-__all__ = ["Progress", "ProgressLine", "long_horizon_text", "short_name"]
+__all__ = ["Progress", "ProgressLine", "long_horizon_text", "short_name", "unroll_text"]
