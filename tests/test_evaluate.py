@@ -11,7 +11,7 @@ from metalearn.cli import main
 from metalearn.core.config import ACTIVATIONS, ConfigError
 from metalearn.evaluation.config import ContinuousEvalConfig, DataConfig
 from metalearn.evaluation.continuous import ContinuousEvaluator
-from metalearn.evaluation.data import load_data, make_task
+from metalearn.evaluation.data import default_image_size, load_data, make_task
 from metalearn.evaluation.readout import eval_points_for, readout_accuracies
 from metalearn.evaluation.rollout import architecture, check_rule_fits, learned_rule_curve
 from metalearn.evaluation.run import summarise
@@ -290,3 +290,22 @@ def test_evaluation_schedule_short_long_and_final():
     off = EvaluationSchedule(ContinuousEvalConfig(every=2, long_every=0))
     off.start(0)
     assert off.due(5, final=True) == {"short": True, "long": False}
+
+
+def test_continuous_evaluator_uses_the_eval_commands_resolution(tiny_rule, tmp_path):
+    # Validation must select on the protocol that reports: `metalearn eval` and `table`
+    # resize images larger than 16 px to 14, so image_size 0 does here too (28 x 28
+    # images once reached the rule as 784 inputs here and as 196 in the reports).
+    rng = np.random.default_rng(0)
+    path = tmp_path / "images.npz"
+    np.savez(path, x=rng.integers(0, 256, (300, 28, 28)).astype(np.uint8),
+             y=np.repeat(np.arange(10), 30))
+    name = f"file:{path}"
+    assert default_image_size(name) == 14
+    default = ContinuousEvaluator(ContinuousEvalConfig(datasets=(name,), width=16, depth=1,
+                                                       steps=1, test_size=50), tiny_rule)
+    assert default._datasets[0][1].sizes[0] == 14 * 14
+    native = ContinuousEvaluator(ContinuousEvalConfig(datasets=(name,), width=16, depth=1,
+                                                      steps=1, test_size=50, image_size=28),
+                                 tiny_rule)
+    assert native._datasets[0][1].sizes[0] == 28 * 28

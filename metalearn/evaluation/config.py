@@ -101,7 +101,9 @@ class ContinuousEvalConfig:
     """Small-budget evaluation of the latest theta during meta-training.
 
     every: learner steps between (short) evaluations.
-    datasets: held-out sources (each evaluated at ``image_size``, native if 0).
+    datasets: held-out sources, each evaluated at ``image_size``; 0 (the default) takes
+      the resolution ``metalearn eval`` and ``metalearn table`` use (14 px for images
+      larger than 16 px, else native), so that what selects and what reports agree.
     steps: inner steps per short rollout; seeds: rollouts per dataset; long_seeds: rollouts
       of a long evaluation (0: ``seeds``). The same seeds every time (paired), so that
       successive thetas are compared on the same tasks, draws and batches.

@@ -25,7 +25,7 @@ from metalearn.core.config_io import ConfigError
 from metalearn.core.meta_objective import make_pair, meta_objective
 from metalearn.core.theta import theta_spec
 from metalearn.evaluation.config import ContinuousEvalConfig, DataConfig
-from metalearn.evaluation.data import load_data, make_task
+from metalearn.evaluation.data import default_image_size, load_data, make_task
 from metalearn.evaluation.diagnostics import weight_growth
 from metalearn.evaluation.readout import evaluate_features
 from metalearn.evaluation.rollout import (CONTINUOUS_STREAM, architecture, base_features,
@@ -60,7 +60,10 @@ class ContinuousEvaluator:
         self.skipped: dict[str, str] = {}
         for name in config.datasets:
             try:
-                data = load_data(DataConfig(dataset=name, image_size=config.image_size,
+                # 0: the resolution `metalearn eval` and `table` use (14 px for images
+                # larger than 16 px), so validation selects on the protocol that reports.
+                image_size = config.image_size or default_image_size(name, config.data_dir)
+                data = load_data(DataConfig(dataset=name, image_size=image_size,
                                             data_dir=config.data_dir, shots=config.shots,
                                             test_size=config.test_size))
             except FileNotFoundError as err:
