@@ -32,7 +32,8 @@ import numpy as np
 
 from metalearn.core.base_model import features, init_params
 from metalearn.core.config import PLANE_NAMES, MetaObjectiveConfig, RuleConfig
-from metalearn.core.meta_objective import LabelledPair, meta_objective, ridge_accuracy
+from metalearn.core.meta_objective import (LabelledPair, meta_objective, ridge_accuracy,
+                                          solve_ridge)
 from metalearn.core.update_rule import init_theta, inner_step
 from metalearn.evaluation.diagnostics import rank90
 from metalearn.training.config import load_config
@@ -62,11 +63,8 @@ def reconstruction_error(f_train: np.ndarray, x_train: np.ndarray, f_test: np.nd
     f_*: [B, F] features; x_*: [B, D] inputs. Returns the test squared error of the
     readout relative to predicting the train mean (1: nothing recovered, 0: everything).
     """
-    a = np.concatenate([f_train, np.ones((len(f_train), 1))], 1)
-    penalty = np.full(a.shape[1], ridge)
-    penalty[-1] = 0.0
-    weights = np.linalg.solve(a.T @ a + np.diag(penalty), a.T @ x_train)
-    pred = np.concatenate([f_test, np.ones((len(f_test), 1))], 1) @ weights
+    weights = np.asarray(solve_ridge(jnp.asarray(f_train), jnp.asarray(x_train), ridge))
+    pred = f_test @ weights[:-1] + weights[-1]  # the last row is the unpenalised bias
     baseline = np.sum(np.square(x_test - x_train.mean(0)))
     return float(np.sum(np.square(pred - x_test)) / baseline)
 
