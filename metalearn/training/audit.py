@@ -14,9 +14,9 @@ theta alone, it checks:
 * ``orders``: every work order of every session has an outcome (``Ledger.balanced``);
 * ``gradients``: every gradient the final learner received is applied, dropped with a
   cause (stale, non-finite, old generation, after the stop) or in the saved buffer; and
-  the drivers' replied gradients (plus those rolled back with dead learners) match what
-  the learners received, up to the pushes whose replies died with a worker or were cut
-  at a stop;
+  the drivers' replied gradients (plus those rolled back with dead learners, including
+  one that died at a session's exit: ``gradients_rolled_back``) match what the learners
+  received, up to the pushes whose replies died with a worker or were cut at a stop;
 * ``lost_work``: each learner restart lost at most one checkpoint interval of training
   time (``learner.checkpoint_minutes``, plus the longest update interval and 30 s for an
   asynchronous save), measured on the learner's ``wall_s`` clock from the checkpoint
@@ -72,6 +72,40 @@ class AuditReport:
         return "\n".join(lines)
 
 
+def gradients_rolled_back(events: list[dict]) -> int:
+    """Gradients a learner received and the run then lost with it: those after the
+    checkpoint a replacement restored (``learner_restart``), and those after the last
+    checkpoint of a learner that died at a session's exit (the next session resumes from
+    that checkpoint).
+
+    A dead learner's ``received`` is the newest its replies carried: the restart event's
+    ``dead_received_seen``, raised by the session end's ``received_seen`` (replies handled
+    after the event was written, e.g. later in the same batch).
+
+    Args:
+      events: the events log in order (``read_events``).
+    """
+    sessions: list[list[dict]] = [[]]  # each ends with its session_end (the last may not)
+    for e in events:
+        sessions[-1].append(e)
+        if e["event"] == "session_end":
+            sessions.append([])
+    total = 0
+    for index, session in enumerate(sessions):
+        end = next((e for e in session if e["event"] == "session_end"), {})
+        seen = {str(k): int(v) for k, v in (end.get("received_seen") or {}).items()}
+        for e in session:
+            if e["event"] == "learner_restart":
+                dead = max(int(e["dead_received_seen"]), seen.get(e["dead_generation"], 0))
+                total += max(0, dead - int(e["restored_counters"].get("received", 0)))
+        resumed = next((e for e in sessions[index + 1] if e["event"] == "session_start"),
+                       {}) if index + 1 < len(sessions) else {}
+        if end.get("learner_died_at_exit") and "learner_counters" in resumed:
+            total += max(0, seen.get(end["generation"], 0)
+                         - int(resumed["learner_counters"].get("received", 0)))
+    return total
+
+
 def _checkpoint_steps(run: RunDir) -> list[int]:
     return run.checkpoint_steps()
 
@@ -120,8 +154,7 @@ def audit_run(run_dir: str | os.PathLike) -> AuditReport:
     accounted = sum(int(counters.get(k, 0)) for k in (
         "applied", "dropped_stale", "dropped_nonfinite", "dropped_generation", "after_stop"))
     buffered = int(counters.get("received", 0)) - accounted
-    rolled_back = sum(max(0, int(e["dead_received_seen"])
-                          - int(e["restored_counters"].get("received", 0))) for e in restarts)
+    rolled_back = gradients_rolled_back(events)
     replied = tasks * sum(ledger.replied for ledger in ledgers)
     unsure = tasks * sum(ledger.worker_died + ledger.learner_gone + ledger.cut_at_stop
                          for ledger in ledgers)
@@ -178,4 +211,4 @@ def audit_run(run_dir: str | os.PathLike) -> AuditReport:
     return AuditReport(run.path, checks, figures)
 
 
-__all__ = ["AuditReport", "Check", "audit_run"]
+__all__ = ["AuditReport", "Check", "audit_run", "gradients_rolled_back"]

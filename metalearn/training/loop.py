@@ -342,6 +342,7 @@ class TrainingLoop:
             callback.on_start(self)
         self._event("session_start", step=self.start_step, resume=self.resume,
                     workers=count, generation=status.generation,
+                    learner_counters=status.counters,
                     tasks_per_worker=self.config.worker.tasks_per_worker,
                     checkpoint_minutes=self.config.learner.checkpoint_minutes)
         idle = list(range(count))
@@ -548,6 +549,7 @@ class TrainingLoop:
         # and the buffer is part of the final checkpoint.
         self.ledger.cut_at_stop += self.transport.stop_workers() or 0
         final: dict[str, Any] = {}
+        died_at_exit = False
         try:
             # Rows of updates whose replies were still with the workers.
             for row in self.transport.rows_after(self.recorded):
@@ -557,6 +559,7 @@ class TrainingLoop:
             final = status.counters
             self.learner_failure = self.learner_failure or getattr(status, "fatal", "")
         except LearnerLost:
+            died_at_exit = True
             print("learner died at exit; the last checkpoint stands", file=sys.stderr)
         self.metrics.truncate(max(self.checkpoint_step, 0))  # -1: not even step 0 saved
         self.metrics.close()
@@ -564,7 +567,12 @@ class TrainingLoop:
         self._event("session_end", step=self.checkpoint_step, start_step=self.start_step,
                     stop_reason=self.stop_reason, ledger=self.ledger.as_dict(),
                     learner_counters=final, generation=self.theta.generation
-                    if self.theta else None, learner_restarts=self.learner_restarts)
+                    if self.theta else None, learner_restarts=self.learner_restarts,
+                    # The newest ``received`` each learner generation replied with,
+                    # including replies handled after its restart event was written and
+                    # those of a learner that died at exit (the audit's gradient balance).
+                    received_seen=dict(self._dead_received),
+                    learner_died_at_exit=died_at_exit)
         return RunSummary(
             run_dir=self.run_dir.path, start_step=self.start_step,
             final_step=self.checkpoint_step, rows=self.metrics.count,
