@@ -15,7 +15,12 @@ def test_measures_every_estimator_on_the_same_truncation():
     report = measure_estimators(unroll=2, pairs=2, batch=8, repeats=1,
                                 base_model=(16, 8, 8), rule=rule)
     runs = report["estimators"]
-    assert list(runs) == ["truncated", "es", "pes", "hybrid"]
+    assert list(runs) == ["truncated", "es", "pes", "hybrid",
+                          "es/grouped", "pes/grouped", "hybrid/grouped"]
+    forward, backprop = report["step_flops"]["forward"], report["step_flops"]["backprop"]
+    assert 0 < forward < backprop
+    assert runs["es"]["flop_ratio"] == pytest.approx(5 * forward / backprop)  # 1 + 2K
+    assert runs["hybrid"]["flop_ratio"] == pytest.approx(1 + 4 * forward / backprop)
     assert runs["truncated"]["over_truncated"] == 1.0
     assert runs["truncated"]["cosine_to_truncated"] == pytest.approx(1.0, abs=1e-5)
     for name, entry in runs.items():
@@ -23,5 +28,11 @@ def test_measures_every_estimator_on_the_same_truncation():
         assert -1.0 <= entry["cosine_to_truncated"] <= 1.0 + 1e-6
     # The hybrid's first truncation weighs both halves 0.5, so it leans towards backprop.
     assert runs["hybrid"]["cosine_to_truncated"] > runs["es"]["cosine_to_truncated"]
+    # The convolution form changes the speed, not the estimate (same noise, same data).
+    for name in ("es", "pes", "hybrid"):
+        assert runs[f"{name}/grouped"]["cosine_to_truncated"] == pytest.approx(
+            runs[name]["cosine_to_truncated"], abs=1e-4)
+        assert runs[f"{name}/grouped"]["grouped_over_matmul"] > 0
     text = format_estimators(report)
-    assert "x truncated" in text and text.count("\n") == 5
+    assert "x truncated" in text and "grouped convolutions over batched matmuls" in text
+    assert text.count("\n") == 9

@@ -63,6 +63,8 @@ def add_parser(subparsers) -> None:
     est.add_argument("--repeats", type=int, default=3)
     est.add_argument("--paper-rule", action="store_true",
                      help="the paper-size rule instead of the small preset")
+    est.add_argument("--no-grouped", action="store_true",
+                     help="skip timing the ES family with grouped convolutions")
     est.set_defaults(func=run_estimators)
 
     pop = benches.add_parser("population", help="one full-horizon ES task: its population "
@@ -167,7 +169,7 @@ def run_estimators(args) -> int:
     _log(f"timing one U={args.unroll} truncation's gradient per estimator ...")
     report = measure_estimators(small=not args.paper_rule, unroll=args.unroll,
                                 pairs=args.pairs, batch=args.batch, repeats=args.repeats,
-                                log=_log)
+                                grouped_convs=not args.no_grouped, log=_log)
     return _finish(args, format_estimators(report), report)
 
 
@@ -175,12 +177,17 @@ def format_estimators(r: dict) -> str:
     lines = [f"device: {r['device']} ({r['backend']}), rule: {r['rule']} "
              f"({r['theta_params']:,} theta params), base model {r['base_model']}, "
              f"batch {r['batch']}, U={r['unroll']}, {r['pairs']} antithetic pairs",
-             f"{'estimator':10s} {'s/gradient':>10s} {'x truncated':>11s} {'compile s':>9s} "
-             f"{'cos(g, truncated)':>17s}"]
+             f"{'estimator':14s} {'s/gradient':>10s} {'x truncated':>11s} {'FLOP ratio':>10s} "
+             f"{'x FLOP ratio':>12s} {'compile s':>9s} {'cos(g, truncated)':>17s}"]
     for name, v in r["estimators"].items():
-        lines.append(f"{name:10s} {v['seconds']:10.3f} {v['over_truncated']:11.2f} "
+        lines.append(f"{name:14s} {v['seconds']:10.3f} {v['over_truncated']:11.2f} "
+                     f"{v['flop_ratio']:10.2f} {v['over_flop_ratio']:12.2f} "
                      f"{v['compile_s']:9.1f} {v['cosine_to_truncated']:17.3f}"
                      + ("" if v["finite"] else "  NOT FINITE"))
+    grouped = {k: v for k, v in r["estimators"].items() if "grouped_over_matmul" in v}
+    if grouped:
+        lines.append("grouped convolutions over batched matmuls (same estimator): " + ", ".join(
+            f"{k.split('/')[0]} {v['grouped_over_matmul']:.2f}x" for k, v in grouped.items()))
     return "\n".join(lines)
 
 

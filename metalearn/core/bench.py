@@ -240,6 +240,7 @@ def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
                        batch: int = 64, repeats: int = 3,
                        estimators: tuple[str, ...] = ("truncated", "es", "pes", "hybrid"),
                        base_model: tuple[int, ...] = PAPER_SIZES, rule: RuleConfig | None = None,
+                       grouped_convs: bool = True,
                        log: Callable[[str], None] = lambda message: None) -> dict:
     """The ``metalearn bench estimators`` report: the cost of one truncation's gradient
     with each meta-gradient estimator, measured in one process on one U-step truncation
@@ -251,6 +252,17 @@ def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
     ``cosine_to_truncated``: the cosine between its gradient and truncated backprop's on
     that truncation (ES-family estimates are noisy: about sqrt(pairs / trainable dims)
     at this sigma when the two target gradients agree).
+
+    ``flop_ratio``: the estimator's FLOPs over truncated backprop's, from XLA's cost
+    analysis of one inner step: F = the forward step with its meta-objective, G = its
+    value and gradient in theta and phi (what truncated backprop does per step). ES and
+    PES step 1 + 2K particles forwards, (1 + 2K) F / G; hybrid adds 2K particles to
+    backprop, 1 + 2K F / G. ``over_flop_ratio`` = ``over_truncated`` / ``flop_ratio``:
+    1.0 means the estimator runs at truncated backprop's FLOP rate.
+
+    ``grouped_convs`` (default on): the ES family is also timed with the rule's
+    convolutions left as XLA's grouped convolutions over the per-particle theta (the
+    entries ``<name>/grouped``; ``grouped_over_matmul``: their time over the default's).
     """
     rule_name = "custom" if rule is not None else ("small" if small else "paper")
     rule = rule or (RuleConfig.small() if small else RuleConfig())
@@ -264,11 +276,24 @@ def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
                     "rule": rule_name, "theta_params": num_params(theta),
                     "base_model": list(base_model), "batch": batch, "unroll": unroll,
                     "pairs": pairs, "estimators": {}}
+    forward_flops, backprop_flops = step_flops(Problem(arch.activation, rule, objective),
+                                               theta, params, data)
+    report["step_flops"] = {"forward": forward_flops, "backprop": backprop_flops}
+    flop_ratio = {"truncated": 1.0,
+                  "es": (1 + 2 * pairs) * forward_flops / backprop_flops,
+                  "pes": (1 + 2 * pairs) * forward_flops / backprop_flops,
+                  "hybrid": 1.0 + 2 * pairs * forward_flops / backprop_flops}
+    runs = [(name, name, True) for name in estimators]
+    if grouped_convs:
+        runs += [(f"{name}/grouped", name, False) for name in estimators
+                 if name in ("es", "pes", "hybrid")]
     reference = None
-    for name in estimators:
-        log(f"  {name} ...")
+    for label, name, matmul in runs:
+        log(f"  {label} ...")
         estimator = make_estimator(arch.activation, rule, objective,
                                    UnrollConfig(estimator=name, pairs=pairs))
+        if hasattr(estimator, "matmul_convs"):
+            estimator.matmul_convs = matmul  # read when its particle step is traced
         state = estimator.init(0, params)
 
         def call(estimator=estimator, state=state):
@@ -283,13 +308,37 @@ def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
             reference = flat
         cosine = float(jnp.dot(flat, reference)
                        / (jnp.linalg.norm(flat) * jnp.linalg.norm(reference) + 1e-30))
-        report["estimators"][name] = {"seconds": seconds, "compile_s": max(first - seconds, 0.0),
-                                      "finite": bool(estimate.finite),
-                                      "cosine_to_truncated": cosine}
+        report["estimators"][label] = {"seconds": seconds,
+                                       "compile_s": max(first - seconds, 0.0),
+                                       "finite": bool(estimate.finite),
+                                       "cosine_to_truncated": cosine,
+                                       "flop_ratio": flop_ratio.get(name, float("nan"))}
     base = report["estimators"][estimators[0]]["seconds"]
-    for entry in report["estimators"].values():
+    for label, entry in report["estimators"].items():
         entry["over_truncated"] = entry["seconds"] / base
+        entry["over_flop_ratio"] = entry["over_truncated"] / entry["flop_ratio"]
+        if label.endswith("/grouped"):
+            entry["grouped_over_matmul"] = (
+                entry["seconds"] / report["estimators"][label.split("/")[0]]["seconds"])
     return report
+
+
+def step_flops(problem: Problem, theta, params, data: TruncationBatch) -> tuple[float, float]:
+    """XLA's FLOPs of one inner step of ``data``'s first step: (forward with the
+    meta-objective, value and gradient of that loss in theta and phi)."""
+    x = data.inner_x[0]
+    pair = type(data.pair)(*(f[0] for f in data.pair))
+
+    def loss(theta, params):
+        return problem.step(theta, params, x, pair)[1]
+
+    def flops(fn, *args) -> float:
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"])
+
+    return flops(loss, theta, params), flops(jax.value_and_grad(loss, argnums=(0, 1)),
+                                             theta, params)
 
 
 def measure_population(*, pairs: int = 2, steps: int = 20, batch: int = 128,

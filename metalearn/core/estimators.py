@@ -57,6 +57,7 @@ from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import BaseParams
 from metalearn.core.config import ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.rule_layers import matmul_convs
 from metalearn.core.theta import theta_spec
 from metalearn.core.unroll import MetaGradient, Problem, TruncationBatch, _all_finite
 
@@ -203,7 +204,14 @@ def _tree_norm(tree, num_tasks):
 
 
 class _Antithetic(GradientEstimator):
-    """Shared machinery of the ES family: noise, stepping particles, combining."""
+    """Shared machinery of the ES family: noise, stepping particles, combining.
+
+    ``matmul_convs`` (read when the particle step is first traced): the rule's
+    convolutions run as batched matmuls over the particles (``rule_layers.matmul_convs``);
+    False keeps XLA's grouped convolutions (``metalearn bench estimators`` compares).
+    """
+
+    matmul_convs = True
 
     def __init__(self, problem, unroll, theta_size, num_tasks=None, trainable=None):
         super().__init__(problem, unroll, theta_size, num_tasks, trainable)
@@ -228,7 +236,9 @@ class _Antithetic(GradientEstimator):
             def one(offset, phi):
                 return problem.step(unravel(flat + offset), phi, x, pair)
 
-            return jax.vmap(one)(offsets, phis)
+            # Per-particle theta: convolutions as batched matmuls, not grouped ones.
+            with matmul_convs(self.matmul_convs):
+                return jax.vmap(one)(offsets, phis)
 
         def combine(theta, noise_sum, loss_pos, loss_neg):
             # noise_sum: [K, D] (eps for ES, xi for PES); loss_*: [K] summed over steps.

@@ -41,6 +41,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from metalearn.core.config import ConfigError, HorizonConfig, UnrollConfig
+from metalearn.core.rule_layers import matmul_convs
 from metalearn.core.unroll import MetaGradient, TruncationBatch
 
 FULL_HORIZON_ESTIMATORS = ("es_full", "guided_es")
@@ -165,10 +166,15 @@ class FullHorizonES:
             it_s, it_m = iter(shared), iter(members)
             return treedef.unflatten([next(it_m) if m else next(it_s) for m in member_flags])
 
+        # A convolution kernel ([kernel, C_in, C_out]) with a member axis would be a
+        # grouped convolution under vmap: trace the rule's convolutions as matmuls then.
+        member_convs = any(m and len(shape) == 3 for m, shape in zip(member_flags, self._shapes))
+
         def advance(shared, members, phis, x):
             # shared: leaves without a member axis; members: [2K, ...] leaves; phis: [2K, ...]
-            return jax.vmap(lambda m, phi: problem.advance(assemble(shared, m), phi, x))(
-                members, phis)
+            with matmul_convs(member_convs):
+                return jax.vmap(lambda m, phi: problem.advance(assemble(shared, m), phi, x))(
+                    members, phis)
 
         def losses(phis, pair):
             return jax.vmap(lambda phi: problem.loss(phi, pair))(phis)

@@ -8,13 +8,18 @@ channels). Two convolutions exist (docs/rule.md):
   a learned pooling of batch statistics, since batch order is random);
 * ``conv_units``: slides along N, each example separately.
 
-Both are "same"-padded and implemented with ``lax.conv_general_dilated`` using
+Both are "same"-padded. By default they are ``lax.conv_general_dilated`` with
 dimension numbers that treat the other axis as the convolution's batch; on XLA's CPU
-backend this measured faster than im2col + matmul or a sum of shifted matmuls.
+backend this measured faster than im2col + matmul for one theta. Under ``vmap`` over
+per-particle weights (the ES family: every particle has its own theta) a convolution
+becomes a grouped convolution, which XLA runs far below its FLOP rate; inside
+``matmul_convs()`` the same convolutions are traced as im2col + one matmul, which
+``vmap`` turns into a batched matmul (``metalearn bench estimators`` measures both).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -40,7 +45,45 @@ def init_bn(channels: int) -> dict:
     return {"offset": jnp.zeros((channels,))}
 
 
+_MATMUL_CONVS = False  # read while tracing: see ``matmul_convs``
+
+
+@contextlib.contextmanager
+def matmul_convs(enabled: bool = True):
+    """Trace the rule's convolutions as im2col + matmul inside this block.
+
+    The choice is made when a function is traced (jit caches what was traced), so wrap
+    the tracing call: e.g. the body of a function vmapped over per-particle theta.
+    """
+    global _MATMUL_CONVS
+    previous, _MATMUL_CONVS = _MATMUL_CONVS, bool(enabled)
+    try:
+        yield
+    finally:
+        _MATMUL_CONVS = previous
+
+
+def _conv_matmul(x: jax.Array, w: jax.Array, axis: int) -> jax.Array:
+    """The same "same"-padded cross-correlation as ``_conv`` as one matmul.
+
+    x: [B, N, C_in]; w: [kernel, C_in, C_out] -> [B, N, C_out]. The kernel's shifted
+    copies of x are stacked on the channel axis ([B, N, kernel * C_in]), so the
+    contraction is a single dot whose batch dimension vmap can add.
+    """
+    kernel = w.shape[0]
+    pad = kernel // 2
+    widths = [(0, 0)] * 3
+    widths[axis] = (pad, kernel - 1 - pad)
+    padded = jnp.pad(x, widths)
+    length = x.shape[axis]
+    shifted = [lax.slice_in_dim(padded, k, k + length, axis=axis) for k in range(kernel)]
+    stacked = jnp.concatenate(shifted, axis=-1)
+    return stacked @ w.reshape(kernel * w.shape[1], w.shape[2])
+
+
 def _conv(x: jax.Array, params: dict, axis: int) -> jax.Array:
+    if _MATMUL_CONVS:
+        return _conv_matmul(x, params["w"].astype(x.dtype), axis) + params["b"].astype(x.dtype)
     kernel = params["w"].shape[0]
     other = 1 - axis
     dims = lax.ConvDimensionNumbers(lhs_spec=(other, 2, axis), rhs_spec=(2, 1, 0),
