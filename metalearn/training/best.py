@@ -6,8 +6,9 @@ reported set). ``BestTheta`` keeps the highest-scoring theta in ``<run>/theta_be
 (the export format, with the score, its column, rank90 and the step in its metadata),
 so ``metalearn export`` hands out the best rule a run found rather than its last, and a
 run that drifts below its start exports its start. The score is the validation ridge
-accuracy averaged over the evaluator's horizons (``selection_score``): a rule that
-learns fast and then collapses scores its collapse. The start of a new run is evaluated
+accuracy averaged over the evaluator's selection horizons (``selection_score``;
+``evaluator.select_horizons``, all its horizons by default): a rule that learns fast and
+then collapses scores its collapse. The start of a new run is evaluated
 first, so the start is always a candidate. The state lives in the folder, so it
 survives resumes.
 """
@@ -27,19 +28,21 @@ from metalearn.training.run_dir import RunDir
 
 
 def selection_score(config: ContinuousEvalConfig, row: dict) -> tuple[float, str] | None:
-    """(score, what) of an evaluation ``row``: the mean over ``config.horizons`` of
-    ``eval/<d>/accuracy@<h>``, for the first long dataset (config order) the row has at
-    every horizon; None when it has none (a short evaluation) or a value is not finite."""
-    if not config.long_every or not config.horizons:
+    """(score, what) of an evaluation ``row``: the mean over ``config.select_horizons``
+    (all ``config.horizons`` when empty) of ``eval/<d>/accuracy@<h>``, for the first long
+    dataset (config order) the row has at every such horizon; None when it has none (a
+    short evaluation) or a value is not finite."""
+    horizons = config.select_horizons or config.horizons
+    if not config.long_every or not horizons:
         return None
     names = list(config.long_names()) + list(config.datasets)
     for name in names:
-        columns = [f"eval/{name}/accuracy@{h}" for h in config.horizons]
+        columns = [f"eval/{name}/accuracy@{h}" for h in horizons]
         if all(c in row for c in columns):
             values = [row[c] for c in columns]
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
                 return None
-            what = (f"eval/{name}/accuracy@{'+'.join(str(h) for h in config.horizons)}"
+            what = (f"eval/{name}/accuracy@{'+'.join(str(h) for h in horizons)}"
                     if len(columns) > 1 else columns[0])
             return float(np.mean(values)), what
     return None
