@@ -33,14 +33,21 @@ def test_matmul_convs_equal_xla_convolutions(kernel, conv):
         np.testing.assert_allclose(got[b, n], manual, rtol=1e-5, atol=1e-5)
 
 
-def test_matmul_convs_is_scoped_and_restores_the_default():
-    assert not rl._MATMUL_CONVS
+def test_matmul_convs_is_scoped_and_per_thread():
+    import threading
+
+    assert not rl.matmul_convs_enabled()
+    seen = []
     with rl.matmul_convs():
-        assert rl._MATMUL_CONVS
+        assert rl.matmul_convs_enabled()
+        # another thread tracing meanwhile keeps the default
+        thread = threading.Thread(target=lambda: seen.append(rl.matmul_convs_enabled()))
+        thread.start()
+        thread.join()
         with rl.matmul_convs(False):
-            assert not rl._MATMUL_CONVS
-        assert rl._MATMUL_CONVS
-    assert not rl._MATMUL_CONVS
+            assert not rl.matmul_convs_enabled()
+        assert rl.matmul_convs_enabled()
+    assert not rl.matmul_convs_enabled() and seen == [False]
 
 
 def test_per_particle_weights_become_a_batched_matmul_not_a_grouped_conv():

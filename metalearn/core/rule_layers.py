@@ -20,6 +20,7 @@ becomes a grouped convolution, which XLA runs far below its FLOP rate; inside
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 
 import jax
@@ -45,7 +46,10 @@ def init_bn(channels: int) -> dict:
     return {"offset": jnp.zeros((channels,))}
 
 
-_MATMUL_CONVS = False  # read while tracing: see ``matmul_convs``
+# Read while tracing (see ``matmul_convs``); a context variable, so a thread tracing
+# one estimator does not switch another thread's tracing.
+_MATMUL_CONVS: contextvars.ContextVar[bool] = contextvars.ContextVar("matmul_convs",
+                                                                    default=False)
 
 
 @contextlib.contextmanager
@@ -55,12 +59,16 @@ def matmul_convs(enabled: bool = True):
     The choice is made when a function is traced (jit caches what was traced), so wrap
     the tracing call: e.g. the body of a function vmapped over per-particle theta.
     """
-    global _MATMUL_CONVS
-    previous, _MATMUL_CONVS = _MATMUL_CONVS, bool(enabled)
+    token = _MATMUL_CONVS.set(bool(enabled))
     try:
         yield
     finally:
-        _MATMUL_CONVS = previous
+        _MATMUL_CONVS.reset(token)
+
+
+def matmul_convs_enabled() -> bool:
+    """Whether convolutions traced now become matmuls (inside ``matmul_convs()``)."""
+    return _MATMUL_CONVS.get()
 
 
 def _conv_matmul(x: jax.Array, w: jax.Array, axis: int) -> jax.Array:
@@ -82,7 +90,7 @@ def _conv_matmul(x: jax.Array, w: jax.Array, axis: int) -> jax.Array:
 
 
 def _conv(x: jax.Array, params: dict, axis: int) -> jax.Array:
-    if _MATMUL_CONVS:
+    if _MATMUL_CONVS.get():
         return _conv_matmul(x, params["w"].astype(x.dtype), axis) + params["b"].astype(x.dtype)
     kernel = params["w"].shape[0]
     other = 1 - axis
