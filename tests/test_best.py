@@ -37,25 +37,28 @@ def test_selection_score_is_the_mean_over_horizons_of_the_first_long_dataset():
     assert selection_score(no_long, row) is None
 
 
-def test_select_horizons_score_only_the_long_ones():
+def test_select_from_scores_only_the_long_horizons():
     # Seed 1 of the local default (docs/results.md): a 300-step-equivalent gain, a
     # 1,000-step loss. Scored on all three the later theta wins; on the long two it loses.
     config = ContinuousEvalConfig(datasets=("fashion_mnist_val",), horizons=(30, 100, 300),
-                                  long_every=12, select_horizons=(300, 100))
+                                  long_every=12, select_from=100)
     start = {"eval/fashion_mnist_val/accuracy@30": 0.241,
              "eval/fashion_mnist_val/accuracy@100": 0.168,
              "eval/fashion_mnist_val/accuracy@300": 0.151}
     later = {"eval/fashion_mnist_val/accuracy@30": 0.463,
              "eval/fashion_mnist_val/accuracy@100": 0.162,
              "eval/fashion_mnist_val/accuracy@300": 0.136}
-    assert config.select_horizons == (100, 300)
+    assert config.selection_horizons() == (100, 300)
     assert selection_score(config, start) == (pytest.approx(0.1595),
                                               "eval/fashion_mnist_val/accuracy@100+300")
     assert selection_score(config, later)[0] < selection_score(config, start)[0]
-    every = dataclasses.replace(config, select_horizons=())
+    every = dataclasses.replace(config, select_from=0)
     assert selection_score(every, later)[0] > selection_score(every, start)[0]
-    with pytest.raises(ConfigError, match=r"select_horizons: \[1000\] not in"):
-        ContinuousEvalConfig(horizons=(30, 100), select_horizons=(1000,))
+    # Horizons overridden below the minimum: the largest scores alone, never an error.
+    short = dataclasses.replace(config, horizons=(3, 10))
+    assert short.selection_horizons() == (10,)
+    with pytest.raises(ConfigError, match="select_from must be >= 0"):
+        ContinuousEvalConfig(select_from=-1)
 
 
 @pytest.fixture

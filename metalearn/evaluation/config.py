@@ -117,9 +117,11 @@ class ContinuousEvalConfig:
     best_margin: how far a theta's validation score must exceed the best so far (the
       start's, at first) to become the run's best theta, the one exported: a gain
       smaller than the validation estimate's noise is not taken.
-    select_horizons: the horizons whose mean accuracy is that score (each one of
-      ``horizons``; empty: all of them). A rule judged at long horizons is selected on
-      them: a short horizon's gain can hide a long one's loss.
+    select_from: the score is the mean accuracy over the horizons of at least this many
+      steps (0: all of them; the largest alone if none is that long). A rule judged at
+      long horizons is selected on them: a short horizon's gain can hide a long one's
+      loss. A minimum rather than a list, so that overriding ``horizons`` never leaves
+      it pointing at horizons that are not measured.
     """
 
     enabled: bool = True
@@ -145,16 +147,19 @@ class ContinuousEvalConfig:
     inner_lr: float = 0.0
     final_timeout_s: float = 1800.0
     best_margin: float = 0.0
-    select_horizons: tuple[int, ...] = ()
+    select_from: int = 0
+
+    def selection_horizons(self) -> tuple[int, ...]:
+        """The horizons whose mean accuracy scores a theta (``select_from``)."""
+        long = tuple(h for h in self.horizons if h >= self.select_from)
+        return long or self.horizons[-1:]
 
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(self.datasets))
         object.__setattr__(self, "horizons", tuple(sorted(set(self.horizons))))
-        object.__setattr__(self, "select_horizons", tuple(sorted(set(self.select_horizons))))
-        stray = [h for h in self.select_horizons if h not in self.horizons]
-        if stray:
-            raise ConfigError(f"evaluator.select_horizons: {stray} not in evaluator.horizons "
-                              f"{list(self.horizons)}; choose among those (or [] for all)")
+        if self.select_from < 0:
+            raise ConfigError(f"evaluator.select_from must be >= 0 (inner steps; 0: every "
+                              f"horizon scores), got {self.select_from}")
         object.__setattr__(self, "long_datasets", tuple(self.long_datasets))
         if self.every < 1:
             raise ConfigError(f"evaluator.every must be positive, got {self.every}")

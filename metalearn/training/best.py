@@ -7,7 +7,7 @@ reported set). ``BestTheta`` keeps the highest-scoring theta in ``<run>/theta_be
 so ``metalearn export`` hands out the best rule a run found rather than its last, and a
 run that drifts below its start exports its start. The score is the validation ridge
 accuracy averaged over the evaluator's selection horizons (``selection_score``;
-``evaluator.select_horizons``, all its horizons by default): a rule that learns fast and
+``evaluator.select_from``, all its horizons by default): a rule that learns fast and
 then collapses scores its collapse. The start of a new run is evaluated
 first, so the start is always a candidate. The state lives in the folder, so it
 survives resumes.
@@ -28,11 +28,12 @@ from metalearn.training.run_dir import RunDir
 
 
 def selection_score(config: ContinuousEvalConfig, row: dict) -> tuple[float, str] | None:
-    """(score, what) of an evaluation ``row``: the mean over ``config.select_horizons``
-    (all ``config.horizons`` when empty) of ``eval/<d>/accuracy@<h>``, for the first long
-    dataset (config order) the row has at every such horizon; None when it has none (a
-    short evaluation) or a value is not finite."""
-    horizons = config.select_horizons or config.horizons
+    """(score, what) of an evaluation ``row``: the mean over
+    ``config.selection_horizons()`` (the horizons of at least ``select_from`` steps) of
+    ``eval/<d>/accuracy@<h>``, for the first long dataset (config order) the row has at
+    every such horizon; None when it has none (a short evaluation) or a value is not
+    finite."""
+    horizons = config.selection_horizons()
     if not config.long_every or not horizons:
         return None
     names = list(config.long_names()) + list(config.datasets)
