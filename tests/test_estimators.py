@@ -159,22 +159,27 @@ def test_pes_restarts_its_accumulator_with_each_task_and_es_has_none():
 
 
 def test_every_estimator_reports_the_center_loss_and_advances_phi_alike():
-    """The center trajectory (unperturbed theta) is the same whatever the estimator."""
+    """The center trajectory (unperturbed theta) is the same whatever the estimator, and
+    whichever driver computes truncated backprop (inside the program, or stepwise)."""
     problem = Linear("quadratic")
     c = targets(3)
-    results = {}
-    for name in ("truncated", "es", "pes", "hybrid"):
-        est = build_estimator(problem, UnrollConfig(estimator=name, pairs=2), N)
+    results, grads = {}, {}
+    for name, method in [("truncated", "stepwise"), ("truncated", "scan"), ("es", "auto"),
+                         ("pes", "auto"), ("hybrid", "stepwise"), ("hybrid", "scan")]:
+        est = build_estimator(problem, UnrollConfig(estimator=name, pairs=2, method=method), N)
         estimate, state = est(THETA, est.init(0, PHI0), batch_of(c))
-        results[name] = (float(estimate.loss), np.asarray(state.params),
-                         np.asarray(estimate.step_losses))
+        results[name, method] = (float(estimate.loss), np.asarray(state.params),
+                                 np.asarray(estimate.step_losses))
+        grads[name, method] = np.asarray(estimate.grad["a"])
         assert estimate.grad["a"].shape == (N,)
         assert set(estimate.metrics) == set(est.metric_names)  # the documented columns
-    ref = results["truncated"]
+    ref = results["truncated", "stepwise"]
     for name, (loss, params, steps) in results.items():
         assert loss == pytest.approx(ref[0], rel=1e-5), name
-        np.testing.assert_allclose(params, ref[1], rtol=1e-5, err_msg=name)
-        np.testing.assert_allclose(steps, ref[2], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(params, ref[1], rtol=1e-5, err_msg=str(name))
+        np.testing.assert_allclose(steps, ref[2], rtol=1e-5, err_msg=str(name))
+    for name in ("truncated", "hybrid"):  # same noise and data: the same estimate
+        np.testing.assert_allclose(grads[name, "scan"], grads[name, "stepwise"], rtol=1e-5)
 
 
 def test_perturbations_stay_off_frozen_entries():

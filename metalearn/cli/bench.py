@@ -188,6 +188,13 @@ def format_estimators(r: dict) -> str:
     if grouped:
         lines.append("grouped convolutions over batched matmuls (same estimator): " + ", ".join(
             f"{k.split('/')[0]} {v['grouped_over_matmul']:.2f}x" for k, v in grouped.items()))
+    refs = r.get("references", {})
+    for name, v in refs.items():
+        lines.append(f"{name:20s} {v['seconds']:10.3f} s (compile {v['compile_s']:.1f} s)")
+    if "meta_grad_over_forward" in r:
+        lines.append(f"truncated meta-gradient over forward: {r['meta_grad_over_forward']:.2f}x; "
+                     f"truncated as one program: {r['program_speedup']:.2f}x the default's "
+                     f"speed")
     return "\n".join(lines)
 
 

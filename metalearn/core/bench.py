@@ -33,10 +33,11 @@ from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import Architecture, init_params
 from metalearn.core.config import HorizonConfig, MetaObjectiveConfig, RuleConfig, UnrollConfig
-from metalearn.core.estimators import make_estimator
+from metalearn.core.estimators import make_estimator, masked_scan
 from metalearn.core.full_horizon import FullHorizonES, HorizonData, evaluation_points
 from metalearn.core.meta_objective import LabelledPair, make_targets
 from metalearn.core.theta import theta_spec
+from metalearn.core.rule_layers import matmul_convs
 from metalearn.core.unroll import Problem, TruncationBatch, make_meta_gradient, timed
 from metalearn.core.update_rule import (NUM_INPUT_CHANNELS, NUM_WEIGHT_STATS, READOUT_NAMES,
                                         init_theta, inner_step, num_params)
@@ -263,6 +264,13 @@ def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
     ``grouped_convs`` (default on): the ES family is also timed with the rule's
     convolutions left as XLA's grouped convolutions over the per-particle theta (the
     entries ``<name>/grouped``; ``grouped_over_matmul``: their time over the default's).
+
+    Two references on the same truncation: ``forward``, the center trajectory alone
+    (U inner steps and their meta-objectives in one compiled scan), giving
+    ``meta_grad_over_forward`` = truncated / forward; and ``truncated/scan``, truncated
+    backprop as one compiled program (``unroll.method: scan``), giving
+    ``program_speedup`` = the default truncated time / the program's (on CPU the default
+    is the stepwise driver, one jitted step and its VJP per inner step from Python).
     """
     rule_name = "custom" if rule is not None else ("small" if small else "paper")
     rule = rule or (RuleConfig.small() if small else RuleConfig())
@@ -313,7 +321,13 @@ def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
                                        "finite": bool(estimate.finite),
                                        "cosine_to_truncated": cosine,
                                        "flop_ratio": flop_ratio.get(name, float("nan"))}
+    report["references"] = _references(arch, rule, objective, theta, params, data, repeats,
+                                       log)
     base = report["estimators"][estimators[0]]["seconds"]
+    if estimators[0] == "truncated":
+        report["meta_grad_over_forward"] = base / report["references"]["forward"]["seconds"]
+        report["program_speedup"] = (base
+                                     / report["references"]["truncated/scan"]["seconds"])
     for label, entry in report["estimators"].items():
         entry["over_truncated"] = entry["seconds"] / base
         entry["over_flop_ratio"] = entry["over_truncated"] / entry["flop_ratio"]
@@ -321,6 +335,37 @@ def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
             entry["grouped_over_matmul"] = (
                 entry["seconds"] / report["estimators"][label.split("/")[0]]["seconds"])
     return report
+
+
+def _references(arch, rule, objective, theta, params, data: TruncationBatch, repeats: int,
+                log: Callable[[str], None]) -> dict:
+    """Seconds (and compile seconds) of the forward-only truncation and of truncated
+    backprop as one program on ``data`` (see ``measure_estimators``)."""
+    problem = Problem(arch.activation, rule, objective)
+    mask = jnp.ones((data.num_steps,))
+
+    def forward(theta, params, data, mask):
+        with matmul_convs():
+            def step(phi, x, pair):
+                return problem.step(theta, phi, x, pair)
+            return masked_scan(step, params, data, mask)[1]
+
+    runs = {"forward": jax.jit(forward)}
+    program = make_estimator(arch.activation, rule, objective,
+                             UnrollConfig(method="scan", remat=True,
+                                          scan_buckets=(data.num_steps,)))
+    program_state = program.init(0, params)
+    runs["truncated/scan"] = lambda theta, params, data, mask: program(
+        theta, program_state, data)[0].grad
+    out = {}
+    for label, call in runs.items():
+        log(f"  {label} ...")
+        start = time.perf_counter()
+        jax.block_until_ready(call(theta, params, data, mask))
+        first = time.perf_counter() - start
+        seconds, _ = timed(call, theta, params, data, mask, repeats=repeats)
+        out[label] = {"seconds": seconds, "compile_s": max(first - seconds, 0.0)}
+    return out
 
 
 def step_flops(problem: Problem, theta, params, data: TruncationBatch) -> tuple[float, float]:

@@ -217,23 +217,28 @@ class HorizonConfig:
 
 @dataclasses.dataclass(frozen=True)
 class UnrollConfig:
-    """How a truncation's meta-gradient is computed (docs/rule.md).
+    """How a truncation's meta-gradient is computed (docs/rule.md, docs/estimators.md).
 
-    method:
-      ``auto`` (default): ``stepwise`` on CPU, ``scan`` on GPU/TPU (measured fastest on
-        each; see docs/rule.md).
+    The four truncation estimators (``estimator`` below) each run a whole truncation
+    as one compiled ``lax.scan`` over its steps, vmapped over tasks
+    (``metalearn.core.estimators``); U is padded to the next of ``scan_buckets`` and the
+    padded steps are skipped, so each (architecture, bucket) compiles once. Truncated
+    backprop (``truncated``, the hybrid's first half) is inside that program when
+    ``method`` resolves to ``scan`` and computed by the stepwise driver before it when
+    it resolves to ``stepwise`` (the CPU default).
+
+    method, residuals: how ``metalearn.core.unroll.MetaGradient`` (the reference
+    truncated gradient, and guided ES's surrogate) differentiates:
+      ``auto`` (default): ``stepwise`` on CPU, ``scan`` on GPU/TPU.
       ``stepwise``: one jitted inner step (+ meta-objective) forward and its
-        jitted VJP driven backwards from Python. Compiles once for every U, and was the
-        fastest variant on XLA's CPU backend (see ``metalearn bench inner-step``).
-      ``scan``: the whole truncation in one ``lax.scan``, differentiated by
-        ``jax.grad``; U is padded to a bucket (``scan_buckets``) and masked, so each
-        bucket compiles once. A pure function that ``jax.vmap`` batches directly.
-    residuals (stepwise only):
-      ``recompute``: the backward sweep recomputes each step's forward (memory of one
-        step; costs one extra forward per step).
-      ``store``: keep every step's VJP residuals from the forward sweep (no recompute;
-        memory grows with U).
-    remat (scan only): ``jax.checkpoint`` the scan body, for long unrolls.
+        jitted VJP driven backwards from Python; compiles once for every U.
+      ``scan``: the whole truncation in one ``lax.scan`` under ``jax.grad``.
+      residuals (stepwise only): ``store`` every step's VJP residuals, or
+        ``recompute`` each step's forward in the backward sweep (memory of one step).
+    remat: ``jax.checkpoint`` the scan body of truncated backprop (``scan``, and the
+      estimators' programs under ``method: scan``): memory of one step for long unrolls
+      or many tasks; on XLA's CPU backend also faster than storing every step's
+      residuals in the loop (1.1 s against 1.7 s at U = 8; docs/estimators.md).
 
     estimator: what a truncation's gradient estimates (docs/estimators.md):
       ``truncated`` (default, the paper's): backprop through the truncation's U steps,

@@ -40,26 +40,40 @@ per-step meta-objective is the reported loss, so losses are comparable across
 estimators. Perturbations touch only the trainable entries of theta (``trainable``,
 the complement of ``learner.frozen``): noise on frozen entries would only add variance.
 
-All pieces are jitted per inner step and driven from Python (one compilation serves
-every U), and vmapped over a leading task axis when ``num_tasks`` is set (theta is
-shared). State and results are immutable NamedTuples; non-finite losses or gradients
-are reported in ``Estimate.finite``, never hidden.
+Each estimator is written for one task: a pure function (theta, state, batch, mask) ->
+(estimate, state) that runs the whole truncation as one ``lax.scan`` (every particle of
+the ES family stepped together inside it). One wrapper, ``GradientEstimator``, pads U to
+a bucket (``unroll.scan_buckets``; padded steps are skipped by ``lax.cond``, so they cost
+nothing), vmaps the function over a leading task axis (theta shared) and jits it: one
+compiled program per (architecture, bucket) serves one task or T of them. Inside the
+scan the rule's convolutions are traced as matmuls (``rule_layers.matmul_convs``): XLA's
+CPU backend runs convolutions inside loop bodies several times slower, and under
+per-particle theta they become batched matmuls rather than grouped convolutions.
+Truncated backprop (``truncated``, and the hybrid's first half) is the one exception to
+the single program: where ``unroll.method`` resolves to ``stepwise`` (the CPU default)
+it is computed by the stepwise ``MetaGradient`` and handed to the program, since on
+XLA's CPU backend the scan measured 1.27x slower and compiled 1.7x longer
+(docs/estimators.md).
+State and results are immutable NamedTuples; non-finite losses or gradients are
+reported in ``Estimate.finite``, never hidden.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import BaseParams
 from metalearn.core.config import ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig
 from metalearn.core.rule_layers import matmul_convs
 from metalearn.core.theta import theta_spec
-from metalearn.core.unroll import MetaGradient, Problem, TruncationBatch, _all_finite
+from metalearn.core.unroll import (MetaGradient, Problem, TruncationBatch, _all_finite,
+                                   check_truncation)
 
 
 class VarianceStats(NamedTuple):
@@ -121,8 +135,56 @@ def inverse_variance_weight(bp: VarianceStats, es: VarianceStats):
     return jnp.where(ready, es.var / jnp.where(total > 0, total, 1.0), 0.5)
 
 
-def _broadcast(tree, k: int):
-    return jax.tree.map(lambda a: jnp.broadcast_to(a, (k,) + a.shape), tree)
+def masked_scan(step: Callable, carry, batch: TruncationBatch, mask, remat: bool = False,
+                unroll: bool = False):
+    """Run ``step(carry, x, pair) -> (carry, out)`` over a truncation's steps.
+
+    batch: one task's [U, ...] data; mask: [U] of 0/1. A step whose mask is 0 (bucket
+    padding) is skipped with ``lax.cond``: the carry passes through, its output is
+    zeros, and nothing is computed (forwards or backwards) as long as the mask is not
+    batched. Returns (final carry, outputs stacked on a leading [U] axis).
+    """
+    first = jax.tree.map(lambda a: a[0], (batch.inner_x, batch.pair))
+    out_shape = jax.eval_shape(lambda c: step(c, *first)[1], carry)
+
+    def skip(c, x, pair):
+        return c, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+
+    def body(c, inputs):
+        x, pair, keep = inputs
+        return lax.cond(keep > 0, step, skip, c, x, pair)
+
+    if remat:
+        body = jax.checkpoint(body)
+    return lax.scan(body, carry, (batch.inner_x, batch.pair, mask), unroll=bool(unroll))
+
+
+def _tree_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def _lift(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a)[None], tree)
+
+
+def _lower(tree):
+    return jax.tree.map(lambda a: a[0], tree)
+
+
+def _pad_steps(batch: TruncationBatch, size: int):
+    """Pad the step axis (axis 1, after the task axis) of every leaf to ``size`` by
+    repeating the last step; return (batch, mask [size])."""
+    steps = batch.num_steps
+
+    def pad(a):
+        a = jnp.asarray(a)
+        if size == steps:
+            return a
+        last = jnp.repeat(a[:, steps - 1:steps], size - steps, axis=1)
+        return jnp.concatenate([a, last], axis=1)
+
+    mask = jnp.concatenate([jnp.ones((steps,)), jnp.zeros((size - steps,))])
+    return jax.tree.map(pad, batch), mask
 
 
 class GradientEstimator:
@@ -133,10 +195,19 @@ class GradientEstimator:
     vmapped); previous: the last state of this worker's estimator, from which
     cross-task statistics (the hybrid's variances) carry over.
     ``__call__(theta, state, batch) -> (Estimate, new_state)``.
+
+    Subclasses write ``_task(theta, state, batch, mask) -> (Estimate, state)`` for one
+    task (no task axis; batch padded to a bucket, mask [U_bucket]); this class vmaps it
+    over tasks and jits it once. Without ``num_tasks`` a task axis of one is added
+    and removed around the same program.
+    ``matmul_convs`` (read when the program is traced): the rule's convolutions as
+    matmuls (default); False keeps XLA's convolutions (``metalearn bench estimators``).
     """
 
     name = "base"
     metric_names: tuple[str, ...] = ()  # the keys of ``Estimate.metrics``
+    matmul_convs = True
+    needs_backprop = False  # truncated backprop is part of the estimate
 
     def __init__(self, problem, unroll: UnrollConfig, theta_size: int,
                  num_tasks: int | None = None, trainable: np.ndarray | None = None):
@@ -148,9 +219,25 @@ class GradientEstimator:
             raise ConfigError(f"trainable mask of shape {np.shape(trainable)}; theta has "
                               f"{self.theta_size} parameters")
         self.trainable = None if trainable is None else jnp.asarray(trainable, jnp.float32)
-        self.backprop = MetaGradient(problem, unroll, num_tasks)  # also checks shapes
-        self._vm = ((lambda f, axes: jax.vmap(f, in_axes=axes)) if num_tasks
-                    else (lambda f, axes: f))
+        self.sigma = float(unroll.perturbation_std)
+        self.pairs = int(unroll.pairs)
+
+        # Truncated backprop's driver: inside the program (``scan``), or the stepwise
+        # ``MetaGradient`` before it (``stepwise``, the CPU default of ``method: auto``:
+        # as one program it measured 1.27x slower there and compiles 1.7x longer).
+        self.backprop_driver = unroll.resolved_method()
+        self._stepwise = (MetaGradient(problem, unroll, num_tasks)
+                          if self.needs_backprop and self.backprop_driver == "stepwise"
+                          else None)
+
+        def program(theta, state, batch, mask, bp):
+            with matmul_convs(self.matmul_convs):
+                return jax.vmap(self._task, in_axes=(None, 0, 0, None, 0))(
+                    theta, state, batch, mask, bp)
+
+        self._program = jax.jit(program)
+
+    # ---------------------------------------------------------------- task axis
 
     def _keys(self, seeds):
         if self.num_tasks:
@@ -158,142 +245,139 @@ class GradientEstimator:
             if len(seeds) != self.num_tasks:
                 raise ConfigError(f"{len(seeds)} task seeds for an estimator of "
                                   f"num_tasks={self.num_tasks}")
-            return jnp.stack([jax.random.PRNGKey(int(s) % (2 ** 31)) for s in seeds])
-        if isinstance(seeds, Sequence):
-            seeds = seeds[0]
-        return jax.random.PRNGKey(int(seeds) % (2 ** 31))
+        else:
+            seeds = [seeds[0] if isinstance(seeds, Sequence) else seeds]
+        return jnp.stack([jax.random.PRNGKey(int(s) % (2 ** 31)) for s in seeds])
 
     def init(self, seeds, params: BaseParams, previous: EstimatorState | None = None
              ) -> EstimatorState:
-        return EstimatorState(params, self._keys(seeds))
+        keys = self._keys(seeds)
+        tasks = (lambda t: t) if self.num_tasks else _lift
+        state = self._init_tasks(keys, tasks(params),
+                                 None if previous is None else tasks(previous))
+        return state if self.num_tasks else _lower(state)
+
+    def _init_tasks(self, keys, params, previous) -> EstimatorState:
+        """State of T tasks: keys [T, 2], params [T, ...], previous (or None) [T, ...]."""
+        return EstimatorState(params, keys)
 
     def validate(self, state: EstimatorState, batch: TruncationBatch) -> None:
         if isinstance(self.problem, Problem):
-            self.backprop.validate(state.params, batch)
+            check_truncation(self.problem, state.params, batch, self.num_tasks)
+
+    def __call__(self, theta, state: EstimatorState, batch: TruncationBatch):
+        self.validate(state, batch)
+        steps = batch.num_steps
+        size = self.unroll.bucket(steps)
+        bp = None
+        if self._stepwise is not None:
+            result = self._stepwise(theta, state.params, batch)
+            bp = (result.loss, result.grad, result.params,
+                  jnp.concatenate([result.step_losses, jnp.zeros(
+                      result.step_losses.shape[:-1] + (size - steps,),
+                      result.step_losses.dtype)], axis=-1))
+            bp = bp if self.num_tasks else _lift(bp)
+        if not self.num_tasks:
+            state, batch = _lift(state), _lift(batch)
+        padded, mask = _pad_steps(batch, size)
+        estimate, state = self._program(theta, state, padded, mask, bp)
+        estimate = estimate._replace(step_losses=estimate.step_losses[..., :steps])
+        if not self.num_tasks:
+            estimate, state = _lower(estimate), _lower(state)
+        return estimate, state
+
+    # ---------------------------------------------------------------- one task
+
+    def _task(self, theta, state: EstimatorState, batch: TruncationBatch, mask, bp):
+        """bp: None, or the stepwise driver's (loss, grad, final phi, step losses) of this
+        task when ``needs_backprop``."""
+        raise NotImplementedError
+
+    def _backprop(self, theta, params, batch, mask, bp=None):
+        """Truncated backprop of one task: (loss, masked grad, final phi, step losses),
+        computed here by a scan or taken from the stepwise driver (``bp``)."""
+        if bp is not None:
+            loss, grad, final, losses = bp
+            if self.trainable is not None:
+                flat, unravel = ravel_pytree(grad)
+                grad = unravel(flat * self.trainable)
+            return loss, grad, final, losses
+        problem = self.problem
+
+        def loss_fn(theta):
+            def step(phi, x, pair):
+                return problem.step(theta, phi, x, pair)
+            final, losses = masked_scan(step, params, batch, mask, self.unroll.remat,
+                                        self.unroll.scan_unroll)
+            return jnp.sum(losses) / jnp.sum(mask), (final, losses)
+
+        (loss, (final, losses)), grad = jax.value_and_grad(loss_fn, has_aux=True)(theta)
+        if self.trainable is not None:  # frozen entries: the learner drops them anyway
+            flat, unravel = ravel_pytree(grad)
+            grad = unravel(flat * self.trainable)
+        return loss, grad, final, losses
+
+    def _noise(self, key, theta):
+        """[K, D] perturbations of the trainable entries, and the advanced key."""
+        flat, _ = ravel_pytree(theta)
+        key, sub = jax.random.split(key)
+        eps = self.sigma * jax.random.normal(sub, (self.pairs,) + flat.shape, flat.dtype)
+        if self.trainable is not None:
+            eps = eps * self.trainable
+        return key, eps
+
+    def _particles(self, theta, offsets, phis, batch, mask):
+        """Step every particle (theta + offsets[p] from phis[p]) through the truncation.
+        offsets: [P, D]; phis: [P, ...]. Returns (final phis, each particle's mean loss
+        over the real steps [P], per-step losses [U, P])."""
+        problem = self.problem
+        flat, unravel = ravel_pytree(theta)
+
+        def step(phis, x, pair):
+            def one(offset, phi):
+                return problem.step(unravel(flat + offset), phi, x, pair)
+            return jax.vmap(one)(offsets, phis)
+
+        final, losses = masked_scan(step, phis, batch, mask, False, self.unroll.scan_unroll)
+        return final, jnp.sum(losses, axis=0) / jnp.sum(mask), losses
+
+    def _combine(self, theta, noise_sum, loss_pos, loss_neg):
+        """noise_sum: [K, D] (eps for ES, xi for PES); loss_*: [K] mean over steps.
+        Returns (grad tree, flat grad [D], trace variance of the mean from the pairs)."""
+        _, unravel = ravel_pytree(theta)
+        per_pair = noise_sum * ((loss_pos - loss_neg) / (2.0 * self.sigma ** 2))[:, None]
+        flat = jnp.mean(per_pair, axis=0)
+        if self.pairs > 1:
+            spread = jnp.sum(jnp.var(per_pair, axis=0, ddof=1)) / self.pairs
+        else:
+            spread = jnp.asarray(jnp.nan, flat.dtype)
+        return unravel(flat), flat, spread
+
+
+def _broadcast(tree, k: int, axis: int = 0):
+    """Copies of every leaf on a new axis of size k at ``axis``."""
+    return jax.tree.map(lambda a: jnp.repeat(jnp.expand_dims(a, axis), k, axis=axis), tree)
+
+
+def _finite(losses, grad):
+    return jnp.logical_and(jnp.all(jnp.isfinite(losses)), _all_finite(grad))
 
 
 class TruncatedBackprop(GradientEstimator):
-    """The paper's estimator (``MetaGradient``). Metrics: grad_norm."""
+    """The paper's estimator: backprop through the truncation (a scan in the program, or
+    the stepwise driver; see ``backprop_driver``). Metrics: grad_norm."""
 
     name = "truncated"
     metric_names = ("grad_norm",)
+    needs_backprop = True
 
-    def __init__(self, problem, unroll, theta_size, num_tasks=None, trainable=None):
-        super().__init__(problem, unroll, theta_size, num_tasks, trainable)
-        mask = self.trainable
-
-        def masked(grad):  # frozen entries: the learner drops them; keep norms comparable
-            flat, unravel = ravel_pytree(grad)
-            return unravel(flat * mask) if mask is not None else grad
-
-        self._masked = jax.jit(self._vm(masked, (0 if num_tasks else None,)))
-
-    def __call__(self, theta, state: EstimatorState, batch: TruncationBatch):
-        result = self.backprop(theta, state.params, batch)
-        grad = self._masked(result.grad) if self.trainable is not None else result.grad
-        norm = _tree_norm(grad, self.num_tasks)
-        return (Estimate(result.loss, grad, result.step_losses, result.finite,
-                         {"grad_norm": norm}),
-                state._replace(params=result.params))
+    def _task(self, theta, state, batch, mask, bp):
+        loss, grad, final, losses = self._backprop(theta, state.params, batch, mask, bp)
+        return (Estimate(loss, grad, losses, _finite(loss, grad), {"grad_norm": _tree_norm(grad)}),
+                state._replace(params=final))
 
 
-def _tree_norm(tree, num_tasks):
-    def norm(t):
-        return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t)))
-    return jax.vmap(norm)(tree) if num_tasks else norm(tree)
-
-
-class _Antithetic(GradientEstimator):
-    """Shared machinery of the ES family: noise, stepping particles, combining.
-
-    ``matmul_convs`` (read when the particle step is first traced): the rule's
-    convolutions run as batched matmuls over the particles (``rule_layers.matmul_convs``);
-    False keeps XLA's grouped convolutions (``metalearn bench estimators`` compares).
-    """
-
-    matmul_convs = True
-
-    def __init__(self, problem, unroll, theta_size, num_tasks=None, trainable=None):
-        super().__init__(problem, unroll, theta_size, num_tasks, trainable)
-        sigma = float(unroll.perturbation_std)
-        pairs = int(unroll.pairs)
-        trainable_mask = self.trainable
-        tasks = 0 if num_tasks else None
-        vm = self._vm
-
-        def noise(key, theta):
-            flat, _ = ravel_pytree(theta)
-            key, sub = jax.random.split(key)
-            eps = sigma * jax.random.normal(sub, (pairs,) + flat.shape, flat.dtype)
-            if trainable_mask is not None:
-                eps = eps * trainable_mask
-            return key, eps
-
-        def particles_step(theta, offsets, phis, x, pair):
-            # offsets: [K, D] added to theta; phis: [K, ...]; every particle sees x, pair.
-            flat, unravel = ravel_pytree(theta)
-
-            def one(offset, phi):
-                return problem.step(unravel(flat + offset), phi, x, pair)
-
-            # Per-particle theta: convolutions as batched matmuls, not grouped ones.
-            with matmul_convs(self.matmul_convs):
-                return jax.vmap(one)(offsets, phis)
-
-        def combine(theta, noise_sum, loss_pos, loss_neg):
-            # noise_sum: [K, D] (eps for ES, xi for PES); loss_*: [K] summed over steps.
-            _, unravel = ravel_pytree(theta)
-            per_pair = noise_sum * ((loss_pos - loss_neg) / (2.0 * sigma ** 2))[:, None]
-            flat = jnp.mean(per_pair, axis=0)
-            if pairs > 1:  # trace of the covariance of the mean, from the pairs' spread
-                spread = jnp.sum(jnp.var(per_pair, axis=0, ddof=1)) / pairs
-            else:
-                spread = jnp.asarray(jnp.nan, flat.dtype)
-            return unravel(flat), flat, spread
-
-        self.pairs = pairs
-        self._noise = jax.jit(vm(noise, (tasks, None)))
-        self._particles_step = jax.jit(vm(particles_step, (None, tasks, tasks, tasks, tasks)))
-        self._combine = jax.jit(vm(combine, (None, tasks, tasks, tasks)))
-        self._finite = jax.jit(vm(lambda loss, g: jnp.logical_and(
-            jnp.all(jnp.isfinite(loss)), _all_finite(g)), (tasks, tasks)))
-        # Particle offsets: [1 + 2K, D] (center, +eps, -eps) or [2K, D] (+eps, -eps).
-        self._offsets_center = jax.jit(vm(lambda eps: jnp.concatenate(
-            [jnp.zeros_like(eps[:1]), eps, -eps]), (tasks,)))
-        self._offsets_pairs = jax.jit(vm(lambda eps: jnp.concatenate([eps, -eps]), (tasks,)))
-
-    def _split_steps(self, batch: TruncationBatch):
-        steps = batch.num_steps
-        task = (lambda a, t: a[:, t]) if self.num_tasks else (lambda a, t: a[t])
-        xs = [task(batch.inner_x, t) for t in range(steps)]
-        pairs = [type(batch.pair)(*[task(f, t) for f in batch.pair]) for t in range(steps)]
-        return xs, pairs
-
-    def _run(self, theta, offsets, phis, batch):
-        """Step every particle through the truncation. Returns (final phis, each
-        particle's mean loss over the U steps [.., K], per-step losses of particle 0
-        [.., U])."""
-        xs, pairs = self._split_steps(batch)
-        total, first = None, []
-        for x, pair in zip(xs, pairs):
-            phis, losses = self._particles_step(theta, offsets, phis, x, pair)
-            total = losses if total is None else total + losses
-            first.append(losses[..., 0])
-        return phis, total / len(xs), jnp.stack(first, axis=-1)
-
-    def _take(self, tree, start, stop):
-        if self.num_tasks:
-            return jax.tree.map(lambda a: a[:, start:stop], tree)
-        return jax.tree.map(lambda a: a[start:stop], tree)
-
-    def _broadcast_phi(self, params, k):
-        if self.num_tasks:
-            return jax.tree.map(lambda a: jnp.broadcast_to(a[:, None], (a.shape[0], k)
-                                                           + a.shape[1:]), params)
-        return _broadcast(params, k)
-
-
-class ES(_Antithetic):
+class ES(GradientEstimator):
     """Antithetic ES over one truncation; both particles of a pair start from the
     center phi. Metrics: grad_norm, pair_var (trace variance of the estimate from the
     pairs' spread)."""
@@ -301,23 +385,19 @@ class ES(_Antithetic):
     name = "es"
     metric_names = ("grad_norm", "pair_var")
 
-    def __call__(self, theta, state: EstimatorState, batch: TruncationBatch):
-        self.validate(state, batch)
+    def _task(self, theta, state, batch, mask, bp):
         key, eps = self._noise(state.key, theta)
-        offsets = self._offsets_center(eps)
         k = self.pairs
-        phis = self._broadcast_phi(state.params, 1 + 2 * k)
-        phis, total, step_losses = self._run(theta, offsets, phis, batch)
-        grad, _, spread = self._combine(theta, eps, total[..., 1:1 + k], total[..., 1 + k:])
-        loss = total[..., 0]
-        finite = jnp.logical_and(self._finite(total, grad), jnp.isfinite(loss))
-        center = jax.tree.map(lambda a: a[:, 0] if self.num_tasks else a[0], phis)
-        metrics = {"grad_norm": _tree_norm(grad, self.num_tasks), "pair_var": spread}
-        return (Estimate(loss, grad, step_losses, finite, metrics),
-                state._replace(params=center, key=key))
+        offsets = jnp.concatenate([jnp.zeros_like(eps[:1]), eps, -eps])
+        phis = _broadcast(state.params, 1 + 2 * k)
+        final, total, losses = self._particles(theta, offsets, phis, batch, mask)
+        grad, _, spread = self._combine(theta, eps, total[1:1 + k], total[1 + k:])
+        metrics = {"grad_norm": _tree_norm(grad), "pair_var": spread}
+        return (Estimate(total[0], grad, losses[:, 0], _finite(total, grad), metrics),
+                state._replace(params=_lower(final), key=key))
 
 
-class PES(_Antithetic):
+class PES(GradientEstimator):
     """Persistent ES: the 2K particles keep their phi for the whole task and each
     pair accumulates its perturbations. Metrics: grad_norm, pair_var, xi_norm (mean
     |xi_k| / sigma: sqrt(truncations x trainable dims) grows along a task)."""
@@ -325,88 +405,66 @@ class PES(_Antithetic):
     name = "pes"
     metric_names = ("grad_norm", "pair_var", "xi_norm")
 
-    def init(self, seeds, params, previous=None):
-        lead = (self.num_tasks,) if self.num_tasks else ()
-        return EstimatorState(params, self._keys(seeds),
-                              particles=self._broadcast_phi(params, 2 * self.pairs),
-                              accumulator=jnp.zeros(lead + (self.pairs, self.theta_size),
+    def _init_tasks(self, keys, params, previous):
+        tasks = keys.shape[0]
+        return EstimatorState(params, keys, particles=_broadcast(params, 2 * self.pairs, 1),
+                              accumulator=jnp.zeros((tasks, self.pairs, self.theta_size),
                                                     jnp.float32))
 
-    def __call__(self, theta, state: EstimatorState, batch: TruncationBatch):
-        self.validate(state, batch)
+    def _task(self, theta, state, batch, mask, bp):
         key, eps = self._noise(state.key, theta)
         accumulator = state.accumulator + eps
-        offsets = self._offsets_center(eps)
         k = self.pairs
-        both = jax.tree.map(
-            lambda c, p: jnp.concatenate([c[:, None] if self.num_tasks else c[None], p],
-                                         axis=1 if self.num_tasks else 0),
-            state.params, state.particles)
-        phis, total, step_losses = self._run(theta, offsets, both, batch)
-        grad, _, spread = self._combine(theta, accumulator, total[..., 1:1 + k],
-                                        total[..., 1 + k:])
-        loss = total[..., 0]
-        finite = jnp.logical_and(self._finite(total, grad), jnp.isfinite(loss))
-        center = jax.tree.map(lambda a: a[:, 0] if self.num_tasks else a[0], phis)
-        particles = self._take(phis, 1, 1 + 2 * k)
-        xi = jnp.mean(jnp.linalg.norm(accumulator, axis=-1), axis=-1) / self.unroll.perturbation_std
-        metrics = {"grad_norm": _tree_norm(grad, self.num_tasks), "pair_var": spread,
-                   "xi_norm": xi}
-        return (Estimate(loss, grad, step_losses, finite, metrics),
-                state._replace(params=center, key=key, particles=particles,
+        offsets = jnp.concatenate([jnp.zeros_like(eps[:1]), eps, -eps])
+        phis = jax.tree.map(lambda c, p: jnp.concatenate([c[None], p]), state.params,
+                            state.particles)
+        final, total, losses = self._particles(theta, offsets, phis, batch, mask)
+        grad, _, spread = self._combine(theta, accumulator, total[1:1 + k], total[1 + k:])
+        xi = jnp.mean(jnp.linalg.norm(accumulator, axis=-1)) / self.sigma
+        metrics = {"grad_norm": _tree_norm(grad), "pair_var": spread, "xi_norm": xi}
+        return (Estimate(total[0], grad, losses[:, 0], _finite(total, grad), metrics),
+                state._replace(params=_lower(final), key=key,
+                               particles=jax.tree.map(lambda a: a[1:], final),
                                accumulator=accumulator))
 
 
-class Hybrid(_Antithetic):
+class Hybrid(GradientEstimator):
     """Truncated backprop and ES of the same truncation, weighted by inverse online
-    variances. Metrics: grad_norm, bp_norm, es_norm, bp_var, es_var, w_bp."""
+    variances. Metrics: grad_norm, pair_var, bp_norm, es_norm, bp_var, es_var, w_bp."""
 
     name = "hybrid"
     metric_names = ("grad_norm", "pair_var", "bp_norm", "es_norm", "bp_var", "es_var", "w_bp")
+    needs_backprop = True
 
-    def __init__(self, problem, unroll, theta_size, num_tasks=None, trainable=None):
-        super().__init__(problem, unroll, theta_size, num_tasks, trainable)
-        decay = float(unroll.variance_decay)
-        tasks = 0 if num_tasks else None
-        trainable_mask = self.trainable
-
-        def mix(theta, g_bp, g_es_flat, stats):
-            flat_bp, unravel = ravel_pytree(g_bp)
-            if trainable_mask is not None:  # frozen entries: the learner drops them anyway
-                flat_bp = flat_bp * trainable_mask
-            bp_stats = ema_update(stats[0], flat_bp, decay)
-            es_stats = ema_update(stats[1], g_es_flat, decay)
-            w = inverse_variance_weight(bp_stats, es_stats)
-            flat = w * flat_bp + (1.0 - w) * g_es_flat
-            metrics = {"bp_norm": jnp.linalg.norm(flat_bp), "es_norm": jnp.linalg.norm(g_es_flat),
-                       "bp_var": bp_stats.var, "es_var": es_stats.var, "w_bp": w,
-                       "grad_norm": jnp.linalg.norm(flat)}
-            return unravel(flat), (bp_stats, es_stats), metrics
-
-        self._mix = jax.jit(self._vm(mix, (None, tasks, tasks, tasks)))
-
-    def init(self, seeds, params, previous=None):
-        state = super().init(seeds, params)
+    def _init_tasks(self, keys, params, previous):
+        state = EstimatorState(params, keys)
         if previous is not None and previous.stats is not None:
             return state._replace(stats=previous.stats)
-        lead = (self.num_tasks,) if self.num_tasks else ()
-        empty = VarianceStats(jnp.zeros(lead), jnp.zeros(lead + (self.theta_size,)),
-                              jnp.zeros(lead))
+        tasks = keys.shape[0]
+        empty = VarianceStats(jnp.zeros(tasks), jnp.zeros((tasks, self.theta_size)),
+                              jnp.zeros(tasks))
         return state._replace(stats=(empty, empty))
 
-    def __call__(self, theta, state: EstimatorState, batch: TruncationBatch):
-        bp = self.backprop(theta, state.params, batch)  # validates the shapes
+    def _task(self, theta, state, batch, mask, bp):
+        loss, g_bp, final, losses = self._backprop(theta, state.params, batch, mask, bp)
         key, eps = self._noise(state.key, theta)
-        offsets = self._offsets_pairs(eps)
         k = self.pairs
-        phis = self._broadcast_phi(state.params, 2 * k)
-        _, total, _ = self._run(theta, offsets, phis, batch)
-        _, es_flat, spread = self._combine(theta, eps, total[..., :k], total[..., k:])
-        grad, stats, metrics = self._mix(theta, bp.grad, es_flat, state.stats)
-        finite = jnp.logical_and(bp.finite, self._finite(total, grad))
-        metrics["pair_var"] = spread
-        return (Estimate(bp.loss, grad, bp.step_losses, finite, metrics),
-                state._replace(params=bp.params, key=key, stats=stats))
+        phis = _broadcast(state.params, 2 * k)
+        _, total, _ = self._particles(theta, jnp.concatenate([eps, -eps]), phis, batch, mask)
+        _, es_flat, spread = self._combine(theta, eps, total[:k], total[k:])
+        flat_bp, unravel = ravel_pytree(g_bp)  # already masked to the trainable entries
+        decay = float(self.unroll.variance_decay)
+        bp_stats = ema_update(state.stats[0], flat_bp, decay)
+        es_stats = ema_update(state.stats[1], es_flat, decay)
+        w = inverse_variance_weight(bp_stats, es_stats)
+        flat = w * flat_bp + (1.0 - w) * es_flat
+        grad = unravel(flat)
+        metrics = {"grad_norm": jnp.linalg.norm(flat), "pair_var": spread,
+                   "bp_norm": jnp.linalg.norm(flat_bp), "es_norm": jnp.linalg.norm(es_flat),
+                   "bp_var": bp_stats.var, "es_var": es_stats.var, "w_bp": w}
+        finite = jnp.logical_and(_finite(loss, g_bp), _finite(total, grad))
+        return (Estimate(loss, grad, losses, finite, metrics),
+                state._replace(params=final, key=key, stats=(bp_stats, es_stats)))
 
 
 ESTIMATOR_CLASSES = {"truncated": TruncatedBackprop, "es": ES, "pes": PES, "hybrid": Hybrid}
@@ -438,4 +496,4 @@ def build_estimator(problem, unroll: UnrollConfig, theta_size: int,
 
 __all__ = ["ES", "ESTIMATOR_CLASSES", "Estimate", "EstimatorState", "GradientEstimator",
            "Hybrid", "PES", "TruncatedBackprop", "VarianceStats", "build_estimator",
-           "ema_update", "inverse_variance_weight", "make_estimator"]
+           "ema_update", "inverse_variance_weight", "make_estimator", "masked_scan"]

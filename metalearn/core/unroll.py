@@ -161,6 +161,32 @@ def pad_to_bucket(batch: TruncationBatch, size: int):
     return TruncationBatch(inner, pair), mask
 
 
+def check_truncation(problem: Problem, params: BaseParams, batch: TruncationBatch,
+                     num_tasks: int | None = None) -> None:
+    """Python-side shape checks of one truncation's phi and data (errors name the
+    field), before anything is traced. With ``num_tasks`` every leaf has a leading task
+    axis."""
+    lead = 1 if num_tasks else 0
+    if num_tasks and batch.inner_x.shape[0] != num_tasks:
+        raise ConfigError(f"batch.inner_x has {batch.inner_x.shape[0]} tasks on its leading "
+                          f"axis, the estimator was built for num_tasks={num_tasks}")
+    if batch.inner_x.ndim != 3 + lead:
+        raise ConfigError(f"batch.inner_x must be [{'tasks, ' if lead else ''}steps, batch, "
+                          f"features], got shape {tuple(batch.inner_x.shape)}")
+    if batch.num_steps < 1:
+        raise ConfigError(f"a truncation needs at least one inner step, got {batch.num_steps}")
+    one = jax.tree.map(lambda a: a[0], params) if lead else params
+    arch = architecture_of(one, problem.activation)
+    check_params(one, arch)
+    check_inputs(one, batch.inner_x[(0,) * (1 + lead)], problem.rule)
+    pair = LabelledPair(*[f[(0,) * (1 + lead)] for f in batch.pair])
+    check_pair(pair, num_classes=1, input_size=arch.input_size)
+    for name, field in zip(LabelledPair._fields, batch.pair):
+        if field.shape[lead] != batch.num_steps:
+            raise ConfigError(f"batch.pair.{name} has {field.shape[lead]} steps, "
+                              f"batch.inner_x has {batch.num_steps}")
+
+
 # ---------------------------------------------------------------------------
 # stepwise
 
@@ -210,25 +236,7 @@ class MetaGradient:
 
     def validate(self, params: BaseParams, batch: TruncationBatch) -> None:
         """Python-side shape checks (errors name the field), before anything is traced."""
-        lead = 1 if self.num_tasks else 0
-        if self.num_tasks and batch.inner_x.shape[0] != self.num_tasks:
-            raise ConfigError(f"batch.inner_x has {batch.inner_x.shape[0]} tasks on its leading "
-                              f"axis, the estimator was built for num_tasks={self.num_tasks}")
-        if batch.inner_x.ndim != 3 + lead:
-            raise ConfigError(f"batch.inner_x must be [{'tasks, ' if lead else ''}steps, batch, "
-                              f"features], got shape {tuple(batch.inner_x.shape)}")
-        if batch.num_steps < 1:
-            raise ConfigError(f"a truncation needs at least one inner step, got {batch.num_steps}")
-        one = jax.tree.map(lambda a: a[0], params) if lead else params
-        arch = architecture_of(one, self.problem.activation)
-        check_params(one, arch)
-        check_inputs(one, batch.inner_x[(0,) * (1 + lead)], self.problem.rule)
-        pair = LabelledPair(*[f[(0,) * (1 + lead)] for f in batch.pair])
-        check_pair(pair, num_classes=1, input_size=arch.input_size)
-        for name, field in zip(LabelledPair._fields, batch.pair):
-            if field.shape[lead] != batch.num_steps:
-                raise ConfigError(f"batch.pair.{name} has {field.shape[lead]} steps, "
-                                  f"batch.inner_x has {batch.num_steps}")
+        check_truncation(self.problem, params, batch, self.num_tasks)
 
     def _call_scan(self, theta, params, batch):
         padded, mask = pad_to_bucket(batch, self.unroll.bucket(batch.num_steps))
