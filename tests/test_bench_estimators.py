@@ -47,3 +47,15 @@ def test_measures_every_estimator_on_the_same_truncation():
     assert "x truncated" in text and "grouped convolutions over batched matmuls" in text
     assert "truncated as one program" in text
     assert text.count("\n") == 12
+
+
+def test_xla_flops_counts_a_matmul():
+    import jax
+    import jax.numpy as jnp
+
+    from metalearn.core.bench import xla_flops
+
+    a = jnp.ones((32, 48))
+    b = jnp.ones((48, 16))
+    compiled = jax.jit(lambda x, y: x @ y).lower(a, b).compile()
+    assert xla_flops(compiled) == pytest.approx(2 * 32 * 48 * 16, rel=0.01)

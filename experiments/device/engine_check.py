@@ -140,10 +140,7 @@ def _program_flops(estimator, theta, state, data) -> float:
     from metalearn.core.estimators import _pad_steps
 
     padded, mask = _pad_steps(data, data.num_steps)
-    compiled = estimator._program.lower(theta, state, padded, mask, None).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float((cost or {}).get("flops", float("nan")))
+    return bench.xla_flops(estimator._program.lower(theta, state, padded, mask, None).compile())
 
 
 def main() -> None:

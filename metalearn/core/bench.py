@@ -79,15 +79,21 @@ def random_truncation(steps: int, arch, objective, num_classes: int = 10,
     return TruncationBatch(jax.random.normal(keys[2], (steps, batch, arch.input_size)), pair)
 
 
+def xla_flops(compiled) -> float:
+    """FLOPs of one call of a compiled function, from XLA's cost analysis (NaN where
+    the backend gives none)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", float("nan")))
+
+
 def compiled_inner_step(theta, params, x, activation, rule):
     """(compiled step, compile seconds, XLA FLOPs of one step)."""
     start = time.perf_counter()
     compiled = jax.jit(inner_step, static_argnums=(3, 4)).lower(
         theta, params, x, activation, rule).compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return compiled, compile_s, float(cost["flops"])
+    return compiled, compile_s, xla_flops(compiled)
 
 
 def analytic_inner_step_flops(sizes, rule, batch: int) -> float:
@@ -378,9 +384,7 @@ def step_flops(problem: Problem, theta, params, data: TruncationBatch) -> tuple[
         return problem.step(theta, params, x, pair)[1]
 
     def flops(fn, *args) -> float:
-        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost["flops"])
+        return xla_flops(jax.jit(fn).lower(*args).compile())
 
     return flops(loss, theta, params), flops(jax.value_and_grad(loss, argnums=(0, 1)),
                                              theta, params)
