@@ -21,6 +21,7 @@ import sys
 
 from metalearn.distributed.driver import train
 from metalearn.training.local import train_local
+from metalearn.training.population import train_population
 from metalearn.training.progress import ProgressLine
 from metalearn.training.session import describe_changes, resolve_session
 
@@ -38,9 +39,11 @@ def add_parser(subparsers) -> None:
                                           "this machine; local: a new private Ray). Default: "
                                           "RAY_ADDRESS, else a cluster running here, else a "
                                           "new local Ray")
-    parser.add_argument("--runner", choices=("ray", "local"),
+    parser.add_argument("--runner", choices=("ray", "local", "population"),
                         help="ray: learner and worker actors (default); local: one "
-                             "process, no Ray (debugging, one GPU)")
+                             "process, no Ray (debugging); population: one process whose "
+                             "compiled program makes worker.meta_steps learner updates "
+                             "per call (es_full)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="with --resume: train the next steps with a config that "
@@ -76,7 +79,8 @@ def run(args) -> int:
     session = resolve(args)
     config, run_dir = session.config, session.run
     callbacks = [ProgressLine(config.run.progress_every_s)]
-    runner = train_local if config.run.runner == "local" else train
+    runner = {"local": train_local, "population": train_population}.get(config.run.runner,
+                                                                         train)
     summary = runner(config, run_dir, resume=session.resume, mix=session.mix,
                      callbacks=callbacks)
     if summary.signal:

@@ -160,15 +160,11 @@ class FullHorizonES:
         self._surrogate = (MetaGradient(problem, UnrollConfig(method="stepwise"))
                            if self.guided else None)
 
-        treedef, member_flags = self._treedef, self._member
-
-        def assemble(shared, members):
-            it_s, it_m = iter(shared), iter(members)
-            return treedef.unflatten([next(it_m) if m else next(it_s) for m in member_flags])
-
+        assemble = self.assemble
         # A convolution kernel ([kernel, C_in, C_out]) with a member axis would be a
         # grouped convolution under vmap: trace the rule's convolutions as matmuls then.
-        member_convs = any(m and len(shape) == 3 for m, shape in zip(member_flags, self._shapes))
+        self.member_convs = member_convs = any(
+            m and len(shape) == 3 for m, shape in zip(self._member, self._shapes))
 
         def advance(shared, members, phis, x):
             # shared: leaves without a member axis; members: [2K, ...] leaves; phis: [2K, ...]
@@ -226,19 +222,30 @@ class FullHorizonES:
 
     # ------------------------------------------------------------------ one task
 
-    def _members(self, theta, eps: np.ndarray):
-        """(shared leaves, member leaves [2K, ...]) for offsets (+eps, -eps)."""
-        offsets = np.concatenate([eps, -eps])
+    def member_leaves(self, theta, offsets):
+        """(shared leaves, member leaves [J, ...]): theta + offsets[j] for the leaves with a
+        trainable entry, the other leaves once. offsets: [J, P] (numpy or traced)."""
         leaves = jax.tree.leaves(theta)
         shared, members = [], []
         for leaf, (a, b), shape, member in zip(leaves, self._slices, self._shapes,
                                                self._member):
+            leaf = jnp.asarray(leaf)
             if member:
-                delta = jnp.asarray(offsets[:, a:b].reshape((len(offsets),) + shape))
-                members.append(jnp.asarray(leaf)[None] + delta.astype(jnp.asarray(leaf).dtype))
+                delta = jnp.asarray(offsets)[:, a:b].reshape((offsets.shape[0],) + shape)
+                members.append(leaf[None] + delta.astype(leaf.dtype))
             else:
-                shared.append(jnp.asarray(leaf))
+                shared.append(leaf)
         return shared, members
+
+    def assemble(self, shared, members):
+        """One theta pytree from ``member_leaves``' two lists (one member's leaves)."""
+        it_s, it_m = iter(shared), iter(members)
+        return self._treedef.unflatten([next(it_m) if m else next(it_s)
+                                        for m in self._member])
+
+    def _members(self, theta, eps: np.ndarray):
+        """(shared leaves, member leaves [2K, ...]) for offsets (+eps, -eps)."""
+        return self.member_leaves(theta, np.concatenate([eps, -eps]))
 
     def __call__(self, theta, phi0, data: HorizonData, seed: int,
                  guide: GuideState | None = None) -> tuple[HorizonEstimate, GuideState | None]:

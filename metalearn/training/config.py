@@ -138,6 +138,9 @@ class WorkerConfig:
     gpus_per_worker: float = 0.0
     tasks_per_worker: int = 1  # >1: vmap several tasks of one architecture (GPU workers)
     batch_size: int = 128  # unlabelled inner batch per step
+    # --runner population: learner updates per program call (K meta-steps of
+    # learner.meta_batch tasks each, the optax update inside; metalearn.core.population).
+    meta_steps: int = 4
     seed: int = 0  # root of every worker's task stream
     # Persistent XLA compilation cache shared by workers and restarts; "" picks
     # ~/.cache/metalearn/jax, "none" turns it off.
@@ -157,6 +160,8 @@ class WorkerConfig:
                               f"got {self.tasks_per_worker!r}")
         if self.batch_size < 2:
             raise ConfigError(f"worker.batch_size must be >= 2, got {self.batch_size!r}")
+        if self.meta_steps < 1:
+            raise ConfigError(f"worker.meta_steps must be >= 1, got {self.meta_steps!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +218,10 @@ class RunConfig:
     steps: int = 0  # stop at this learner step; 0: no step limit
     address: str = ""  # Ray address to join; "" starts a local Ray
     # "ray": learner and worker actors; "local": the same loop in one process, no Ray
-    # (metalearn.training.local: tests, debugging, the fastest path on one GPU).
-    runner: Literal["ray", "local"] = "ray"
+    # (metalearn.training.local: tests, debugging); "population": one process whose
+    # compiled program runs worker.meta_steps learner updates per call, the optax update
+    # inside (metalearn.training.population; es_full only).
+    runner: Literal["ray", "local", "population"] = "ray"
     progress_every_s: float = 2.0
     metrics_flush_s: float = 15.0  # seconds between metrics segment flushes
     tensorboard: bool = False

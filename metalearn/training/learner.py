@@ -205,42 +205,17 @@ class Learner:
         self._est: dict[str, list] = {}  # estimator metric -> [count-weighted sum, count]
 
     def _update(self) -> dict:
-        lr = self.lr()
         grad = jnp.asarray((self._grad_sum / self._count).astype(np.float32))
         theta, self.opt_state, grad_norm, update_norm = self._apply(
             jnp.asarray(self.theta), self.opt_state, grad)
         self.theta = np.asarray(theta)
         now = self._clock()
         interval = max(now - self._last_update_time, 1e-9)
-        curriculum = self.curriculum()
-        row = {
-            "step": self.step + 1,
-            "meta_loss": self._loss_sum / self._count,
-            "meta_loss_rolling": self.rolling_loss(),
-            "loss_vs_start_rolling": self.rolling_gain(),
-            "grads_per_s": self._received_since_update / interval,
-            "staleness_mean": float(np.mean(self._staleness)),
-            "staleness_max": int(np.max(self._staleness)),
-            "dropped_stale": self.counters["dropped_stale"],
-            "dropped_nonfinite": self.counters["dropped_nonfinite"],
-            "dropped_generation": self.counters["dropped_generation"],
-            "received": self.counters["received"],
-            "lr": lr,
-            "unroll_min": curriculum.unroll_low,
-            "unroll_max": curriculum.unroll_high,
-            "truncations_std": curriculum.truncations_std,
-            "grad_norm": float(grad_norm),
-            "update_norm": float(update_norm),
-            "theta_norm": float(np.linalg.norm(self.theta)),
-            "wall_s": self.wall_offset + (now - self._started),
-        }
-        for name, window in sorted(self.dataset_losses.items()):
-            row[f"loss/{name}"] = float(np.mean(window))
-        for name, index in self.watch.items():
-            row[f"theta/{name}"] = float(self.theta[index])
-        row.update(self._spread())
-        for name, (total, weight) in sorted(self._est.items()):
-            row[f"est/{name}"] = total / weight
+        est = {name: total / weight for name, (total, weight) in self._est.items()}
+        row = self._row(self._loss_sum / self._count, float(grad_norm), float(update_norm),
+                        self.theta, self._received_since_update / interval,
+                        self._staleness, self._spread(), est,
+                        self.wall_offset + (now - self._started))
         self.counters["applied"] += self._count
         self.step += 1
         self.version += 1
@@ -248,6 +223,98 @@ class Learner:
         self._received_since_update = 0
         self._reset_buffer()
         return row
+
+    def _row(self, meta_loss: float, grad_norm: float, update_norm: float, theta: np.ndarray,
+             grads_per_s: float, staleness: list, spread: dict, est: dict,
+             wall_s: float) -> dict:
+        """The metrics row of the update from ``self.step`` to ``self.step + 1``."""
+        curriculum = self.curriculum()
+        row = {
+            "step": self.step + 1,
+            "meta_loss": meta_loss,
+            "meta_loss_rolling": self.rolling_loss(),
+            "loss_vs_start_rolling": self.rolling_gain(),
+            "grads_per_s": grads_per_s,
+            "staleness_mean": float(np.mean(staleness)),
+            "staleness_max": int(np.max(staleness)),
+            "dropped_stale": self.counters["dropped_stale"],
+            "dropped_nonfinite": self.counters["dropped_nonfinite"],
+            "dropped_generation": self.counters["dropped_generation"],
+            "received": self.counters["received"],
+            "lr": self.lr(),
+            "unroll_min": curriculum.unroll_low,
+            "unroll_max": curriculum.unroll_high,
+            "truncations_std": curriculum.truncations_std,
+            "grad_norm": grad_norm,
+            "update_norm": update_norm,
+            "theta_norm": float(np.linalg.norm(theta)),
+            "wall_s": wall_s,
+        }
+        for name, window in sorted(self.dataset_losses.items()):
+            row[f"loss/{name}"] = float(np.mean(window))
+        for name, index in self.watch.items():
+            row[f"theta/{name}"] = float(theta[index])
+        row.update(spread)
+        for name, value in sorted(est.items()):
+            row[f"est/{name}"] = value
+        return row
+
+    def absorb(self, theta: np.ndarray, opt_state, stats, dataset: str) -> list[dict]:
+        """Take K updates made elsewhere (``metalearn.core.population``: the optax update
+        inside a compiled program from this learner's theta and optimiser state) and
+        return their metrics rows, as ``submit`` would have for the same task gradients.
+
+        ``stats``: ``StepStats`` as numpy ([K] leading axis, [K, M] ``task_finite``); a
+        step that was not applied (no finite task, or past the run's last step) makes no
+        row. The call's wall time is shared evenly by its applied steps."""
+        now = self._clock()
+        applied = np.asarray(stats.applied, bool)
+        finite = np.asarray(stats.task_finite, bool)
+        tasks = finite.shape[1]
+        elapsed = max(now - self._last_update_time, 1e-9)
+        per_step = elapsed / max(int(applied.sum()), 1)
+        done = 0
+        rows = []
+        wall_end = self.wall_offset + (now - self._started)
+        for k in range(applied.shape[0]):
+            if self.stop_step and self.step >= self.stop_step:
+                break
+            if not stats.ran[k]:
+                break
+            count = int(stats.count[k])
+            self.counters["received"] += tasks
+            self.counters["dropped_nonfinite"] += tasks - count
+            if not applied[k]:
+                continue
+            loss, start = float(stats.loss[k]), float(stats.loss_start[k])
+            self.losses.extend([loss] * count)
+            if math.isfinite(start):
+                self.gains.extend([loss - start] * count)
+            window = self.dataset_losses.get(dataset)
+            if window is None:
+                window = self.dataset_losses[dataset] = collections.deque(
+                    maxlen=self.config.loss_window)
+            window.extend([loss] * count)
+            grad_norm = float(stats.grad_norm[k])
+            spread = {"grad_var": math.nan, "grad_snr": math.nan}
+            if count >= 2:
+                var = max((float(stats.sq_sum[k]) - count * grad_norm ** 2) / (count - 1), 0.0)
+                spread = {"grad_var": var,
+                          "grad_snr": grad_norm ** 2 / (var / count) if var > 0 else math.inf}
+            est = {name: float(values[k]) for name, values in stats.metrics.items()
+                   if math.isfinite(float(values[k]))}
+            done += 1
+            rows.append(self._row(loss, grad_norm, float(stats.update_norm[k]),
+                                  np.asarray(stats.theta[k]), tasks / per_step, [0], spread,
+                                  est, wall_end - (int(applied.sum()) - done) * per_step))
+            self.counters["applied"] += count
+            self.step += 1
+            self.version += 1
+        self.theta = np.asarray(theta, np.float32)
+        self.opt_state = opt_state
+        self._last_update_time = now
+        self._received_since_update = 0
+        return rows
 
     # ------------------------------------------------------------------ state
 

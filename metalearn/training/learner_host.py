@@ -126,16 +126,40 @@ class LearnerHost:
             if not self.fatal:
                 self._write_rows(self.metric_rows.add, row)
             curriculum = learner.curriculum()
-            minutes = (time.monotonic() - self.last_checkpoint) / 60.0
-            if (minutes >= self.config.learner.checkpoint_minutes and not self.fatal
-                    and self.checkpointer.in_flight is None):
-                self._start_save()
+            self._maybe_save()
         checkpoint, self._unreported = self._unreported, None
         self.busy_s += time.perf_counter() - start
         return LearnerReply(generation=learner.generation, step=learner.step,
                             version=learner.version, row=row, curriculum=curriculum,
                             checkpoint=checkpoint, fatal=self.fatal,
                             received=int(learner.counters["received"]))
+
+    def absorb(self, theta, opt_state, stats, dataset: str) -> LearnerReply:
+        """K updates made by the population engine from this learner's theta and optimiser
+        state (``Learner.absorb``): their rows are written and a checkpoint is started
+        when due, as after ``submit``; the reply carries the last row."""
+        start = time.perf_counter()
+        learner = self.learner
+        rows = learner.absorb(theta, opt_state, stats, dataset)
+        self._collect(wait=False)
+        for row in rows:
+            self.rows.append(row)
+            if not self.fatal:
+                self._write_rows(self.metric_rows.add, row)
+        if rows:
+            self._maybe_save()
+        checkpoint, self._unreported = self._unreported, None
+        self.busy_s += time.perf_counter() - start
+        return LearnerReply(generation=learner.generation, step=learner.step,
+                            version=learner.version, row=rows[-1] if rows else None,
+                            curriculum=learner.curriculum() if rows else None,
+                            checkpoint=checkpoint, fatal=self.fatal,
+                            received=int(learner.counters["received"]))
+
+    def update_limit(self) -> int | None:
+        """How many more updates the run may make (None: no step limit)."""
+        stop = self.learner.stop_step
+        return None if not stop else max(stop - self.learner.step, 0)
 
     def rows_after(self, step: int) -> list[dict]:
         """Metrics rows of this learner's updates after ``step``."""
@@ -166,6 +190,14 @@ class LearnerHost:
         return step
 
     # ------------------------------------------------------------------ saving
+
+    def _maybe_save(self) -> None:
+        """Start a checkpoint when ``learner.checkpoint_minutes`` have passed (never while
+        one is in flight, never after a failure)."""
+        minutes = (time.monotonic() - self.last_checkpoint) / 60.0
+        if (minutes >= self.config.learner.checkpoint_minutes and not self.fatal
+                and self.checkpointer.in_flight is None):
+            self._start_save()
 
     def _start_save(self) -> None:
         """Start saving the learner's state; theta_latest follows once it is complete."""

@@ -1,0 +1,278 @@
+"""The population engine: K whole meta-steps of full-horizon ES in one compiled program.
+
+A meta-step of ``es_full`` (``metalearn.core.full_horizon``) takes M tasks, runs each
+task's 2P members (theta +- eps_p on the trainable entries, P = ``unroll.pairs``) for
+the whole inner run from one phi_0 on common data, turns the members' fitnesses into a
+gradient estimate per task, averages the finite tasks' estimates and applies the
+learner's optax update. ``PopulationProgram`` compiles K such meta-steps as one
+``lax.scan`` (theta and the optimiser state are the carry), so one host call does K
+learner updates: no Python between inner steps, members, tasks or updates.
+
+Per task (shapes: S inner steps, B batch, N_0 inputs, E evaluation points; the problem
+gives ``advance(theta, phi, x) -> phi`` and ``loss(phi, pair) -> scalar``):
+
+    eps_p = sigma * z_p * mask,  z_p ~ N(0, I)   (drawn in the program from the task's key)
+    F_j   = fitness of member j over its whole run (``horizon.fitness``: the
+            meta-objective at the last point, or its mean over the E points)
+    g     = 1 / (2 P sigma^2) * sum_p eps_p (F~_p - F~_{P+p})   (F~: ``horizon.shaping``)
+
+and per meta-step, with w_m = 1 for a finite task and 0 otherwise,
+
+    G = sum_m w_m g_m / sum_m w_m,   (theta, opt) <- optax update(G * keep)   if sum w > 0.
+
+The estimate per task is the one ``FullHorizonES`` gives for the same eps (the tests
+check it); eps are drawn with ``jax.random`` here instead of numpy on the host.
+
+Only theta leaves with a trainable entry get a member axis (the rule's convolutions stay
+shared when the merge weights are what trains), and a member-axis convolution kernel is
+traced as a matmul (``rule_layers.matmul_convs``): under vmap it would otherwise be a
+grouped convolution, slow on XLA:CPU inside a loop.
+
+Meta-steps at index >= ``limit`` (an argument, not a shape) change nothing, so a run
+that must stop after fewer than K more updates reuses the same compiled program.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from metalearn.core.config import ConfigError, HorizonConfig, UnrollConfig
+from metalearn.core.full_horizon import FullHorizonES, fitness_of
+from metalearn.core.rule_layers import matmul_convs
+
+
+class PopulationData(NamedTuple):
+    """K meta-steps of M tasks each (leading axes [K, M] on every leaf).
+
+    phi0: the tasks' initial base-model parameters (pytree, leaves [K, M, ...]), or with
+      ``PopulationProgram(init_phi=...)`` their [K, M, 2] uint32 PRNG keys;
+    inner_x: [K, M, S, B, N_0] unlabelled batches (step t uses inner_x[..., t - 1, :, :]);
+    pairs: the labelled draws at the E evaluation points (the problem's pair NamedTuple,
+      leaves [K, M, E, ...]);
+    keys: [K, M, 2] uint32 PRNG keys, one per task (its members' perturbations).
+    """
+
+    phi0: Any
+    inner_x: Any
+    pairs: Any
+    keys: Any
+
+
+class StepStats(NamedTuple):
+    """What each of the K meta-steps did (leading axis [K]).
+
+    ran: the step was within ``limit`` (its tasks count as received);
+    applied: the update was applied (some task finite and index < limit);
+    count: finite tasks (their mean is the update); loss: mean fitness over the finite
+    tasks' members; loss_start: mean meta-objective of their phi_0 at the first point;
+    task_finite: [K, M]; grad_norm: |G * keep|; update_norm: |optax update|;
+    theta: [K, P] theta after the step; sq_sum: sum over finite tasks of |g_m * keep|^2
+    (for the meta-batch's spread); metrics: {name: [K]} the tasks' mean of
+    ``FullHorizonES``'s metrics (grad_norm, fitness_mean, fitness_spread, pair_var).
+    """
+
+    ran: Any
+    applied: Any
+    count: Any
+    loss: Any
+    loss_start: Any
+    task_finite: Any
+    grad_norm: Any
+    update_norm: Any
+    theta: Any
+    sq_sum: Any
+    metrics: dict
+
+
+def shape_fitness_jnp(fitness, mode: str):
+    """``full_horizon.shape_fitness`` traced: [2P] fitnesses -> raw, standardised or
+    centred ranks in [-0.5, 0.5]."""
+    if mode == "normalize":
+        spread = jnp.std(fitness)
+        return jnp.where(spread > 0, (fitness - jnp.mean(fitness)) / jnp.where(spread > 0,
+                                                                                spread, 1.0),
+                         0.0)
+    if mode == "ranks":
+        size = fitness.shape[0]
+        if size < 2:
+            return jnp.zeros_like(fitness)
+        ranks = jnp.argsort(jnp.argsort(fitness, stable=True), stable=True)
+        return ranks.astype(fitness.dtype) / (size - 1) - 0.5
+    return fitness
+
+
+def segments(points: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[(start, end)) inner-step ranges between consecutive evaluation points."""
+    bounds = (0,) + tuple(points)
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class PopulationProgram:
+    """K meta-steps of ``es_full`` with the optax update inside one jitted program.
+
+    ``problem``: as ``FullHorizonES``'s; ``theta_template``: theta's pytree (the flat
+    layout is its ``ravel_pytree`` order); ``optimizer``: the learner's optax
+    transformation over the flat [P] theta; ``keep``: [P] 1.0 where theta trains in the
+    learner (its frozen entries get a zero gradient); ``trainable``: [P] bool, where
+    perturbations go (None: everywhere); ``points``: the static evaluation points (the
+    last one is the run's length).
+
+    ``__call__(theta [P], opt_state, data: PopulationData, limit) -> (theta, opt_state,
+    StepStats)``.
+    """
+
+    def __init__(self, problem, theta_template, unroll: UnrollConfig, horizon: HorizonConfig,
+                 optimizer: optax.GradientTransformation, points: tuple[int, ...], *,
+                 keep: np.ndarray | None = None, trainable: np.ndarray | None = None,
+                 init_phi=None):
+        if unroll.estimator != "es_full":
+            raise ConfigError(f"the population engine runs unroll.estimator 'es_full'; got "
+                              f"{unroll.estimator!r} (use --runner local or ray for it)")
+        # FullHorizonES holds the flat layout, the trainable mask and which leaves get a
+        # member axis; the program reuses them.
+        self.layout = FullHorizonES(problem, theta_template, unroll, horizon, trainable)
+        self.problem, self.horizon, self.points = problem, horizon, tuple(points)
+        self.pairs, self.sigma = int(unroll.pairs), float(unroll.perturbation_std)
+        size = self.layout.theta_size
+        keep = np.ones(size, np.float32) if keep is None else np.asarray(keep, np.float32)
+        if keep.shape != (size,):
+            raise ConfigError(f"keep mask of shape {keep.shape}; theta has {size} parameters")
+        self.keep = keep
+        self.optimizer = optimizer
+        # init_phi(key) -> phi: data.phi0 holds PRNG keys and each task's phi_0 is drawn
+        # in the program (nothing of the base model crosses from the host).
+        self.init_phi = init_phi
+        self.matmul, self.unroll = True, 1
+        _, self.unravel = ravel_pytree(theta_template)
+        # Not donated: a call that fails must leave the learner's optimiser state intact.
+        self._program = jax.jit(self._meta_steps)
+        self._compiled: dict[tuple, Any] = {}
+
+    # ------------------------------------------------------------------ one task
+
+    def task_estimate(self, theta_flat, phi0, inner_x, pairs, key):
+        """One task's estimate: (g [P], mean fitness, loss_start, finite, metrics).
+
+        phi0: pytree; inner_x: [S, B, N_0]; pairs: leaves [E, ...]; key: PRNG key."""
+        layout, problem, k = self.layout, self.problem, self.pairs
+        if self.init_phi is not None:
+            phi0 = self.init_phi(phi0)
+        mask = jnp.asarray(layout.mask, theta_flat.dtype)
+        eps = self.sigma * jax.random.normal(key, (k, layout.theta_size), theta_flat.dtype)
+        eps = eps * mask
+        shared, members = layout.member_leaves(self.unravel(theta_flat),
+                                               jnp.concatenate([eps, -eps]))
+        def advance(phis, x):
+            # Matmul-form convolutions whether or not the kernels have a member axis: on
+            # XLA:CPU a convolution inside a loop body ran 4x slower (docs/estimators.md).
+            with matmul_convs(self.matmul):
+                phis = jax.vmap(lambda m, phi: problem.advance(layout.assemble(shared, m),
+                                                               phi, x))(members, phis)
+            return phis, None
+
+        phis = jax.tree.map(lambda a: jnp.broadcast_to(a, (2 * k,) + a.shape), phi0)
+        curves = []
+        for index, (start, end) in enumerate(segments(self.points)):
+            phis, _ = jax.lax.scan(advance, phis, inner_x[start:end], unroll=self.unroll)
+            pair = type(pairs)(*(f[index] for f in pairs))
+            curves.append(jax.vmap(lambda phi: problem.loss(phi, pair))(phis))
+        curves = jnp.stack(curves, axis=-1)  # [2P, E]
+        fitness = fitness_of(curves, self.horizon.fitness)
+        shaped = shape_fitness_jnp(fitness, self.horizon.shaping)
+        diff = shaped[:k] - shaped[k:]
+        per_pair = eps * (diff / (2.0 * self.sigma ** 2))[:, None]  # [P_pairs, P]
+        grad = jnp.mean(per_pair, axis=0)
+        finite = jnp.all(jnp.isfinite(fitness)) & jnp.all(jnp.isfinite(grad))
+        first = type(pairs)(*(f[0] for f in pairs))
+        loss_start = problem.loss(phi0, first)
+        pair_var = (jnp.sum(jnp.var(per_pair, axis=0, ddof=1)) / k if k > 1
+                    else jnp.asarray(jnp.nan, grad.dtype))
+        metrics = {"grad_norm": jnp.linalg.norm(grad), "fitness_mean": jnp.mean(fitness),
+                   "fitness_spread": jnp.mean(jnp.abs(fitness[:k] - fitness[k:])),
+                   "pair_var": pair_var}
+        return grad, jnp.mean(fitness), loss_start, finite, metrics
+
+    # ------------------------------------------------------------------ K meta-steps
+
+    def _meta_steps(self, theta, opt_state, data: PopulationData, limit):
+        keep = jnp.asarray(self.keep)
+        estimate = jax.vmap(self.task_estimate, in_axes=(None, 0, 0, 0, 0))
+
+        def meta_step(carry, xs):
+            theta, opt_state = carry
+            index, phi0, inner_x, pairs, keys = xs
+            grads, losses, starts, finite, metrics = estimate(theta, phi0, inner_x, pairs,
+                                                              keys)
+            weight = finite.astype(theta.dtype)  # [M]
+            count = jnp.sum(weight)
+            safe = jnp.maximum(count, 1.0)
+
+            def mean(values):  # over the finite tasks (non-finite ones never enter)
+                values = jnp.where(finite.reshape((-1,) + (1,) * (values.ndim - 1)),
+                                   values, 0.0)
+                return jnp.sum(values * weight.reshape((-1,) + (1,) * (values.ndim - 1)),
+                               axis=0) / safe
+
+            grad = mean(grads) * keep
+            trained = jnp.where(finite[:, None], grads, 0.0) * keep
+            sq_sum = jnp.sum(weight * jnp.sum(trained * trained, axis=1))
+            updates, new_opt = self.optimizer.update(grad, opt_state, theta)
+            ran = index < limit
+            apply = (count > 0) & ran
+            new_theta = optax.apply_updates(theta, updates)
+            theta = jnp.where(apply, new_theta, theta)
+            opt_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_opt,
+                                     opt_state)
+            stats = StepStats(ran, apply, count.astype(jnp.int32), mean(losses), mean(starts),
+                              finite, optax.tree.norm(grad),
+                              jnp.where(apply, optax.tree.norm(updates), 0.0), theta,
+                              sq_sum, {name: mean(v) for name, v in metrics.items()})
+            return (theta, opt_state), stats
+
+        steps = jnp.arange(data.inner_x.shape[0])
+        (theta, opt_state), stats = jax.lax.scan(
+            meta_step, (theta, opt_state),
+            (steps, data.phi0, data.inner_x, data.pairs, data.keys))
+        return theta, opt_state, stats
+
+    @staticmethod
+    def signature(data: PopulationData) -> tuple:
+        """The shapes and dtypes of ``data``: one compiled program per signature."""
+        return tuple((tuple(np.shape(leaf)), str(leaf.dtype)) for leaf in jax.tree.leaves(data))
+
+    def compiled(self, theta, opt_state, data: PopulationData):
+        """(the compiled program for ``data``'s shapes, seconds spent compiling it now:
+        0.0 when it was compiled before)."""
+        key = self.signature(data)
+        program = self._compiled.get(key)
+        if program is not None:
+            return program, 0.0
+        start = time.perf_counter()
+        program = self.lower(theta, opt_state, data).compile()
+        self._compiled[key] = program
+        return program, time.perf_counter() - start
+
+    def __call__(self, theta, opt_state, data: PopulationData, limit: int | None = None):
+        """K meta-steps; returns the new (theta, opt_state) and their ``StepStats``."""
+        steps = int(np.shape(data.inner_x)[0])
+        if int(np.shape(data.inner_x)[2]) != self.points[-1]:
+            raise ConfigError(f"the population's inner runs have {np.shape(data.inner_x)[2]} "
+                              f"steps; the last evaluation point is {self.points[-1]}")
+        limit = steps if limit is None else int(limit)
+        program, _ = self.compiled(theta, opt_state, data)
+        return program(jnp.asarray(theta), opt_state, data, jnp.asarray(limit, jnp.int32))
+
+    def lower(self, theta, opt_state, data: PopulationData):
+        """The program lowered for ``data``'s shapes (cost analysis, compile timing)."""
+        return self._program.lower(jnp.asarray(theta), opt_state, data,
+                                   jnp.asarray(0, jnp.int32))
+
+
+__all__ = ["PopulationData", "PopulationProgram", "StepStats", "segments", "shape_fitness_jnp"]

@@ -1,0 +1,257 @@
+"""The population engine's host side: tasks in, K learner updates per program call.
+
+``PopulationEngine`` samples K x M tasks of one shape (M = ``learner.meta_batch``, K =
+``worker.meta_steps``) from its seeded stream, builds their whole inner runs on the host
+(the data ``Worker.run_task`` builds for one task), and runs them through a
+``metalearn.core.population.PopulationProgram`` with the learner's optax update inside:
+one call, K updates of theta. While the device computes (JAX dispatches
+asynchronously), the next call's tasks are built.
+
+It computes what a ``Worker`` with ``es_full`` computes (the same estimate per task,
+the same mean per meta-batch, the same optax update as ``Learner``), without a
+submission per task: ``LearnerHost.absorb`` takes the call's theta, optimiser state and
+per-step statistics and writes the same metrics rows as the other runners.
+
+One program per base-model shape (activation, layer sizes, classes); a shape's first call
+compiles it (the persistent XLA cache keeps it for later runs), and ``compile_s``
+counts that time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import traceback
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metalearn.core.base_model import init_params
+from metalearn.core.config import ConfigError
+from metalearn.core.full_horizon import evaluation_points
+from metalearn.core.meta_objective import LabelledPair
+from metalearn.core.population import PopulationData, PopulationProgram, StepStats
+from metalearn.core.theta import theta_spec
+from metalearn.core.unroll import Problem
+from metalearn.training.config import TrainConfig, trainable_mask
+from metalearn.training.learner import make_optimizer
+from metalearn.training.local import InProcessTransport, InlineContinuousEvaluation
+from metalearn.training.loop import RunSummary, TrainingLoop
+from metalearn.training.messages import LearnerReply, WorkerResult
+from metalearn.training.run_dir import RunDir
+from metalearn.training.task_mix import resolve_mix
+from metalearn.training.worker import task_dataset_name
+from tasks.sampler import MixConfig, TaskSampler
+
+
+def task_run_data(task, steps: int, points: tuple[int, ...], batch_size: int, objective):
+    """One task's whole inner run: (inner_x [S, B, N_0], LabelledPair [E, M, B_l, ...])."""
+    inner = task.inner_batch(steps * batch_size).reshape(steps, batch_size, -1)
+    pair = task.labelled_pair(len(points) * objective.num_draws, objective.samples_per_class,
+                              objective.regression_targets)
+    pairs = LabelledPair(*(f.reshape(len(points), objective.num_draws, *f.shape[1:])
+                           for f in pair))
+    return inner, pairs
+
+
+class PopulationBatch(NamedTuple):
+    """One call's tasks: the program's data and what the rows report about them."""
+
+    data: PopulationData
+    arch: Any  # the tasks' base-model Architecture
+    dataset: str
+    seeds: list  # [K][M] task seeds
+    metadata: dict  # the template task's metadata
+    build_s: float  # host seconds spent building it
+
+
+class CallResult(NamedTuple):
+    """One program call: theta and optimiser state after it, per-step statistics (numpy),
+    and its host timings."""
+
+    theta: np.ndarray
+    opt_state: Any
+    stats: StepStats
+    dataset: str
+    seeds: list
+    metadata: dict
+    timings: dict
+
+
+class PopulationEngine:
+    """K meta-steps of ``es_full`` per call over M tasks each, from a seeded task stream."""
+
+    def __init__(self, config: TrainConfig, stream_seed: int, *, mix: MixConfig | None = None,
+                 sampler: Any = None):
+        if config.unroll.estimator != "es_full":
+            raise ConfigError(f"--runner population runs unroll.estimator 'es_full' (the "
+                              f"local default); got {config.unroll.estimator!r}: use "
+                              f"--runner local or ray for it")
+        self.config = config
+        self.meta_steps = int(config.worker.meta_steps)
+        self.tasks_per_step = int(config.learner.meta_batch)
+        if sampler is None:
+            sampler = TaskSampler(mix if mix is not None else resolve_mix(config.tasks),
+                                  data_dir=config.tasks.data_dir)
+        self.sampler = sampler
+        self.spec = theta_spec(config.rule)
+        self.trainable = trainable_mask(config.rule, config.learner)
+        keep = (np.ones(self.spec.num_params, np.float32) if self.trainable is None
+                else self.trainable.astype(np.float32))
+        self.keep = keep
+        horizon = config.horizon
+        self.points = evaluation_points(horizon.steps, horizon.points)
+        rule = config.rule
+        # The search's runs may use their own inner rate (``horizon.inner_lr``), as
+        # ``Worker.run_task`` does.
+        self.rule = (dataclasses.replace(rule, inner_lr=horizon.inner_lr) if horizon.inner_lr
+                     else rule)
+        self.optimizer = make_optimizer(config.learner)
+        self._programs: dict[str, PopulationProgram] = {}
+        self._shapes: set = set()  # (activation, data signature) compiled so far
+        self.compile_s = 0.0
+        self.calls = 0
+        self.reseed(stream_seed)
+
+    # ------------------------------------------------------------------ stream
+
+    def reseed(self, stream_seed: int) -> None:
+        self.stream_seed = int(stream_seed)
+        self.rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed, 0]))
+        self._next: PopulationBatch | None = None
+
+    def program(self, arch) -> PopulationProgram:
+        """The program of one base-model architecture (its phi_0 is drawn inside)."""
+        key = (arch.activation, tuple(arch.sizes))
+        program = self._programs.get(key)
+        if program is None:
+            rule = self.config.rule
+            problem = Problem(arch.activation, self.rule, self.config.objective)
+            template = self.spec.unravel(jnp.zeros(self.spec.num_params, jnp.float32))
+            init_phi = functools.partial(init_params, arch=arch, w_std=rule.init_w_std,
+                                         b_std=rule.init_b_std)
+            program = PopulationProgram(problem, template, self.config.unroll,
+                                        self.config.horizon, self.optimizer, self.points,
+                                        keep=self.keep, trainable=self.trainable,
+                                        init_phi=init_phi)
+            self._programs[key] = program
+        return program
+
+    def sample(self) -> PopulationBatch:
+        """K x M new tasks of one shape (the first one drawn sets it), their data stacked."""
+        start = time.perf_counter()
+        k, m = self.meta_steps, self.tasks_per_step
+        seeds = [int(s) for s in self.rng.integers(0, 2 ** 62, size=k * m)]
+        first = self.sampler.sample(seeds[0])
+        tasks = [first] + [self.sampler.sample(s, like=first) for s in seeds[1:]]
+        objective = self.config.objective
+        batch_size, steps = self.config.worker.batch_size, self.config.horizon.steps
+        runs = [task_run_data(task, steps, self.points, batch_size, objective)
+                for task in tasks]
+
+        def stack(items):  # [K * M] -> [K, M, ...]
+            return np.stack(items).reshape((k, m) + np.shape(items[0]))
+
+        inner = stack([run[0] for run in runs])
+        pairs = LabelledPair(*(stack([run[1][i] for run in runs]) for i in range(4)))
+        # Raw uint32 keys (phi_0's and the perturbations') made with numpy: a JAX op here
+        # would queue behind the program still running and serialise the prefetch.
+        keys = np.random.default_rng(seeds[0]).integers(0, 2 ** 32, size=(2, k, m, 2),
+                                                        dtype=np.uint32)
+        data = PopulationData(keys[0], inner, pairs, keys[1])
+        return PopulationBatch(data, first.arch, task_dataset_name(first),
+                               [seeds[i * m:(i + 1) * m] for i in range(k)],
+                               first.metadata(), time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ one call
+
+    def run(self, theta_flat: np.ndarray, opt_state, limit: int | None = None) -> CallResult:
+        """K meta-steps from (theta, opt_state); steps at index >= ``limit`` do nothing."""
+        start = time.perf_counter()
+        batch = self._next if self._next is not None else self.sample()
+        self._next = None
+        program = self.program(batch.arch)
+        _, compile_s = program.compiled(theta_flat, opt_state, batch.data)
+        self.compile_s += compile_s
+        self._shapes.add((batch.arch.activation, tuple(batch.arch.sizes),
+                          PopulationProgram.signature(batch.data)))
+        dispatched = time.perf_counter()
+        theta, opt_state, stats = program(theta_flat, opt_state, batch.data, limit)
+        # The device computes; build the next call's tasks meanwhile.
+        self._next = self.sample()
+        theta = np.asarray(jax.block_until_ready(theta))
+        done = time.perf_counter()
+        self.calls += 1
+        stats = jax.tree.map(np.asarray, stats)
+        return CallResult(theta, opt_state, stats, batch.dataset, batch.seeds, batch.metadata,
+                          {"build_s": batch.build_s, "next_build_s": self._next.build_s,
+                           "program_s": done - dispatched, "total_s": done - start,
+                           "compile_s": compile_s, "new_shape": float(compile_s > 0),
+                           "shapes": len(self._shapes)})
+
+
+
+
+class PopulationTransport(InProcessTransport):
+    """The training loop's transport for ``--runner population``: the learner as in
+    ``--runner local``, and one ``PopulationEngine`` in place of workers. An order runs
+    one program call (K updates, fewer at the run's last step) and the learner absorbs
+    it; the loop fetches the rows between its last row and the reply's."""
+
+    def __init__(self, config: TrainConfig, run: RunDir, mix: MixConfig | None = None):
+        super().__init__(config, run, mix)
+        self.engine: PopulationEngine | None = None
+        self.calls: list[dict] = []  # each call's timings (the bench reads them)
+
+    def start_workers(self, seeds) -> int:
+        self.engine = PopulationEngine(self.config, seeds[0], mix=self.mix)
+        return 1
+
+    def collect(self, timeout_s: float) -> list[WorkerResult]:
+        if not self.queue:
+            return []
+        index, _ = self.queue.popleft()
+        host = self.host
+        if host is None:
+            return [WorkerResult(index, reply=LearnerReply(generation="", step=-1,
+                                                           version=-1, learner_lost=True))]
+        learner = host.learner
+        try:
+            call = self.engine.run(learner.theta, learner.opt_state, host.update_limit())
+        except Exception as err:  # noqa: BLE001 - a failed call is reported, not fatal
+            lines = traceback.format_exception_only(type(err), err)
+            return [WorkerResult(index, error=lines[-1].strip()[:300])]
+        self.calls.append(dict(call.timings))
+        return [WorkerResult(index, reply=host.absorb(call.theta, call.opt_state,
+                                                      call.stats, call.dataset))]
+
+    def reseed(self, index: int, seed: int) -> None:
+        self.engine.reseed(seed)
+
+
+def train_population(config: TrainConfig, run_dir, *, resume: bool = False,
+                     mix: MixConfig | None = None, callbacks=()) -> RunSummary:
+    """Run ``config`` with the population engine in this process (``--runner population``)."""
+    if config.unroll.estimator != "es_full":
+        raise ConfigError(f"--runner population runs unroll.estimator 'es_full'; the config "
+                          f"has {config.unroll.estimator!r}: use --runner local or ray")
+    if config.worker.num_workers > 1:
+        raise ConfigError(f"--runner population is one process (its program vectorises "
+                          f"the tasks); worker.num_workers must be 0 or 1, got "
+                          f"{config.worker.num_workers}")
+    mix = mix if mix is not None else resolve_mix(config.tasks)  # before the folder exists
+    run = RunDir(run_dir)
+    run.create(config)
+    callbacks = list(callbacks)
+    if config.evaluator.enabled:
+        callbacks.insert(0, InlineContinuousEvaluation(config))
+    loop = TrainingLoop(config, run, PopulationTransport(config, run, mix), resume=resume,
+                        num_workers=1, callbacks=callbacks)
+    return loop.run()
+
+
+__all__ = ["CallResult", "PopulationBatch", "PopulationEngine", "PopulationTransport",
+           "task_run_data", "train_population"]

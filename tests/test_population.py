@@ -1,0 +1,211 @@
+"""The population engine (metalearn.core.population, metalearn.training.population):
+K meta-steps of es_full with the optax update in one program, against FullHorizonES
+and the Learner step by step, and the runner on real tasks."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metalearn.core.config import ConfigError, HorizonConfig, UnrollConfig
+from metalearn.core.full_horizon import FullHorizonES, HorizonData, evaluation_points
+from metalearn.core.population import PopulationData, PopulationProgram
+from metalearn.training.config import LearnerConfig, CurriculumConfig
+from metalearn.training.learner import Learner, make_optimizer
+from metalearn.training.messages import Submission
+from metalearn.training.metrics import read_metrics
+from test_full_horizon import LAM, N, PHI0, THETA, Linear, Target
+from train_helpers import tiny_config
+
+STEPS, POINTS, PAIRS, SIGMA = 12, 3, 4, 0.1
+AT = evaluation_points(STEPS, POINTS)
+
+
+def program(shaping="none", fitness="mean", learner=LearnerConfig(meta_batch=2),
+            trainable=None):
+    unroll = UnrollConfig(estimator="es_full", pairs=PAIRS, perturbation_std=SIGMA)
+    horizon = HorizonConfig(steps=STEPS, points=POINTS, shaping=shaping, fitness=fitness)
+    return PopulationProgram(Linear(), THETA, unroll, horizon, make_optimizer(learner), AT,
+                             trainable=trainable)
+
+
+def population_data(k, m, seed=0):
+    """[K, M] tasks of the linear system: their own targets, phi_0 and keys."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(k, m, len(AT), N)).astype(np.float32)
+    phi0 = np.broadcast_to(np.asarray(PHI0), (k, m, N)) + 0.1 * rng.normal(size=(k, m, N))
+    keys = rng.integers(0, 2 ** 32, size=(k, m, 2), dtype=np.uint32)
+    return PopulationData(phi0.astype(np.float32), np.zeros((k, m, STEPS, 1, N), np.float32),
+                          Target(c), keys)
+
+
+def task(data, k, m):
+    return (data.phi0[k, m], data.inner_x[k, m], Target(data.pairs.c[k, m]), data.keys[k, m])
+
+
+def eps_of(prog, key):
+    """The program's perturbations for one task's key, as numpy [PAIRS, P]."""
+    z = jax.random.normal(jnp.asarray(key), (PAIRS, prog.layout.theta_size), jnp.float32)
+    return np.asarray(SIGMA * z * prog.layout.mask, np.float32)
+
+
+@pytest.mark.parametrize("shaping,fitness", [("none", "mean"), ("normalize", "final"),
+                                             ("ranks", "mean")])
+def test_one_task_estimate_equals_full_horizon_es_with_the_same_perturbations(shaping,
+                                                                             fitness):
+    prog = program(shaping, fitness)
+    data = population_data(1, 1, seed=3)
+    phi0, inner, pairs, key = task(data, 0, 0)
+    flat = jnp.concatenate([THETA["a"]])
+    grad, fit, start, finite, metrics = jax.jit(prog.task_estimate)(flat, phi0, inner,
+                                                                     pairs, key)
+    reference = FullHorizonES(Linear(), THETA, prog.layout.unroll,
+                              HorizonConfig(steps=STEPS, points=POINTS, shaping=shaping,
+                                            fitness=fitness, population="vmap"))
+    reference.perturbations = lambda seed, guide=None: eps_of(prog, key)
+    estimate, _ = reference(THETA, jnp.asarray(phi0), HorizonData(inner, pairs, AT), 0)
+    np.testing.assert_allclose(np.asarray(grad), estimate.grad, rtol=2e-5, atol=1e-6)
+    assert np.abs(estimate.grad).max() > 1e-3  # a real signal, not zeros on both sides
+    assert bool(finite) and estimate.finite
+    np.testing.assert_allclose(float(fit), np.mean(estimate.fitness), rtol=1e-5)
+    np.testing.assert_allclose(float(start), estimate.loss_start, rtol=1e-5)
+    for name, value in estimate.metrics.items():
+        np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-4)
+
+
+def test_k_meta_steps_equal_the_learner_step_by_step():
+    k, m = 3, 2
+    config = LearnerConfig(meta_batch=m, lr_values=(0.05,), lr_boundaries=(), clip_norm=1.0)
+    prog = program(learner=config)
+    data = population_data(k, m, seed=1)
+    flat = np.asarray(THETA["a"], np.float32)
+    learner = Learner(flat, config, CurriculumConfig())
+    estimate = jax.jit(prog.task_estimate)
+    rows = []
+    for step in range(k):
+        for j in range(m):
+            grad, fit, start, finite, _ = estimate(jnp.asarray(learner.theta),
+                                                   *task(data, step, j))
+            row = learner.submit(Submission(grad=np.asarray(grad), version=learner.version,
+                                            generation=learner.generation, loss=float(fit),
+                                            loss_start=float(start)))
+        rows.append(row)
+    fresh = Learner(flat, config, CurriculumConfig())
+    theta, opt_state, stats = prog(jnp.asarray(flat), fresh.opt_state, data)
+    np.testing.assert_allclose(np.asarray(theta), learner.theta, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(learner.theta, flat)
+    assert stats.applied.tolist() == [True] * k and stats.count.tolist() == [m] * k
+    absorbed = fresh.absorb(np.asarray(theta), opt_state, jax.tree.map(np.asarray, stats),
+                            "linear")
+    assert [r["step"] for r in absorbed] == [1, 2, 3] and fresh.step == 3
+    for ours, theirs in zip(absorbed, rows):
+        for column in ("meta_loss", "meta_loss_rolling", "loss_vs_start_rolling", "grad_norm",
+                       "update_norm", "theta_norm", "lr", "received", "grad_var"):
+            np.testing.assert_allclose(ours[column], theirs[column], rtol=1e-4, atol=1e-7,
+                                       err_msg=column)
+    np.testing.assert_allclose(fresh.theta, learner.theta, rtol=1e-5, atol=1e-7)
+    # The optimiser state carries over: a second call continues Adam's moments.
+    np.testing.assert_equal(int(jax.tree.leaves(opt_state)[0]), k)
+
+
+def test_limit_and_a_nonfinite_task_leave_theta_as_the_learner_would():
+    k, m = 3, 3
+    prog = program(learner=LearnerConfig(meta_batch=m))
+    data = population_data(k, m, seed=2)
+    c = np.array(data.pairs.c)
+    c[0, 1] = np.nan  # step 0: one task of three is not finite
+    c[1, :] = np.nan  # step 1: none is: no update
+    data = data._replace(pairs=Target(c))
+    flat = jnp.asarray(THETA["a"])
+    opt_state = make_optimizer(LearnerConfig(meta_batch=m)).init(flat)
+    theta, _, stats = prog(flat, opt_state, data, limit=2)
+    assert stats.applied.tolist() == [True, False, False]  # step 2: past the limit
+    assert stats.count.tolist()[:2] == [2, 0]
+    assert stats.task_finite[0].tolist() == [True, False, True]
+    np.testing.assert_array_equal(np.asarray(stats.theta[1]), np.asarray(stats.theta[0]))
+    np.testing.assert_array_equal(np.asarray(theta), np.asarray(stats.theta[0]))
+    assert np.isfinite(np.asarray(theta)).all() and not np.allclose(theta, flat)
+    learner = Learner(np.asarray(flat), LearnerConfig(meta_batch=m), CurriculumConfig())
+    rows = learner.absorb(np.asarray(theta), _, jax.tree.map(np.asarray, stats), "linear")
+    assert [r["step"] for r in rows] == [1]
+    # Every task of the two steps within the limit was received; 1 + 3 were not finite.
+    assert learner.counters["received"] == 2 * m and learner.counters["dropped_nonfinite"] == 4
+
+
+def test_the_program_refuses_a_truncation_estimator_and_mismatched_runs():
+    with pytest.raises(ConfigError, match="es_full"):
+        PopulationProgram(Linear(), THETA, UnrollConfig(estimator="truncated"),
+                          HorizonConfig(steps=STEPS, points=POINTS),
+                          make_optimizer(LearnerConfig()), AT)
+    prog = program()
+    data = population_data(1, 1)
+    short = data._replace(inner_x=data.inner_x[:, :, :5])
+    with pytest.raises(ConfigError, match="last evaluation point is 12"):
+        prog(jnp.asarray(THETA["a"]), make_optimizer(LearnerConfig()).init(THETA["a"]), short)
+
+
+def population_config(tmp_path, **run):
+    return tiny_config(tmp_path, unroll={"estimator": "es_full", "pairs": 2,
+                                         "perturbation_std": 0.3},
+                       horizon={"steps": 6, "points": 2, "inner_lr": 0.03},
+                       learner={"trainable": ["merge_w"], "meta_batch": 2,
+                                "checkpoint_minutes": 10.0},
+                       worker={"num_workers": 0, "batch_size": 8, "meta_steps": 2},
+                       run={"minutes": 5.0, **run})
+
+
+def test_population_runner_trains_resumes_and_writes_the_learner_columns(tmp_path):
+    from metalearn.training.export import load_theta
+    from metalearn.training.population import train_population
+    from metalearn.training.run_dir import RunDir
+
+    run_dir = tmp_path / "run"
+    summary = train_population(population_config(tmp_path, steps=3), run_dir)
+    assert (summary.start_step, summary.final_step) == (0, 3)  # 2 + 1: the limit holds
+    rows = read_metrics(str(run_dir)).to_pylist()
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["received"] for r in rows] == [2, 4, 6]
+    for row in rows:
+        assert math.isfinite(row["meta_loss"]) and row["grad_norm"] > 0
+        assert row["staleness_max"] == 0 and math.isfinite(row["est/fitness_mean"])
+        assert row["wall_s"] > 0 and math.isfinite(row["theta/merge_w/bias"])
+    assert len({r["theta/merge_w/bias"] for r in rows}) == 3  # theta moved every step
+    assert RunDir(run_dir).checkpoint_steps()[-1] == 3
+    assert load_theta(str(run_dir))[2] == 3
+    resumed = train_population(population_config(tmp_path, steps=5), run_dir, resume=True)
+    assert (resumed.start_step, resumed.final_step) == (3, 5)
+    assert [r["step"] for r in read_metrics(str(run_dir)).to_pylist()] == [1, 2, 3, 4, 5]
+
+
+def test_population_runner_refuses_what_it_cannot_run(tmp_path):
+    from metalearn.training.population import train_population
+
+    config = tiny_config(tmp_path)  # truncated backprop
+    with pytest.raises(ConfigError, match="es_full"):
+        train_population(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="num_workers"):
+        train_population(population_config(tmp_path).__class__(
+            **{**population_config(tmp_path).__dict__,
+               "worker": population_config(tmp_path).worker.__class__(
+                   **{**population_config(tmp_path).worker.__dict__, "num_workers": 2})}),
+            tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_runner_population_then_export(tmp_path):
+    from metalearn.cli import main
+    from metalearn.training.config import config_to_yaml
+    from metalearn.training.run_dir import RunDir
+
+    path = tmp_path / "pop.yaml"
+    path.write_text(config_to_yaml(population_config(tmp_path, steps=2)))
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run"),
+                 "--runner", "population"]) == 0
+    assert [r["step"] for r in read_metrics(str(tmp_path / "run")).to_pylist()] == [1, 2]
+    assert RunDir(tmp_path / "run").read_config().run.runner == "population"
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
