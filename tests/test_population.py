@@ -209,3 +209,68 @@ def test_cli_runner_population_then_export(tmp_path):
     assert [r["step"] for r in read_metrics(str(tmp_path / "run")).to_pylist()] == [1, 2]
     assert RunDir(tmp_path / "run").read_config().run.runner == "population"
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
+
+
+def test_population_worker_submits_one_mean_of_its_tasks(tmp_path):
+    from metalearn.core.theta import theta_spec
+    from metalearn.training.config import trainable_mask
+    from metalearn.training.export import run_start_theta
+    from metalearn.training.worker import Worker
+
+    config = population_config(tmp_path)
+    config = config.__class__(**{**config.__dict__, "worker": config.worker.__class__(
+        **{**config.worker.__dict__, "tasks_per_worker": 3})})
+    worker = Worker(config, 0, 11)
+    assert worker.population is not None
+    spec = theta_spec(config.rule)
+    flat = spec.ravel(run_start_theta(config))
+    learner = Learner(flat, LearnerConfig(meta_batch=3, trainable=("merge_w",)),
+                      CurriculumConfig())
+    worker.set_theta(learner.generation, 0, flat)
+    first = worker.run_truncation(None)
+    assert first.count == 3 and first.nonfinite_tasks == 0 and first.finite
+    assert len(first.metadata["task_seeds"]) == 3 and first.num_steps == 6
+    trainable = trainable_mask(config.rule, config.learner)
+    grad = np.asarray(first.grad)
+    assert np.abs(grad[trainable]).max() > 0 and not grad[~trainable].any()
+    assert first.timings["new_shape"] == 1.0 and first.timings["compile_s"] > 0
+    second = worker.run_truncation(None)  # new tasks from the same stream: another estimate
+    assert second.metadata["task_seeds"] != first.metadata["task_seeds"]
+    assert not np.allclose(second.grad, first.grad)
+    # The learner counts a submission of 3 task gradients three times toward its batch.
+    assert learner.submit(first) is not None and learner.step == 1
+    # A worker reseeded to the same stream draws the same tasks again.
+    again = Worker(config, 0, 11)
+    again.set_theta("g", 0, flat)
+    np.testing.assert_allclose(again.run_truncation(None).grad, first.grad, rtol=1e-5,
+                               atol=1e-8)
+
+
+def test_population_workers_train_in_the_local_runner(tmp_path):
+    from metalearn.training.local import train_local
+
+    config = population_config(tmp_path, steps=2)
+    config = config.__class__(**{**config.__dict__, "worker": config.worker.__class__(
+        **{**config.worker.__dict__, "tasks_per_worker": 2, "num_workers": 1})})
+    summary = train_local(config, tmp_path / "run")
+    assert summary.final_step == 2
+    rows = read_metrics(str(tmp_path / "run")).to_pylist()
+    assert [r["received"] for r in rows] == [2, 4]
+
+
+def test_population_runner_measures_the_start_before_its_first_call(tmp_path):
+    from metalearn.training.population import train_population
+
+    config = population_config(tmp_path, steps=4)
+    config = config.__class__(**{**config.__dict__, "evaluator": config.evaluator.__class__(
+        **{**config.evaluator.__dict__, "enabled": True, "every": 100, "long_every": 2,
+           "datasets": ("two_moons",), "width": 8, "depth": 1, "steps": 2, "seeds": 1,
+           "long_seeds": 1, "batch_size": 16, "test_size": 40, "horizons": (2, 3),
+           "select_from": 2})})
+    train_population(config, tmp_path / "run")
+    rows = read_metrics(str(tmp_path / "run")).to_pylist()
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    # The start (step 0) is measured although the first call makes two updates at once;
+    # then every call's end (2 updates, long_every 2).
+    long = [r["step"] for r in rows if r.get("eval/two_moons/accuracy@3") is not None]
+    assert long == [0, 2, 4]

@@ -43,7 +43,26 @@ def test_base_chain_relative_mix_and_loops(tmp_path):
 
 def test_unknown_names_and_keys_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no packaged config named 'locl'; "
-                                                "packaged: local, paper, smoke"):
+                                                "packaged: gpu, local, paper, smoke"):
         load_config("locl")
     with pytest.raises(ConfigError, match="unknown config key learner.meta_bach"):
         load_config("local", ["learner.meta_bach=3"])
+
+
+def test_gpu_config_is_the_local_science_sized_for_population_workers():
+    from metalearn.distributed.actors import thread_env
+    from metalearn.distributed.driver import default_worker_count
+
+    gpu, local = load_config("gpu"), load_config("local")
+    assert "gpu" in packaged_names()
+    assert gpu.unroll.estimator == "es_full" and gpu.worker.tasks_per_worker == 16
+    assert gpu.worker.gpus_per_worker == 1.0 and gpu.worker.num_workers == 0
+    assert (gpu.evaluator, gpu.learner.trainable) == (local.evaluator, local.learner.trainable)
+    # One worker per GPU of the cluster (not per CPU), preallocation off in its env.
+    assert default_worker_count({"CPU": 64.0, "GPU": 4.0}, gpu.worker) == 4
+    assert default_worker_count({"CPU": 64.0, "GPU": 4.0}, local.worker) == 64
+    assert default_worker_count({"CPU": 64.0}, gpu.worker) == 1
+    assert thread_env(2, 1.0)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in thread_env(1)
+    with pytest.raises(ConfigError, match="guided_es"):
+        load_config("gpu", ["unroll.estimator=guided_es"])

@@ -6,8 +6,9 @@
                                                                  gradient per estimator
                                                                  (metalearn.core.bench)
     metalearn bench population [--json] [--pairs K] [--steps T]  a full-horizon ES task's
-                                                                 population, looped vs
-                                                                 vmapped (metalearn.core.bench)
+                                                                 population: looped, vmapped,
+                                                                 and the population engine
+                                                                 (metalearn.core.bench)
     metalearn bench tasks [--mix FILE] [--json]                  data side of a truncation
                                                                  (tasks.bench)
     metalearn bench learner [--json]                             gradients/s one learner
@@ -68,12 +69,17 @@ def add_parser(subparsers) -> None:
     est.set_defaults(func=run_estimators)
 
     pop = benches.add_parser("population", help="one full-horizon ES task: its population "
-                             "stepped member by member vs vmapped, in one run")
+                             "stepped member by member, vmapped, and in the population "
+                             "engine's program, in one run")
     pop.add_argument("--json", action="store_true", help="last line: one JSON object")
     pop.add_argument("--pairs", type=int, default=2, help="antithetic pairs (default 2)")
     pop.add_argument("--steps", type=int, default=20, help="inner steps (default 20)")
     pop.add_argument("--batch", type=int, default=128, help="inner batch (default 128)")
     pop.add_argument("--repeats", type=int, default=2)
+    pop.add_argument("--meta-steps", type=int, default=2,
+                     help="the engine's learner updates per call (default 2)")
+    pop.add_argument("--tasks", type=int, default=2,
+                     help="the engine's tasks per update (default 2)")
     pop.set_defaults(func=run_population)
 
     p = benches.add_parser("tasks", help="task draw + inner batch + labelled pair, "
@@ -202,12 +208,14 @@ def format_estimators(r: dict) -> str:
 # population
 
 def run_population(args) -> int:
-    for name in ("pairs", "steps", "batch", "repeats"):
+    for name in ("pairs", "steps", "batch", "repeats", "meta_steps", "tasks"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"metalearn bench population: --{name} must be >= 1")
+            raise SystemExit(f"metalearn bench population: --{name.replace('_', '-')} "
+                             f"must be >= 1")
     _log(f"timing one full-horizon task ({2 * args.pairs} members x {args.steps} steps) ...")
     report = measure_population(pairs=args.pairs, steps=args.steps, batch=args.batch,
-                                repeats=args.repeats, log=_log)
+                                repeats=args.repeats, meta_steps=args.meta_steps,
+                                tasks=args.tasks, log=_log)
     return _finish(args, format_population(report), report)
 
 
@@ -218,7 +226,11 @@ def format_population(r: dict) -> str:
     for name, v in r["modes"].items():
         lines.append(f"{name:6s} {v['seconds']:8.2f} {v['ms_per_member_step']:15.1f} "
                      f"{v['over_loop']:7.2f} {v['compile_s']:9.1f}")
-    lines.append(f"fitness agrees across modes within {r['max_fitness_difference']:.2e}")
+    lines.append(f"loop and vmap fitnesses agree within {r['max_fitness_difference']:.2e}")
+    program = r["modes"]["program"]
+    lines.append(f"population engine: {program['tasks_per_call']} tasks per call, "
+                 f"{r['program_tasks_per_s_over_loop']:.2f}x the tasks/s of the member loop "
+                 f"(a CPU worker) in this process")
     return "\n".join(lines)
 
 

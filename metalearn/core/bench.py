@@ -29,6 +29,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import Architecture, init_params
@@ -36,6 +38,7 @@ from metalearn.core.config import HorizonConfig, MetaObjectiveConfig, RuleConfig
 from metalearn.core.estimators import make_estimator, masked_scan
 from metalearn.core.full_horizon import FullHorizonES, HorizonData, evaluation_points
 from metalearn.core.meta_objective import LabelledPair, make_targets
+from metalearn.core.population import PopulationData, PopulationProgram
 from metalearn.core.theta import theta_spec
 from metalearn.core.rule_layers import matmul_convs
 from metalearn.core.unroll import Problem, TruncationBatch, make_meta_gradient, timed
@@ -393,13 +396,17 @@ def step_flops(problem: Problem, theta, params, data: TruncationBatch) -> tuple[
 def measure_population(*, pairs: int = 2, steps: int = 20, batch: int = 128,
                        base_model: tuple[int, ...] = (196, 128, 128, 32),
                        rule: RuleConfig | None = None, repeats: int = 2,
+                       meta_steps: int = 2, tasks: int = 2,
                        log: Callable[[str], None] = lambda message: None) -> dict:
     """The ``metalearn bench population`` report: one full-horizon ES task (``es_full``,
     2K members trained ``steps`` inner steps on the same data, merge weights trainable)
-    with the population stepped member by member (``loop``) and in one vmapped call
-    (``vmap``), in one process. Per mode: seconds per task (median of ``repeats`` after
-    a warm-up), milliseconds per member-step, and the ratio to ``loop``; the two modes'
-    fitnesses must agree (``max_fitness_difference``)."""
+    with the population stepped member by member (``loop``: what a worker does on CPU),
+    in one vmapped call per step (``vmap``), and in the population engine's compiled
+    program (``program``: ``meta_steps`` learner updates of ``tasks`` tasks per call,
+    whole runs and the update inside), in one process. Per mode: seconds per task
+    (median of ``repeats`` after a warm-up), milliseconds per member-step, the ratio to
+    ``loop`` and compile seconds; loop and vmap's fitnesses must agree
+    (``max_fitness_difference``)."""
     rule = rule or RuleConfig.small(inner_lr=3e-2)
     objective = MetaObjectiveConfig()
     arch = Architecture(tuple(base_model), "relu")
@@ -433,7 +440,33 @@ def measure_population(*, pairs: int = 2, steps: int = 20, batch: int = 128,
         fitness[mode] = estimate.fitness
         report["modes"][mode] = {"seconds": seconds, "compile_s": max(first - seconds, 0.0),
                                  "ms_per_member_step": 1e3 * seconds / (2 * pairs * steps)}
+    # The population engine: K meta-steps of M tasks (this task's data for each) with an
+    # optax update inside one compiled program; seconds per task = per call / (K M).
+    k, m = meta_steps, tasks
+    log(f"  program ({k} meta-steps x {m} tasks per call) ...")
+    program = PopulationProgram(Problem(arch.activation, rule, objective), theta,
+                                UnrollConfig(estimator="es_full", pairs=pairs,
+                                             perturbation_std=0.3),
+                                HorizonConfig(steps=steps, points=2), optax.adam(1e-3), at,
+                                trainable=trainable)
+
+    def tile(a):
+        a = jnp.asarray(a)
+        return jnp.broadcast_to(a, (k, m) + a.shape)
+
+    keys = np.random.default_rng(0).integers(0, 2 ** 32, size=(k, m, 2), dtype=np.uint32)
+    population = PopulationData(jax.tree.map(tile, params), tile(inner),
+                                jax.tree.map(tile, horizon_data.pairs), keys)
+    flat = ravel_pytree(theta)[0]
+    opt_state = optax.adam(1e-3).init(flat)
+    _, compile_s = program.compiled(flat, opt_state, population)
+    seconds, _ = timed(lambda: program(flat, opt_state, population), repeats=repeats)
+    report["modes"]["program"] = {"seconds": seconds / (k * m), "compile_s": compile_s,
+                                  "ms_per_member_step": 1e3 * seconds / (k * m * 2 * pairs
+                                                                         * steps),
+                                  "tasks_per_call": k * m}
     for entry in report["modes"].values():
         entry["over_loop"] = entry["seconds"] / report["modes"]["loop"]["seconds"]
     report["max_fitness_difference"] = float(abs(fitness["loop"] - fitness["vmap"]).max())
+    report["program_tasks_per_s_over_loop"] = 1.0 / report["modes"]["program"]["over_loop"]
     return report

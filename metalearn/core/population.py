@@ -65,6 +65,20 @@ class PopulationData(NamedTuple):
     keys: Any
 
 
+class MetaBatch(NamedTuple):
+    """M tasks' mean estimate. grad: [P] mean over the finite tasks, times ``keep``;
+    count: finite tasks; loss, loss_start: their means; task_finite: [M]; sq_sum: sum
+    over the finite tasks of |g_m * keep|^2; metrics: {name: mean}."""
+
+    grad: Any
+    count: Any
+    loss: Any
+    loss_start: Any
+    task_finite: Any
+    sq_sum: Any
+    metrics: dict
+
+
 class StepStats(NamedTuple):
     """What each of the K meta-steps did (leading axis [K]).
 
@@ -199,41 +213,46 @@ class PopulationProgram:
                    "pair_var": pair_var}
         return grad, jnp.mean(fitness), loss_start, finite, metrics
 
+    # ------------------------------------------------------------------ M tasks
+
+    def meta_batch(self, theta, phi0, inner_x, pairs, keys) -> MetaBatch:
+        """M tasks' estimates (leading [M] axis on every argument but theta) and their mean
+        over the finite ones: one meta-batch, without the update."""
+        keep = jnp.asarray(self.keep)
+        grads, losses, starts, finite, metrics = jax.vmap(
+            self.task_estimate, in_axes=(None, 0, 0, 0, 0))(theta, phi0, inner_x, pairs, keys)
+        weight = finite.astype(theta.dtype)  # [M]
+        count = jnp.sum(weight)
+        safe = jnp.maximum(count, 1.0)
+
+        def mean(values):  # over the finite tasks (non-finite ones never enter)
+            shape = (-1,) + (1,) * (values.ndim - 1)
+            values = jnp.where(finite.reshape(shape), values, 0.0)
+            return jnp.sum(values * weight.reshape(shape), axis=0) / safe
+
+        trained = jnp.where(finite[:, None], grads, 0.0) * keep
+        return MetaBatch(mean(grads) * keep, count.astype(jnp.int32), mean(losses),
+                         mean(starts), finite, jnp.sum(weight * jnp.sum(trained * trained, 1)),
+                         {name: mean(v) for name, v in metrics.items()})
+
     # ------------------------------------------------------------------ K meta-steps
 
     def _meta_steps(self, theta, opt_state, data: PopulationData, limit):
-        keep = jnp.asarray(self.keep)
-        estimate = jax.vmap(self.task_estimate, in_axes=(None, 0, 0, 0, 0))
-
         def meta_step(carry, xs):
             theta, opt_state = carry
             index, phi0, inner_x, pairs, keys = xs
-            grads, losses, starts, finite, metrics = estimate(theta, phi0, inner_x, pairs,
-                                                              keys)
-            weight = finite.astype(theta.dtype)  # [M]
-            count = jnp.sum(weight)
-            safe = jnp.maximum(count, 1.0)
-
-            def mean(values):  # over the finite tasks (non-finite ones never enter)
-                values = jnp.where(finite.reshape((-1,) + (1,) * (values.ndim - 1)),
-                                   values, 0.0)
-                return jnp.sum(values * weight.reshape((-1,) + (1,) * (values.ndim - 1)),
-                               axis=0) / safe
-
-            grad = mean(grads) * keep
-            trained = jnp.where(finite[:, None], grads, 0.0) * keep
-            sq_sum = jnp.sum(weight * jnp.sum(trained * trained, axis=1))
-            updates, new_opt = self.optimizer.update(grad, opt_state, theta)
+            batch = self.meta_batch(theta, phi0, inner_x, pairs, keys)
+            updates, new_opt = self.optimizer.update(batch.grad, opt_state, theta)
             ran = index < limit
-            apply = (count > 0) & ran
+            apply = (batch.count > 0) & ran
             new_theta = optax.apply_updates(theta, updates)
             theta = jnp.where(apply, new_theta, theta)
             opt_state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_opt,
                                      opt_state)
-            stats = StepStats(ran, apply, count.astype(jnp.int32), mean(losses), mean(starts),
-                              finite, optax.tree.norm(grad),
+            stats = StepStats(ran, apply, batch.count, batch.loss, batch.loss_start,
+                              batch.task_finite, optax.tree.norm(batch.grad),
                               jnp.where(apply, optax.tree.norm(updates), 0.0), theta,
-                              sq_sum, {name: mean(v) for name, v in metrics.items()})
+                              batch.sq_sum, batch.metrics)
             return (theta, opt_state), stats
 
         steps = jnp.arange(data.inner_x.shape[0])
@@ -241,6 +260,15 @@ class PopulationProgram:
             meta_step, (theta, opt_state),
             (steps, data.phi0, data.inner_x, data.pairs, data.keys))
         return theta, opt_state, stats
+
+    def estimate(self, theta, data: PopulationData) -> MetaBatch:
+        """One meta-batch's mean estimate, no update (a Ray population worker's
+        submission): ``data`` with a leading [M] axis only (no K)."""
+        key = ("estimate",) + self.signature(data)
+        program = self._compiled.get(key)
+        if program is None:
+            program = self._compiled[key] = jax.jit(self.meta_batch)
+        return program(jnp.asarray(theta), data.phi0, data.inner_x, data.pairs, data.keys)
 
     @staticmethod
     def signature(data: PopulationData) -> tuple:
@@ -275,4 +303,4 @@ class PopulationProgram:
                                    jnp.asarray(0, jnp.int32))
 
 
-__all__ = ["PopulationData", "PopulationProgram", "StepStats", "segments", "shape_fitness_jnp"]
+__all__ = ["MetaBatch", "PopulationData", "PopulationProgram", "StepStats", "segments", "shape_fitness_jnp"]

@@ -27,12 +27,16 @@ LOCK_DIR = os.path.join(tempfile.gettempdir(), "metalearn-cpu-locks")
 _held_locks: list = []  # keep lock files open for the life of the process
 
 
-def thread_env(cpus: int) -> dict[str, str]:
-    """Env vars that bound a worker's BLAS/OpenMP/XLA threads to its CPU allotment."""
+def thread_env(cpus: int, gpus: float = 0.0) -> dict[str, str]:
+    """Env vars that bound a worker's BLAS/OpenMP/XLA threads to its CPU allotment; with
+    a GPU share, JAX allocates device memory as it needs it rather than 75% up front (so
+    workers sharing a device, and the evaluator, fit)."""
     env = {name: str(cpus) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                          "OPENBLAS_NUM_THREADS")}
     if cpus == 1:
         env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
+    if gpus > 0:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
 

@@ -54,6 +54,15 @@ def _cause(err: Exception) -> str:
     return lines[-1][:500] if lines else type(err).__name__
 
 
+def default_worker_count(resources: dict, worker) -> int:
+    """Workers for ``worker.num_workers: 0``: one per ``gpus_per_worker`` of the cluster's
+    GPUs when workers take GPUs (a population worker per device), else one per
+    ``cpus_per_worker`` of its CPUs."""
+    if worker.gpus_per_worker > 0:
+        return max(1, int(float(resources.get("GPU", 0)) // worker.gpus_per_worker))
+    return max(1, int(resources.get("CPU", 1)) // worker.cpus_per_worker)
+
+
 class RayTransport(Transport):
     """Learner and workers as Ray actors (see the module docstring)."""
 
@@ -114,8 +123,7 @@ class RayTransport(Transport):
     # -- the workers
 
     def default_worker_count(self) -> int:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        return max(1, cpus // self.config.worker.cpus_per_worker)
+        return default_worker_count(ray.cluster_resources(), self.config.worker)
 
     def start_workers(self, seeds: Sequence[int]) -> int:
         w = self.config.worker
@@ -125,7 +133,8 @@ class RayTransport(Transport):
                   else {"scheduling_strategy": "SPREAD"})
         workers = [WorkerActor.options(
             num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker,
-            runtime_env={"env_vars": thread_env(w.cpus_per_worker)}, **spread,
+            runtime_env={"env_vars": thread_env(w.cpus_per_worker, w.gpus_per_worker)},
+            **spread,
         ).remote(self.config_dict, self.mix_dict, i, seed, w.cpus_per_worker)
             for i, seed in enumerate(seeds)]
         failed = self._failed_to_start(workers)
@@ -375,4 +384,5 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             ray.shutdown()
 
 
-__all__ = ["RayTransport", "init_ray", "local_system_config", "ray_loop", "train"]
+__all__ = ["RayTransport", "default_worker_count", "init_ray", "local_system_config", "ray_loop",
+           "train"]

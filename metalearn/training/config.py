@@ -254,11 +254,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.learner.frozen or self.learner.trainable:
             trainable_mask(self.rule, self.learner)  # selectors must name theta entries
-        if self.unroll.estimator in ("es_full", "guided_es") and self.worker.tasks_per_worker > 1:
+        if self.unroll.estimator == "guided_es" and self.worker.tasks_per_worker > 1:
             raise ConfigError(f"worker.tasks_per_worker must be 1 with unroll.estimator "
-                              f"{self.unroll.estimator} (its {2 * self.unroll.pairs} "
-                              f"population members are what the worker vmaps), got "
-                              f"{self.worker.tasks_per_worker}")
+                              f"guided_es (its surrogate subspace is per worker), got "
+                              f"{self.worker.tasks_per_worker}; es_full takes T > 1 (a "
+                              f"population worker)")
 
 
 def trainable_mask(rule, learner: LearnerConfig) -> np.ndarray | None:

@@ -144,11 +144,16 @@ class InlineContinuousEvaluation(Callback):
         self.evaluator = None
 
     def on_start(self, loop: TrainingLoop) -> None:
-        self.schedule.start(loop.start_step, measure_now=not loop.best.known)
+        measure_now = not loop.best.known
+        self.schedule.start(loop.start_step, measure_now=measure_now)
         try:
             self.evaluator = ContinuousEvaluator(self.config, self.rule, self.objective)
         except Exception as err:  # noqa: BLE001 - evaluation is optional
             self._off(err)
+        if measure_now:
+            # The start, before any order: the population runner's first order already
+            # makes several updates, so the first tick would come too late for it.
+            self._evaluate(loop, final=False)
 
     def _evaluate(self, loop: TrainingLoop, final: bool) -> None:
         if self.evaluator is None:

@@ -85,14 +85,16 @@ class PopulationEngine:
     """K meta-steps of ``es_full`` per call over M tasks each, from a seeded task stream."""
 
     def __init__(self, config: TrainConfig, stream_seed: int, *, mix: MixConfig | None = None,
-                 sampler: Any = None):
+                 sampler: Any = None, index: int = 0, meta_steps: int | None = None,
+                 tasks_per_step: int | None = None):
         if config.unroll.estimator != "es_full":
             raise ConfigError(f"--runner population runs unroll.estimator 'es_full' (the "
                               f"local default); got {config.unroll.estimator!r}: use "
                               f"--runner local or ray for it")
         self.config = config
-        self.meta_steps = int(config.worker.meta_steps)
-        self.tasks_per_step = int(config.learner.meta_batch)
+        self.meta_steps = int(meta_steps or config.worker.meta_steps)
+        self.tasks_per_step = int(tasks_per_step or config.learner.meta_batch)
+        self.index = int(index)
         if sampler is None:
             sampler = TaskSampler(mix if mix is not None else resolve_mix(config.tasks),
                                   data_dir=config.tasks.data_dir)
@@ -120,7 +122,8 @@ class PopulationEngine:
 
     def reseed(self, stream_seed: int) -> None:
         self.stream_seed = int(stream_seed)
-        self.rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed, 0]))
+        self.rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed,
+                                                                 self.index]))
         self._next: PopulationBatch | None = None
 
     def program(self, arch) -> PopulationProgram:
@@ -165,6 +168,33 @@ class PopulationEngine:
         return PopulationBatch(data, first.arch, task_dataset_name(first),
                                [seeds[i * m:(i + 1) * m] for i in range(k)],
                                first.metadata(), time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ one meta-batch
+
+    def estimate(self, theta_flat: np.ndarray):
+        """One meta-batch's mean estimate at theta, no update (a Ray population worker):
+        (MetaBatch as numpy, the batch it came from, compile seconds)."""
+        if self.meta_steps != 1:
+            raise ValueError("estimate() draws one meta-batch: build the engine with "
+                             "meta_steps=1")
+        batch = self._next if self._next is not None else self.sample()
+        self._next = None
+        program = self.program(batch.arch)
+        data = jax.tree.map(lambda a: a[0], batch.data)  # [1, M, ...] -> [M, ...]
+        key = (batch.arch.activation, tuple(batch.arch.sizes),
+               PopulationProgram.signature(data))
+        new = key not in self._shapes
+        compile_start = time.perf_counter()
+        result = program.estimate(theta_flat, data)
+        if new:  # the first call of a shape: compiling dominates it
+            result = jax.block_until_ready(result)
+            compile_s = time.perf_counter() - compile_start
+            self.compile_s += compile_s
+            self._shapes.add(key)
+        else:
+            compile_s = 0.0
+        self._next = self.sample()  # while the device computes
+        return jax.tree.map(np.asarray, result), batch, compile_s
 
     # ------------------------------------------------------------------ one call
 

@@ -127,6 +127,14 @@ class Worker:
         self.trainable = None if trainable is None else trainable.astype(np.float32)
         self._shapes_seen: set = set()
         self.full_horizon = config.unroll.estimator in FULL_HORIZON_ESTIMATORS
+        # es_full with T > 1 tasks: a population worker (the population engine's compiled
+        # estimate over T tasks' whole runs, one submission of their mean).
+        self.population = None
+        if config.unroll.estimator == "es_full" and self.tasks_per_worker > 1:
+            from metalearn.training.population import PopulationEngine  # (imports worker)
+            self.population = PopulationEngine(config, stream_seed, sampler=self.sampler,
+                                               index=index, meta_steps=1,
+                                               tasks_per_step=self.tasks_per_worker)
         self._guides: dict[str, Any] = {}  # guided_es: surrogate FIFO per activation
         self.theta = None
         self.theta_key: tuple[str, int] | None = None  # (generation, version)
@@ -142,6 +150,8 @@ class Worker:
                                                                  self.index]))
         self._task: _TaskGroup | None = None
         self._prefetched = None  # (task group, U, batch) of its next truncation
+        if getattr(self, "population", None) is not None:
+            self.population.reseed(self.stream_seed)
 
     def set_theta(self, generation: str, version: int, theta_flat: np.ndarray) -> None:
         theta_flat = np.asarray(theta_flat, np.float32)
@@ -201,6 +211,8 @@ class Worker:
         full-horizon estimator, one whole task (``run_task``)."""
         if self.theta is None:
             raise RuntimeError("worker has no theta yet: call set_theta first")
+        if self.population is not None:
+            return self.run_population()
         if self.full_horizon:
             return self.run_task()
         start = time.perf_counter()
@@ -350,6 +362,39 @@ class Worker:
             timings={"sample_s": 0.0, "data_s": sampled - start, "prefetch_s": 0.0,
                      "grad_s": done - sampled, "total_s": done - start,
                      "new_shape": float(new_shape), "prefetched": 0.0})
+
+    def run_population(self) -> Submission:
+        """T new tasks' whole runs through the population engine's compiled estimate: one
+        submission of the finite tasks' mean estimate, ``count`` = how many."""
+        start = time.perf_counter()
+        flat = self.theta_spec.ravel(self.theta)
+        estimate, batch, compile_s = self.population.estimate(flat)
+        done = time.perf_counter()
+        self.truncations += 1
+        generation, version = self.theta_key
+        finite = np.asarray(estimate.task_finite, bool)
+        count = int(estimate.count)
+        tasks = int(finite.size)
+        metadata = dict(batch.metadata)
+        seeds = batch.seeds[0]
+        metadata.update(task_seed=seeds[0], task_seeds=seeds, truncation=1,
+                        task_truncations=1, task_steps=self.config.horizon.steps,
+                        arch=list(batch.arch.sizes), activation=batch.arch.activation)
+        metrics = {name: float(v) for name, v in estimate.metrics.items()
+                   if math.isfinite(float(v))}
+        grad = np.asarray(estimate.grad, np.float32)
+        loss = float(estimate.loss) if count else math.nan
+        return Submission(
+            grad=grad, version=version, generation=generation, loss=loss,
+            finite=count > 0, count=count if count else tasks,
+            nonfinite_tasks=tasks - count if count else 0,
+            loss_start=float(estimate.loss_start) if count else math.nan,
+            estimator_metrics=metrics, dataset=batch.dataset,
+            num_steps=self.config.horizon.steps, worker=self.index, metadata=metadata,
+            timings={"sample_s": 0.0, "data_s": batch.build_s, "prefetch_s": 0.0,
+                     "grad_s": done - start, "total_s": done - start,
+                     "compile_s": compile_s, "new_shape": float(compile_s > 0),
+                     "prefetched": 0.0})
 
     # ------------------------------------------------------------------ one order
 
