@@ -26,11 +26,11 @@ AT = evaluation_points(STEPS, POINTS)
 
 
 def program(shaping="none", fitness="mean", learner=LearnerConfig(meta_batch=2),
-            trainable=None):
+            trainable=None, tasks_axis="auto"):
     unroll = UnrollConfig(estimator="es_full", pairs=PAIRS, perturbation_std=SIGMA)
     horizon = HorizonConfig(steps=STEPS, points=POINTS, shaping=shaping, fitness=fitness)
     return PopulationProgram(Linear(), THETA, unroll, horizon, make_optimizer(learner), AT,
-                             trainable=trainable)
+                             trainable=trainable, tasks_axis=tasks_axis)
 
 
 def population_data(k, m, seed=0):
@@ -77,10 +77,12 @@ def test_one_task_estimate_equals_full_horizon_es_with_the_same_perturbations(sh
         np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-4)
 
 
-def test_k_meta_steps_equal_the_learner_step_by_step():
+@pytest.mark.parametrize("tasks_axis", ["map", "vmap"])
+def test_k_meta_steps_equal_the_learner_step_by_step(tasks_axis):
     k, m = 3, 2
     config = LearnerConfig(meta_batch=m, lr_values=(0.05,), lr_boundaries=(), clip_norm=1.0)
-    prog = program(learner=config)
+    prog = program(learner=config, tasks_axis=tasks_axis)
+    assert prog.tasks_axis == tasks_axis
     data = population_data(k, m, seed=1)
     flat = np.asarray(THETA["a"], np.float32)
     learner = Learner(flat, config, CurriculumConfig())
@@ -274,3 +276,31 @@ def test_population_runner_measures_the_start_before_its_first_call(tmp_path):
     # then every call's end (2 updates, long_every 2).
     long = [r["step"] for r in rows if r.get("eval/two_moons/accuracy@3") is not None]
     assert long == [0, 2, 4]
+
+
+def test_a_stuck_program_stops_the_run_with_its_checkpoint_and_says_why(tmp_path,
+                                                                         monkeypatch):
+    from metalearn.training import population
+    from metalearn.training.run_dir import RunDir
+
+    class NeverReady:  # what the XLA:CPU hang looks like from the host
+        def is_ready(self):
+            return False
+
+    with pytest.raises(population.ProgramStuck, match="did not finish in 0 s"):
+        population.wait_program(NeverReady(), 0.0)
+    real_run = population.PopulationEngine.run
+    calls = []
+
+    def run(self, theta, opt_state, limit=None):
+        calls.append(1)
+        if len(calls) == 2:  # the second call hangs
+            population.wait_program(NeverReady(), 0.0)
+        return real_run(self, theta, opt_state, limit)
+
+    monkeypatch.setattr(population.PopulationEngine, "run", run)
+    with pytest.raises(population.ProgramStuck, match="--resume RUN --runner ray"):
+        population.train_population(population_config(tmp_path, steps=6), tmp_path / "run")
+    # The first call's two updates were checkpointed on the way out.
+    assert RunDir(tmp_path / "run").checkpoint_steps()[-1] == 2
+    assert [r["step"] for r in read_metrics(str(tmp_path / "run")).to_pylist()] == [1, 2]

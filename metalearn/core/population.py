@@ -145,7 +145,7 @@ class PopulationProgram:
     def __init__(self, problem, theta_template, unroll: UnrollConfig, horizon: HorizonConfig,
                  optimizer: optax.GradientTransformation, points: tuple[int, ...], *,
                  keep: np.ndarray | None = None, trainable: np.ndarray | None = None,
-                 init_phi=None):
+                 init_phi=None, tasks_axis: str = "auto"):
         if unroll.estimator != "es_full":
             raise ConfigError(f"the population engine runs unroll.estimator 'es_full'; got "
                               f"{unroll.estimator!r} (use --runner local or ray for it)")
@@ -164,6 +164,12 @@ class PopulationProgram:
         # in the program (nothing of the base model crosses from the host).
         self.init_phi = init_phi
         self.matmul, self.unroll = True, 1
+        # How the M tasks of a meta-step run: vmapped (accelerators), or one after another
+        # (``lax.map``) on XLA:CPU, where vmapped tasks inside the meta-step loop made the
+        # program hang now and then (every thread idle, the result never ready) on this
+        # machine's jaxlib 0.10.2, and where a task already fills the cores.
+        self.tasks_axis = tasks_axis if tasks_axis != "auto" else (
+            "map" if jax.default_backend() == "cpu" else "vmap")
         _, self.unravel = ravel_pytree(theta_template)
         # Not donated: a call that fails must leave the learner's optimiser state intact.
         self._program = jax.jit(self._meta_steps)
@@ -219,8 +225,13 @@ class PopulationProgram:
         """M tasks' estimates (leading [M] axis on every argument but theta) and their mean
         over the finite ones: one meta-batch, without the update."""
         keep = jnp.asarray(self.keep)
-        grads, losses, starts, finite, metrics = jax.vmap(
-            self.task_estimate, in_axes=(None, 0, 0, 0, 0))(theta, phi0, inner_x, pairs, keys)
+        if self.tasks_axis == "vmap":
+            grads, losses, starts, finite, metrics = jax.vmap(
+                self.task_estimate, in_axes=(None, 0, 0, 0, 0))(theta, phi0, inner_x, pairs,
+                                                                keys)
+        else:  # one task after another (XLA:CPU: see ``tasks_axis``)
+            grads, losses, starts, finite, metrics = jax.lax.map(
+                lambda task: self.task_estimate(theta, *task), (phi0, inner_x, pairs, keys))
         weight = finite.astype(theta.dtype)  # [M]
         count = jnp.sum(weight)
         safe = jnp.maximum(count, 1.0)
@@ -258,7 +269,8 @@ class PopulationProgram:
         steps = jnp.arange(data.inner_x.shape[0])
         (theta, opt_state), stats = jax.lax.scan(
             meta_step, (theta, opt_state),
-            (steps, data.phi0, data.inner_x, data.pairs, data.keys))
+            (steps, data.phi0, data.inner_x, data.pairs, data.keys),
+            )
         return theta, opt_state, stats
 
     def estimate(self, theta, data: PopulationData) -> MetaBatch:

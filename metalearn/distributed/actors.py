@@ -123,7 +123,15 @@ class WorkerActor:
                 return LearnerReply(generation=order.theta.generation, step=-1, version=-1,
                                     learner_lost=True)
 
-        return self.worker.work(order, fetch_theta=ray.get, push=push)
+        from metalearn.training.population import ProgramStuck
+
+        try:
+            return self.worker.work(order, fetch_theta=ray.get, push=push)
+        except ProgramStuck:
+            # The stuck computation holds this process's device for good: end the
+            # process, so that Ray restarts the worker (max_restarts=-1) with a fresh one
+            # and the driver draws it a new task stream.
+            os._exit(70)
 
 
 @ray.remote(max_restarts=0)

@@ -47,6 +47,33 @@ from metalearn.training.worker import task_dataset_name
 from tasks.sampler import MixConfig, TaskSampler
 
 
+STUCK_FIRST_S = 1800.0
+STUCK_MIN_S = 600.0
+
+
+class ProgramStuck(RuntimeError):
+    """A compiled call that never finished (see ``wait_program``)."""
+
+
+def wait_program(result, limit_s: float, what: str = "the population program",
+                 poll_s: float = 0.05) -> None:
+    """Wait for ``result`` (a jax.Array) at most ``limit_s`` seconds.
+
+    On XLA:CPU with this jaxlib (0.10.2) the population program now and then never
+    finishes: every thread idles and the result is never ready (docs/training.md). A
+    plain ``block_until_ready`` would wait for ever; this raises ``ProgramStuck``
+    instead, so the run stops with its last checkpoint and says why."""
+    deadline = time.monotonic() + limit_s
+    while not result.is_ready():
+        if time.monotonic() >= deadline:
+            raise ProgramStuck(
+                f"{what} did not finish in {limit_s:.0f} s: the compiled program is stuck "
+                f"(an intermittent XLA:CPU hang of the population engine, docs/training.md); "
+                f"the run stops at its last checkpoint: continue it with metalearn train "
+                f"--resume RUN --runner ray")
+        time.sleep(poll_s)
+
+
 def task_run_data(task, steps: int, points: tuple[int, ...], batch_size: int, objective):
     """One task's whole inner run: (inner_x [S, B, N_0], LabelledPair [E, M, B_l, ...])."""
     inner = task.inner_batch(steps * batch_size).reshape(steps, batch_size, -1)
@@ -116,6 +143,7 @@ class PopulationEngine:
         self._shapes: set = set()  # (activation, data signature) compiled so far
         self.compile_s = 0.0
         self.calls = 0
+        self._slowest = 0.0  # seconds of the slowest finished call
         self.reseed(stream_seed)
 
     # ------------------------------------------------------------------ stream
@@ -187,16 +215,24 @@ class PopulationEngine:
         compile_start = time.perf_counter()
         result = program.estimate(theta_flat, data)
         if new:  # the first call of a shape: compiling dominates it
-            result = jax.block_until_ready(result)
+            wait_program(result.grad, STUCK_FIRST_S)
             compile_s = time.perf_counter() - compile_start
             self.compile_s += compile_s
             self._shapes.add(key)
         else:
             compile_s = 0.0
         self._next = self.sample()  # while the device computes
+        wait_program(result.grad, self._limit_s(), what=f"{self.tasks_per_step} tasks' estimate")
+        if not new:
+            self._slowest = max(self._slowest, time.perf_counter() - compile_start)
         return jax.tree.map(np.asarray, result), batch, compile_s
 
     # ------------------------------------------------------------------ one call
+
+    def _limit_s(self) -> float:
+        """How long a call may take before it counts as stuck: 20x the slowest call so
+        far (at least 10 minutes); 30 minutes before any call finished."""
+        return STUCK_FIRST_S if not self._slowest else max(STUCK_MIN_S, 20 * self._slowest)
 
     def run(self, theta_flat: np.ndarray, opt_state, limit: int | None = None) -> CallResult:
         """K meta-steps from (theta, opt_state); steps at index >= ``limit`` do nothing."""
@@ -212,9 +248,12 @@ class PopulationEngine:
         theta, opt_state, stats = program(theta_flat, opt_state, batch.data, limit)
         # The device computes; build the next call's tasks meanwhile.
         self._next = self.sample()
-        theta = np.asarray(jax.block_until_ready(theta))
+        wait_program(theta, self._limit_s(), what=f"{self.meta_steps} meta-steps of "
+                     f"{self.tasks_per_step} tasks ({batch.arch.sizes})")
+        theta = np.asarray(theta)
         done = time.perf_counter()
         self.calls += 1
+        self._slowest = max(self._slowest, done - dispatched)
         stats = jax.tree.map(np.asarray, stats)
         return CallResult(theta, opt_state, stats, batch.dataset, batch.seeds, batch.metadata,
                           {"build_s": batch.build_s, "next_build_s": self._next.build_s,
@@ -251,6 +290,8 @@ class PopulationTransport(InProcessTransport):
         learner = host.learner
         try:
             call = self.engine.run(learner.theta, learner.opt_state, host.update_limit())
+        except ProgramStuck:
+            raise  # the device is blocked by the stuck call: nothing more can run here
         except Exception as err:  # noqa: BLE001 - a failed call is reported, not fatal
             lines = traceback.format_exception_only(type(err), err)
             return [WorkerResult(index, error=lines[-1].strip()[:300])]
@@ -284,4 +325,4 @@ def train_population(config: TrainConfig, run_dir, *, resume: bool = False,
 
 
 __all__ = ["CallResult", "PopulationBatch", "PopulationEngine", "PopulationTransport",
-           "task_run_data", "train_population"]
+           "ProgramStuck", "task_run_data", "train_population", "wait_program"]
