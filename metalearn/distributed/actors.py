@@ -123,7 +123,7 @@ class WorkerActor:
                 return LearnerReply(generation=order.theta.generation, step=-1, version=-1,
                                     learner_lost=True)
 
-        from metalearn.training.population import ProgramStuck
+        from metalearn.training.population_engine import ProgramStuck
 
         try:
             return self.worker.work(order, fetch_theta=ray.get, push=push)

@@ -80,4 +80,15 @@ def check_readable(mix: MixConfig, data_dir: str | None, where: str) -> None:
             raise ConfigError(f"{field}: {err}") from None
 
 
-__all__ = ["check_readable", "resolve_mix"]
+def task_dataset_name(task) -> str:
+    """Short dataset name of a task, for per-dataset losses."""
+    meta = task.metadata()
+    for key in ("dataset", "source", "name"):
+        value = meta.get(key)
+        if isinstance(value, str):
+            return value
+    value = getattr(task, "dataset", None)
+    return value if isinstance(value, str) else getattr(value, "name", "unknown")
+
+
+__all__ = ["check_readable", "resolve_mix", "task_dataset_name"]

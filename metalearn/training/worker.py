@@ -47,7 +47,8 @@ from metalearn.core.theta import theta_spec
 from metalearn.training.config import TrainConfig, trainable_mask
 from metalearn.training.messages import LearnerReply, Submission, WorkOrder
 from metalearn.training.schedules import Curriculum
-from metalearn.training.task_mix import resolve_mix
+from metalearn.training.population_engine import PopulationEngine
+from metalearn.training.task_mix import resolve_mix, task_dataset_name
 from tasks.sampler import MixConfig, TaskSampler
 
 DEFAULT_JAX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "metalearn", "jax")
@@ -65,17 +66,6 @@ def enable_compilation_cache(setting: str) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
-
-
-def task_dataset_name(task) -> str:
-    """Short dataset name of a task, for per-dataset losses."""
-    meta = task.metadata()
-    for key in ("dataset", "source", "name"):
-        value = meta.get(key)
-        if isinstance(value, str):
-            return value
-    value = getattr(task, "dataset", None)
-    return value if isinstance(value, str) else getattr(value, "name", "unknown")
 
 
 class _TaskGroup:
@@ -131,7 +121,6 @@ class Worker:
         # estimate over T tasks' whole runs, one submission of their mean).
         self.population = None
         if config.unroll.estimator == "es_full" and self.tasks_per_worker > 1:
-            from metalearn.training.population import PopulationEngine  # (imports worker)
             self.population = PopulationEngine(config, stream_seed, sampler=self.sampler,
                                                index=index, meta_steps=1,
                                                tasks_per_step=self.tasks_per_worker)

@@ -1,0 +1,260 @@
+"""The population engine's host side: tasks in, K learner updates per program call.
+
+``PopulationEngine`` samples K x M tasks of one shape (M = ``learner.meta_batch``, K =
+``worker.meta_steps``) from its seeded stream, builds their whole inner runs on the host
+(the data ``Worker.run_task`` builds for one task), and runs them through a
+``metalearn.core.population.PopulationProgram`` with the learner's optax update inside:
+one call, K updates of theta. While the device computes (JAX dispatches
+asynchronously), the next call's tasks are built.
+
+It computes what a ``Worker`` with ``es_full`` computes (the same estimate per task,
+the same mean per meta-batch, the same optax update as ``Learner``), without a
+submission per task: ``LearnerHost.absorb`` takes the call's theta, optimiser state and
+per-step statistics and writes the same metrics rows as the other runners.
+
+One program per base-model shape (activation, layer sizes, classes); a shape's first call
+compiles it (the persistent XLA cache keeps it for later runs), and ``compile_s``
+counts that time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metalearn.core.base_model import init_params
+from metalearn.core.config import ConfigError
+from metalearn.core.full_horizon import evaluation_points
+from metalearn.core.meta_objective import LabelledPair
+from metalearn.core.population import PopulationData, PopulationProgram, StepStats
+from metalearn.core.theta import theta_spec
+from metalearn.core.unroll import Problem
+from metalearn.training.config import TrainConfig, trainable_mask
+from metalearn.training.learner import make_optimizer
+from metalearn.training.task_mix import resolve_mix, task_dataset_name
+from tasks.sampler import MixConfig, TaskSampler
+
+
+STUCK_FIRST_S = 1800.0
+STUCK_MIN_S = 600.0
+
+
+class ProgramStuck(RuntimeError):
+    """A compiled call that never finished (see ``wait_program``)."""
+
+
+def wait_program(result, limit_s: float, what: str = "the population program",
+                 poll_s: float = 0.05) -> None:
+    """Wait for ``result`` (a jax.Array) at most ``limit_s`` seconds.
+
+    On XLA:CPU with this jaxlib (0.10.2) the population program now and then never
+    finishes: every thread idles and the result is never ready (docs/training.md). A
+    plain ``block_until_ready`` would wait for ever; this raises ``ProgramStuck``
+    instead, so the run stops with its last checkpoint and says why."""
+    deadline = time.monotonic() + limit_s
+    while not result.is_ready():
+        if time.monotonic() >= deadline:
+            raise ProgramStuck(
+                f"{what} did not finish in {limit_s:.0f} s: the compiled program is stuck "
+                f"(an intermittent XLA:CPU hang of the population engine, docs/training.md); "
+                f"the run stops at its last checkpoint: continue it with metalearn train "
+                f"--resume RUN --runner ray")
+        time.sleep(poll_s)
+
+
+def task_run_data(task, steps: int, points: tuple[int, ...], batch_size: int, objective):
+    """One task's whole inner run: (inner_x [S, B, N_0], LabelledPair [E, M, B_l, ...])."""
+    inner = task.inner_batch(steps * batch_size).reshape(steps, batch_size, -1)
+    pair = task.labelled_pair(len(points) * objective.num_draws, objective.samples_per_class,
+                              objective.regression_targets)
+    pairs = LabelledPair(*(f.reshape(len(points), objective.num_draws, *f.shape[1:])
+                           for f in pair))
+    return inner, pairs
+
+
+class PopulationBatch(NamedTuple):
+    """One call's tasks: the program's data and what the rows report about them."""
+
+    data: PopulationData
+    arch: Any  # the tasks' base-model Architecture
+    dataset: str
+    seeds: list  # [K][M] task seeds
+    metadata: dict  # the template task's metadata
+    build_s: float  # host seconds spent building it
+
+
+class CallResult(NamedTuple):
+    """One program call: theta and optimiser state after it, per-step statistics (numpy),
+    and its host timings."""
+
+    theta: np.ndarray
+    opt_state: Any
+    stats: StepStats
+    dataset: str
+    seeds: list
+    metadata: dict
+    timings: dict
+
+
+class PopulationEngine:
+    """K meta-steps of ``es_full`` per call over M tasks each, from a seeded task stream."""
+
+    def __init__(self, config: TrainConfig, stream_seed: int, *, mix: MixConfig | None = None,
+                 sampler: Any = None, index: int = 0, meta_steps: int | None = None,
+                 tasks_per_step: int | None = None):
+        if config.unroll.estimator != "es_full":
+            raise ConfigError(f"--runner population runs unroll.estimator 'es_full' (the "
+                              f"local default); got {config.unroll.estimator!r}: use "
+                              f"--runner local or ray for it")
+        self.config = config
+        self.meta_steps = int(meta_steps or config.worker.meta_steps)
+        self.tasks_per_step = int(tasks_per_step or config.learner.meta_batch)
+        self.index = int(index)
+        if sampler is None:
+            sampler = TaskSampler(mix if mix is not None else resolve_mix(config.tasks),
+                                  data_dir=config.tasks.data_dir)
+        self.sampler = sampler
+        self.spec = theta_spec(config.rule)
+        self.trainable = trainable_mask(config.rule, config.learner)
+        keep = (np.ones(self.spec.num_params, np.float32) if self.trainable is None
+                else self.trainable.astype(np.float32))
+        self.keep = keep
+        horizon = config.horizon
+        self.points = evaluation_points(horizon.steps, horizon.points)
+        rule = config.rule
+        # The search's runs may use their own inner rate (``horizon.inner_lr``), as
+        # ``Worker.run_task`` does.
+        self.rule = (dataclasses.replace(rule, inner_lr=horizon.inner_lr) if horizon.inner_lr
+                     else rule)
+        self.optimizer = make_optimizer(config.learner)
+        self._programs: dict[str, PopulationProgram] = {}
+        self._shapes: set = set()  # (activation, data signature) compiled so far
+        self.compile_s = 0.0
+        self.calls = 0
+        self._slowest = 0.0  # seconds of the slowest finished call
+        self.reseed(stream_seed)
+
+    # ------------------------------------------------------------------ stream
+
+    def reseed(self, stream_seed: int) -> None:
+        self.stream_seed = int(stream_seed)
+        self.rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed,
+                                                                 self.index]))
+        self._next: PopulationBatch | None = None
+
+    def program(self, arch) -> PopulationProgram:
+        """The program of one base-model architecture (its phi_0 is drawn inside)."""
+        key = (arch.activation, tuple(arch.sizes))
+        program = self._programs.get(key)
+        if program is None:
+            rule = self.config.rule
+            problem = Problem(arch.activation, self.rule, self.config.objective)
+            template = self.spec.unravel(jnp.zeros(self.spec.num_params, jnp.float32))
+            init_phi = functools.partial(init_params, arch=arch, w_std=rule.init_w_std,
+                                         b_std=rule.init_b_std)
+            program = PopulationProgram(problem, template, self.config.unroll,
+                                        self.config.horizon, self.optimizer, self.points,
+                                        keep=self.keep, trainable=self.trainable,
+                                        init_phi=init_phi)
+            self._programs[key] = program
+        return program
+
+    def sample(self) -> PopulationBatch:
+        """K x M new tasks of one shape (the first one drawn sets it), their data stacked."""
+        start = time.perf_counter()
+        k, m = self.meta_steps, self.tasks_per_step
+        seeds = [int(s) for s in self.rng.integers(0, 2 ** 62, size=k * m)]
+        first = self.sampler.sample(seeds[0])
+        tasks = [first] + [self.sampler.sample(s, like=first) for s in seeds[1:]]
+        objective = self.config.objective
+        batch_size, steps = self.config.worker.batch_size, self.config.horizon.steps
+        runs = [task_run_data(task, steps, self.points, batch_size, objective)
+                for task in tasks]
+
+        def stack(items):  # [K * M] -> [K, M, ...]
+            return np.stack(items).reshape((k, m) + np.shape(items[0]))
+
+        inner = stack([run[0] for run in runs])
+        pairs = LabelledPair(*(stack([run[1][i] for run in runs]) for i in range(4)))
+        # Raw uint32 keys (phi_0's and the perturbations') made with numpy: a JAX op here
+        # would queue behind the program still running and serialise the prefetch.
+        keys = np.random.default_rng(seeds[0]).integers(0, 2 ** 32, size=(2, k, m, 2),
+                                                        dtype=np.uint32)
+        data = PopulationData(keys[0], inner, pairs, keys[1])
+        return PopulationBatch(data, first.arch, task_dataset_name(first),
+                               [seeds[i * m:(i + 1) * m] for i in range(k)],
+                               first.metadata(), time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ one meta-batch
+
+    def estimate(self, theta_flat: np.ndarray):
+        """One meta-batch's mean estimate at theta, no update (a Ray population worker):
+        (MetaBatch as numpy, the batch it came from, compile seconds)."""
+        if self.meta_steps != 1:
+            raise ValueError("estimate() draws one meta-batch: build the engine with "
+                             "meta_steps=1")
+        batch = self._next if self._next is not None else self.sample()
+        self._next = None
+        program = self.program(batch.arch)
+        data = jax.tree.map(lambda a: a[0], batch.data)  # [1, M, ...] -> [M, ...]
+        key = (batch.arch.activation, tuple(batch.arch.sizes),
+               PopulationProgram.signature(data))
+        new = key not in self._shapes
+        compile_start = time.perf_counter()
+        result = program.estimate(theta_flat, data)
+        if new:  # the first call of a shape: compiling dominates it
+            wait_program(result.grad, STUCK_FIRST_S)
+            compile_s = time.perf_counter() - compile_start
+            self.compile_s += compile_s
+            self._shapes.add(key)
+        else:
+            compile_s = 0.0
+        self._next = self.sample()  # while the device computes
+        wait_program(result.grad, self._limit_s(), what=f"{self.tasks_per_step} tasks' estimate")
+        if not new:
+            self._slowest = max(self._slowest, time.perf_counter() - compile_start)
+        return jax.tree.map(np.asarray, result), batch, compile_s
+
+    # ------------------------------------------------------------------ one call
+
+    def _limit_s(self) -> float:
+        """How long a call may take before it counts as stuck: 20x the slowest call so
+        far (at least 10 minutes); 30 minutes before any call finished."""
+        return STUCK_FIRST_S if not self._slowest else max(STUCK_MIN_S, 20 * self._slowest)
+
+    def run(self, theta_flat: np.ndarray, opt_state, limit: int | None = None) -> CallResult:
+        """K meta-steps from (theta, opt_state); steps at index >= ``limit`` do nothing."""
+        start = time.perf_counter()
+        batch = self._next if self._next is not None else self.sample()
+        self._next = None
+        program = self.program(batch.arch)
+        _, compile_s = program.compiled(theta_flat, opt_state, batch.data)
+        self.compile_s += compile_s
+        self._shapes.add((batch.arch.activation, tuple(batch.arch.sizes),
+                          PopulationProgram.signature(batch.data)))
+        dispatched = time.perf_counter()
+        theta, opt_state, stats = program(theta_flat, opt_state, batch.data, limit)
+        # The device computes; build the next call's tasks meanwhile.
+        self._next = self.sample()
+        wait_program(theta, self._limit_s(), what=f"{self.meta_steps} meta-steps of "
+                     f"{self.tasks_per_step} tasks ({batch.arch.sizes})")
+        theta = np.asarray(theta)
+        done = time.perf_counter()
+        self.calls += 1
+        self._slowest = max(self._slowest, done - dispatched)
+        stats = jax.tree.map(np.asarray, stats)
+        return CallResult(theta, opt_state, stats, batch.dataset, batch.seeds, batch.metadata,
+                          {"build_s": batch.build_s, "next_build_s": self._next.build_s,
+                           "program_s": done - dispatched, "total_s": done - start,
+                           "compile_s": compile_s, "new_shape": float(compile_s > 0),
+                           "shapes": len(self._shapes)})
+
+
+__all__ = ["CallResult", "PopulationBatch", "PopulationEngine", "ProgramStuck", "STUCK_FIRST_S",
+           "STUCK_MIN_S", "task_run_data", "wait_program"]
