@@ -179,8 +179,11 @@ class InlineContinuousEvaluation(Callback):
 
 def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 num_workers: int | None = None, mix: MixConfig | None = None,
-                callbacks: Sequence[Callback] = ()) -> RunSummary:
-    """Run ``config`` in one process (no Ray) in ``run_dir``; see the module docstring."""
+                callbacks: Sequence[Callback] = (),
+                transport: type[InProcessTransport] = InProcessTransport) -> RunSummary:
+    """Run ``config`` in one process (no Ray) in ``run_dir``; see the module docstring.
+    ``transport``: the in-process transport class (``--runner population`` passes its
+    own, whose engine replaces the workers)."""
     mix = mix if mix is not None else resolve_mix(config.tasks)  # before the folder exists
     run = RunDir(run_dir)
     run.create(config)
@@ -188,7 +191,7 @@ def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool
     if config.evaluator.enabled:
         # First: its final evaluation (on_end) is merged before other callbacks end.
         callbacks.insert(0, InlineContinuousEvaluation(config))
-    loop = TrainingLoop(config, run, InProcessTransport(config, run, mix), resume=resume,
+    loop = TrainingLoop(config, run, transport(config, run, mix), resume=resume,
                         num_workers=num_workers, callbacks=callbacks)
     return loop.run()
 

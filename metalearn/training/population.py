@@ -12,13 +12,12 @@ import traceback
 
 from metalearn.core.config import ConfigError
 from metalearn.training.config import TrainConfig
-from metalearn.training.local import InProcessTransport, InlineContinuousEvaluation
-from metalearn.training.loop import RunSummary, TrainingLoop
+from metalearn.training.local import InProcessTransport, train_local
+from metalearn.training.loop import RunSummary
 from metalearn.training.messages import LearnerReply, WorkerResult
 from metalearn.training.population_engine import (PopulationEngine, ProgramStuck,
                                                   wait_program)
 from metalearn.training.run_dir import RunDir
-from metalearn.training.task_mix import resolve_mix
 from tasks.sampler import MixConfig
 
 
@@ -71,15 +70,8 @@ def train_population(config: TrainConfig, run_dir, *, resume: bool = False,
         raise ConfigError(f"--runner population is one process (its program vectorises "
                           f"the tasks); worker.num_workers must be 0 or 1, got "
                           f"{config.worker.num_workers}")
-    mix = mix if mix is not None else resolve_mix(config.tasks)  # before the folder exists
-    run = RunDir(run_dir)
-    run.create(config)
-    callbacks = list(callbacks)
-    if config.evaluator.enabled:
-        callbacks.insert(0, InlineContinuousEvaluation(config))
-    loop = TrainingLoop(config, run, PopulationTransport(config, run, mix), resume=resume,
-                        num_workers=1, callbacks=callbacks)
-    return loop.run()
+    return train_local(config, run_dir, resume=resume, num_workers=1, mix=mix,
+                       callbacks=callbacks, transport=PopulationTransport)
 
 
 __all__ = ["PopulationEngine", "PopulationTransport", "ProgramStuck", "train_population",
