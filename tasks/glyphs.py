@@ -251,6 +251,29 @@ class _Renderer:
         return self.render("\U0010FFFD")
 
 
+def font_renders(font: FontFile, chars: list[str], config: GlyphConfig) -> list[np.ndarray]:
+    """One font's distinct, non-blank, non-.notdef renders of ``chars`` ([size, size] uint8
+    each), in ``chars`` order; [] when Pillow cannot open the face. The per-font part of
+    ``render_all`` without its cross-font bookkeeping (for font-identity tasks)."""
+    try:
+        renderer = _Renderer(font, config)
+        notdef = renderer.notdef()
+    except Exception:  # noqa: BLE001 - Pillow cannot open this face
+        return []
+    out, seen = [], set()
+    for ch in _covered(font, chars, config):
+        try:
+            image = renderer.render(ch)
+        except Exception:  # noqa: BLE001 - a glyph FreeType cannot draw is missing
+            continue
+        if image is None or (notdef is not None and np.array_equal(image, notdef)):
+            continue
+        if image.tobytes() not in seen:
+            seen.add(image.tobytes())
+            out.append(image)
+    return out
+
+
 def render_all(config: GlyphConfig, fonts: list[FontFile], chars: list[str],
                progress: bool = True):
     """(images [N, size, size] uint8, labels [N] int32, kept chars, info dict)."""

@@ -67,6 +67,20 @@ def test_missing_glyphs_are_dropped():
     assert np.array_equal(renderer.render(lacking[0]), renderer.notdef())
 
 
+def test_font_renders_are_one_fonts_distinct_drawable_characters():
+    mono = _font("DejaVu Sans Mono Book")
+    chars = glyphs.candidate_chars(glyphs.GlyphConfig(blocks=("currency",)))
+    mono_cmap = TTFont(mono.path, lazy=True).getBestCmap()
+    images = glyphs.font_renders(mono, chars, SMALL)
+    drawable = [ch for ch in chars if ord(ch) in mono_cmap]
+    assert 0 < len(images) <= len(drawable) < len(chars)
+    assert all(im.shape == (14, 14) and im.dtype == np.uint8 for im in images)
+    assert len({im.tobytes() for im in images}) == len(images)
+    assert glyphs.font_renders(mono, [], SMALL) == []
+    broken = dataclasses.replace(mono, path=mono.path + ".missing")
+    assert glyphs.font_renders(broken, chars, SMALL) == []
+
+
 def test_placeholder_font_boxes_are_dropped():
     # Last Resort maps every code point to a box per Unicode block: with the name
     # filter off and the cmap-size guard off, the collision check still drops the boxes.
