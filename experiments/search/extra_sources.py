@@ -62,18 +62,18 @@ def textures(pack: str, crops: int, standardize: bool, seed: int):
                               np.float32)
             if min(grey.shape) < 96 or grey.std() < 12:
                 continue
-            tops = rng.integers(0, grey.shape[0] - 27, crops)
-            lefts = rng.integers(0, grey.shape[1] - 27, crops)
-            patches = np.stack([grey[t:t + 28, s:s + 28] for t, s in zip(tops, lefts)])
+            corners = [(rng.integers(0, grey.shape[0] - 27), rng.integers(0, grey.shape[1] - 27))
+                       for _ in range(crops)]
+            patches = np.stack([grey[t:t + 28, s:s + 28] for t, s in corners])
             xs.append(patches.reshape(crops, 14, 2, 14, 2).mean((2, 4)))
             ys.append(np.full(crops, len(ys), np.int32))
-    x = np.concatenate(xs)
+    x = np.round(np.concatenate(xs))  # the uint8 values, standardised or stored
     if standardize:
         mean = x.mean((1, 2), keepdims=True)
         scale = x.std((1, 2), keepdims=True) + 4.0  # flat crops are not blown up
         return np.clip((x - mean) / scale * 0.2 + 0.5, 0, 1).astype(np.float32), \
             np.concatenate(ys)
-    return np.round(x).astype(np.uint8), np.concatenate(ys)
+    return x.astype(np.uint8), np.concatenate(ys)
 
 
 def main() -> None:
