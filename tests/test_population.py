@@ -304,3 +304,58 @@ def test_a_stuck_program_stops_the_run_with_its_checkpoint_and_says_why(tmp_path
     # The first call's two updates were checkpointed on the way out.
     assert RunDir(tmp_path / "run").checkpoint_steps()[-1] == 2
     assert [r["step"] for r in read_metrics(str(tmp_path / "run")).to_pylist()] == [1, 2]
+
+
+DEVICES_CHECK = r"""
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+sys.path.insert(0, sys.argv[1])
+import jax.numpy as jnp
+import numpy as np
+from metalearn.core.config import ConfigError, HorizonConfig, UnrollConfig
+from metalearn.core.population import PopulationData, PopulationProgram
+from metalearn.training.config import LearnerConfig
+from metalearn.training.learner import make_optimizer
+import test_population as tp
+
+config = LearnerConfig(meta_batch=4, lr_values=(0.05,), lr_boundaries=(), clip_norm=1.0)
+unroll = UnrollConfig(estimator="es_full", pairs=tp.PAIRS, perturbation_std=tp.SIGMA)
+horizon = HorizonConfig(steps=tp.STEPS, points=tp.POINTS)
+flat = np.asarray(tp.THETA["a"], np.float32)
+data = tp.population_data(3, 4, seed=5)
+out = {}
+for name, devices in (("one", None), ("two", jax.devices()[:2])):
+    prog = PopulationProgram(tp.Linear(), tp.THETA, unroll, horizon, make_optimizer(config),
+                             tp.AT, tasks_axis="map", devices=devices)
+    opt = make_optimizer(config).init(jnp.asarray(flat))
+    theta, _, stats = prog(flat, opt, data)
+    batch = prog.estimate(flat, jax.tree.map(lambda a: a[0], data))
+    out[name] = (np.asarray(theta), np.asarray(stats.loss), np.asarray(batch.grad))
+    if devices:
+        assert len(theta.sharding.device_set) == 2, theta.sharding
+        text = prog.lower(flat, opt, data).as_text()
+        assert "num_partitions = 2" in text, "the program is not split over 2 devices"
+        try:
+            prog(flat, opt, tp.population_data(3, 3, seed=5))
+        except ConfigError as err:
+            assert "do not split evenly over 2 devices" in str(err), err
+        else:
+            raise AssertionError("3 tasks over 2 devices were accepted")
+for one, two in zip(out["one"], out["two"]):
+    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-7)
+assert not np.allclose(out["one"][0], flat)
+print("devices ok")
+"""
+
+
+def test_tasks_split_over_two_devices_give_the_one_device_result(tmp_path):
+    # A fresh process: the number of CPU devices is fixed when JAX starts.
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", DEVICES_CHECK, here], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "devices ok" in done.stdout

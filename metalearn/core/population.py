@@ -30,6 +30,10 @@ grouped convolution, slow on XLA:CPU inside a loop.
 
 Meta-steps at index >= ``limit`` (an argument, not a shape) change nothing, so a run
 that must stop after fewer than K more updates reuses the same compiled program.
+
+With several ``devices`` a meta-step's M tasks are split evenly over them (the task axis
+sharded, theta and the optimiser state replicated; XLA adds the cross-device mean), so
+one program uses every local accelerator, or every core as a CPU device.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as Spec
 
 from metalearn.core.config import ConfigError, HorizonConfig, UnrollConfig
 from metalearn.core.full_horizon import FullHorizonES, fitness_of
@@ -145,7 +151,7 @@ class PopulationProgram:
     def __init__(self, problem, theta_template, unroll: UnrollConfig, horizon: HorizonConfig,
                  optimizer: optax.GradientTransformation, points: tuple[int, ...], *,
                  keep: np.ndarray | None = None, trainable: np.ndarray | None = None,
-                 init_phi=None, tasks_axis: str = "auto"):
+                 init_phi=None, tasks_axis: str = "auto", devices=None):
         if unroll.estimator != "es_full":
             raise ConfigError(f"the population engine runs unroll.estimator 'es_full'; got "
                               f"{unroll.estimator!r} (use --runner local or ray for it)")
@@ -171,8 +177,17 @@ class PopulationProgram:
         self.tasks_axis = tasks_axis if tasks_axis != "auto" else (
             "map" if jax.default_backend() == "cpu" else "vmap")
         _, self.unravel = ravel_pytree(theta_template)
+        devices = list(devices or ())
+        self.mesh = Mesh(np.array(devices), ("tasks",)) if len(devices) > 1 else None
         # Not donated: a call that fails must leave the learner's optimiser state intact.
-        self._program = jax.jit(self._meta_steps)
+        if self.mesh is None:
+            self._program = jax.jit(self._meta_steps)
+        else:  # data [K, M, ...] split on M; everything else on every device
+            replicated = NamedSharding(self.mesh, Spec())
+            self._program = jax.jit(
+                self._meta_steps, out_shardings=replicated,
+                in_shardings=(replicated, replicated,
+                              NamedSharding(self.mesh, Spec(None, "tasks")), replicated))
         self._compiled: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ one task
@@ -225,13 +240,25 @@ class PopulationProgram:
         """M tasks' estimates (leading [M] axis on every argument but theta) and their mean
         over the finite ones: one meta-batch, without the update."""
         keep = jnp.asarray(self.keep)
-        if self.tasks_axis == "vmap":
-            grads, losses, starts, finite, metrics = jax.vmap(
-                self.task_estimate, in_axes=(None, 0, 0, 0, 0))(theta, phi0, inner_x, pairs,
-                                                                keys)
-        else:  # one task after another (XLA:CPU: see ``tasks_axis``)
-            grads, losses, starts, finite, metrics = jax.lax.map(
-                lambda task: self.task_estimate(theta, *task), (phi0, inner_x, pairs, keys))
+
+        def run_tasks(tasks):  # leaves [m, ...] -> estimates with a leading [m]
+            if self.tasks_axis == "vmap":
+                return jax.vmap(self.task_estimate, in_axes=(None, 0, 0, 0, 0))(theta, *tasks)
+            # one task after another (XLA:CPU: see ``tasks_axis``)
+            return jax.lax.map(lambda task: self.task_estimate(theta, *task), tasks)
+
+        tasks = (phi0, inner_x, pairs, keys)
+        if self.mesh is None:
+            grads, losses, starts, finite, metrics = run_tasks(tasks)
+        else:  # [M] -> [D, M / D], the D axis one per device
+            count, size = self.mesh.size, int(np.shape(keys)[0])
+            self.check_split(size)
+            split = NamedSharding(self.mesh, Spec("tasks"))
+            tasks = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
+                a.reshape((count, size // count) + a.shape[1:]), split), tasks)
+            out = jax.vmap(run_tasks)(tasks)
+            grads, losses, starts, finite, metrics = jax.tree.map(
+                lambda a: a.reshape((size,) + a.shape[2:]), out)
         weight = finite.astype(theta.dtype)  # [M]
         count = jnp.sum(weight)
         safe = jnp.maximum(count, 1.0)
@@ -273,13 +300,26 @@ class PopulationProgram:
             )
         return theta, opt_state, stats
 
+    def check_split(self, tasks: int) -> None:
+        """Refuse M tasks per meta-step that the devices cannot share evenly."""
+        if self.mesh is not None and tasks % self.mesh.size:
+            raise ConfigError(f"{tasks} tasks per meta-step do not split evenly over "
+                              f"{self.mesh.size} devices (learner.meta_batch must be a "
+                              f"multiple of worker.devices)")
+
     def estimate(self, theta, data: PopulationData) -> MetaBatch:
         """One meta-batch's mean estimate, no update (a Ray population worker's
         submission): ``data`` with a leading [M] axis only (no K)."""
         key = ("estimate",) + self.signature(data)
+        self.check_split(int(np.shape(data.keys)[0]))
         program = self._compiled.get(key)
         if program is None:
-            program = self._compiled[key] = jax.jit(self.meta_batch)
+            shardings = {}
+            if self.mesh is not None:
+                split = NamedSharding(self.mesh, Spec("tasks"))
+                shardings = dict(in_shardings=(NamedSharding(self.mesh, Spec()),) + (split,) * 4,
+                                 out_shardings=NamedSharding(self.mesh, Spec()))
+            program = self._compiled[key] = jax.jit(self.meta_batch, **shardings)
         return program(jnp.asarray(theta), data.phi0, data.inner_x, data.pairs, data.keys)
 
     @staticmethod
@@ -294,6 +334,7 @@ class PopulationProgram:
         program = self._compiled.get(key)
         if program is not None:
             return program, 0.0
+        self.check_split(int(np.shape(data.keys)[1]))
         start = time.perf_counter()
         program = self.lower(theta, opt_state, data).compile()
         self._compiled[key] = program

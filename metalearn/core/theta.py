@@ -23,7 +23,6 @@ from typing import Callable
 
 import jax
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from metalearn.core.config import PLANE_NAMES, RuleConfig
 from metalearn.core.config_io import ConfigError
@@ -40,9 +39,12 @@ class ThetaSpec:
     _unravel: Callable = dataclasses.field(repr=False, compare=False)
 
     def ravel(self, theta) -> np.ndarray:
-        """theta pytree -> [P] float32 numpy vector."""
+        """theta pytree -> [P] float32 numpy vector (on the host: JAX need not be up)."""
         self.check_tree(theta)
-        return np.asarray(ravel_pytree(theta)[0], np.float32)
+        leaves = jax.tree.leaves(theta)
+        if not leaves:
+            return np.zeros(0, np.float32)
+        return np.concatenate([np.ravel(np.asarray(leaf, np.float32)) for leaf in leaves])
 
     def unravel(self, flat):
         """[P] vector -> theta pytree of arrays (jax arrays; numpy in, numpy-backed out)."""
@@ -122,10 +124,18 @@ def _raise_on_difference(have: dict, want: dict, where: str, want_name: str) -> 
 @functools.lru_cache(maxsize=32)
 def theta_spec(rule: RuleConfig) -> ThetaSpec:
     """The (cached) ``ThetaSpec`` of ``rule``."""
-    template = jax.eval_shape(functools.partial(init_theta, config=rule), jax.random.key(0))
-    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-    flat, unravel = ravel_pytree(zeros)
-    return ThetaSpec(rule=rule, shapes=_shapes_of(template), num_params=int(flat.size),
+    # Shapes only: nothing here starts JAX's backend (a runner may still choose how many
+    # CPU devices it starts with after the config is read).
+    template = jax.eval_shape(lambda: init_theta(jax.random.key(0), config=rule))
+    leaves, treedef = jax.tree.flatten(template)
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    offsets = np.cumsum([0] + sizes)
+
+    def unravel(flat):  # numpy in, numpy out; jax (or traced) in, jax out
+        return treedef.unflatten([flat[int(a):int(b)].reshape(leaf.shape)
+                                  for a, b, leaf in zip(offsets[:-1], offsets[1:], leaves)])
+
+    return ThetaSpec(rule=rule, shapes=_shapes_of(template), num_params=int(offsets[-1]),
                      _unravel=unravel)
 
 

@@ -141,6 +141,10 @@ class WorkerConfig:
     # --runner population: learner updates per program call (K meta-steps of
     # learner.meta_batch tasks each, the optax update inside; metalearn.core.population).
     meta_steps: int = 4
+    # --runner population: devices a meta-step's tasks are split over. 0: the most local
+    # accelerators that share learner.meta_batch evenly (on CPU: one device); N: N, on
+    # CPU N CPU devices (unreliable on XLA:CPU today: docs/training.md).
+    devices: int = 0
     seed: int = 0  # root of every worker's task stream
     # Persistent XLA compilation cache shared by workers and restarts; "" picks
     # ~/.cache/metalearn/jax, "none" turns it off.
@@ -162,6 +166,8 @@ class WorkerConfig:
             raise ConfigError(f"worker.batch_size must be >= 2, got {self.batch_size!r}")
         if self.meta_steps < 1:
             raise ConfigError(f"worker.meta_steps must be >= 1, got {self.meta_steps!r}")
+        if self.devices < 0:
+            raise ConfigError(f"worker.devices must be >= 0, got {self.devices!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,11 +12,12 @@ import traceback
 
 from metalearn.core.config import ConfigError
 from metalearn.training.config import TrainConfig
+from metalearn.training.events import append_event
 from metalearn.training.local import InProcessTransport, train_local
 from metalearn.training.loop import RunSummary
 from metalearn.training.messages import LearnerReply, WorkerResult
 from metalearn.training.population_engine import (PopulationEngine, ProgramStuck,
-                                                  wait_program)
+                                                  use_cpu_devices, wait_program)
 from metalearn.training.run_dir import RunDir
 from tasks.sampler import MixConfig
 
@@ -34,6 +35,9 @@ class PopulationTransport(InProcessTransport):
 
     def start_workers(self, seeds) -> int:
         self.engine = PopulationEngine(self.config, seeds[0], mix=self.mix)
+        devices = self.engine.devices
+        append_event(self.run.path, "population_devices", count=len(devices),
+                     devices=[str(d) for d in devices])
         return 1
 
     def collect(self, timeout_s: float) -> list[WorkerResult]:
@@ -70,6 +74,9 @@ def train_population(config: TrainConfig, run_dir, *, resume: bool = False,
         raise ConfigError(f"--runner population is one process (its program vectorises "
                           f"the tasks); worker.num_workers must be 0 or 1, got "
                           f"{config.worker.num_workers}")
+    # worker.devices > 1 on CPU: that many CPU devices, asked for before JAX starts (the
+    # count is fixed then).
+    use_cpu_devices(config.worker.devices)
     return train_local(config, run_dir, resume=resume, num_workers=1, mix=mix,
                        callbacks=callbacks, transport=PopulationTransport)
 

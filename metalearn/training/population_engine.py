@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -102,12 +103,48 @@ class CallResult(NamedTuple):
     timings: dict
 
 
+def program_devices(count: int, tasks: int) -> list:
+    """The local devices a population program splits ``tasks`` per meta-step over.
+
+    count: ``worker.devices``; 0 takes the most local devices (of JAX's default backend)
+    that share ``tasks`` evenly, N exactly N (an error when fewer exist or N does not
+    divide ``tasks``). On CPU the devices are the ones JAX was started with: one, unless
+    ``use_cpu_devices`` asked for more."""
+    local = jax.local_devices()
+    if count == 0:
+        usable = max(d for d in range(1, len(local) + 1) if tasks % d == 0)
+        return local[:usable]
+    if count > len(local):
+        raise ConfigError(f"worker.devices={count}, but this process has {len(local)} "
+                          f"{jax.default_backend()} device(s)")
+    if tasks % count:
+        raise ConfigError(f"learner.meta_batch={tasks} tasks do not split evenly over "
+                          f"worker.devices={count}")
+    return local[:count]
+
+
+def use_cpu_devices(count: int) -> int:
+    """Start JAX's CPU backend with ``count`` devices when ``count`` > 1 (0 or 1: leave
+    JAX's default, one), so a population program can split its tasks over the cores;
+    returns the number of CPU devices in effect. Only before JAX has run anything:
+    afterwards the backend keeps what it has. On XLA:CPU (jaxlib 0.10.2) a program split
+    over CPU devices now and then aborts in its cross-device mean (one device never
+    arrives: docs/training.md), hence one device unless asked."""
+    if count > 1:
+        try:
+            jax.config.update("jax_num_cpu_devices", int(count))
+            return int(count)
+        except RuntimeError:  # the backend is up already
+            pass
+    return len(jax.devices("cpu"))
+
+
 class PopulationEngine:
     """K meta-steps of ``es_full`` per call over M tasks each, from a seeded task stream."""
 
     def __init__(self, config: TrainConfig, stream_seed: int, *, mix: MixConfig | None = None,
                  sampler: Any = None, index: int = 0, meta_steps: int | None = None,
-                 tasks_per_step: int | None = None):
+                 tasks_per_step: int | None = None, devices=None):
         if config.unroll.estimator != "es_full":
             raise ConfigError(f"--runner population runs unroll.estimator 'es_full' (the "
                               f"local default); got {config.unroll.estimator!r}: use "
@@ -133,6 +170,9 @@ class PopulationEngine:
         self.rule = (dataclasses.replace(rule, inner_lr=horizon.inner_lr) if horizon.inner_lr
                      else rule)
         self.optimizer = make_optimizer(config.learner)
+        # The devices a meta-step's tasks are split over (one: no split).
+        self.devices = list(devices) if devices else program_devices(config.worker.devices,
+                                                                     self.tasks_per_step)
         self._programs: dict[str, PopulationProgram] = {}
         self._shapes: set = set()  # (activation, data signature) compiled so far
         self.compile_s = 0.0
@@ -161,7 +201,7 @@ class PopulationEngine:
             program = PopulationProgram(problem, template, self.config.unroll,
                                         self.config.horizon, self.optimizer, self.points,
                                         keep=self.keep, trainable=self.trainable,
-                                        init_phi=init_phi)
+                                        init_phi=init_phi, devices=self.devices)
             self._programs[key] = program
         return program
 
