@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 # command -> (module, one-line help)
@@ -26,10 +27,19 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version ("unknown" when run from a bare checkout)."""
+    try:
+        return importlib.metadata.version("metalearn")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metalearn",
         description="Meta-learn unsupervised update rules (Metz et al. 2019) with JAX and Ray.")
+    parser.add_argument("--version", action="version", version=f"metalearn {version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
