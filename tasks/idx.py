@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 
 import numpy as np
 
 from tasks.cache import cached
-from tasks.registry import Dataset, SourceOptions, register
+from tasks.registry import Dataset, SourceOptions, default_cache_dir, register
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
@@ -54,13 +55,63 @@ def _find(folder: str, stem: str) -> str:
             return path
     raise FileNotFoundError(
         f"Fashion-MNIST file {stem}(.gz) not found in {folder}: install Debian's "
-        f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass "
+        f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist), copy the IDX files "
+        f"you have with `metalearn data fetch fashion_mnist --from DIR`, or pass "
         f"--fashion-mnist-dir (sources.fashion_mnist_dir) pointing at the IDX files")
 
 
+def fetched_dir(options: SourceOptions) -> str:
+    """Where ``metalearn data fetch fashion_mnist`` puts the files: the cache folder's
+    ``fashion-mnist`` (``--cache-dir``, $METALEARN_CACHE or ~/.cache/metalearn)."""
+    return os.path.join(default_cache_dir(options), "fashion-mnist")
+
+
+def _has_files(folder: str) -> bool:
+    return all(os.path.exists(os.path.join(folder, stem)) or
+               os.path.exists(os.path.join(folder, stem + ".gz"))
+               for pair in FILES.values() for stem in pair)
+
+
 def fashion_mnist_dir(options: SourceOptions) -> str:
-    return (options.fashion_mnist_dir or os.environ.get("METALEARN_FASHION_MNIST_DIR")
-            or DEFAULT_DIR)
+    """The folder read: the one named (option, then $METALEARN_FASHION_MNIST_DIR), else
+    Debian's if it has the files, else the fetched copy if it has them, else Debian's
+    (whose absence the error then names)."""
+    named = options.fashion_mnist_dir or os.environ.get("METALEARN_FASHION_MNIST_DIR")
+    if named:
+        return named
+    for folder in (DEFAULT_DIR, fetched_dir(options)):
+        if _has_files(folder):
+            return folder
+    return DEFAULT_DIR
+
+
+def fetch_fashion_mnist(source: str, options: SourceOptions) -> dict:
+    """Check the four IDX files in ``source`` (gzipped or not) and copy them to
+    ``fetched_dir(options)``, each atomically (a copy cut short leaves no file behind).
+    Returns {"dir": target, "train": examples, "test": examples}. Nothing is downloaded."""
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"--from {source}: no such folder (it should hold the four "
+                                f"Fashion-MNIST IDX files, e.g. t10k-images-idx3-ubyte.gz)")
+    counts, found = {}, []
+    for split, (images, labels) in FILES.items():
+        x_path, y_path = _find(source, images), _find(source, labels)
+        x, y = read_idx(x_path), read_idx(y_path)
+        if x.ndim != 3 or x.shape[1:] != (28, 28) or x.dtype != np.uint8:
+            raise ValueError(f"{x_path}: expected uint8 images of 28 x 28, got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        if y.shape != (x.shape[0],) or y.min() < 0 or y.max() >= len(CLASS_NAMES):
+            raise ValueError(f"{y_path}: expected {x.shape[0]} labels in 0..9 to match "
+                             f"{x_path}, got shape {tuple(y.shape)}")
+        counts[split] = int(x.shape[0])
+        found += [x_path, y_path]
+    target = fetched_dir(options)
+    os.makedirs(target, exist_ok=True)
+    for path in found:
+        final = os.path.join(target, os.path.basename(path))
+        partial = final + ".partial"
+        shutil.copyfile(path, partial)
+        os.replace(partial, final)
+    return {"dir": target, **counts}
 
 
 def _build_split(name: str, splits: tuple[str, ...], options: SourceOptions) -> Dataset:

@@ -69,3 +69,54 @@ def test_real_fashion_mnist(tmp_path):
     val = load("fashion_mnist_val", options=SourceOptions(cache_dir=str(tmp_path)))
     assert val.num_examples == 60000 and val.info["splits"] == {"train": 60000}
     np.testing.assert_array_equal(val.class_index.counts, np.full(10, 6000))
+
+
+@pytest.mark.skipif(not os.path.isdir(idx.DEFAULT_DIR),
+                    reason="needs Debian's dataset-fashion-mnist files to copy")
+def test_fetch_from_files_makes_eval_run_without_the_debian_package(tmp_path, monkeypatch,
+                                                                    capsys):
+    import json
+
+    from metalearn.cli import main
+    # A machine without the Debian package, and a user who has the IDX files somewhere.
+    source = tmp_path / "downloads"
+    shutil.copytree(idx.DEFAULT_DIR, source)
+    monkeypatch.setattr(idx, "DEFAULT_DIR", str(tmp_path / "no-debian-package"))
+    monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("METALEARN_FASHION_MNIST_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="metalearn data fetch fashion_mnist --from"):
+        load("fashion_mnist", options=SourceOptions())
+    assert main(["data", "fetch", "fashion_mnist"]) == 2
+    assert "needs --from DIR" in capsys.readouterr().err
+    assert main(["data", "fetch", "fashion_mnist", "--from", str(source), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["test"] == 10000 and summary["train"] == 60000
+    assert summary["dir"] == str(tmp_path / "cache" / "fashion-mnist")
+    assert sorted(os.listdir(summary["dir"])) == sorted(os.listdir(source))
+    assert idx.fashion_mnist_dir(SourceOptions()) == summary["dir"]
+    code = main(["eval", "pretrained:laptop", "--dataset", "fashion_mnist", "--steps", "5",
+                 "--seeds", "1", "--baselines", "none", "--out", str(tmp_path / "report"),
+                 "--json", "--quiet"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "fashion_mnist" in json.dumps(report)
+
+
+def test_fetch_refuses_files_that_are_not_fashion_mnist_and_copies_nothing(tmp_path,
+                                                                          monkeypatch):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("t10k", 4)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte",
+                   rng.integers(0, 256, (n, 28, 28)).astype(np.uint8), 0x08)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8),
+                   0x08)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 1, 2, 12], np.uint8), 0x08)
+    options = SourceOptions(cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte: expected 4 labels in 0..9"):
+        idx.fetch_fashion_mnist(str(tmp_path), options)
+    assert not os.path.exists(idx.fetched_dir(options))
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        idx.fetch_fashion_mnist(str(tmp_path / "nowhere"), options)
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        idx.fetch_fashion_mnist(str(tmp_path), options)

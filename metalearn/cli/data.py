@@ -2,6 +2,8 @@
 
     metalearn data list [--json]
     metalearn data build NAME [source options]
+    metalearn data fetch fashion_mnist --from DIR [--cache-dir DIR] [--json]
+    metalearn data fetch NAME --data-dir DIR      # a TFDS source: TFDS downloads it
     metalearn data info NAME [--json] [source options]
     metalearn data sample --seed S [--mix FILE] [--config TRAIN] [--step N] [--json] [source options]
     metalearn data show NAME --out FILE.png [--rows R --cols C --seed S] [source options]
@@ -23,6 +25,7 @@ import matplotlib
 import numpy as np
 
 from tasks.glyphs import glyph_config
+from tasks.idx import fetch_fashion_mnist
 from metalearn.core.config_io import ConfigError, resolve_config
 from metalearn.training.config import load_config
 from metalearn.training.schedules import TruncationSchedule
@@ -46,6 +49,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("name", help="source name or file:PATH")
     add_source_args(p)
     p.set_defaults(func=run_build)
+
+    p = commands.add_parser(
+        "fetch", help="make a source available on this machine: Fashion-MNIST from IDX "
+        "files you have (--from), a TFDS source by TFDS's download (asked for here)")
+    p.add_argument("name", help="fashion_mnist (or fashion_mnist_val: the same files), or "
+                                "a TFDS source such as cifar10")
+    p.add_argument("--from", dest="from_dir", default=None,
+                   help="folder holding the four Fashion-MNIST IDX files (gzipped or not)")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    add_source_args(p)
+    p.set_defaults(func=run_fetch)
 
     p = commands.add_parser("info", help="classes, examples, shape (and glyph groups)")
     p.add_argument("name")
@@ -83,7 +97,8 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
                    help="TFDS data dir prepared elsewhere (default $TFDS_DATA_DIR)")
     g.add_argument("--fashion-mnist-dir", default=None,
                    help="folder of Fashion-MNIST IDX files (default Debian's "
-                        "/usr/share/datasets/fashion-mnist)")
+                        "/usr/share/datasets/fashion-mnist, else the copy `metalearn data "
+                        "fetch fashion_mnist --from DIR` made)")
     g.add_argument("--download", action="store_true",
                    help="let TFDS download and prepare (needs TensorFlow and internet)")
     g.add_argument("--cache-dir", default=None,
@@ -149,6 +164,39 @@ def run_build(args) -> int:
     s = dataset.summary()
     print(f"{s['name']}: {s['num_examples']} examples, {s['num_classes']} classes, "
           f"shape {s['shape']} ({s['modality']})")
+    return 0
+
+
+def run_fetch(args) -> int:
+    options = source_options(args)
+    if args.name in ("fashion_mnist", "fashion_mnist_val"):
+        if not args.from_dir:
+            raise ConfigError(
+                "metalearn data fetch fashion_mnist needs --from DIR, a folder with the four "
+                "IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, as published by "
+                "Zalando Research); metalearn downloads nothing by itself")
+        result = fetch_fashion_mnist(args.from_dir, options)
+        # Both splits, built now: the cache is ready and the files are proven readable.
+        for name in ("fashion_mnist", "fashion_mnist_val"):
+            load(name, options=dataclasses.replace(options, fashion_mnist_dir=result["dir"]),
+                 progress=False)
+        print(f"fashion_mnist: {result['test']} test and {result['train']} train examples "
+              f"copied to {result['dir']}; fashion_mnist and fashion_mnist_val now read them")
+    else:
+        if args.from_dir:
+            raise ConfigError(f"--from is for fashion_mnist; {args.name} is fetched by its "
+                              f"own loader (a TFDS source: --data-dir DIR)")
+        if args.name not in registry():
+            raise ConfigError(f"unknown source {args.name!r}; `metalearn data list` shows them")
+        # The user asked for this source to be fetched: TFDS may download it.
+        dataset = load(args.name, options=dataclasses.replace(options, download=True),
+                       progress=True)
+        result = {"dir": options.data_dir or os.environ.get("TFDS_DATA_DIR"),
+                  "examples": dataset.num_examples}
+        print(f"{args.name}: {dataset.num_examples} examples ready")
+    if args.json:
+        print(json.dumps({"name": args.name, **result}))
     return 0
 
 
