@@ -289,3 +289,16 @@ def test_reports_carry_the_newest_evaluation_and_the_final_one(tmp_path, monkeyp
     reporter.on_end(loop)
     assert reports[-1]["step"] == 6 and reports[-1]["done"]
     assert reports[-1][metric] == 0.8 and reports[-1]["eval_step"] == 6
+
+
+def test_a_sweep_ranking_on_missing_data_stops_before_any_trial(ray2, tmp_path, capsys):
+    gone = f"file:{tmp_path}/heldout.npz"
+    on = {"evaluator.enabled": True, "evaluator.datasets": [gone],
+          "evaluator.horizons": [100], "evaluator.long_every": 50}
+    spec = write_spec(tmp_path, "missing", metric=f"eval/{gone}/accuracy@100", mode="max",
+                      set=on)
+    assert main(["sweep", spec, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"metalearn: error: sweep missing needs the source '{gone}'")
+    assert "missing on node" in err[-1]
+    assert not (tmp_path / "o").exists()  # nothing written, nothing to clean up

@@ -18,7 +18,9 @@ import ray
 
 from metalearn.core.config import ConfigError
 from metalearn.distributed.driver import init_ray
-from metalearn.distributed.sweep import SPEC_FILE, TUNE_DIR, run_sweep, write_outputs
+from metalearn.distributed.data_check import check_nodes
+from metalearn.distributed.sweep import (SPEC_FILE, TUNE_DIR, data_needs, run_sweep,
+                                         write_outputs)
 from metalearn.distributed.sweep_spec import load_spec
 
 
@@ -41,11 +43,15 @@ def run(args) -> int:
             raise ConfigError(f"nothing to resume in {out}")
     elif os.path.exists(out) and os.listdir(out):
         raise ConfigError(f"{out} is not empty; choose a new --out or use --resume")
-    os.makedirs(out, exist_ok=True)
-    shutil.copy2(spec.path, os.path.join(out, SPEC_FILE))
     started = init_ray(args.address or "")
     start = time.monotonic()
     try:
+        # Every node must read what the trials will (a missing ranking set would leave
+        # the metric NaN and the ranking empty): checked before anything is written.
+        nodes = check_nodes(data_needs(spec), f"sweep {spec.name}")
+        print(f"sweep {spec.name}: its data loads on all {nodes} node(s)", file=sys.stderr)
+        os.makedirs(out, exist_ok=True)
+        shutil.copy2(spec.path, os.path.join(out, SPEC_FILE))
         results = run_sweep(spec, out, resume=args.resume)
         summary = write_outputs(results, spec, out)
     finally:

@@ -20,6 +20,7 @@ own, possibly mutated, config. The driver logs every result Tune processes to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,10 +36,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from ray.tune.utils import flatten_dict
 
 from metalearn.core.config import ConfigError
+from metalearn.core.config_io import from_dict
+from metalearn.distributed.data_check import ranked_dataset
 from metalearn.distributed.driver import ray_loop
 from metalearn.distributed.sweep_spec import SweepSpec, trial_config, trial_mix
 from metalearn.training.loop import Callback, TrainingLoop
 from metalearn.training.run_dir import RunDir
+from tasks.registry import SourceOptions
+from tasks.sampler import MixConfig
 
 SPEC_FILE = "sweep.yaml"
 TUNE_DIR = "tune"
@@ -236,6 +241,26 @@ def report_log():
                 f.write(json.dumps(row, default=str) + "\n")
 
     return ReportLog()
+
+
+def data_needs(spec: SweepSpec) -> list[tuple[str, SourceOptions]]:
+    """(source, options) pairs every node must be able to load for ``spec``'s trials: the
+    dataset the metric ranks on, and the components of each trial's task mix."""
+    base = trial_config(spec, {})
+    needs = []
+    ranked = ranked_dataset(spec.metric)
+    if ranked:
+        needs.append((ranked, SourceOptions(data_dir=base.evaluator.data_dir)))
+    for values in spec.mixes.values():
+        mix = from_dict(MixConfig, values)
+        options = (dataclasses.replace(mix.sources, data_dir=str(base.tasks.data_dir))
+                   if base.tasks.data_dir else mix.sources)
+        needs += [(component.source, options) for component in mix.components]
+    unique = []
+    for need in needs:
+        if need not in unique:
+            unique.append(need)
+    return unique
 
 
 def run_sweep(spec: SweepSpec, out: str, *, resume: bool = False):

@@ -1,0 +1,65 @@
+"""Is the data a sweep needs on every node, before any trial starts?
+
+A trial runs wherever Ray places it. A dataset missing on that node does not fail the
+trial. The continuous evaluator skips it, and the metric it would have written stays
+NaN. Tune then ranks on nothing, and says nothing about it. So ``metalearn sweep`` asks
+every alive node first, with one zero-CPU task pinned to each. Each task loads the
+sources the trials will read: the ranking dataset (``eval/<name>/...``) and every
+component of each trial's task mix, with that trial's source options. A missing source
+stops the sweep before anything is written, in one line that names the node and the
+fix.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from metalearn.core.config import ConfigError
+from tasks.registry import SourceOptions
+from tasks.sources import load
+
+
+def ranked_dataset(metric: str) -> str | None:
+    """The dataset a metric such as ``eval/fashion_mnist_val/accuracy@100`` is measured
+    on; None for a training column (``meta_loss_rolling``)."""
+    # The name may hold slashes itself (file:/data/set.npz): it ends at the last one.
+    if not metric.startswith("eval/") or metric.count("/") < 2:
+        return None
+    return metric[len("eval/"):metric.rindex("/")]
+
+
+def missing_sources(needs: list[tuple[str, SourceOptions]]) -> dict[str, str]:
+    """{source: why} for each (source, options) that cannot be loaded in this process
+    (built and cached where it can be: the trial then finds it ready)."""
+    missing = {}
+    for name, options in needs:
+        try:
+            load(name, options=options, progress=False)
+        except (FileNotFoundError, ConfigError, ImportError, ValueError) as err:
+            missing[name] = str(err).splitlines()[0][:300]
+    return missing
+
+
+@ray.remote(num_cpus=0)
+def _probe_node(needs: list[tuple[str, SourceOptions]]) -> tuple[str, dict[str, str]]:
+    return socket.gethostname(), missing_sources(needs)
+
+
+def check_nodes(needs: list[tuple[str, SourceOptions]], what: str) -> int:
+    """Load ``needs`` on every alive node of the connected Ray cluster; ConfigError
+    naming the first missing source, its node and why. Returns the nodes checked."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    probes = [_probe_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(needs) for n in nodes]
+    for node, (host, missing) in zip(nodes, ray.get(probes)):
+        for name, why in missing.items():
+            raise ConfigError(f"{what} needs the source {name!r}, which is missing on node "
+                              f"{node.get('NodeManagerAddress', host)} ({host}): {why}. "
+                              f"Stage it on every node (docs/sweeps.md) and start again")
+    return len(nodes)
+
+
+__all__ = ["check_nodes", "missing_sources", "ranked_dataset"]
