@@ -4,6 +4,7 @@ and the Learner step by step, and the runner on real tasks."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -199,7 +200,7 @@ def test_population_runner_refuses_what_it_cannot_run(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_runner_population_then_export(tmp_path):
+def test_cli_runner_population_then_export(tmp_path, capsys):
     from metalearn.cli import main
     from metalearn.training.config import config_to_yaml
     from metalearn.training.run_dir import RunDir
@@ -207,7 +208,10 @@ def test_cli_runner_population_then_export(tmp_path):
     path = tmp_path / "pop.yaml"
     path.write_text(config_to_yaml(population_config(tmp_path, steps=2)))
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "run"),
-                 "--runner", "population"]) == 0
+                 "--runner", "population", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["final_step"] == 2 and summary["start_step"] == 0
+    assert summary["run"] == str(tmp_path / "run") and summary["signal"] is None
     assert [r["step"] for r in read_metrics(str(tmp_path / "run")).to_pylist()] == [1, 2]
     assert RunDir(tmp_path / "run").read_config().run.runner == "population"
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0

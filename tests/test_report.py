@@ -1,5 +1,7 @@
 """Report tables and plots, and `metalearn plot` on a run's metrics."""
 
+import json
+
 import pytest
 
 from metalearn.cli import main
@@ -42,6 +44,9 @@ def test_plot_meta_training_with_eval_columns(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip()
     assert out.endswith("meta_training.png") and _png_ok(out)
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "j.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
+        "plot": str(tmp_path / "j.png"), "rows": len(rows)}
     path = plot_meta_training(rows, str(tmp_path), str(tmp_path / "x.png"))
     assert _png_ok(path)
 

@@ -57,7 +57,7 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
-def test_smoke_sweep_every_trial_reports_then_resume(ray2, tmp_path):
+def test_smoke_sweep_every_trial_reports_then_resume(ray2, tmp_path, capsys):
     # The smoke sweep, shortened: 2 trials (the LR-schedule grid), 8 steps, FIFO.
     spec = write_spec(tmp_path, "smoke_test",
                       search={"learner.lr_values": {"grid": [[3.0e-3, 1.0e-3, 3.0e-4],
@@ -65,9 +65,12 @@ def test_smoke_sweep_every_trial_reports_then_resume(ray2, tmp_path):
                               "learner.lr_boundaries": [10, 20]},
                       trial={"steps": 8, "report_every": 4}, scheduler={"type": "fifo"})
     out = tmp_path / "out"
-    assert main(["sweep", spec, "--out", str(out)]) == 0
+    assert main(["sweep", spec, "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     results = pq.read_table(str(out / "results.parquet")).to_pylist()
     assert len(results) == 2
+    assert summary["trials"] == 2 and summary["errored"] == 0 and summary["out"] == str(out)
+    assert summary["best"]["trial_id"] in {r["trial_id"] for r in results}
     assert {json.loads(r["learner.lr_values"])[0] for r in results} == {3e-3, 3e-4}
     for row in results:
         assert row["status"] == "DONE" and row["final_step"] == 8 and row["reports"] == 2

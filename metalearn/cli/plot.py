@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from metalearn.evaluation.report import plot_meta_training
@@ -17,13 +18,17 @@ def add_parser(subparsers) -> None:
                                           "per dataset and held-out evaluation curves.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", help=f"PNG path (default RUN_DIR/{PLOT})")
+    p.add_argument("--json", action="store_true",
+                   help="last line: one JSON object (the PNG's path, rows plotted)")
     p.set_defaults(func=run_plot)
 
 
 def run_plot(args) -> int:
     # RunDir owns the run folder's file names (the metrics table's among them).
     rows = read_metric_rows(args.run_dir)  # FileNotFoundError: no metrics yet
-    print(plot_meta_training(rows, args.run_dir, args.out or os.path.join(args.run_dir, PLOT)))
+    path = plot_meta_training(rows, args.run_dir, args.out or os.path.join(args.run_dir, PLOT))
+    print(json.dumps({"plot": path, "rows": len(rows)}) if getattr(args, "json", False)
+          else path)
     return 0
 
 

@@ -9,6 +9,7 @@ See docs/sweeps.md; the trials are ``metalearn.distributed.sweep``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -32,6 +33,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted sweep in --out")
     parser.add_argument("--address", help="join this Ray cluster (e.g. auto)")
+    parser.add_argument("--json", action="store_true",
+                        help="last line of stdout: one JSON object (trials, errors, the "
+                             "best trial's row of results.md, output folder)")
     parser.set_defaults(func=run)
 
 
@@ -61,6 +65,10 @@ def run(args) -> int:
     print(f"sweep {spec.name}: {len(summary)} trials ({errors} errored) in "
           f"{(time.monotonic() - start) / 60:.1f} min; results in {out}/results.md, plot "
           f"{out}/meta_loss.png", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"sweep": spec.name, "out": out, "metric": spec.metric,
+                          "mode": spec.mode, "trials": len(summary), "errored": errors,
+                          "best": summary[0] if summary else None}, default=str))
     return 1 if errors == len(summary) else 0
 
 

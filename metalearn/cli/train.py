@@ -16,6 +16,7 @@ refused unless ``--allow-config-change``; every session's config is kept in
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 
@@ -51,6 +52,9 @@ def add_parser(subparsers) -> None:
                              "config is kept in RUN_DIR/configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. learner.meta_batch=8 (repeatable)")
+    parser.add_argument("--json", action="store_true",
+                        help="last line of stdout: one JSON object (steps, wall time, "
+                             "checkpoint, restarts, run folder)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="also write TensorBoard scalars to RUN/tensorboard")
     parser.set_defaults(func=run)
@@ -83,6 +87,16 @@ def run(args) -> int:
                                                                          train)
     summary = runner(config, run_dir, resume=session.resume, mix=session.mix,
                      callbacks=callbacks)
+    if getattr(args, "json", False):
+        print(json.dumps({"run": run_dir.path, "start_step": summary.start_step,
+                          "final_step": summary.final_step,
+                          "checkpoint_step": summary.checkpoint_step,
+                          "wall_s": round(summary.wall_s, 3),
+                          "worker_failures": summary.worker_failures,
+                          "learner_restarts": summary.learner_restarts,
+                          "dropped_stale": summary.dropped_stale,
+                          "dropped_nonfinite": summary.dropped_nonfinite,
+                          "signal": summary.signal or None}))
     if summary.signal:
         # 128 + the signal's number, as a shell reports a process the signal ended.
         code = 128 + int(getattr(signal, summary.signal))
