@@ -206,3 +206,19 @@ def test_workers_that_cannot_start_stop_the_run_with_the_cause(ray_session, tmp_
                                  "on_start_failure": "continue"})
     with pytest.raises(WorkerStartError, match="2 of 2 workers could not start"):
         train(config, tmp_path / "run2", mix=unreadable)
+
+
+def test_mix_and_data_dir_flags_set_the_task_section(config_file, tmp_path, capsys):
+    from metalearn.cli import build_parser
+    from metalearn.cli.train import resolve
+
+    (tmp_path / "tfds").mkdir()
+    argv = ["train", "--config", config_file, "--out", str(tmp_path / "r"), "--mix", "tiny",
+            "--data-dir", str(tmp_path / "tfds")]
+    session = resolve(build_parser(argv).parse_args(argv))
+    assert session.config.tasks.mix == "tiny"
+    assert session.config.tasks.data_dir == str(tmp_path / "tfds")
+    assert main(["train", "--config", config_file, "--out", str(tmp_path / "x"),
+                 "--mix", str(tmp_path / "no_such_mix.yaml")]) == 2
+    assert "no_such_mix.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

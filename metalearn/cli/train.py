@@ -45,6 +45,10 @@ def add_parser(subparsers) -> None:
                              "process, no Ray (debugging); population: one process whose "
                              "compiled program makes worker.meta_steps learner updates "
                              "per call (es_full)")
+    parser.add_argument("--mix", help="task mix: a packaged name (local, paper, tiny) or a "
+                                      "YAML file (tasks.mix)")
+    parser.add_argument("--data-dir", help="TFDS data dir for the mix's TFDS sources "
+                                           "(tasks.data_dir)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its checkpoint")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="with --resume: train the next steps with a config that "
@@ -65,7 +69,8 @@ def resolve(args):
     overrides = list(args.set)
     for name, key in (("minutes", "run.minutes"), ("steps", "run.steps"),
                       ("workers", "worker.num_workers"), ("address", "run.address"),
-                      ("runner", "run.runner")):
+                      ("runner", "run.runner"), ("mix", "tasks.mix"),
+                      ("data_dir", "tasks.data_dir")):
         value = getattr(args, name)
         if value is not None:
             overrides.append(f"{key}={value}")
