@@ -214,9 +214,17 @@ def test_cli_sweep_and_errors(tmp_path, tiny_rule, capsys):
     assert payload["sweep"] == "depth" and set(payload["values"]) == {"1", "2"}
     assert [p["step"] for p in payload["values"]["2"]["learned"]["curve"]] == [0, 1]
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 100
-    assert main(["eval", str(tmp_path / "run"), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "not a metalearn export" in err and "export it first" in err
+    # A run folder is evaluated as `metalearn export` would export it (its newest theta
+    # here: the run has no best by validation).
+    code = main(["eval", str(tmp_path / "run"), "--dataset", "digits", "--steps", "1",
+                 "--seeds", "1", "--width", "8", "--batch-size", "16", "--test-size", "100",
+                 "--baselines", "none", "--out", str(tmp_path / "r"), "--json", "--quiet"])
+    assert code == 0
+    from_run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert from_run["methods"]["learned"]["step"] == 1
+    (tmp_path / "plain").mkdir()
+    assert main(["eval", str(tmp_path / "plain"), "--quiet"]) == 2
+    assert "not a metalearn export" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "e"), "--dataset", "nope", "--quiet"]) == 2
 
 

@@ -9,7 +9,7 @@ from jax.flatten_util import ravel_pytree
 from eval_helpers import make_run
 from metalearn.cli import main
 from metalearn.core.config import ConfigError, RuleConfig
-from metalearn.training.export import export_run, load_export, read_export_meta
+from metalearn.training.export import export_run, load_export, load_theta, read_export_meta
 
 
 def _tree_bytes(root):
@@ -68,8 +68,9 @@ def test_not_an_export(tmp_path, tiny_rule):
     with pytest.raises(ConfigError, match="is not a metalearn export"):
         load_export(str(tmp_path / "plain"))
     make_run(tmp_path / "run", tiny_rule)
-    with pytest.raises(ConfigError, match="export it first"):
-        read_export_meta(str(tmp_path / "run"))
+    # A run folder reads as the theta `metalearn export` takes (here its newest, step 7).
+    assert read_export_meta(str(tmp_path / "run"))["step"] == 7
+    assert load_theta(str(tmp_path / "run"))[2] == 7
     with pytest.raises(FileNotFoundError):
         load_export(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="theta_latest"):

@@ -188,7 +188,7 @@ def audit_run(run_dir: str | os.PathLike) -> AuditReport:
         f"steps over {[round(s, 1) for s in lost_intervals]} s (bound {bound:.0f} s: "
         f"one checkpoint interval + the longest update + 30 s)")
 
-    theta, _, theta_step = load_theta(run.path)
+    theta, _, theta_step = load_theta(run.theta)  # the newest theta, not the best
     finite = all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree.leaves(theta))
     add("theta_finite", finite and theta_step == final,
         f"theta_latest at step {theta_step}: {'finite' if finite else 'NOT finite'}")

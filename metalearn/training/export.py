@@ -221,10 +221,7 @@ def save_run_theta(run: RunDir, theta_flat: np.ndarray, rule: RuleConfig, step: 
 
 def load_theta(path: str):
     """(theta pytree, rule config, step) from an export, ``pretrained:NAME`` or a run
-    folder's newest theta."""
-    path = resolve_checkpoint(path)
-    if not is_export(path) and is_export(RunDir(path).theta):
-        path = RunDir(path).theta
+    folder (its best theta by validation, else its newest)."""
     exported = load_export(path)
     return exported.theta, exported.rule, exported.step
 
@@ -245,9 +242,16 @@ def pretrained_names() -> list[str]:
 def resolve_checkpoint(ref: str) -> str:
     """A checkpoint reference -> its folder: ``pretrained:NAME`` names a rule shipped with
     the package (``metalearn/pretrained/NAME``, an export with its provenance in
-    ``PROVENANCE.md``); anything else is a path and is returned unchanged."""
+    ``PROVENANCE.md``); a training run's folder gives the theta ``metalearn export``
+    takes by default (``theta_best`` by validation, else ``theta_latest``); anything else
+    is a path and is returned unchanged."""
     ref = os.fspath(ref)
     if not ref.startswith(PRETRAINED_PREFIX):
+        if os.path.isdir(ref) and not is_export(ref):
+            run = RunDir(ref)
+            for saved in (run.best, run.theta):
+                if is_export(saved):
+                    return saved
         return ref
     name = ref[len(PRETRAINED_PREFIX):]
     names = pretrained_names()
@@ -274,11 +278,8 @@ def read_export_meta(path: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not is_export(path):
-        hint = (f"; it looks like a training run: export it first with "
-                f"`metalearn export {path} --out EXPORT_DIR`"
-                if is_export(RunDir(path).theta) else "")
         raise ConfigError(f"{path} is not a metalearn export (no {META_ITEM}/metadata and "
-                          f"{THETA_ITEM}/ items){hint}")
+                          f"{THETA_ITEM}/ items) nor a training run with a saved theta")
     try:
         with open(os.path.join(path, META_ITEM, "metadata")) as f:
             meta = json.load(f)
