@@ -101,6 +101,17 @@ def test_smoke_sweep_every_trial_reports_then_resume(ray2, tmp_path, capsys):
     # A new sweep into a used folder is refused without touching it.
     assert main(["sweep", spec, "--out", str(out)]) == 2
 
+    # From sweep to rule: the first-ranked trial's newest checkpoint, exported.
+    best = pq.read_table(str(out / "results.parquet")).to_pylist()[0]
+    assert best["checkpoint"].startswith(str(out / "tune" / "smoke_test"))
+    capsys.readouterr()
+    assert main(["export", "--best", str(out), "--out", str(tmp_path / "rule"), "--json"]) == 0
+    captured = capsys.readouterr()
+    exported = json.loads(captured.out.strip().splitlines()[-1])
+    assert exported["step"] == 8 and f"best trial {best['trial_id']}" in captured.err
+    assert main(["export", str(out), "--best", str(out), "--out", str(tmp_path / "x")]) == 2
+    assert "one of them" in capsys.readouterr().err
+
 
 # Slow (about a minute of two trials' sessions): the smoke sweep above keeps Tune's
 # trials, reports and resume in the default suite.
@@ -166,6 +177,25 @@ def test_pbt_clones_a_trial_and_changes_its_config_mid_run(ray2, tmp_path):
     assert set(results) == trials
     assert results[trial]["exploits"] >= 1
     assert all(r["final_step"] == 8 and r["status"] == "DONE" for r in results.values())
+
+
+def test_best_checkpoint_needs_a_finished_sweep_with_checkpoints(tmp_path):
+    from metalearn.distributed.sweep import best_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="no results.parquet"):
+        best_checkpoint(str(tmp_path))
+    import pyarrow as pa
+    pq.write_table(pa.Table.from_pylist([{"trial_id": "a", "checkpoint": ""},
+                                         {"trial_id": "b", "checkpoint": str(tmp_path / "gone")}]),
+                   str(tmp_path / "results.parquet"))
+    with pytest.raises(FileNotFoundError, match="no trial has a checkpoint"):
+        best_checkpoint(str(tmp_path))
+    (tmp_path / "c").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"trial_id": "a", "checkpoint": ""},
+                                         {"trial_id": "b", "checkpoint": str(tmp_path / "c")}]),
+                   str(tmp_path / "results.parquet"))
+    assert best_checkpoint(str(tmp_path)) == (str(tmp_path / "c"),
+                                              {"trial_id": "b", "checkpoint": str(tmp_path / "c")})
 
 
 def test_bad_spec_is_one_clear_line(tmp_path, capsys):

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from metalearn.core.config_io import ConfigError
+from metalearn.distributed.sweep import best_checkpoint
 from metalearn.training.export import export_run
 
 
@@ -17,7 +19,12 @@ def add_parser(subparsers) -> None:
                     "when the run has no validation score), its rule config and provenance "
                     "(run, step, meta-loss, validation score, package version) to a "
                     "standalone orbax checkpoint.")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="training run folder")
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
+                        help="training run folder (or --best SWEEP_DIR)")
+    parser.add_argument("--best", metavar="SWEEP_DIR",
+                        help="export the best trial of a `metalearn sweep` output folder "
+                             "(its first row in results.md): that trial's newest checkpoint, "
+                             "its best theta by validation")
     parser.add_argument("--out", required=True, help="export folder to write")
     parser.add_argument("--force", action="store_true", help="replace an existing export")
     parser.add_argument("--last", action="store_true",
@@ -30,7 +37,13 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args) -> int:
-    meta = export_run(args.run_dir, args.out, force=args.force, last=args.last,
+    if (args.run_dir is None) == (args.best is None):
+        raise ConfigError("export: give RUN_DIR or --best SWEEP_DIR (one of them)")
+    run_dir = args.run_dir
+    if args.best:
+        run_dir, row = best_checkpoint(args.best)
+        print(f"best trial {row['trial_id']} of {args.best}: {run_dir}", file=sys.stderr)
+    meta = export_run(run_dir, args.out, force=args.force, last=args.last,
                       start=args.start)
     if args.json:
         print(json.dumps({"out": os.path.abspath(args.out), **meta}, default=str))

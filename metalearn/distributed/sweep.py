@@ -359,7 +359,10 @@ def collect(results, spec: SweepSpec, reports: list[dict] = ()):
                  f"best_{spec.metric}": float(best),
                  "exploits": len({r.get("restored_step") for r in rows
                                   if r.get("restored_from") not in (None, "", trial_id)}),
-                 "wall_s": float(last.get("time_total_s", math.nan))}
+                 "wall_s": float(last.get("time_total_s", math.nan)),
+                 # The trial's newest kept checkpoint: a copy of its run folder, whose
+                 # theta_best is its best theta by validation so far (``export --best``).
+                 "checkpoint": str(result.checkpoint.path) if result.checkpoint else ""}
         for key, value in sorted((result.config or {}).items()):
             entry[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
         summary.append(entry)
@@ -428,6 +431,20 @@ def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
     plt.close(fig)
 
 
+def best_checkpoint(sweep_dir: str) -> tuple[str, dict]:
+    """(checkpoint folder, summary row) of the sweep's first-ranked trial that has a
+    checkpoint, from ``SWEEP_DIR/results.parquet`` (the order results.md shows)."""
+    path = os.path.join(sweep_dir, "results.parquet")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{sweep_dir} has no results.parquet: not a finished "
+                                f"`metalearn sweep` output folder (resume it to finish)")
+    for row in pq.read_table(path).to_pylist():
+        if row.get("checkpoint") and os.path.isdir(row["checkpoint"]):
+            return row["checkpoint"], row
+    raise FileNotFoundError(f"{path}: no trial has a checkpoint on this machine (a sweep "
+                            f"from before checkpoints were listed, or storage elsewhere)")
+
+
 def write_outputs(results, spec: SweepSpec, out: str) -> list[dict]:
     reports = read_reports(os.path.join(out, TUNE_DIR, spec.name, REPORTS_FILE))
     summary, history = collect(results, spec, reports)
@@ -444,5 +461,5 @@ def write_outputs(results, spec: SweepSpec, out: str) -> list[dict]:
     return summary
 
 
-__all__ = ["collect", "read_reports", "report_log", "run_sweep", "run_trial",
+__all__ = ["best_checkpoint", "collect", "read_reports", "report_log", "run_sweep", "run_trial",
            "write_outputs"]
