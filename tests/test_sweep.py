@@ -335,3 +335,43 @@ def test_a_sweep_ranking_on_missing_data_stops_before_any_trial(ray2, tmp_path, 
     assert err[-1].startswith(f"metalearn: error: sweep missing needs the source '{gone}'")
     assert "missing on node" in err[-1]
     assert not (tmp_path / "o").exists()  # nothing written, nothing to clean up
+
+
+def test_optuna_specs_are_checked_when_loaded(tmp_path):
+    from metalearn.distributed.sweep_spec import load_spec
+
+    optuna = {"type": "optuna", "sampler": "tpe", "seed": 3}
+    # The smoke spec searches grids of lists: Optuna samples single values.
+    with pytest.raises(ConfigError, match="search.curriculum.unroll_start: grid enumerates"):
+        load_spec(write_spec(tmp_path, "o1", search_alg=optuna))
+    lists = {"learner.lr_values": {"choice": [[1e-3, 1e-4, 1e-5], [3e-3, 3e-4, 3e-5]]},
+             "learner.lr_boundaries": [10, 20]}
+    with pytest.raises(ConfigError, match="not lists"):
+        load_spec(write_spec(tmp_path, "o2", search_alg=optuna, search=lists))
+    scalar = {"learner.clip_norm": {"loguniform": [0.5, 8.0]},
+              "curriculum.unroll_ramp_steps": {"choice": [10, 20]}}
+    with pytest.raises(ConfigError, match="scheduler pbt"):
+        load_spec(write_spec(tmp_path, "o3", search_alg=optuna, search=scalar,
+                             scheduler={"type": "pbt", "mutations": {
+                                 "learner.clip_norm": {"uniform": [1.0, 4.0]}}}))
+    with pytest.raises(ConfigError, match="search_alg.sampler"):
+        load_spec(write_spec(tmp_path, "o4", search_alg={"type": "optuna", "sampler": "tp"},
+                             search=scalar))
+    spec = load_spec(write_spec(tmp_path, "ok", search_alg=optuna, search=scalar))
+    assert spec.search_alg.type == "optuna" and spec.search_alg.seed == 3
+    from metalearn.distributed.sweep import search_algorithm
+    assert type(search_algorithm(spec)).__name__ == "OptunaSearch"
+    assert search_algorithm(load_spec(SMOKE)) is None
+
+
+def test_an_optuna_sweep_runs_its_trials(ray2, tmp_path):
+    spec = write_spec(tmp_path, "optuna_test", search_alg={"type": "optuna", "seed": 0},
+                      search={"learner.clip_norm": {"loguniform": [0.5, 8.0]}},
+                      num_samples=2, trial={"steps": 4, "report_every": 4},
+                      scheduler={"type": "fifo"})
+    out = tmp_path / "out"
+    assert main(["sweep", spec, "--out", str(out)]) == 0
+    results = pq.read_table(str(out / "results.parquet")).to_pylist()
+    assert [r["status"] for r in results] == ["DONE", "DONE"]
+    clips = [r["learner.clip_norm"] for r in results]
+    assert all(0.5 <= c <= 8.0 for c in clips) and clips[0] != clips[1]

@@ -31,8 +31,10 @@ import tempfile
 import matplotlib
 import pyarrow as pa
 import pyarrow.parquet as pq
+import optuna
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils import flatten_dict
 
 from metalearn.core.config import ConfigError
@@ -263,6 +265,16 @@ def data_needs(spec: SweepSpec) -> list[tuple[str, SourceOptions]]:
     return unique
 
 
+def search_algorithm(spec: SweepSpec):
+    """Tune's searcher for ``spec.search_alg`` (None: the variant generator)."""
+    alg = spec.search_alg
+    if alg.type == "random":
+        return None
+    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+                "qmc": optuna.samplers.QMCSampler}
+    return OptunaSearch(sampler=samplers[alg.sampler](seed=alg.seed))
+
+
 def run_sweep(spec: SweepSpec, out: str, *, resume: bool = False):
     """Run (or continue) the sweep in ``out``; returns the ResultGrid."""
     out = os.path.abspath(out)
@@ -279,6 +291,7 @@ def run_sweep(spec: SweepSpec, out: str, *, resume: bool = False):
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                search_alg=search_algorithm(spec),
                 scheduler=make_scheduler(spec),
                 max_concurrent_trials=spec.max_concurrent or None,
                 reuse_actors=False),
@@ -461,5 +474,5 @@ def write_outputs(results, spec: SweepSpec, out: str) -> list[dict]:
     return summary
 
 
-__all__ = ["best_checkpoint", "collect", "read_reports", "report_log", "run_sweep", "run_trial",
+__all__ = ["best_checkpoint", "collect", "read_reports", "search_algorithm", "report_log", "run_sweep", "run_trial",
            "write_outputs"]

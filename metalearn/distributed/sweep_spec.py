@@ -242,6 +242,21 @@ def _scheduler(values: Any) -> SchedulerConfig:
     return from_dict(SCHEDULERS[kind], values, "scheduler")
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchAlgConfig:
+    """How trials' searched values are chosen.
+
+    ``random``: Tune's variant generator (every grid value, one draw per random domain,
+    ``num_samples`` times). ``optuna``: Optuna proposes each trial's values from the
+    reports of the trials before it (``sampler``: ``tpe``, ``random`` or ``qmc``,
+    seeded by ``seed``); ``num_samples`` is then the number of trials. Optuna takes
+    ranges and choices of single values (no ``grid``, no list-valued ``choice``)."""
+
+    type: Literal["random", "optuna"] = "random"
+    sampler: Literal["tpe", "random", "qmc"] = "tpe"
+    seed: int = 0
+
+
 # ---------------------------------------------------------------------------
 # the sweep definition
 
@@ -258,6 +273,7 @@ class SweepSpec:
     max_failures: int = 2
     trial: TrialSettings = TrialSettings()
     scheduler: SchedulerConfig = FifoScheduler()
+    search_alg: SearchAlgConfig = SearchAlgConfig()
     path: str = ""  # the spec file (absolute), set by load_spec
     # Read on the submitting machine by ``load_spec`` and carried to the trials, which
     # may run on other nodes: the base config's values, and the resolved task mix of
@@ -277,6 +293,22 @@ class SweepSpec:
         if self.max_failures < -1:
             raise ConfigError(f"max_failures must be >= -1 (-1: retry forever), "
                               f"got {self.max_failures}")
+        if self.search_alg.type == "optuna":
+            if self.scheduler.type == "pbt":
+                raise ConfigError("search_alg.type optuna with scheduler pbt: PBT changes "
+                                  "trials' values itself; use asha or fifo with Optuna")
+            for entry in self.search:
+                if entry.domain is None:
+                    continue
+                if entry.domain.kind == "grid":
+                    raise ConfigError(f"search.{entry.key}: grid enumerates values, Optuna "
+                                      f"samples them: use choice (or search_alg.type: "
+                                      f"random)")
+                if entry.domain.kind == "choice" and any(
+                        isinstance(v, (list, tuple, dict)) for v in entry.domain.args):
+                    raise ConfigError(f"search.{entry.key}: Optuna chooses among single "
+                                      f"values (numbers, strings), not lists: search a "
+                                      f"scalar key, or use search_alg.type: random")
 
 
 _FILE_KEYS = tuple(f.name for f in dataclasses.fields(SweepSpec)
@@ -300,6 +332,8 @@ def load_spec(path: str) -> SweepSpec:
         values["search"] = _entries("search", raw.get("search"), SEARCH_KINDS,
                                     fixed_allowed=True)
         values["scheduler"] = _scheduler(raw.get("scheduler"))
+        values["search_alg"] = from_dict(SearchAlgConfig, raw.get("search_alg") or {},
+                                         "search_alg")
         spec = from_dict(SweepSpec, values)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
@@ -467,6 +501,6 @@ def trial_config(spec: SweepSpec, params: dict) -> TrainConfig:
     return config_from_dict(trial_values(spec, params))
 
 
-__all__ = ["REPORT_COLUMNS", "TRIAL_LIMITS", "check_metric", "reported_columns", "AshaScheduler", "Domain", "FifoScheduler", "PbtScheduler", "SchedulerConfig",
+__all__ = ["REPORT_COLUMNS", "SearchAlgConfig", "TRIAL_LIMITS", "check_metric", "reported_columns", "AshaScheduler", "Domain", "FifoScheduler", "PbtScheduler", "SchedulerConfig",
            "SearchEntry", "SweepSpec", "TrialSettings", "load_spec", "mix_key",
            "trial_config", "trial_mix", "trial_values"]
