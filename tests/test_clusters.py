@@ -81,6 +81,23 @@ def test_kuberay_manifest_structure():
     assert cpu["minReplicas"] <= cpu["replicas"] <= cpu["maxReplicas"]
 
 
+def test_the_rayjob_runs_a_valid_command_on_the_raycluster_into_its_runs_volume():
+    import shlex
+
+    from metalearn.cli import build_parser
+
+    cluster = _load(KUBERAY)
+    job = _load(os.path.join(ROOT, "clusters", "kubernetes", "rayjob.yaml"))
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "metalearn"
+    args = build_parser(argv[1:]).parse_args(argv[1:])  # exits on a flag metalearn lacks
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    runs = [m["mountPath"] for m in head["volumeMounts"] if m["name"] == "runs"]
+    assert runs and args.out.startswith(runs[0] + "/")
+
+
 @pytest.mark.parametrize("path", RAY_UP_CONFIGS + [KUBERAY], ids=os.path.basename)
 def test_the_dashboard_is_not_bound_to_every_interface(path):
     # Ray's dashboard runs jobs for whoever reaches it: users reach it through
