@@ -35,6 +35,8 @@ def modules() -> dict[str, pathlib.Path]:
 
 
 def floor_of(module: str) -> int | None:
+    if module == "metalearn.__main__":  # `python -m metalearn`: the command line's floor
+        return FLOORS.index("metalearn.cli")
     for index, floor in enumerate(FLOORS):
         if module == floor or module.startswith(floor + "."):
             return index
