@@ -19,7 +19,7 @@ from metalearn.training.config import LearnerConfig, CurriculumConfig
 from metalearn.training.learner import Learner, make_optimizer
 from metalearn.training.messages import Submission
 from metalearn.training.metrics import read_metrics
-from test_full_horizon import LAM, N, PHI0, THETA, Linear, Target
+from test_full_horizon import N, PHI0, THETA, Linear, Target
 from train_helpers import tiny_config
 
 STEPS, POINTS, PAIRS, SIGMA = 12, 3, 4, 0.1

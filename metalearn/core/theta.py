@@ -47,7 +47,7 @@ class ThetaSpec:
         return np.concatenate([np.ravel(np.asarray(leaf, np.float32)) for leaf in leaves])
 
     def unravel(self, flat):
-        """[P] vector -> theta pytree of arrays (jax arrays; numpy in, numpy-backed out)."""
+        """[P] vector -> theta pytree (numpy leaves from numpy, jax leaves from jax)."""
         self.check_flat(flat)
         return self._unravel(flat)
 
