@@ -222,3 +222,13 @@ def test_mix_and_data_dir_flags_set_the_task_section(config_file, tmp_path, caps
                  "--mix", str(tmp_path / "no_such_mix.yaml")]) == 2
     assert "no_such_mix.yaml" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_tensorboard_is_on_in_the_packaged_config_and_can_be_turned_off(tmp_path):
+    from metalearn.cli import build_parser
+    from metalearn.cli.train import resolve
+    from metalearn.training.config import load_config
+
+    assert load_config(None).run.tensorboard is True  # the local default
+    argv = ["train", "--out", str(tmp_path / "r"), "--no-tensorboard"]
+    assert resolve(build_parser(argv).parse_args(argv)).config.run.tensorboard is False

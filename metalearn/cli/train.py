@@ -16,6 +16,7 @@ refused unless ``--allow-config-change``; every session's config is kept in
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import sys
@@ -59,8 +60,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--json", action="store_true",
                         help="last line of stdout: one JSON object (steps, wall time, "
                              "checkpoint, restarts, run folder)")
-    parser.add_argument("--tensorboard", action="store_true",
-                        help="also write TensorBoard scalars to RUN/tensorboard")
+    parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                        help="TensorBoard scalars in RUN/tensorboard (run.tensorboard; on in "
+                             "the packaged configs): --no-tensorboard turns them off")
     parser.set_defaults(func=run)
 
 
@@ -74,8 +76,8 @@ def resolve(args):
         value = getattr(args, name)
         if value is not None:
             overrides.append(f"{key}={value}")
-    if args.tensorboard:
-        overrides.append("run.tensorboard=true")
+    if args.tensorboard is not None:
+        overrides.append(f"run.tensorboard={str(args.tensorboard).lower()}")
     session = resolve_session(args.config, overrides, args.out, args.resume,
                               allow_config_change=getattr(args, "allow_config_change", False))
     if session.changes:
