@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tasks import idx
-from tasks.sources import SourceOptions, load
+from tasks.sources import SourceOptions, clear_memo, load
 
 
 def _write_idx(path, array, code):
@@ -74,7 +74,7 @@ def test_real_fashion_mnist(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(idx.DEFAULT_DIR),
                     reason="needs Debian's dataset-fashion-mnist files to copy")
 def test_fetch_from_files_makes_eval_run_without_the_debian_package(tmp_path, monkeypatch,
-                                                                    capsys):
+                                                                    capsys, request):
     import json
 
     from metalearn.cli import main
@@ -84,6 +84,10 @@ def test_fetch_from_files_makes_eval_run_without_the_debian_package(tmp_path, mo
     monkeypatch.setattr(idx, "DEFAULT_DIR", str(tmp_path / "no-debian-package"))
     monkeypatch.setenv("METALEARN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("METALEARN_FASHION_MNIST_DIR", raising=False)
+    # Datasets an earlier test loaded in this process (from Debian's files) are forgotten,
+    # now and after this test.
+    clear_memo()
+    request.addfinalizer(clear_memo)
     with pytest.raises(FileNotFoundError, match="metalearn data fetch fashion_mnist --from"):
         load("fashion_mnist", options=SourceOptions())
     assert main(["data", "fetch", "fashion_mnist"]) == 2

@@ -73,11 +73,12 @@ def resolve(args):
                       ("workers", "worker.num_workers"), ("address", "run.address"),
                       ("runner", "run.runner"), ("mix", "tasks.mix"),
                       ("data_dir", "tasks.data_dir")):
-        value = getattr(args, name)
+        value = getattr(args, name, None)  # (a Namespace built by hand may lack some)
         if value is not None:
             overrides.append(f"{key}={value}")
-    if args.tensorboard is not None:
-        overrides.append(f"run.tensorboard={str(args.tensorboard).lower()}")
+    tensorboard = getattr(args, "tensorboard", None)
+    if tensorboard is not None:
+        overrides.append(f"run.tensorboard={str(tensorboard).lower()}")
     session = resolve_session(args.config, overrides, args.out, args.resume,
                               allow_config_change=getattr(args, "allow_config_change", False))
     if session.changes:
