@@ -39,3 +39,19 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray2():
+    """A fresh local Ray on 2 CPUs for one test (sweeps; started after the test's other
+    fixtures, so it inherits the environment they set)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    # The machine is shared: Ray's memory monitor would kill our actors for memory that
+    # other processes use (it looks at the whole node). The kernel's OOM killer stays.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -20,7 +20,10 @@ FLOORS = ["metalearn.core", "tasks", "metalearn.evaluation", "metalearn.training
 # optional or backend-sensitive libraries.
 INNER_IMPORT_MODULES = {"metalearn.distributed.actors", "metalearn.distributed.evaluator",
                         "metalearn.distributed.bench", "metalearn.cli"}
-INNER_IMPORT_LIBRARIES = {"tensorboardX", "tensorflow_datasets", "matplotlib.pyplot"}
+INNER_IMPORT_LIBRARIES = {"tensorboardX", "tensorflow_datasets", "matplotlib.pyplot",
+                          # optional trackers, and the module that loads Tune's ones
+                          "wandb", "mlflow.tracking", "mlflow.entities",
+                          "metalearn.distributed.tune_loggers"}
 
 
 def modules() -> dict[str, pathlib.Path]:

@@ -2,7 +2,6 @@
 population engine's program timed in one run (tiny sizes: the figures are not the point,
 that every mode runs and reports comparable numbers)."""
 
-import json
 import math
 
 from metalearn.cli import main

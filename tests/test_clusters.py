@@ -49,6 +49,40 @@ def test_cloud_configs_reach_the_papers_scale(name):
     assert types["gpu_worker"]["resources"]["GPU"] >= 1
 
 
+def _images() -> list[tuple[str, str]]:
+    """(file, image) for every container image the cluster files name."""
+    import re
+
+    found = []
+    for path in RAY_UP_CONFIGS + [KUBERAY, os.path.join(ROOT, "clusters", "kubernetes",
+                                                        "Dockerfile")]:
+        text = open(path).read()
+        found += [(os.path.basename(path), m) for m in
+                  re.findall(r"(?:image|_image|FROM)[:\s]+(rayproject/ray:\S+)", text)]
+    return found
+
+
+def test_every_image_is_rays_own_with_python_3_11_and_this_ray():
+    import re
+
+    import ray
+
+    images = _images()
+    assert {f for f, _ in images} >= {"aws.yaml", "gcp.yaml", "Dockerfile"}
+    for path, image in images:
+        version, python = re.match(r"rayproject/ray:([\d.]+)-py3(\d+)", image).groups()
+        assert int(python) >= 11, f"{path}: {image} has Python 3.{python} (3.11+ needed)"
+        assert version == ray.__version__, f"{path}: {image} is not Ray {ray.__version__}"
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_gpu_nodes_run_the_gpu_image(name):
+    config = _load(os.path.join(ROOT, "clusters", name))
+    assert config["docker"]["image"].endswith("-cpu")
+    assert config["available_node_types"]["gpu_worker"]["docker"]["worker_image"].endswith(
+        "-gpu")
+
+
 def test_a_typo_is_caught_by_the_schema():
     from jsonschema.exceptions import ValidationError
     from ray.autoscaler._private.util import validate_config

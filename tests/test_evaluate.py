@@ -205,8 +205,8 @@ def test_cli_sweep_and_errors(tmp_path, tiny_rule, capsys):
     make_run(tmp_path / "run", tiny_rule)
     main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "e")])
     capsys.readouterr()
-    code = main(["eval", str(tmp_path / "e"), "--dataset", "digits", "--sweep", "depth",
-                 "--sweep-values", "1,2", "--steps", "1", "--seeds", "1", "--width", "8",
+    code = main(["eval", str(tmp_path / "e"), "--dataset", "digits", "--vary", "depth",
+                 "--values", "1,2", "--steps", "1", "--seeds", "1", "--width", "8",
                  "--batch-size", "16", "--test-size", "100", "--out", str(tmp_path / "s"),
                  "--json", "--quiet"])
     assert code == 0
@@ -241,7 +241,7 @@ def test_cli_eval_config_file_set_and_flags(tmp_path):
     plain = resolve_config(_eval_args())  # no file: the command's defaults, as before
     assert (plain.steps, plain.seeds, plain.baselines) == (200, 3, NAMES)
     assert plain.data.dataset == "digits" and plain.data.image_size == 0
-    assert resolve_config(_eval_args("--sweep", "depth")).baselines == ()
+    assert resolve_config(_eval_args("--vary", "depth")).baselines == ()
     path = tmp_path / "eval.yaml"
     path.write_text("data:\n  test_size: 150\n  pool_size: 400\nwidth: 8\nsteps: 5\n"
                     "ridge: 3e-1\nbaselines: [pca]\n")

@@ -22,20 +22,6 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SMOKE = os.path.join(ROOT, "experiments", "sweeps", "smoke.yaml")
 
 
-@pytest.fixture
-def ray2():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    # The machine is shared: Ray's memory monitor would kill our actors for memory that
-    # other processes use (it looks at the whole node). The kernel's OOM killer stays.
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def write_spec(tmp_path, name, **changes) -> str:
     with open(SMOKE) as f:
         spec = yaml.safe_load(f)
@@ -95,7 +81,7 @@ def test_smoke_sweep_every_trial_reports_then_resume(ray2, tmp_path, capsys):
 
     # --resume of a finished sweep restores Tune's state and rewrites the outputs.
     (out / "results.md").unlink()
-    assert main(["sweep", spec, "--out", str(out), "--resume"]) == 0
+    assert main(["sweep", "--resume", str(out)]) == 0
     assert len(pq.read_table(str(out / "results.parquet"))) == 2
     assert (out / "results.md").exists()
     # A new sweep into a used folder is refused without touching it.
@@ -212,7 +198,10 @@ def test_bad_spec_is_one_clear_line(tmp_path, capsys):
     assert main(["sweep", spec, "--out", str(tmp_path / "o")]) == 2
     assert "scheduler.sync" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    assert main(["sweep", SMOKE, "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert main(["sweep", "--resume", str(tmp_path / "none")]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["sweep", "--out", str(tmp_path / "x")]) == 2
+    assert "give a SPEC file (or --resume SWEEP_DIR)" in capsys.readouterr().err
 
 
 def test_metric_must_be_a_reported_column(tmp_path, capsys):

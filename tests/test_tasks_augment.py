@@ -1,7 +1,6 @@
 """Augmentations: warps match their parameters, targets match the transform applied,
 permutations are permutations."""
 
-import dataclasses
 
 import numpy as np
 import pytest

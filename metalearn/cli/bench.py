@@ -1,6 +1,6 @@
 """``metalearn bench``: speed measurements, each in one process and one run.
 
-    metalearn bench inner-step [--json] [--variants] [--small]   inner step, meta-gradient,
+    metalearn bench inner-step [--json] [--variants] [--rule R]  inner step, meta-gradient,
                                                                  matmul (metalearn.core.bench)
     metalearn bench estimators [--json] [--unroll U] [--pairs K]  cost of one truncation's
                                                                  gradient per estimator
@@ -51,8 +51,8 @@ def add_parser(subparsers) -> None:
                        help="also compare the meta-gradient estimators (slow)")
     inner.add_argument("--unroll", type=int, default=10, help="U for the meta-gradient")
     inner.add_argument("--repeats", type=int, default=3)
-    inner.add_argument("--small", action="store_true",
-                       help="use the small rule preset instead of the paper size")
+    inner.add_argument("--rule", choices=("paper", "small"), default="paper",
+                       help="rule size: the paper's (default) or the small preset")
     inner.set_defaults(func=run_inner_step)
 
     est = benches.add_parser("estimators", help="cost per gradient of truncated backprop, "
@@ -62,8 +62,8 @@ def add_parser(subparsers) -> None:
     est.add_argument("--pairs", type=int, default=4, help="antithetic pairs (default 4)")
     est.add_argument("--batch", type=int, default=64, help="inner batch (default 64)")
     est.add_argument("--repeats", type=int, default=3)
-    est.add_argument("--paper-rule", action="store_true",
-                     help="the paper-size rule instead of the small preset")
+    est.add_argument("--rule", choices=("paper", "small"), default="small",
+                     help="rule size: the small preset (default) or the paper's")
     est.add_argument("--no-grouped", action="store_true",
                      help="skip timing the ES family with grouped convolutions")
     est.set_defaults(func=run_estimators)
@@ -137,7 +137,7 @@ def _finish(args, summary: str, report: dict) -> int:
 # inner-step
 
 def run_inner_step(args) -> int:
-    report = measure_inner_step(small=args.small, unroll=args.unroll, repeats=args.repeats,
+    report = measure_inner_step(small=args.rule == "small", unroll=args.unroll, repeats=args.repeats,
                                 variants=args.variants, log=_log)
     return _finish(args, format_inner_step(report), report)
 
@@ -173,7 +173,7 @@ def run_estimators(args) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"metalearn bench estimators: --{name} must be >= 1")
     _log(f"timing one U={args.unroll} truncation's gradient per estimator ...")
-    report = measure_estimators(small=not args.paper_rule, unroll=args.unroll,
+    report = measure_estimators(small=args.rule == "small", unroll=args.unroll,
                                 pairs=args.pairs, batch=args.batch, repeats=args.repeats,
                                 grouped_convs=not args.no_grouped, log=_log)
     return _finish(args, format_estimators(report), report)

@@ -3,14 +3,14 @@
     metalearn eval EXPORT                                 # digits, 200 inner steps, 3 seeds
     metalearn eval pretrained:laptop --dataset fashion_mnist  # the rule shipped with the package
     metalearn eval EXPORT --dataset fashion_mnist --image-size 28 --out reports/fm28
-    metalearn eval EXPORT --sweep width --sweep-values 64,512,2048 --steps 30
+    metalearn eval EXPORT --vary width --values 64,512,2048 --steps 30
     metalearn eval EXPORT --config eval.yaml --set data.pool_size=5000 --set ridge=0.3
     metalearn eval EXPORT --json                           # last line: one JSON object
 
 The JSON object: ``methods`` (per method its final-step summary and its ``curve``, the
 summary at every evaluated horizon with ``lr_steps`` = ``inner_lr`` x step, ``rank90``
 and ``w_growth``), ``inner_lr`` (the rule's), ``dataset``, ``out``, ``seconds``; with
-``--sweep``, ``values`` (per swept value, the same per method) instead of ``methods``.
+``--vary``, ``values`` (per swept value, the same per method) instead of ``methods``.
 
 EXPORT is a folder written by ``metalearn export``. Settings are an ``EvalConfig``
 (``metalearn.evaluation.config``): ``--config`` file first, then ``--set`` overrides,
@@ -46,7 +46,7 @@ FLAG_FIELDS = {
     "supervised_steps": "supervised_steps",
 }
 # What the command runs when neither flag, --set nor --config says (else EvalConfig's
-# defaults): (without --sweep, with --sweep). The image size defaults by dataset.
+# defaults): (without --vary, with --vary). The image size defaults by dataset.
 COMMAND_DEFAULTS = {"steps": (200, 50), "seeds": (3, 2), "baselines": (NAMES, ())}
 
 
@@ -77,8 +77,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--group", help="class group of the source (e.g. held_out for imagenet16)")
     p.add_argument("--data-dir", help="TFDS data dir")
     p.add_argument("--steps", type=int, default=None,
-                   help="inner steps of the learned rule (default 200; 50 with --sweep)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds (default 3; 2 with --sweep)")
+                   help="inner steps of the learned rule (default 200; 50 with --vary)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds (default 3; 2 with --vary)")
     p.add_argument("--width", type=int, help="hidden width (default 128)")
     p.add_argument("--depth", type=int, help="hidden layers (default 4)")
     p.add_argument("--activation", choices=ACTIVATIONS, help="default relu")
@@ -88,13 +88,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--test-size", type=int, help="test examples (1000)")
     p.add_argument("--baselines", default=None, type=_parse_baselines,
                    help=f"comma list or 'none' (default {','.join(NAMES)}; "
-                        f"none with --sweep)")
+                        f"none with --vary)")
     p.add_argument("--baseline-steps", type=int,
                    help="training steps of the VAE and the prototypical networks (2000)")
     p.add_argument("--supervised-steps", type=int,
                    help="Adam steps of the supervised baseline (300)")
-    p.add_argument("--sweep", choices=SWEEPS, help="generalisation sweep of the learned rule")
-    p.add_argument("--sweep-values", help="comma list (defaults: " + "; ".join(
+    p.add_argument("--vary", choices=SWEEPS,
+                   help="generalisation sweep of the learned rule: vary one setting")
+    p.add_argument("--values", help="comma list (defaults: " + "; ".join(
         f"{k} {v}" for k, v in DEFAULT_SWEEP_VALUES.items()) + ")")
     p.add_argument("--out", help="report folder (default reports/eval-<dataset>-<time>)")
     p.add_argument("--json", action="store_true", help="last line: a JSON summary")
@@ -142,7 +143,7 @@ def resolve_config(args) -> EvalConfig:
             _put(values, field, getattr(args, name))
     config = from_dict(EvalConfig, values)
     check_name(config.data.dataset)
-    changes = {name: pair[bool(args.sweep)] for name, pair in COMMAND_DEFAULTS.items()
+    changes = {name: pair[bool(args.vary)] for name, pair in COMMAND_DEFAULTS.items()
                if not _is_set(values, name)}
     if not _is_set(values, "data.image_size"):
         changes["data"] = dataclasses.replace(
@@ -155,7 +156,7 @@ def run_eval(args) -> int:
     started = time.monotonic()
     exported = load_export(args.checkpoint)  # fails fast on a wrong folder
     config = resolve_config(args)
-    dataset, image_size, sweep = config.data.dataset, config.data.image_size, args.sweep
+    dataset, image_size, sweep = config.data.dataset, config.data.image_size, args.vary
     out = args.out or os.path.join(
         "reports", f"eval-{dataset.replace(':', '_').replace('/', '_')}"
                    f"{'-' + sweep if sweep else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -165,7 +166,7 @@ def run_eval(args) -> int:
              f"{config.steps} inner steps; baselines: {', '.join(config.baselines) or 'none'}",
              force=True)
     result = run_sweep(config, exported.theta, exported.rule, sweep=sweep,
-                       values_text=args.sweep_values, progress=progress)
+                       values_text=args.values, progress=progress)
     source = {"checkpoint": checkpoint_label(args.checkpoint), "run": exported.meta.get("run"),
               "rule_step": exported.step, "meta_loss": exported.meta.get("meta_loss")}
     paths = write_eval_report(out, result, source)

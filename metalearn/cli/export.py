@@ -8,6 +8,7 @@ import os
 import sys
 
 from metalearn.core.config_io import ConfigError
+from metalearn.distributed.storage import local_copy
 from metalearn.distributed.sweep import best_checkpoint
 from metalearn.training.export import export_run
 
@@ -20,7 +21,8 @@ def add_parser(subparsers) -> None:
                     "(run, step, meta-loss, validation score, package version) to a "
                     "standalone orbax checkpoint.")
     parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
-                        help="training run folder (or --best SWEEP_DIR)")
+                        help="training run folder, or a sweep trial's checkpoint (a "
+                             "folder or a URI such as s3://...); or --best SWEEP_DIR")
     parser.add_argument("--best", metavar="SWEEP_DIR",
                         help="export the best trial of a `metalearn sweep` output folder "
                              "(its first row in results.md): that trial's newest checkpoint, "
@@ -39,12 +41,13 @@ def add_parser(subparsers) -> None:
 def _run(args) -> int:
     if (args.run_dir is None) == (args.best is None):
         raise ConfigError("export: give RUN_DIR or --best SWEEP_DIR (one of them)")
-    run_dir = args.run_dir
+    location = args.run_dir
     if args.best:
-        run_dir, row = best_checkpoint(args.best)
-        print(f"best trial {row['trial_id']} of {args.best}: {run_dir}", file=sys.stderr)
-    meta = export_run(run_dir, args.out, force=args.force, last=args.last,
-                      start=args.start)
+        location, row = best_checkpoint(args.best)
+        print(f"best trial {row['trial_id']} of {args.best}: {location}", file=sys.stderr)
+    with local_copy(location) as run_dir:  # a checkpoint in a bucket: downloaded
+        meta = export_run(run_dir, args.out, force=args.force, last=args.last,
+                          start=args.start)
     if args.json:
         print(json.dumps({"out": os.path.abspath(args.out), **meta}, default=str))
     else:

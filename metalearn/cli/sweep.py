@@ -2,7 +2,8 @@
 
     metalearn sweep experiments/sweeps/smoke.yaml --out sweeps/smoke
     metalearn sweep experiments/sweeps/curriculum.yaml --out sweeps/curriculum --address auto
-    metalearn sweep experiments/sweeps/smoke.yaml --out sweeps/smoke --resume
+    metalearn sweep --resume sweeps/smoke
+    metalearn sweep experiments/sweeps/curriculum.yaml --address auto --storage s3://bucket/sweeps
 
 See docs/sweeps.md; the trials are ``metalearn.distributed.sweep``.
 """
@@ -20,44 +21,84 @@ import ray
 from metalearn.core.config import ConfigError
 from metalearn.distributed.driver import init_ray
 from metalearn.distributed.data_check import check_nodes
-from metalearn.distributed.sweep import (SPEC_FILE, TUNE_DIR, data_needs, run_sweep,
-                                         write_outputs)
+from metalearn.distributed import storage as storage_io
+from metalearn.distributed.sweep import (SPEC_FILE, RESUME_FILE, TUNE_DIR, data_needs,
+                                         run_sweep, write_outputs)
 from metalearn.distributed.sweep_spec import load_spec
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("sweep", help="Ray Tune sweep of meta-trainings",
                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("spec", help="sweep YAML (experiments/sweeps/*.yaml)")
+    parser.add_argument("spec", nargs="?",
+                        help="sweep YAML (experiments/sweeps/*.yaml); with --resume, "
+                             "by default the one the sweep started from")
     parser.add_argument("--out", help="output folder (default sweeps/<name>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted sweep in --out")
+    parser.add_argument("--resume", metavar="SWEEP_DIR",
+                        help="continue the interrupted sweep in SWEEP_DIR (its spec and "
+                             "storage are recorded there)")
     parser.add_argument("--address", help="join this Ray cluster (e.g. auto)")
+    parser.add_argument("--storage", metavar="PATH_OR_URI",
+                        help="where trials' checkpoints go (the spec's storage; default "
+                             "OUT/tune): a folder every node mounts, or s3://bucket/prefix, "
+                             "gs://...")
     parser.add_argument("--json", action="store_true",
                         help="last line of stdout: one JSON object (trials, errors, the "
                              "best trial's row of results.md, output folder)")
     parser.set_defaults(func=run)
 
 
-def run(args) -> int:
-    spec = load_spec(args.spec)
-    out = os.path.abspath(args.out or os.path.join("sweeps", spec.name))
-    if args.resume:
+def _resume_state(out: str) -> dict:
+    """What ``--resume`` needs from a sweep's folder: its spec and storage."""
+    path = os.path.join(out, RESUME_FILE)
+    if not os.path.isdir(out):
+        raise ConfigError(f"--resume {out}: no such folder")
+    if not os.path.exists(path):
+        # a sweep from before resume.json: its spec copy, its checkpoints in OUT/tune
         if not os.path.isdir(os.path.join(out, TUNE_DIR)):
-            raise ConfigError(f"nothing to resume in {out}")
-    elif os.path.exists(out) and os.listdir(out):
-        raise ConfigError(f"{out} is not empty; choose a new --out or use --resume")
+            raise ConfigError(f"nothing to resume in {out} (not a `metalearn sweep` "
+                              f"output folder)")
+        return {"spec": os.path.join(out, SPEC_FILE), "storage": ""}
+    with open(path) as f:
+        return json.load(f)
+
+
+def run(args) -> int:
+    if args.resume:
+        out = os.path.abspath(args.resume)
+        if args.out and os.path.abspath(args.out) != out:
+            raise ConfigError(f"--out {args.out} and --resume {args.resume} name different "
+                              f"folders: --resume SWEEP_DIR continues that folder")
+        state = _resume_state(out)
+        spec = load_spec(args.spec or state["spec"])
+        storage = args.storage or state["storage"]
+    else:
+        if not args.spec:
+            raise ConfigError("sweep: give a SPEC file (or --resume SWEEP_DIR)")
+        spec = load_spec(args.spec)
+        out = os.path.abspath(args.out or os.path.join("sweeps", spec.name))
+        if os.path.exists(out) and os.listdir(out):
+            raise ConfigError(f"{out} is not empty; choose a new --out or --resume {out}")
+        storage = args.storage or spec.storage
+    storage = storage_io.resolve(storage, os.path.join(out, TUNE_DIR))
     started = init_ray(args.address or "")
     start = time.monotonic()
     try:
         # Every node must read what the trials will (a missing ranking set would leave
-        # the metric NaN and the ranking empty): checked before anything is written.
-        nodes = check_nodes(data_needs(spec), f"sweep {spec.name}")
-        print(f"sweep {spec.name}: its data loads on all {nodes} node(s)", file=sys.stderr)
+        # the metric NaN and the ranking empty) and write to the checkpoint storage:
+        # checked before anything is written.
+        storage_io.check_writable(storage)
+        nodes = check_nodes(data_needs(spec), f"sweep {spec.name}",
+                            storage=storage if storage_io.is_uri(storage) else "")
+        print(f"sweep {spec.name}: its data loads on all {nodes} node(s); checkpoints in "
+              f"{storage}", file=sys.stderr)
         os.makedirs(out, exist_ok=True)
-        shutil.copy2(spec.path, os.path.join(out, SPEC_FILE))
-        results = run_sweep(spec, out, resume=args.resume)
-        summary = write_outputs(results, spec, out)
+        if not args.resume:
+            shutil.copy2(spec.path, os.path.join(out, SPEC_FILE))
+        with open(os.path.join(out, RESUME_FILE), "w") as f:
+            json.dump({"spec": spec.path, "storage": storage}, f)
+        results = run_sweep(spec, out, resume=bool(args.resume), storage=storage)
+        summary = write_outputs(results, spec, out, storage)
     finally:
         if started:
             ray.shutdown()

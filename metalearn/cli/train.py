@@ -26,6 +26,7 @@ from metalearn.training.local import train_local
 from metalearn.training.population import train_population
 from metalearn.training.progress import ProgressLine
 from metalearn.training.session import describe_changes, resolve_session
+from metalearn.training.trackers import LOGGERS
 
 
 def add_parser(subparsers) -> None:
@@ -63,6 +64,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                         help="TensorBoard scalars in RUN/tensorboard (run.tensorboard; on in "
                              "the packaged configs): --no-tensorboard turns them off")
+    parser.add_argument("--logger", action="append", choices=LOGGERS, metavar="NAME",
+                        help="also log to wandb or mlflow (run.loggers; repeatable; "
+                             "WANDB_MODE=offline and a local MLflow database work offline)")
     parser.set_defaults(func=run)
 
 
@@ -79,6 +83,9 @@ def resolve(args):
     tensorboard = getattr(args, "tensorboard", None)
     if tensorboard is not None:
         overrides.append(f"run.tensorboard={str(tensorboard).lower()}")
+    loggers = getattr(args, "logger", None)
+    if loggers:
+        overrides.append(f"run.loggers=[{', '.join(dict.fromkeys(loggers))}]")
     session = resolve_session(args.config, overrides, args.out, args.resume,
                               allow_config_change=getattr(args, "allow_config_change", False))
     if session.changes:

@@ -7,7 +7,8 @@ every alive node first, with one zero-CPU task pinned to each. Each task loads t
 sources the trials will read: the ranking dataset (``eval/<name>/...``) and every
 component of each trial's task mix, with that trial's source options. A missing source
 stops the sweep before anything is written, in one line that names the node and the
-fix.
+fix. The same task writes a probe file to the sweep's checkpoint storage (a bucket
+needs credentials on every node, not only on the driver's).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from metalearn.core.config import ConfigError
+from metalearn.distributed.storage import check_writable
 from tasks.registry import SourceOptions
 from tasks.sources import load
 
@@ -44,21 +46,33 @@ def missing_sources(needs: list[tuple[str, SourceOptions]]) -> dict[str, str]:
 
 
 @ray.remote(num_cpus=0)
-def _probe_node(needs: list[tuple[str, SourceOptions]]) -> tuple[str, dict[str, str]]:
-    return socket.gethostname(), missing_sources(needs)
+def _probe_node(needs: list[tuple[str, SourceOptions]],
+                storage: str) -> tuple[str, dict[str, str], str]:
+    unwritable = ""
+    if storage:
+        try:
+            check_writable(storage)
+        except ConfigError as err:
+            unwritable = str(err)
+    return socket.gethostname(), missing_sources(needs), unwritable
 
 
-def check_nodes(needs: list[tuple[str, SourceOptions]], what: str) -> int:
-    """Load ``needs`` on every alive node of the connected Ray cluster; ConfigError
-    naming the first missing source, its node and why. Returns the nodes checked."""
+def check_nodes(needs: list[tuple[str, SourceOptions]], what: str,
+                storage: str = "") -> int:
+    """Load ``needs`` on every alive node of the connected Ray cluster, and write a
+    probe to ``storage`` (a folder or URI; "" skips it); ConfigError naming the first
+    missing source or unwritable storage, its node and why. Returns the nodes checked."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     probes = [_probe_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["NodeID"], soft=False)).remote(needs) for n in nodes]
-    for node, (host, missing) in zip(nodes, ray.get(probes)):
+        n["NodeID"], soft=False)).remote(needs, storage) for n in nodes]
+    for node, (host, missing, unwritable) in zip(nodes, ray.get(probes)):
+        where = f"node {node.get('NodeManagerAddress', host)} ({host})"
         for name, why in missing.items():
-            raise ConfigError(f"{what} needs the source {name!r}, which is missing on node "
-                              f"{node.get('NodeManagerAddress', host)} ({host}): {why}. "
-                              f"Stage it on every node (docs/sweeps.md) and start again")
+            raise ConfigError(f"{what} needs the source {name!r}, which is missing on "
+                              f"{where}: {why}. Stage it on every node (docs/sweeps.md) "
+                              f"and start again")
+        if unwritable:
+            raise ConfigError(f"{what}: on {where}, {unwritable}")
     return len(nodes)
 
 

@@ -2,7 +2,7 @@
 
     metalearn sweep experiments/sweeps/smoke.yaml --out sweeps/smoke
     metalearn sweep experiments/sweeps/curriculum.yaml --out sweeps/curriculum --address auto
-    metalearn sweep experiments/sweeps/smoke.yaml --out sweeps/smoke --resume
+    metalearn sweep --resume sweeps/smoke
 
 Each trial is one ``metalearn train`` session (driver loop, learner actor, N worker
 actors) inside a Tune function trainable. The trial reserves its resources as one
@@ -39,6 +39,7 @@ from ray.tune.utils import flatten_dict
 
 from metalearn.core.config import ConfigError
 from metalearn.core.config_io import from_dict
+from metalearn.distributed import storage as storage_io
 from metalearn.distributed.data_check import ranked_dataset
 from metalearn.distributed.driver import ray_loop
 from metalearn.distributed.sweep_spec import SweepSpec, trial_config, trial_mix
@@ -51,6 +52,7 @@ SPEC_FILE = "sweep.yaml"
 TUNE_DIR = "tune"
 SWEEP_META = "sweep.json"
 REPORTS_FILE = "reports.jsonl"
+RESUME_FILE = "resume.json"  # the sweep's spec file and checkpoint storage, for --resume
 
 
 def param_space(spec: SweepSpec) -> dict:
@@ -224,9 +226,10 @@ def trainable(spec: SweepSpec):
                                resources(spec))
 
 
-def report_log():
+def report_log(fallback: str):
     """A Tune callback appending every result Tune processes, as it processes it, to
-    ``<experiment>/reports.jsonl`` (one flat JSON object a line).
+    ``<experiment>/reports.jsonl`` (one flat JSON object a line), or to ``fallback``
+    (a file in the sweep's output folder) when the experiment is not on this disk.
 
     ``history.parquet`` is built from this log, not from Tune's per-trial
     ``result.json``: when a trial restarts from a checkpoint (every PBT perturbation
@@ -239,7 +242,10 @@ def report_log():
     class ReportLog(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             row = flatten_dict({**result, "trial_dir": os.path.basename(trial.path)})
-            with open(os.path.join(os.path.dirname(trial.path), REPORTS_FILE), "a") as f:
+            folder = os.path.dirname(trial.path)
+            path = (os.path.join(folder, REPORTS_FILE) if os.path.isdir(folder)
+                    else fallback)  # storage elsewhere (a bucket): the driver's folder
+            with open(path, "a") as f:
                 f.write(json.dumps(row, default=str) + "\n")
 
     return ReportLog()
@@ -275,15 +281,38 @@ def search_algorithm(spec: SweepSpec):
     return OptunaSearch(sampler=samplers[alg.sampler](seed=alg.seed))
 
 
-def run_sweep(spec: SweepSpec, out: str, *, resume: bool = False):
-    """Run (or continue) the sweep in ``out``; returns the ResultGrid."""
+def experiment_location(spec: SweepSpec, out: str, storage: str = "") -> str:
+    """Tune's experiment folder of the sweep: ``<storage>/<name>``, by default in
+    ``OUT/tune`` (a path, or a URI such as ``s3://bucket/prefix/<name>``)."""
+    return storage_io.join(storage_io.resolve(storage, os.path.join(out, TUNE_DIR)),
+                           spec.name)
+
+
+def reports_path(spec: SweepSpec, out: str, storage: str = "") -> str:
+    """The driver's ``reports.jsonl``: in the experiment folder when that is on this
+    disk (it moves with it), else in the output folder."""
+    experiment = experiment_location(spec, out, storage)
+    folder = out if storage_io.is_uri(experiment) else experiment
+    return os.path.join(folder, REPORTS_FILE)
+
+
+def tracker_callbacks(spec: SweepSpec, out: str) -> list:
+    if not spec.loggers:
+        return []
+    from metalearn.distributed.tune_loggers import logger_callbacks  # wandb, mlflow
+    return logger_callbacks(spec.loggers, spec.name, out)
+
+
+def run_sweep(spec: SweepSpec, out: str, *, resume: bool = False, storage: str = ""):
+    """Run (or continue) the sweep in ``out``, its checkpoints in ``storage`` (default
+    ``out/tune``); returns the ResultGrid."""
     out = os.path.abspath(out)
-    storage = os.path.join(out, TUNE_DIR)
+    experiment = experiment_location(spec, out, storage)
     if resume:
-        if not tune.Tuner.can_restore(os.path.join(storage, spec.name)):
+        if not tune.Tuner.can_restore(experiment):
             raise ConfigError(f"nothing to resume in {out} (no Tune experiment "
-                              f"{spec.name} in {storage})")
-        tuner = tune.Tuner.restore(os.path.join(storage, spec.name), trainable(spec),
+                              f"{spec.name} in {experiment})")
+        tuner = tune.Tuner.restore(experiment, trainable(spec),
                                    resume_unfinished=True, restart_errored=True)
     else:
         tuner = tune.Tuner(
@@ -296,10 +325,12 @@ def run_sweep(spec: SweepSpec, out: str, *, resume: bool = False):
                 max_concurrent_trials=spec.max_concurrent or None,
                 reuse_actors=False),
             run_config=tune.RunConfig(
-                name=spec.name, storage_path=storage,
+                name=spec.name,
+                storage_path=storage_io.resolve(storage, os.path.join(out, TUNE_DIR)),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-                callbacks=[report_log()], verbose=1))
+                callbacks=[report_log(reports_path(spec, out, storage)),
+                           *tracker_callbacks(spec, out)], verbose=1))
     return tuner.fit()
 
 
@@ -323,8 +354,9 @@ def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
-def collect(results, spec: SweepSpec, reports: list[dict] = ()):
-    """(summary rows, history rows) of a ResultGrid and its ``reports.jsonl`` rows."""
+def collect(results, spec: SweepSpec, reports: list[dict] = (), storage: str = ""):
+    """(summary rows, history rows) of a ResultGrid and its ``reports.jsonl`` rows;
+    checkpoints in a bucket are listed by URI (with ``storage``'s scheme and query)."""
     by_trial: dict = {}
     for row in reports:
         by_trial.setdefault(row.get("trial_dir"), []).append(row)
@@ -375,7 +407,9 @@ def collect(results, spec: SweepSpec, reports: list[dict] = ()):
                  "wall_s": float(last.get("time_total_s", math.nan)),
                  # The trial's newest kept checkpoint: a copy of its run folder, whose
                  # theta_best is its best theta by validation so far (``export --best``).
-                 "checkpoint": str(result.checkpoint.path) if result.checkpoint else ""}
+                 "checkpoint": (storage_io.uri_of(result.checkpoint.path,
+                                                  result.checkpoint.filesystem, storage)
+                                if result.checkpoint else "")}
         for key, value in sorted((result.config or {}).items()):
             entry[key] = json.dumps(value) if isinstance(value, (list, dict)) else value
         summary.append(entry)
@@ -445,22 +479,24 @@ def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
 
 
 def best_checkpoint(sweep_dir: str) -> tuple[str, dict]:
-    """(checkpoint folder, summary row) of the sweep's first-ranked trial that has a
-    checkpoint, from ``SWEEP_DIR/results.parquet`` (the order results.md shows)."""
+    """(checkpoint folder or URI, summary row) of the sweep's first-ranked trial whose
+    checkpoint exists, from ``SWEEP_DIR/results.parquet`` (the order results.md shows).
+    A URI (checkpoints in a bucket) is read with ``storage.local_copy``."""
     path = os.path.join(sweep_dir, "results.parquet")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{sweep_dir} has no results.parquet: not a finished "
                                 f"`metalearn sweep` output folder (resume it to finish)")
     for row in pq.read_table(path).to_pylist():
-        if row.get("checkpoint") and os.path.isdir(row["checkpoint"]):
+        if row.get("checkpoint") and storage_io.exists(row["checkpoint"]):
             return row["checkpoint"], row
-    raise FileNotFoundError(f"{path}: no trial has a checkpoint on this machine (a sweep "
-                            f"from before checkpoints were listed, or storage elsewhere)")
+    raise FileNotFoundError(f"{path}: no trial has a checkpoint that this machine can "
+                            f"read (a sweep from before checkpoints were listed, or "
+                            f"storage it cannot reach)")
 
 
-def write_outputs(results, spec: SweepSpec, out: str) -> list[dict]:
-    reports = read_reports(os.path.join(out, TUNE_DIR, spec.name, REPORTS_FILE))
-    summary, history = collect(results, spec, reports)
+def write_outputs(results, spec: SweepSpec, out: str, storage: str = "") -> list[dict]:
+    reports = read_reports(reports_path(spec, out, storage))
+    summary, history = collect(results, spec, reports, storage)
     if summary:
         pq.write_table(pa.Table.from_pylist(summary), os.path.join(out, "results.parquet"))
     if history:
@@ -474,5 +510,6 @@ def write_outputs(results, spec: SweepSpec, out: str) -> list[dict]:
     return summary
 
 
-__all__ = ["best_checkpoint", "collect", "read_reports", "search_algorithm", "report_log", "run_sweep", "run_trial",
+__all__ = ["best_checkpoint", "collect", "experiment_location", "read_reports",
+           "report_log", "reports_path", "run_sweep", "run_trial", "search_algorithm",
            "write_outputs"]

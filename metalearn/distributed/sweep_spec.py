@@ -274,6 +274,11 @@ class SweepSpec:
     trial: TrialSettings = TrialSettings()
     scheduler: SchedulerConfig = FifoScheduler()
     search_alg: SearchAlgConfig = SearchAlgConfig()
+    # Where trials' checkpoints go: "" (OUT/tune), a folder every node mounts, or a
+    # URI (s3://bucket/prefix); `metalearn sweep --storage` overrides it.
+    storage: str = ""
+    # Trackers for the sweep's reports, beside Tune's TensorBoard files: wandb, mlflow.
+    loggers: tuple[Literal["wandb", "mlflow"], ...] = ()
     path: str = ""  # the spec file (absolute), set by load_spec
     # Read on the submitting machine by ``load_spec`` and carried to the trials, which
     # may run on other nodes: the base config's values, and the resolved task mix of

@@ -11,7 +11,7 @@ Files written by ``write_report`` into the output folder:
   before and after inner training, one tile per unit;
 * ``representation_pca.png``: PCA of the 32-d top-layer representation of the test set
   before and after inner training, coloured by class, with explained variance;
-* ``sweep.png`` (with ``--sweep``): accuracy against the swept setting.
+* ``sweep.png`` (with ``--vary``): accuracy against the swept setting.
 
 ``write_eval_report`` adds ``info.json`` and the title of a ``metalearn eval`` run.
 ``plot_meta_training(rows, run_dir)`` draws a run's metrics table (``metalearn plot``).

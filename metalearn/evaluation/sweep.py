@@ -41,14 +41,14 @@ def sweep_configs(base: EvalConfig, kind: str, values_text: str | None
         try:
             number = int(value)
         except ValueError:
-            raise ConfigError(f"--sweep-values for {kind} must be integers, got {value!r}")
+            raise ConfigError(f"--values for {kind} must be integers, got {value!r}")
         if kind == "width":
             configs.append((number, dataclasses.replace(base, width=number)))
         elif kind == "depth":
             configs.append((number, dataclasses.replace(base, depth=number)))
         else:
             if not is_image_dataset(base.data.dataset, base.data.data_dir):
-                raise ConfigError(f"--sweep resolution needs an image dataset; "
+                raise ConfigError(f"--vary resolution needs an image dataset; "
                                   f"{base.data.dataset} is not one")
             data = dataclasses.replace(base.data, image_size=number)
             configs.append((number, dataclasses.replace(base, data=data)))

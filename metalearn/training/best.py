@@ -16,7 +16,6 @@ survives resumes.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 

@@ -231,6 +231,8 @@ class RunConfig:
     progress_every_s: float = 2.0
     metrics_flush_s: float = 15.0  # seconds between metrics segment flushes
     tensorboard: bool = False
+    # Trackers beside TensorBoard: "wandb", "mlflow" (metalearn.training.trackers).
+    loggers: tuple[Literal["wandb", "mlflow"], ...] = ()
 
     def __post_init__(self):
         if self.minutes < 0 or self.steps < 0:

@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
-from metalearn.core.config_io import RunError
+from metalearn.core.config_io import RunError, to_dict
 from metalearn.training.config import TrainConfig
 from metalearn.training.events import Ledger, append_event
 from metalearn.training.messages import (LearnerReply, LearnerStatus, ThetaHandle,
@@ -221,7 +221,8 @@ class TrainingLoop:
         self.num_workers = num_workers
         # The metrics table is flushed last in an iteration, after evaluations merged.
         self.callbacks = [*callbacks, MetricsFlush(config.run.metrics_flush_s)]
-        self.metrics = MetricsLog(run, config.run.tensorboard)
+        self.metrics = MetricsLog(run, config.run.tensorboard, config.run.loggers,
+                                  to_dict(config) if config.run.loggers else None)
         # The best theta by validation, fed by the continuous evaluation's callbacks.
         self.best = BestTheta(run, config.rule, config.evaluator)
         self.worker_failures = 0

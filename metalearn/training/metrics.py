@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +35,7 @@ from metalearn.core.estimators import ESTIMATOR_CLASSES
 from metalearn.core.full_horizon import METRIC_NAMES as FULL_HORIZON_METRICS
 from metalearn.training.run_dir import RunDir
 from metalearn.training.segments import SegmentedTable, SegmentWarning
+from metalearn.training.trackers import open_trackers, safely
 
 
 EVAL_PREFIX = "eval"  # eval/<dataset>/..., eval_s, eval_long_s
@@ -140,18 +142,16 @@ class MetricsLog:
     """The driver's side: every row it sees (TensorBoard, callbacks) and the evaluation
     rows, which it appends to ``<run>/evaluations/`` at each ``write``."""
 
-    def __init__(self, run: RunDir, tensorboard: bool):
+    def __init__(self, run: RunDir, tensorboard: bool, loggers: Sequence[str] = (),
+                 config_values: dict | None = None):
         self.run = run
         self.table = SegmentedTable(run.evaluations)
         self.count = 0  # rows seen this session
         self.last_step = 0
         self.evaluations: list[dict] = []  # every evaluation row, in step order
         self.pending: list[dict] = []  # evaluation rows not written yet
-        self.writer = None
-        if tensorboard:
-            # Optional dependency, loaded only when a run asks for TensorBoard.
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(run.tensorboard)
+        # TensorBoard, wandb, MLflow (metalearn.training.trackers): every scalar seen.
+        self.trackers = open_trackers(run, tensorboard, loggers, config_values)
 
     def load(self, up_to_step: int) -> None:
         """A resumed run: evaluations beyond ``up_to_step`` are discarded, the others
@@ -203,22 +203,21 @@ class MetricsLog:
         self._scalars(row)
 
     def _scalars(self, row: dict) -> None:
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["step"])
+        if self.trackers:
+            values = {key: value for key, value in row.items()
+                      if key != "step" and isinstance(value, (int, float))}
+            safely(self.trackers, "log", values, row["step"])
 
     def write(self) -> None:
         if self.pending:
             self.table.append(self.pending)
             self.pending = []
-        if self.writer is not None:
-            self.writer.flush()
+        safely(self.trackers, "flush")
 
     def close(self) -> None:
         self.write()
-        if self.writer is not None:
-            self.writer.close()
+        safely(self.trackers, "close")
+        self.trackers = []
 
 
 def _run_of(path: str | os.PathLike) -> RunDir:
