@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from metalearn.core.config_io import ConfigError
+from metalearn.core.config_io import ConfigError, check_choices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +65,7 @@ class AugmentConfig:
             raise ConfigError("augment.max_rotation must be in [0, 360] degrees")
         if self.rotation_bins < 1:
             raise ConfigError("augment.rotation_bins must be >= 1")
-        if self.interpolation not in ("bilinear", "nearest"):
-            raise ConfigError("augment.interpolation must be 'bilinear' or 'nearest'")
+        check_choices(self, "augment")
         if self.max_shift < 1 or self.max_x_shift < 1:
             raise ConfigError("augment.max_shift and max_x_shift must be >= 1 px")
 

@@ -78,6 +78,7 @@ def test_smoke_sweep_every_trial_reports_then_resume(ray2, tmp_path, capsys):
         assert checkpoints
         assert (checkpoints[-1] / "checkpoints" / "8").is_dir()
         assert json.loads((checkpoints[-1] / "sweep.json").read_text())["step"] == 8
+        assert list(d.glob("events.out.tfevents.*"))  # Tune's TensorBoard files, by default
 
     # --resume of a finished sweep restores Tune's state and rewrites the outputs.
     (out / "results.md").unlink()

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Any, Literal
 
 import jax
 
-from metalearn.core.config_io import ConfigError, from_dict, to_dict  # noqa: F401 (re-exported)
+from metalearn.core.config_io import (ConfigError, check_choices, from_dict,  # noqa: F401
+                                      to_dict)  # (ConfigError, from_dict, to_dict: re-exported)
 
 __all__ = ["ACTIVATIONS", "ESTIMATORS", "PLANE_NAMES", "ConfigError", "HorizonConfig",
            "MetaObjectiveConfig", "RuleConfig", "UnrollConfig",
@@ -28,7 +30,8 @@ __all__ = ["ACTIVATIONS", "ESTIMATORS", "PLANE_NAMES", "ConfigError", "HorizonCo
 
 # Meta-gradient estimators (``UnrollConfig.estimator``; metalearn.core.estimators).
 # The last two score a perturbation over a whole inner run (metalearn.core.full_horizon).
-ESTIMATORS = ("truncated", "es", "pes", "hybrid", "es_full", "guided_es")
+Estimator = Literal["truncated", "es", "pes", "hybrid", "es_full", "guided_es"]
+ESTIMATORS: tuple[str, ...] = typing.get_args(Estimator)
 
 ACTIVATIONS = ("relu", "leaky_relu", "swish", "tanh", "sigmoid", "step", "identity")
 
@@ -187,9 +190,7 @@ class HorizonConfig:
     population: Literal["auto", "vmap", "loop"] = "auto"
 
     def __post_init__(self):
-        if self.population not in ("auto", "vmap", "loop"):
-            raise ConfigError(f"horizon.population must be 'auto', 'vmap' or 'loop', got "
-                              f"{self.population!r}")
+        check_choices(self, "horizon")
         for name in ("steps", "points", "guide_dims", "surrogate_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -200,11 +201,6 @@ class HorizonConfig:
         if not (isinstance(self.inner_lr, (int, float)) and 0 <= self.inner_lr < 1):
             raise ConfigError(f"horizon.inner_lr must be in [0, 1) (0: the rule's), got "
                               f"{self.inner_lr!r}")
-        if self.shaping not in ("none", "normalize", "ranks"):
-            raise ConfigError(f"horizon.shaping must be 'none', 'normalize' or 'ranks', got "
-                              f"{self.shaping!r}")
-        if self.fitness not in ("mean", "final"):
-            raise ConfigError(f"horizon.fitness must be 'mean' or 'final', got {self.fitness!r}")
         if not (isinstance(self.guide_alpha, (int, float)) and 0 < self.guide_alpha <= 1):
             raise ConfigError(f"horizon.guide_alpha must be in (0, 1], got {self.guide_alpha!r}")
 
@@ -264,15 +260,13 @@ class UnrollConfig:
     scan_unroll: bool = False  # fully unroll the scan (fast on CPU, long compiles)
     remat: bool = False
     scan_buckets: tuple[int, ...] = (4, 8, 16)
-    estimator: Literal["truncated", "es", "pes", "hybrid", "es_full", "guided_es"] = "truncated"
+    estimator: Estimator = "truncated"
     perturbation_std: float = 0.01
     pairs: int = 4
     variance_decay: float = 0.9
 
     def __post_init__(self):
-        if self.estimator not in ESTIMATORS:
-            raise ConfigError(f"unroll.estimator must be one of {', '.join(ESTIMATORS)}, got "
-                              f"{self.estimator!r}")
+        check_choices(self, "unroll")
         if not (isinstance(self.perturbation_std, (int, float))
                 and math.isfinite(self.perturbation_std) and self.perturbation_std > 0):
             raise ConfigError(f"unroll.perturbation_std must be a positive number, got "
@@ -282,12 +276,6 @@ class UnrollConfig:
         if not (isinstance(self.variance_decay, (int, float)) and 0 <= self.variance_decay < 1):
             raise ConfigError(f"unroll.variance_decay must be in [0, 1), got "
                               f"{self.variance_decay!r}")
-        if self.method not in ("auto", "stepwise", "scan"):
-            raise ConfigError(f"unroll.method must be 'auto', 'stepwise' or 'scan', got "
-                              f"{self.method!r}")
-        if self.residuals not in ("recompute", "store"):
-            raise ConfigError(
-                f"unroll.residuals must be 'recompute' or 'store', got {self.residuals!r}")
         if not self.scan_buckets or any(int(b) <= 0 for b in self.scan_buckets):
             raise ConfigError(f"unroll.scan_buckets must be positive sizes, got "
                               f"{self.scan_buckets!r}")

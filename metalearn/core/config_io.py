@@ -12,6 +12,7 @@ such as a sweep trial's). ``load`` does all three.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 import os
 import re
@@ -220,6 +221,24 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(f"{path} must be a string, got {value!r}")
         return value
     return value
+
+
+@functools.cache
+def _choices(cls: type) -> tuple[tuple[str, tuple], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, typing.get_args(hints[f.name])) for f in dataclasses.fields(cls)
+                 if typing.get_origin(hints[f.name]) is Literal)
+
+
+def check_choices(config: Any, section: str) -> None:
+    """ConfigError naming ``section.field`` for a field whose value is not one of its
+    ``Literal`` annotation's: the annotation is the one list of a field's choices (for
+    configs built in Python, which ``from_dict`` does not see)."""
+    for name, choices in _choices(type(config)):
+        value = getattr(config, name)
+        if value not in choices:
+            raise ConfigError(f"{section}.{name} must be one of {list(choices)}, got "
+                              f"{value!r}")
 
 
 def from_dict(cls: type, values: dict, path: str = "") -> Any:

@@ -26,7 +26,7 @@ import yaml
 from metalearn.core.theta import theta_spec
 from metalearn.core.config import (ACTIVATIONS, HorizonConfig, MetaObjectiveConfig, RuleConfig,
                                    UnrollConfig)
-from metalearn.core.config_io import (ConfigError, apply_overrides, from_dict,
+from metalearn.core.config_io import (ConfigError, apply_overrides, check_choices, from_dict,
                                       is_packaged_name, merge, read_yaml, resolve_config,
                                       to_dict)
 from metalearn.evaluation.config import ContinuousEvalConfig
@@ -151,6 +151,7 @@ class WorkerConfig:
     compilation_cache: str = ""
 
     def __post_init__(self):
+        check_choices(self, "worker")
         if self.num_workers < 0:
             raise ConfigError(f"worker.num_workers must be >= 0, got {self.num_workers!r}")
         if self.cpus_per_worker < 1:
@@ -235,6 +236,7 @@ class RunConfig:
     loggers: tuple[Literal["wandb", "mlflow"], ...] = ()
 
     def __post_init__(self):
+        check_choices(self, "run")
         if self.minutes < 0 or self.steps < 0:
             raise ConfigError("run.minutes and run.steps must be >= 0")
         for name in ("progress_every_s", "metrics_flush_s"):

@@ -1,36 +1,8 @@
-"""The training loop of asynchronous meta-training, as plain Python (docs/architecture.md).
+"""The training loop of asynchronous meta-training, as plain Python: ``TrainingLoop``, the
+one driver of every runner, talks to a learner and N workers through a ``Transport``.
 
-``TrainingLoop`` is the driver: it starts a learner and N workers through a
-``Transport``, hands each idle worker a ``WorkOrder`` (the newest theta handle and the
-curriculum), and handles what comes back:
-
-* a worker pushes each truncation's ``Submission`` straight to the learner and returns
-  the learner's ``LearnerReply``; the driver never touches a gradient;
-* a reply's metrics row goes to the run's ``MetricsLog`` in step order; a row whose reply
-  died with its worker is fetched from the learner, which keeps recent rows;
-* a new theta version makes the loop publish theta once (one copy shared by every worker);
-* a worker that died (restarted by the transport) or whose truncation raised gets a
-  fresh task-stream seed from the learner; a run whose every truncation fails stops;
-* a learner that is lost is replaced by one restored from the last checkpoint (a new
-  generation: in-flight gradients for the dead one are lost with it or dropped by the
-  new one), and metrics rows beyond the restored step are discarded.
-
-The run stops at ``run.steps`` (an absolute learner step), after ``run.minutes``, when
-a callback calls ``request_stop``, on SIGINT or SIGTERM, or when the learner reports that
-it cannot go on (``LearnerReply.fatal``: its checkpoint could not be written). It then
-stops handing out work, stops the workers, and the learner flushes its metrics rows and
-writes a final checkpoint; ``RunSummary.stop_reason`` says why. A second signal stops at
-once (``ImmediateStop``): every file is written whole or not at all, so nothing is
-corrupted, and the run resumes from its last checkpoint. An exception in the loop gets
-the same final checkpoint before it is raised.
-
-Every session appends to ``<run>/events.jsonl`` (``metalearn.training.events``): its start,
-workers that died, learners replaced and what they rolled back, the stop, and its end
-with the ``Ledger`` of its work orders.
-
-Transports: ``metalearn.training.local.InProcessTransport`` (one process, no Ray: tests,
-debugging, one GPU) and ``metalearn.distributed.driver.RayTransport`` (actors). The loop
-is the same for both; see docs/architecture.md.
+See docs/architecture.md (The data path of one gradient, Runners) and docs/training.md
+(Stopping, Faults).
 """
 
 from __future__ import annotations
@@ -225,17 +197,16 @@ class TrainingLoop:
                                   to_dict(config) if config.run.loggers else None)
         # The best theta by validation, fed by the continuous evaluation's callbacks.
         self.best = BestTheta(run, config.rule, config.evaluator)
-        self.worker_failures = 0
-        self.worker_errors = 0
         self.learner_restarts = 0
-        self.successes = 0
         self.worker_count = 0
-        self.workers_lost = 0  # workers whose restart failed in their constructor
-        self.fatal = ""  # why the run had to stop (raised after the final checkpoint)
-        self.learner_failure = ""  # the learner cannot go on (``LearnerReply.fatal``)
-        self.stopping = False
-        self.stop_reason = ""
+        # What became of every order: the one count of replies, deaths and failures.
         self.ledger = Ledger()
+        # The one stop value: "" while running, else why the run stops (steps, minutes,
+        # requested, SIGINT, SIGTERM, workers lost, learner failed, error: ...).
+        self.stop_reason = ""
+        # The first failure, raised after the final checkpoint (WorkerStartError,
+        # LearnerFailed).
+        self.failure: RunError | None = None
         self.finished = False
         self.started = time.monotonic()
         self.start_step = 0
@@ -253,14 +224,30 @@ class TrainingLoop:
 
     def request_stop(self, reason: str = "requested") -> None:
         """Stop handing out work; the run ends after this iteration."""
-        if not self.stopping:
-            self.stop_reason = self.stop_reason or reason
-        self.stopping = True
+        self.stop_reason = self.stop_reason or reason
+
+    @property
+    def stopping(self) -> bool:
+        return bool(self.stop_reason)
 
     @property
     def interrupted(self) -> bool:
         """Stopping because of a signal, an error or a failed learner (not a budget)."""
         return self.stopping and self.stop_reason not in ("steps", "minutes", "requested")
+
+    @property
+    def worker_failures(self) -> int:
+        """Worker processes that died and were restarted (not those that could not)."""
+        return self.ledger.worker_died - self.ledger.lost_worker
+
+    def _fail(self, error: RunError, reason: str) -> bool:
+        """Record a failure (the first is raised at the end) and stop; False if one of
+        this kind was recorded already."""
+        if isinstance(self.failure, type(error)):
+            return False
+        self.failure = self.failure or error
+        self.request_stop(reason)
+        return True
 
     def _on_signal(self, name: str) -> None:
         self.stop_reason = name
@@ -287,8 +274,10 @@ class TrainingLoop:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> RunSummary:
-        """Train until a stop (see the module docstring); the final checkpoint is
-        written however the loop ends, except after ``ImmediateStop``."""
+        """Train until a stop: ``run.steps`` (an absolute learner step), ``run.minutes``,
+        ``request_stop``, SIGINT or SIGTERM, or a learner that cannot go on
+        (``LearnerReply.fatal``); ``RunSummary.stop_reason`` says which. The final
+        checkpoint is written however the loop ends, except after ``ImmediateStop``."""
         signals = StopSignals(self._on_signal)
         try:
             try:
@@ -298,7 +287,6 @@ class TrainingLoop:
                 raise
             except BaseException as err:
                 reason = f"error: {type(err).__name__}: {str(err).strip()[:300]}"
-                self.request_stop(reason)
                 self.stop_reason = reason
                 self._event("error", error=reason, step=self.step)
                 if not self.finished:
@@ -313,16 +301,42 @@ class TrainingLoop:
             summary = self._finish()
         finally:
             signals.restore()
-        if self.fatal:
-            raise WorkerStartError(self.fatal)
-        if self.learner_failure:
-            raise LearnerFailed(self.learner_failure)
+        if self.failure is not None:
+            raise self.failure
         return summary
 
     def _train(self) -> None:
-        run, transport = self.config.run, self.transport
+        deadline = self._start_session()
+        idle = list(range(self.worker_count))
+        if self.config.run.steps and self.step >= self.config.run.steps:
+            self.request_stop("steps")
+        while not self.stopping:
+            if time.monotonic() >= deadline:
+                self.request_stop("minutes")
+                break
+            idle = self._dispatch(idle)
+            replies: list[LearnerReply] = []
+            for result in self.transport.collect(timeout_s=0.5):
+                self._on_result(result, idle, replies)
+            # In learner order, so rows arrive in step order and few need fetching.
+            for reply in sorted(replies, key=lambda r: (r.step, r.row is None)):
+                self._handle_reply(reply)
+            if self._stale_theta:  # a new version: one theta copy shared by every worker
+                try:
+                    self.theta = self.transport.publish_theta(self.theta)
+                    self._stale_theta = False
+                except LearnerLost:
+                    self._restart_learner()
+            idle.sort()
+            for callback in self.callbacks:
+                callback.on_tick(self)
+
+    def _start_session(self) -> float:
+        """Start (or restore) the learner and the workers; returns the deadline."""
+        transport = self.transport
         self.started = time.monotonic()
-        deadline = self.started + run.minutes * 60.0 if run.minutes > 0 else math.inf
+        minutes = self.config.run.minutes
+        deadline = self.started + minutes * 60.0 if minutes > 0 else math.inf
         status = self._take_learner(transport.start_learner(self.resume))
         self.start_step = status.step
         if self.resume:
@@ -346,80 +360,64 @@ class TrainingLoop:
                     learner_counters=status.counters,
                     tasks_per_worker=self.config.worker.tasks_per_worker,
                     checkpoint_minutes=self.config.learner.checkpoint_minutes)
-        idle = list(range(count))
-        if run.steps and self.step >= run.steps:
-            self.request_stop("steps")
-        while not self.stopping:
-            if time.monotonic() >= deadline:
-                self.request_stop("minutes")
-                break
-            now = time.monotonic()
-            deferred = [i for i in idle if self._not_before.get(i, 0.0) > now]
-            for index in idle:
-                if index not in deferred:
-                    transport.dispatch(index, WorkOrder(self.theta, self.curriculum))
-                    self.ledger.dispatched += 1
-            idle = deferred
-            replies = []
-            for result in transport.collect(timeout_s=0.5):
-                if result.cannot_start:
-                    # A restarted worker whose constructor fails: no restart will help.
-                    self.ledger.worker_died += 1
-                    self._lost_worker(result)
-                    continue
-                idle.append(result.index)
-                if result.died:
-                    self.worker_failures += 1
-                    self.ledger.worker_died += 1
-                    # While Ray restarts it, an order fails at once: wait a moment rather
-                    # than spin on a worker that is not there yet.
-                    self._not_before[result.index] = time.monotonic() + RESTART_BACKOFF_S
-                    self._event("worker_died", worker=result.index, step=self.step,
-                                cause=result.error or "process died")
-                    self._reseed(result.index)
-                elif result.error:
-                    self.worker_errors += 1
-                    self.ledger.truncation_failed += 1
-                    self._event("truncation_failed", worker=result.index, step=self.step,
-                                error=result.error)
-                    print(f"\nworker {result.index}: truncation failed: {result.error}",
-                          file=sys.stderr)
-                    if self.successes == 0 and self.worker_errors > 2 * count + 2:
-                        raise RuntimeError(f"every truncation fails; last error: "
-                                           f"{result.error}")
-                    self._reseed(result.index)
-                elif result.reply.learner_lost:
-                    # The learner this worker pushed to is gone; replace it once.
-                    self.ledger.learner_gone += 1
-                    if (result.reply.generation == self.theta.generation
-                            and not self._learner_alive()):
-                        self._restart_learner()
-                else:
-                    self.successes += 1
-                    self.ledger.replied += 1
-                    replies.append(result.reply)
-            # In learner order, so rows arrive in step order and few need fetching.
-            for reply in sorted(replies, key=lambda r: (r.step, r.row is None)):
-                self._handle_reply(reply)
-            if self._stale_theta:  # a new version: one theta copy shared by every worker
-                try:
-                    self.theta = transport.publish_theta(self.theta)
-                    self._stale_theta = False
-                except LearnerLost:
-                    self._restart_learner()
-            idle.sort()
-            for callback in self.callbacks:
-                callback.on_tick(self)
+        return deadline
+
+    def _dispatch(self, idle: list[int]) -> list[int]:
+        """Hand the newest theta to every idle worker not waiting out a restart; returns
+        those still idle."""
+        now = time.monotonic()
+        deferred = [i for i in idle if self._not_before.get(i, 0.0) > now]
+        for index in idle:
+            if index not in deferred:
+                self.transport.dispatch(index, WorkOrder(self.theta, self.curriculum))
+                self.ledger.dispatched += 1
+        return deferred
+
+    def _on_result(self, result: WorkerResult, idle: list[int],
+                   replies: list[LearnerReply]) -> None:
+        """Account for one finished order in the ledger; the worker becomes idle (unless
+        it cannot start again) and a learner reply joins ``replies``."""
+        ledger = self.ledger
+        if result.cannot_start:
+            # A restarted worker whose constructor fails: no restart will help.
+            ledger.worker_died += 1
+            self._lost_worker(result)
+            return
+        idle.append(result.index)
+        if result.died:
+            ledger.worker_died += 1
+            # While Ray restarts it, an order fails at once: wait a moment rather than
+            # spin on a worker that is not there yet.
+            self._not_before[result.index] = time.monotonic() + RESTART_BACKOFF_S
+            self._event("worker_died", worker=result.index, step=self.step,
+                        cause=result.error or "process died")
+            self._reseed(result.index)
+        elif result.error:
+            ledger.truncation_failed += 1
+            self._event("truncation_failed", worker=result.index, step=self.step,
+                        error=result.error)
+            print(f"\nworker {result.index}: truncation failed: {result.error}",
+                  file=sys.stderr)
+            if ledger.replied == 0 and ledger.truncation_failed > 2 * self.worker_count + 2:
+                raise RuntimeError(f"every truncation fails; last error: {result.error}")
+            self._reseed(result.index)
+        elif result.reply.learner_lost:
+            # The learner this worker pushed to is gone; replace it once.
+            ledger.learner_gone += 1
+            if (result.reply.generation == self.theta.generation
+                    and not self._learner_alive()):
+                self._restart_learner()
+        else:
+            ledger.replied += 1
+            replies.append(result.reply)
 
     def _lost_worker(self, result: WorkerResult) -> None:
-        self.workers_lost += 1
         message = f"worker {result.index} cannot start: {result.error}"
         self.ledger.lost_worker += 1
         self._event("worker_lost", worker=result.index, cause=result.error)
         if (self.config.worker.on_start_failure == "stop"
-                or self.workers_lost >= self.worker_count):
-            self.fatal = message
-            self.request_stop("workers lost")
+                or self.ledger.lost_worker >= self.worker_count):
+            self._fail(WorkerStartError(message), "workers lost")
         else:
             print(f"\n{message}; training goes on without it", file=sys.stderr)
 
@@ -428,11 +426,9 @@ class TrainingLoop:
     def _handle_reply(self, reply: LearnerReply) -> None:
         self._dead_received[reply.generation] = max(
             self._dead_received.get(reply.generation, 0), reply.received)
-        if reply.fatal and not self.learner_failure:
-            self.learner_failure = reply.fatal
+        if reply.fatal and self._fail(LearnerFailed(reply.fatal), "learner failed"):
             print(f"\nthe learner cannot go on: {reply.fatal}", file=sys.stderr)
             self._event("learner_failed", step=reply.step, error=reply.fatal)
-            self.request_stop("learner failed")
         if reply.generation != self.theta.generation:
             return  # a reply of a replaced learner
         row = reply.row
@@ -558,7 +554,8 @@ class TrainingLoop:
                 self.recorded = self.step = row["step"]
             self.checkpoint_step, status = self.transport.close_learner()
             final = status.counters
-            self.learner_failure = self.learner_failure or getattr(status, "fatal", "")
+            if getattr(status, "fatal", ""):
+                self._fail(LearnerFailed(status.fatal), "learner failed")
         except LearnerLost:
             died_at_exit = True
             print("learner died at exit; the last checkpoint stands", file=sys.stderr)
@@ -578,7 +575,8 @@ class TrainingLoop:
             run_dir=self.run_dir.path, start_step=self.start_step,
             final_step=self.checkpoint_step, rows=self.metrics.count,
             wall_s=self.elapsed_s(), worker_failures=self.worker_failures,
-            worker_errors=self.worker_errors, learner_restarts=self.learner_restarts,
+            worker_errors=self.ledger.truncation_failed,
+            learner_restarts=self.learner_restarts,
             checkpoint_step=self.checkpoint_step,
             dropped_stale=final.get("dropped_stale", 0),
             dropped_nonfinite=final.get("dropped_nonfinite", 0),
