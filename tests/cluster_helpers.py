@@ -55,3 +55,29 @@ def alive_nodes(address: str) -> list[dict]:
                          timeout=120, env=os.environ)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def start_node(python: str, cwd, env: dict, *args) -> subprocess.Popen:
+    """``ray start --block`` with ``python``'s Ray, from the folder ``cwd`` (created),
+    in a session of its own (``kill_started`` stops it)."""
+    os.makedirs(cwd, exist_ok=True)
+    return subprocess.Popen(
+        [python, "-m", "ray.scripts.scripts", "start", "--block",
+         "--node-ip-address=127.0.0.1", *args],
+        cwd=cwd, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_nodes(address: str, count: int, processes) -> list[dict]:
+    """The alive nodes, once there are ``count`` of them (at most 180 s)."""
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            nodes = alive_nodes(address)
+            if len(nodes) >= count:
+                return nodes
+        except (AssertionError, IndexError, ValueError, subprocess.TimeoutExpired):
+            pass
+        assert all(p.poll() is None for p in processes), "a `ray start` exited"
+        assert time.monotonic() < deadline, f"{count} nodes did not come up"
+        time.sleep(3)

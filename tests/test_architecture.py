@@ -21,8 +21,7 @@ FLOORS = ["metalearn.core", "tasks", "metalearn.evaluation", "metalearn.training
 INNER_IMPORT_MODULES = {"metalearn.distributed.actors", "metalearn.distributed.evaluator",
                         "metalearn.distributed.bench", "metalearn.cli"}
 INNER_IMPORT_LIBRARIES = {"tensorboardX", "tensorflow_datasets", "matplotlib.pyplot",
-                          # optional trackers, and the module that loads Tune's ones
-                          "wandb", "mlflow.tracking", "mlflow.entities",
+                          # the module that loads Tune's wandb and MLflow callbacks
                           "metalearn.distributed.tune_loggers"}
 
 

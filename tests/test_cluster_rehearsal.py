@@ -20,7 +20,8 @@ import time
 import pytest
 import yaml
 
-from cluster_helpers import alive_nodes, free_port, kill_now, kill_started
+import cluster_helpers
+from cluster_helpers import alive_nodes, free_port, kill_now, kill_started, wait_for_nodes
 from metalearn.training.metrics import read_metrics
 
 CHECKOUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -65,26 +66,7 @@ def clean_env() -> dict:
 
 
 def start_node(venv, cwd, *args) -> subprocess.Popen:
-    os.makedirs(cwd, exist_ok=True)
-    return subprocess.Popen(
-        [str(venv / "bin" / "python"), "-m", "ray.scripts.scripts", "start", "--block",
-         "--node-ip-address=127.0.0.1", *args],
-        cwd=cwd, env=clean_env(), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_for_nodes(address: str, count: int, processes) -> list[dict]:
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            nodes = alive_nodes(address)
-            if len(nodes) >= count:
-                return nodes
-        except (AssertionError, IndexError, ValueError, subprocess.TimeoutExpired):
-            pass
-        assert all(p.poll() is None for p in processes), "a `ray start` exited"
-        assert time.monotonic() < deadline, f"{count} nodes did not come up"
-        time.sleep(3)
+    return cluster_helpers.start_node(str(venv / "bin" / "python"), cwd, clean_env(), *args)
 
 
 def metalearn(venv, cwd, *args, timeout=600, background=False):

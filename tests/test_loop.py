@@ -1,13 +1,14 @@
 """The training loop's protocol, without Ray: lost rows, dead workers and learners,
-failing truncations, callbacks, signals (``InProcessTransport`` with injected faults)."""
+failing truncations, callbacks, signals (the in-process transport with injected faults)."""
 
 import errno
+import functools
 import os
 import signal
 
 import pytest
 
-from metalearn.training.local import InProcessTransport
+from metalearn.training.local import InProcessLearner, InProcessWorkers, in_process_transport
 from metalearn.training import learner_host
 from metalearn.training.events import read_events
 from metalearn.training.loop import (LEARNER_ATTEMPTS, Callback, ImmediateStop, LearnerFailed,
@@ -18,12 +19,12 @@ from metalearn.training.run_dir import RunDir
 from train_helpers import tiny_config
 
 
-class LosesReplies(InProcessTransport):
+class LosesReplies(InProcessWorkers):
     """Drops the reply that carries the row of ``lose_step``, as if its worker died
     after pushing: the learner applied the update but the loop never saw the row."""
 
-    def __init__(self, config, run, lose_step):
-        super().__init__(config, run)
+    def __init__(self, config, learner, mix, lose_step):
+        super().__init__(config, learner, mix)
         self.lose_step, self.lost = lose_step, 0
 
     def collect(self, timeout_s):
@@ -39,13 +40,13 @@ class LosesReplies(InProcessTransport):
         return out
 
 
-def make_loop(tmp_path, transport_cls=InProcessTransport, callbacks=(), **sections):
+def make_loop(tmp_path, workers=InProcessWorkers, callbacks=(), **sections):
     config = tiny_config(tmp_path, **{"run": {"steps": 6, "minutes": 5.0},
                                       "worker": {"num_workers": 2, "batch_size": 8},
                                       **sections})
     run = RunDir(tmp_path / "run")
     run.create(config)
-    transport = transport_cls(config, run)
+    transport = in_process_transport(config, run, workers=workers)
     return TrainingLoop(config, run, transport, callbacks=callbacks), run
 
 
@@ -64,9 +65,10 @@ def test_row_lost_with_a_worker_is_fetched_from_the_learner(tmp_path):
                          worker={"num_workers": 2, "batch_size": 8})
     run = RunDir(tmp_path / "run")
     run.create(config)
-    transport = LosesReplies(config, run, lose_step=2)
+    transport = in_process_transport(config, run,
+                                     workers=functools.partial(LosesReplies, lose_step=2))
     summary = TrainingLoop(config, run, transport, callbacks=[Rows()]).run()
-    assert transport.lost == 1 and summary.worker_failures == 1
+    assert transport.workers.lost == 1 and summary.worker_failures == 1
     assert seen == [1, 2, 3, 4, 5]  # every row once, in step order
     assert steps_of(run) == [1, 2, 3, 4, 5]
 
@@ -78,7 +80,7 @@ def test_lost_learner_is_replaced_from_its_checkpoint(tmp_path):
         def on_row(self, loop, row):
             if row["step"] == 3 and not killed:
                 killed.append(loop.theta.generation)
-                loop.transport.stop_learner()
+                loop.learner.stop()
 
     loop, run = make_loop(tmp_path, callbacks=[KillLearner()],
                           learner={"meta_batch": 2, "checkpoint_minutes": 1e-5})
@@ -90,7 +92,7 @@ def test_lost_learner_is_replaced_from_its_checkpoint(tmp_path):
     assert steps_of(run) == [1, 2, 3, 4, 5, 6]
 
 
-class ReplacementsDie(InProcessTransport):
+class ReplacementsDie(InProcessLearner):
     """The first ``deaths`` replacement learners die while they start (killed, or their
     node lost, before they answer)."""
 
@@ -98,11 +100,11 @@ class ReplacementsDie(InProcessTransport):
         super().__init__(config, run)
         self.deaths = deaths
 
-    def start_learner(self, resume):
+    def start(self, resume):
         if resume and self.deaths:
             self.deaths -= 1
             raise LearnerLost("the learner did not start: killed")
-        return super().start_learner(resume)
+        return super().start(resume)
 
 
 class KillLearnerAt(Callback):
@@ -112,7 +114,7 @@ class KillLearnerAt(Callback):
     def on_row(self, loop, row):
         if row["step"] == self.step and not self.done:
             self.done = True
-            loop.transport.stop_learner()
+            loop.learner.stop()
 
 
 def test_a_replacement_that_dies_while_starting_is_started_again(tmp_path, monkeypatch):
@@ -124,7 +126,8 @@ def test_a_replacement_that_dies_while_starting_is_started_again(tmp_path, monke
                          learner={"meta_batch": 2, "checkpoint_minutes": 1e-5})
     run = RunDir(tmp_path / "run")
     run.create(config)
-    transport = ReplacementsDie(config, run, deaths=LEARNER_ATTEMPTS - 1)
+    transport = in_process_transport(
+        config, run, learner=functools.partial(ReplacementsDie, deaths=LEARNER_ATTEMPTS - 1))
     summary = TrainingLoop(config, run, transport, callbacks=[KillLearnerAt(3)]).run()
     assert summary.learner_restarts == 1 and summary.final_step == 6
     assert steps_of(run) == [1, 2, 3, 4, 5, 6]
@@ -134,7 +137,8 @@ def test_a_replacement_that_dies_while_starting_is_started_again(tmp_path, monke
     # One more death than attempts: the run stops with the cause, its checkpoint intact.
     run2 = RunDir(tmp_path / "run2")
     run2.create(config)
-    transport = ReplacementsDie(config, run2, deaths=LEARNER_ATTEMPTS)
+    transport = in_process_transport(
+        config, run2, learner=functools.partial(ReplacementsDie, deaths=LEARNER_ATTEMPTS))
     with pytest.raises(LearnerLost, match="did not start: killed"):
         TrainingLoop(config, run2, transport, callbacks=[KillLearnerAt(3)]).run()
     last = run2.checkpoint_steps()[-1]
@@ -142,9 +146,9 @@ def test_a_replacement_that_dies_while_starting_is_started_again(tmp_path, monke
 
 
 def test_every_truncation_failing_stops_the_run(tmp_path):
-    class Broken(InProcessTransport):
-        def start_workers(self, seeds):
-            started = super().start_workers(seeds)
+    class Broken(InProcessWorkers):
+        def start(self, count, seeds):
+            started = super().start(count, seeds)
             for worker in self.workers:
                 worker.run_truncation = lambda curriculum: 1 / 0
             return started
@@ -201,7 +205,7 @@ def test_a_full_disk_stops_the_run_cleanly_with_the_last_good_checkpoint(tmp_pat
     end = [e for e in read_events(run.path) if e["event"] == "session_end"][-1]
     assert end["stop_reason"] == "learner failed"
     monkeypatch.undo()
-    resumed = TrainingLoop(loop.config, run, InProcessTransport(loop.config, run),
+    resumed = TrainingLoop(loop.config, run, in_process_transport(loop.config, run),
                            resume=True)
     summary = resumed.run()
     assert summary.start_step == good
@@ -236,7 +240,7 @@ def test_a_signal_stops_the_run_with_a_final_checkpoint_and_it_resumes(tmp_path)
     events = [e["event"] for e in read_events(run.path)]
     assert events[0] == "session_start" and "signal" in events and events[-1] == "session_end"
     assert signal.getsignal(signal.SIGINT) is before  # the handler is restored
-    resumed = TrainingLoop(loop.config, run, InProcessTransport(loop.config, run),
+    resumed = TrainingLoop(loop.config, run, in_process_transport(loop.config, run),
                            resume=True)
     after = resumed.run()
     assert after.start_step == reached and after.final_step == 40
@@ -258,7 +262,7 @@ def test_a_second_signal_stops_at_once_and_the_run_still_resumes(tmp_path):
     assert steps_of(run)[:last] == list(range(1, last + 1))
     assert [e["event"] for e in read_events(run.path)][-1] == "immediate_stop"
     assert signal.getsignal(signal.SIGINT) is before
-    after = TrainingLoop(loop.config, run, InProcessTransport(loop.config, run),
+    after = TrainingLoop(loop.config, run, in_process_transport(loop.config, run),
                          resume=True).run()
     # A save that was in flight may complete before the resume reads the checkpoints.
     assert last <= after.start_step <= loop.step and after.final_step == 40

@@ -73,7 +73,7 @@ def test_node_lost_mid_run_workers_replaced_learner_intact(no_ray, tmp_path):
         class NodeRemover(Callback):
           def on_row(self, loop, row):
             if row["step"] == 2 and "removed" not in seen:
-                nodes = [node_of(w) for w in loop.transport.workers]
+                nodes = [node_of(w) for w in loop.workers.workers]
                 seen["before"] = nodes
                 seen["generation"] = loop.theta.generation
                 replacement = cluster.add_node(num_cpus=2)
@@ -83,7 +83,7 @@ def test_node_lost_mid_run_workers_replaced_learner_intact(no_ray, tmp_path):
                 seen["removed"] = victim.node_id
                 seen["removed_at"] = row["step"]
             elif "removed" in seen and row["step"] >= 6 and "after" not in seen:
-                seen["after"] = [node_of(w) for w in loop.transport.workers]
+                seen["after"] = [node_of(w) for w in loop.workers.workers]
                 seen["generation_after"] = loop.theta.generation
 
         summary = train(config, str(tmp_path / "run"), callbacks=[NodeRemover()])

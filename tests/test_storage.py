@@ -154,7 +154,7 @@ def test_rehearsal_two_nodes_trials_on_the_worker_node_interrupted_and_resumed(s
     with no CPU, so every trial runs on the other node and writes its checkpoints from
     there), the sweep driver interrupted (SIGINT, as Ctrl-C) once the bucket holds a
     checkpoint, resumed from the bucket to the end, and its best rule exported."""
-    from cluster_helpers import alive_nodes, free_port, kill_started
+    from cluster_helpers import free_port, kill_started, start_node, wait_for_nodes
 
     bin_dir = os.path.dirname(sys.executable)
     env = {**os.environ, **s3["env"], "RAY_AUTH_MODE": "disabled"}
@@ -163,33 +163,17 @@ def test_rehearsal_two_nodes_trials_on_the_worker_node_interrupted_and_resumed(s
     address = f"127.0.0.1:{port}"
 
     def start(folder, *args):
-        os.makedirs(folder)
-        return subprocess.Popen(
-            [os.path.join(bin_dir, "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
-             *args], cwd=folder, env=env, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def wait_nodes(count):
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                nodes = alive_nodes(address)
-                if len(nodes) >= count:
-                    return nodes
-            except (AssertionError, IndexError, ValueError, subprocess.TimeoutExpired):
-                pass
-            assert time.monotonic() < deadline, f"{count} Ray nodes did not come up"
-            time.sleep(3)
+        return start_node(sys.executable, folder, env, *args)
 
     head = start(str(tmp_path / "head"), "--head", f"--port={port}", "--num-cpus=0",
                  "--include-dashboard=false")
     node_port = free_port()
     node = None
     try:
-        wait_nodes(1)
+        wait_for_nodes(address, 1, [head])
         node = start(str(tmp_path / "node"), f"--address={address}", "--num-cpus=2",
                      f"--node-manager-port={node_port}")
-        nodes = wait_nodes(2)
+        nodes = wait_for_nodes(address, 2, [head, node])
         assert sorted(n["cpu"] for n in nodes) == [0, 2]  # trials can only go to the node
         spec = write_spec(tmp_path, "rehearsal", search=ONE_TRIAL,
                           trial={"steps": 12, "report_every": 2, "minutes": 10},

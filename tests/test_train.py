@@ -108,10 +108,10 @@ def test_killed_worker_replaced_and_killed_learner_resumes(ray_session, tmp_path
             import ray
             if row["step"] == 1 and "worker" not in killed:
                 killed["worker"] = row["step"]
-                ray.kill(loop.transport.workers[0], no_restart=False)
+                ray.kill(loop.workers.workers[0], no_restart=False)
             if row["step"] == 3 and "learner" not in killed:
                 killed["learner"] = row["step"]
-                ray.kill(loop.transport.learner, no_restart=True)
+                ray.kill(loop.learner.actor, no_restart=True)
 
     summary = train(config, str(tmp_path / "faults"), callbacks=[Killer()])
     assert killed == {"worker": 1, "learner": 3}

@@ -1,16 +1,7 @@
-"""Thin Ray actor wrappers around ``metalearn.training.learner`` and ``metalearn.training.worker``.
+"""Thin Ray actor wrappers around ``metalearn.training.learner_host`` and
+``metalearn.training.worker``, and the CPU pinning of actor processes.
 
-Worker actors restart forever (``max_restarts=-1``); a restart reruns ``__init__`` and
-the driver then gives the worker a fresh task-stream seed. The learner actor is not
-restarted by Ray: the driver replaces it with a new one restored from the last
-checkpoint (a new generation), so gradients computed for the dead one are dropped.
-
-Thread limits: XLA's CPU thread pool follows the process's CPU affinity (measured: OMP_NUM_THREADS and threadpoolctl do not bound it),
-so a worker pins itself to ``cpus`` cores before importing JAX. Cores are claimed
-through node-local lock files (``fcntl``), released by the OS when the process dies,
-so workers on one node never share a core and a restarted worker reclaims one.
-BLAS/OpenMP thread counts and XLA flags come in through ``runtime_env`` env vars,
-which exist before the process imports anything.
+See docs/training.md (How it works: Actors; Faults).
 """
 
 from __future__ import annotations
@@ -30,7 +21,8 @@ _held_locks: list = []  # keep lock files open for the life of the process
 def thread_env(cpus: int, gpus: float = 0.0) -> dict[str, str]:
     """Env vars that bound a worker's BLAS/OpenMP/XLA threads to its CPU allotment; with
     a GPU share, JAX allocates device memory as it needs it rather than 75% up front (so
-    workers sharing a device, and the evaluator, fit)."""
+    workers sharing a device, and the evaluator, fit). Given as ``runtime_env`` env vars,
+    they exist before the process imports anything."""
     env = {name: str(cpus) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                          "OPENBLAS_NUM_THREADS")}
     if cpus == 1:
@@ -44,7 +36,10 @@ def thread_env(cpus: int, gpus: float = 0.0) -> dict[str, str]:
 def claim_cpus(count: int) -> list[int]:
     """Pin this process to ``count`` free cores of the node (lock files); [] if none.
 
-    Must run before ``import jax``.
+    Must run before ``import jax``: XLA's CPU thread pool follows the process's CPU
+    affinity (measured: OMP_NUM_THREADS and threadpoolctl do not bound it). The locks are
+    node-local ``fcntl`` lock files, released by the OS when the process dies, so workers
+    on one node never share a core and a restarted worker reclaims one.
     """
     available = sorted(os.sched_getaffinity(0))
     if count >= len(available):
@@ -77,7 +72,9 @@ def claim_cpus(count: int) -> list[int]:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class WorkerActor:
-    """Ray wrapper of ``metalearn.training.worker.Worker``."""
+    """Ray wrapper of ``metalearn.training.worker.Worker``. It restarts forever
+    (``max_restarts=-1``): a restart reruns ``__init__``, and the driver then gives the
+    worker a fresh task-stream seed."""
 
     def __init__(self, config: dict, mix: dict, index: int, stream_seed: int,
                  cpus: int = 1, pin: bool = True):
@@ -136,7 +133,9 @@ class WorkerActor:
 
 @ray.remote(max_restarts=0)
 class LearnerActor:
-    """Ray wrapper of ``metalearn.training.learner_host.LearnerHost``."""
+    """Ray wrapper of ``metalearn.training.learner_host.LearnerHost``. Ray does not restart
+    it: the driver replaces it with a new one restored from the last checkpoint (a new
+    generation), so gradients computed for the dead one are dropped."""
 
     def __init__(self, config: dict, run_dir: str, resume: bool):
         from metalearn.training.config import config_from_dict
@@ -145,24 +144,10 @@ class LearnerActor:
 
         self.host = LearnerHost(config_from_dict(config), RunDir(run_dir), resume)
 
-    def status(self):
-        return self.host.status()
-
-    def get_theta(self):
-        return self.host.theta()
-
-    def new_stream_seeds(self, count: int) -> list[int]:
-        return self.host.new_stream_seeds(count)
+    def call(self, method: str, *args):
+        """``LearnerHost.<method>(*args)``: the driver's calls (``RayLearner.call``)."""
+        return getattr(self.host, method)(*args)
 
     def submit(self, submission):
+        """A worker's push (the hot path: one call per truncation)."""
         return self.host.submit(submission)
-
-    def rows_after(self, step: int) -> list[dict]:
-        return self.host.rows_after(step)
-
-    def checkpoint(self) -> int:
-        return self.host.checkpoint()
-
-    def close(self):
-        step = self.host.close()
-        return step, self.host.status()

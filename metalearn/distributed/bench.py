@@ -1,28 +1,7 @@
 """What ``metalearn bench learner`` and ``metalearn bench scaling`` measure (their command
 line is ``metalearn.cli.bench``; ``measure_learner`` and ``measure_scaling`` return the
-reports).
-
-``learner``: gradients per second one learner actor ingests and applies with a
-paper-size theta (``RuleConfig()``, ~115k parameters), fed by synthetic worker actors
-that push pre-made random gradients (no meta-gradient compute) with the call training
-workers make (``LearnerActor.submit`` of a ``Submission``, worker -> learner). JSON key
-``grads_per_s`` is that rate, counted by the learner itself over a timed window;
-target >= 1000. Also: ``driver_loop_grads_per_s``, the same gradients when the driver
-issues one worker call per gradient and reads its reply (the training loop's shape,
-whose per-gradient cost falls on the driver), and the in-process rate of
-``Learner.submit`` (no Ray).
-
-``scaling``: real meta-gradients per second of one and then two worker actors, each
-pinned to one core with XLA single-threaded, on one fixed task of the training config
-(the tasks package; its first sampled task), U fixed. Compilation is excluded (warm-up
-truncations first); 1-worker and 2-worker phases alternate (``--rounds``), so a
-neighbour's load changing mid-run lands on both sides of the ratio. JSON keys ``grads_per_s_1``, ``grads_per_s_2`` and ``speedup``
-(target >= 1.8 on 2 cores).
-
-Imports of JAX and of modules that import it stay inside the functions and actor
-constructors: Ray actor processes import this module (to rebuild ``ScalingWorker``)
-before the actor pins itself to its cores with ``actors.claim_cpus``, and XLA sizes its
-thread pool from the CPU affinity it finds when JAX is first imported.
+reports). See docs/training.md (Benchmarks). JAX loads only inside functions and actor
+constructors, after an actor has pinned its cores (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -113,7 +92,7 @@ def _in_process_rate(theta, meta_batch: int, seconds: float = 3.0) -> float:
 
 
 def _learner_counts(learner) -> tuple[float, int, int, float]:
-    status = ray.get(learner.status.remote())
+    status = ray.get(learner.call.remote("status"))
     return time.perf_counter(), status.counters["received"], status.step, status.busy_s
 
 
@@ -178,7 +157,7 @@ def measure_learner(*, seconds: float = 15.0, workers: int = 4, meta_batch: int 
                                                    checkpoint_minutes=1e6))
         with tempfile.TemporaryDirectory() as run_dir:
             learner = LearnerActor.options(num_cpus=0).remote(to_dict(config), run_dir, False)
-            status = ray.get(learner.status.remote())
+            status = ray.get(learner.call.remote("status"))
             pushers = [SyntheticWorker.remote(theta.size, i) for i in range(workers)]
             ray.get([w.compute.remote([status.generation, 0], learner)
                      for w in pushers])  # all started, the update compiled soon after
@@ -187,9 +166,9 @@ def measure_learner(*, seconds: float = 15.0, workers: int = 4, meta_batch: int 
             report.update(_pushed_rate(learner, pushers, status.generation, seconds))
             log(f"[3/3] the same through the driver loop, one call per gradient, for "
                 f"{seconds:.0f} s ...")
-            status = ray.get(learner.status.remote())
+            status = ray.get(learner.call.remote("status"))
             report["driver_loop_grads_per_s"] = _driver_rate(learner, pushers, status, seconds)
-            counters = ray.get(learner.status.remote()).counters
+            counters = ray.get(learner.call.remote("status")).counters
             report.update(dropped_stale=counters["dropped_stale"],
                           dropped_nonfinite=counters["dropped_nonfinite"])
             for actor in pushers + [learner]:

@@ -1,23 +1,7 @@
-"""``metalearn chaos``: train on a local multi-node Ray cluster while breaking it, then
-audit the run folder (``metalearn.training.audit``).
+"""``metalearn chaos``: train on a local multi-node Ray cluster while breaking it on the
+schedule of ``ChaosPlan``, then audit the run folder (``metalearn.training.audit``).
 
-The chaos run starts a fake multi-node cluster in this machine (``ray.cluster_utils``: a
-head with no CPUs, where the driver and the learner live, and ``nodes`` worker nodes),
-runs ``metalearn train`` against it as a separate driver process, and on a schedule:
-
-* every ``worker_kill_s`` SIGKILLs one random worker actor process (a crash; Ray
-  restarts it and the driver reseeds it);
-* every ``learner_kill_s`` SIGKILLs the learner actor (the driver replaces it from the
-  last checkpoint);
-* once, at ``node_loss_at`` of the time, removes a worker node whole (its workers die
-  with it) and adds a fresh one;
-* once, at ``interrupt_at`` of the time, sends SIGINT to the driver, waits for its clean
-  stop (exit 130), and resumes the run with ``--resume`` for the remaining time.
-
-Every action is logged to ``<out>/chaos.jsonl``; the driver's output goes to
-``<out>/driver-<n>.log``; the audit report to ``<out>/audit.json``. The processes it kills
-are found by their process titles (``ray::WorkerActor``, ``ray::LearnerActor``) among
-the descendants of this cluster's raylets, so no other Ray on the machine is touched.
+See docs/training.md (Chaos).
 """
 
 from __future__ import annotations
@@ -87,7 +71,9 @@ def _descendants_titled(roots: list[int], title: str) -> list[psutil.Process]:
 
 
 class ChaosRun:
-    """One chaos run in ``out`` (see the module docstring)."""
+    """One chaos run in ``out``: the run folder ``run``, ``chaos.jsonl`` (every action),
+    ``driver-<n>.log`` (each driver session's output) and ``audit.json``
+    (docs/training.md, Chaos)."""
 
     def __init__(self, plan: ChaosPlan, out: str, log: Callable[[str], None] = print):
         plan.validate()

@@ -1,20 +1,7 @@
-"""The Ray runner: the training loop's transport over actors (docs/architecture.md).
+"""The Ray runner: the training loop's transport over actors (``ray_transport``), and
+``train``, which starts (or joins) Ray, runs the loop and shuts Ray down if it started it.
 
-``RayTransport`` implements ``metalearn.training.loop.Transport`` with one
-``LearnerActor`` pinned to the driver's node (it writes the run folder's checkpoints) and
-N ``WorkerActor``s spread over the cluster:
-
-* ``dispatch`` calls ``WorkerActor.compute(order, learner)``: the worker pushes its
-  gradient straight to the learner actor and returns the learner's small reply;
-* ``collect`` is one ``ray.wait`` over the pending calls, taking everything ready;
-  a worker that died (crash, kill, node OOM) is reported as ``died`` (Ray restarts it);
-  a truncation that raised as ``error``;
-* ``publish_theta`` puts one object-store copy of theta per version, shared by every
-  worker (``ray.put`` by the learner: ``get_theta`` returns its numpy vector);
-* learner calls that fail because the actor is gone raise ``LearnerLost``; the loop then
-  replaces the learner with one restored from the last checkpoint.
-
-``train`` starts (or joins) Ray, runs the loop, and shuts Ray down if it started it.
+See docs/architecture.md (Runners) and docs/training.md (How it works).
 """
 
 from __future__ import annotations
@@ -36,9 +23,9 @@ from metalearn.distributed.actors import LearnerActor, WorkerActor, thread_env
 from metalearn.distributed.evaluator import start_evaluator
 from metalearn.evaluation.config import EvaluationSchedule
 from metalearn.training.config import TrainConfig
-from metalearn.training.loop import (Callback, LearnerLost, RunSummary, TrainingLoop,
-                                     Transport, WorkerStartError)
-from metalearn.training.messages import LearnerStatus, ThetaHandle, WorkerResult, WorkOrder
+from metalearn.training.loop import (Callback, LearnerClient, LearnerLost, RunSummary,
+                                     TrainingLoop, Transport, WorkerPool, WorkerStartError)
+from metalearn.training.messages import LearnerStatus, WorkerResult, WorkOrder
 from metalearn.training.run_dir import RunDir
 from metalearn.training.task_mix import resolve_mix
 from tasks.sampler import MixConfig
@@ -63,70 +50,62 @@ def default_worker_count(resources: dict, worker) -> int:
     return max(1, int(resources.get("CPU", 1)) // worker.cpus_per_worker)
 
 
-class RayTransport(Transport):
-    """Learner and workers as Ray actors (see the module docstring)."""
+class RayLearner(LearnerClient):
+    """The learner as one ``LearnerActor``, pinned to the driver's node (it writes the
+    run folder's checkpoints). A call to an actor that is gone raises ``LearnerLost``,
+    and the loop replaces the learner from the last checkpoint; ``call("theta",
+    wait=False)`` is one object-store copy of theta per version, fetched by each worker
+    (or node) once."""
 
-    def __init__(self, config: TrainConfig, run: RunDir, mix: MixConfig):
-        self.config = config
-        self.run = run
-        self.config_dict = to_dict(config)
-        self.mix_dict = to_dict(mix)
-        self.learner = None
-        self.workers: list = []
-        self.pending: dict = {}  # ObjectRef of a compute call -> worker index
+    TIMEOUTS = {"status": 60.0}  # a liveness probe must not hang on a dying actor
 
-    def _get(self, ref, timeout: float | None = None):
-        try:
-            return ray.get(ref, timeout=timeout)
-        except (*_GONE, GetTimeoutError) as err:
-            raise LearnerLost(str(err).strip().splitlines()[-1][:300]) from None
+    def __init__(self, config: TrainConfig, run: RunDir):
+        self.config_dict, self.run = to_dict(config), run
+        self.actor = None
 
-    # -- the learner
-
-    def start_learner(self, resume: bool) -> LearnerStatus:
+    def start(self, resume: bool) -> LearnerStatus:
         node = ray.get_runtime_context().get_node_id()
-        self.learner = LearnerActor.options(
+        self.actor = LearnerActor.options(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote(self.config_dict, self.run.path, resume)
         try:
-            return ray.get(self.learner.status.remote())
+            return ray.get(self.actor.call.remote("status"))
         except _GONE as err:  # killed or its node lost while starting, or it raised
             raise LearnerLost(f"the learner did not start: {str(err).strip()}") from err
 
-    def stop_learner(self) -> None:
-        if self.learner is not None:
+    def stop(self) -> None:
+        if self.actor is not None:
             try:
-                ray.kill(self.learner, no_restart=True)
+                ray.kill(self.actor, no_restart=True)
             except Exception:  # noqa: BLE001 - it is already dead
                 pass
 
-    def learner_status(self) -> LearnerStatus:
-        return self._get(self.learner.status.remote(), timeout=60)
+    def call(self, method: str, *args, wait: bool = True):
+        ref = self.actor.call.remote(method, *args)
+        if not wait:
+            return ref
+        try:
+            return ray.get(ref, timeout=self.TIMEOUTS.get(method))
+        except (*_GONE, GetTimeoutError) as err:
+            raise LearnerLost(str(err).strip().splitlines()[-1][:300]) from None
 
-    def publish_theta(self, handle: ThetaHandle) -> ThetaHandle:
-        # The learner's return value lives in the object store: one copy per version,
-        # fetched by each worker (or node) once.
-        return ThetaHandle(handle.generation, handle.version, self.learner.get_theta.remote())
 
-    def new_stream_seeds(self, count: int) -> list[int]:
-        return self._get(self.learner.new_stream_seeds.remote(count))
+class RayWorkers(WorkerPool):
+    """N ``WorkerActor``s spread over the cluster. ``dispatch`` calls
+    ``WorkerActor.compute(order, learner)``, which pushes the gradient straight to the
+    learner; ``collect`` takes every call that is ready (one ``ray.wait``): a worker that
+    died (crash, kill, node OOM) as ``died`` (Ray restarts it), a truncation that raised
+    as ``error``."""
 
-    def rows_after(self, step: int) -> list[dict]:
-        return self._get(self.learner.rows_after.remote(step))
+    def __init__(self, config: TrainConfig, learner: RayLearner, mix: MixConfig):
+        self.config, self.learner = config, learner
+        self.config_dict, self.mix_dict = to_dict(config), to_dict(mix)
+        self.workers: list = []
+        self.pending: dict = {}  # ObjectRef of a compute call -> worker index
 
-    def checkpoint(self) -> int:
-        return self._get(self.learner.checkpoint.remote())
-
-    def close_learner(self) -> tuple[int, LearnerStatus]:
-        return self._get(self.learner.close.remote())
-
-    # -- the workers
-
-    def default_worker_count(self) -> int:
-        return default_worker_count(ray.cluster_resources(), self.config.worker)
-
-    def start_workers(self, seeds: Sequence[int]) -> int:
+    def start(self, count: int, seeds) -> int:
         w = self.config.worker
+        count = count or default_worker_count(ray.cluster_resources(), w)
         # Spread workers over nodes (a lost node takes few of them), except inside a
         # placement group (a Tune trial), whose bundles decide the placement.
         spread = ({} if ray.util.get_current_placement_group() is not None
@@ -136,7 +115,7 @@ class RayTransport(Transport):
             runtime_env={"env_vars": thread_env(w.cpus_per_worker, w.gpus_per_worker)},
             **spread,
         ).remote(self.config_dict, self.mix_dict, i, seed, w.cpus_per_worker)
-            for i, seed in enumerate(seeds)]
+            for i, seed in enumerate(seeds(count))]
         failed = self._failed_to_start(workers)
         if failed and (w.on_start_failure == "stop" or len(failed) == len(workers)):
             for worker in workers:
@@ -172,7 +151,7 @@ class RayTransport(Transport):
         return failed
 
     def dispatch(self, index: int, order: WorkOrder) -> None:
-        self.pending[self.workers[index].compute.remote(order, self.learner)] = index
+        self.pending[self.workers[index].compute.remote(order, self.learner.actor)] = index
 
     def collect(self, timeout_s: float) -> list[WorkerResult]:
         pending = list(self.pending)
@@ -196,15 +175,17 @@ class RayTransport(Transport):
                     index, error=str(err).strip().splitlines()[-1][:300]))
         return results
 
-    def reseed(self, index: int, seed: int) -> None:
-        self.workers[index].reseed.remote(seed)
-
-    def stop_workers(self) -> int:
+    def stop(self) -> int:
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
         cut = len(self.pending)
         self.pending.clear()
         return cut
+
+
+def ray_transport(config: TrainConfig, run: RunDir, mix: MixConfig) -> Transport:
+    learner = RayLearner(config, run)
+    return Transport(learner, RayWorkers(config, learner, mix))
 
 
 class RayContinuousEvaluation(Callback):
@@ -363,7 +344,7 @@ def ray_loop(config: TrainConfig, run: RunDir, *, resume: bool = False,
         # First: its final evaluation (on_end) is merged before a sweep's reporter makes
         # the trial's final report from the same row.
         callbacks.insert(0, RayContinuousEvaluation(config))
-    return TrainingLoop(config, run, RayTransport(config, run, mix), resume=resume,
+    return TrainingLoop(config, run, ray_transport(config, run, mix), resume=resume,
                         num_workers=num_workers, callbacks=callbacks)
 
 
@@ -384,5 +365,5 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = Fal
             ray.shutdown()
 
 
-__all__ = ["RayTransport", "default_worker_count", "init_ray", "local_system_config", "ray_loop",
-           "train"]
+__all__ = ["RayLearner", "RayWorkers", "default_worker_count", "init_ray",
+           "local_system_config", "ray_loop", "ray_transport", "train"]

@@ -1,19 +1,6 @@
-"""Ray actor around ``metalearn.evaluation.continuous.ContinuousEvaluator`` (issue 5, item 5).
+"""Ray actor around ``metalearn.evaluation.continuous.ContinuousEvaluator``.
 
-The actor owns the held-out data and the fixed evaluation tasks; the driver hands it
-the latest theta (the learner's flat numpy vector) every ``ContinuousEvalConfig.every``
-learner steps and merges the returned row into the run's metrics::
-
-    evaluator = EvaluatorActor.remote(to_dict(eval_config), to_dict(rule), to_dict(objective))
-    pending = evaluator.evaluate.remote(step, theta_flat, short=True, long=False)
-    ...
-    row = ray.get(pending)   # {"step", "eval/<dataset>/meta_loss", "eval/<dataset>/accuracy",
-                             #  "eval/<dataset>/logreg_accuracy", "eval_s"}; with long=True
-                             #  also "eval/<dataset>/{accuracy,rank90,w_growth}@<h>"
-
-Configs cross the actor boundary as plain dicts (validated by ``from_dict``); theta as
-numpy (zero-copy through the object store). JAX is imported inside the actor after it
-has pinned itself to its CPU allotment (``actors.claim_cpus``), like the workers.
+See docs/evaluation.md (Continuous evaluation during meta-training).
 """
 
 from __future__ import annotations
@@ -26,6 +13,12 @@ from metalearn.distributed.actors import claim_cpus, thread_env
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class EvaluatorActor:
+    """The held-out data and fixed evaluation tasks of a ``ContinuousEvaluator``; the driver
+    hands it the latest theta and merges the returned row into the run's metrics.
+    Configs cross the actor boundary as plain dicts (validated by ``from_dict``), theta as
+    numpy (zero-copy through the object store); JAX is imported after the actor has
+    pinned itself to its CPU allotment (``claim_cpus``), like the workers."""
+
     def __init__(self, eval_config: dict, rule: dict, objective: dict | None = None,
                  cpus: int = 1):
         claim_cpus(cpus)

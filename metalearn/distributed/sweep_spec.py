@@ -1,32 +1,6 @@
 """A sweep definition (``experiments/sweeps/*.yaml``): what Tune searches and how each
-trial runs. Ray-free, so a spec is validated (every searched value makes a valid training
-config) before Ray starts; see docs/sweeps.md for the file format.
-
-The spec is frozen dataclasses read with ``metalearn.core.config_io.from_dict``, so a
-wrong key or type is an error naming its dotted field (``trial.workers``,
-``scheduler.sync``, ``search.learner.lr_values.uniform``):
-
-* ``SweepSpec``: the file's top level;
-* ``SearchEntry``: one ``search`` key, a fixed value or a ``Domain`` (one of ``grid``,
-  ``choice``, ``uniform``, ``loguniform``, ``randint``);
-* ``TrialSettings``: ``trial``, the resources and limits of every trial;
-* ``FifoScheduler``, ``AshaScheduler``, ``PbtScheduler`` (``SchedulerConfig``):
-  ``scheduler``, with the options of its ``type``; PBT's ``mutations`` are
-  ``SearchEntry`` s too.
-
-A trial's ``TrainConfig`` (``trial_config``) is the base config's dict with the fixed
-``set`` values, the trial's sampled values and its limits set at their dotted keys,
-then validated like any training config.
-
-``load_spec`` checks everything it can before Ray starts, each error one line naming the
-spec file and the field: ranges (``uniform`` low <= high, ``loguniform`` 0 < low <= high,
-``randint`` low < high, all finite), every grid / choice value and both ends of every
-range of ``search`` and ``scheduler.mutations`` make a valid training config, a range
-never targets an integer field (it draws floats), no entry sets a key the trial limits
-own (``run.steps``, ``run.minutes``, ``worker.num_workers``: use ``trial``), PBT's
-searched and mutated values keep theta's shapes (its trials continue from each other's
-checkpoints), the scheduler's options are in Tune's ranges, and ``metric`` is a column
-the trials report.
+trial runs. Ray-free frozen dataclasses, so ``load_spec`` validates a spec before Ray
+starts; see docs/sweeps.md (Sweep files) for the format and what is checked.
 """
 
 from __future__ import annotations

@@ -1,30 +1,7 @@
-"""``audit_run``: what a run folder proves about the run that made it (``metalearn chaos``).
+"""``audit_run``: what a run folder proves about the run that made it (``metalearn chaos``),
+from its metrics, events log (``metalearn.training.events``), checkpoints and theta alone.
 
-From the metrics, the events log (``metalearn.training.events``), the checkpoints and
-theta alone, it checks:
-
-* ``steps``: the metrics hold every step from 1 to the last checkpoint's step exactly
-  once (no gap, no duplicate), across resumes and learner restarts;
-* ``no_update_twice``: the final learner's ``applied`` counter (restored with each
-  checkpoint, so updates rolled back with a dead learner do not count) equals
-  ``meta_batch`` times the final step (one task per truncation; at least that with
-  more): no update was applied twice or lost on the path that reached theta;
-* ``sessions``: every session started at the step the previous one ended at, and every
-  session that ended recorded its end;
-* ``orders``: every work order of every session has an outcome (``Ledger.balanced``);
-* ``gradients``: every gradient the final learner received is applied, dropped with a
-  cause (stale, non-finite, old generation, after the stop) or in the saved buffer; and
-  the drivers' replied gradients (plus those rolled back with dead learners, including
-  one that died at a session's exit: ``gradients_rolled_back``) match what the learners
-  received, up to the pushes whose replies died with a worker or were cut at a stop;
-* ``lost_work``: each learner restart lost at most one checkpoint interval of training
-  time (``learner.checkpoint_minutes``, plus the longest update interval and 30 s for an
-  asynchronous save), measured on the learner's ``wall_s`` clock from the checkpoint
-  restored to the dead learner's last update;
-* ``theta_finite``: theta at the last checkpoint is finite.
-
-Figures: kills survived (worker deaths, learner restarts), updates rolled back, the
-longest lost interval, gradients lost by cause.
+See docs/training.md (Chaos) for the checks and what each proves.
 """
 
 from __future__ import annotations
@@ -111,7 +88,10 @@ def _checkpoint_steps(run: RunDir) -> list[int]:
 
 
 def audit_run(run_dir: str | os.PathLike) -> AuditReport:
-    """Audit the run folder ``run_dir`` (see the module docstring)."""
+    """Audit the run folder ``run_dir``: the checks ``steps``, ``no_update_twice``,
+    ``sessions``, ``orders``, ``gradients``, ``lost_work`` and ``theta_finite``
+    (docs/training.md, Chaos, says what each proves), and figures: kills survived,
+    updates rolled back, the longest lost interval, orders and gradients lost by cause."""
     run = RunDir(run_dir)
     config = run.read_config()
     checks: list[Check] = []

@@ -1,16 +1,7 @@
-"""The best theta of a run by validation (docs/training.md, "Best theta").
+"""The best theta of a run by validation (``BestTheta``, ``<run>/theta_best``), so that
+``metalearn export`` hands out the best rule a run found rather than its last.
 
-Every long-horizon evaluation of the continuous evaluator scores the theta it measured
-on the meta-validation set (``fashion_mnist_val`` in the packaged configs, never a
-reported set). ``BestTheta`` keeps the highest-scoring theta in ``<run>/theta_best``
-(the export format, with the score, its column, rank90 and the step in its metadata),
-so ``metalearn export`` hands out the best rule a run found rather than its last, and a
-run that drifts below its start exports its start. The score is the validation ridge
-accuracy averaged over the evaluator's selection horizons (``selection_score``;
-``evaluator.select_from``, all its horizons by default): a rule that learns fast and
-then collapses scores its collapse. The start of a new run is evaluated
-first, so the start is always a candidate. The state lives in the folder, so it
-survives resumes.
+See docs/training.md ("The best theta") and docs/evaluation.md.
 """
 
 from __future__ import annotations

@@ -1,39 +1,8 @@
-"""Orbax checkpoints of the learner's whole state.
+"""Orbax checkpoints of the learner's whole state (``Checkpointer``): saves in the
+background, and restores that skip a corrupt step but stop at an environmental error.
 
-A checkpoint is one orbax step folder ``<run>/checkpoints/<step>/`` with two items:
-
-* ``state``: the learner's arrays (theta, optax state, gradient buffer), saved with
-  ``StandardSave`` and restored against a target built from a live learner (without
-  a target, optax's NamedTuple states come back as lists);
-* ``meta``: a JSON dict (step, version, counters, rolling losses, curriculum position,
-  RNG state, wall time).
-
-Saving is asynchronous: ``save(..., wait=False)`` copies the arrays and the meta dict
-(later updates cannot change what is written), starts orbax's background write and
-returns; a thread of this class waits for orbax and then runs ``then`` (the learner
-writes ``theta_latest`` there, so that it follows the newest *complete* checkpoint).
-``poll`` / ``wait`` collect the outcome; the next ``save`` and ``close`` wait for it.
-A save that fails (disk full, permission denied, read-only file system ..., raised at
-once or in orbax's background thread) raises one ``CheckpointSaveError`` naming the
-step, the cause and the last good step; the failed step's temporary folder is removed,
-older steps are untouched (orbax deletes old steps only after a save succeeded).
-
-Orbax writes into a temporary folder and renames it when complete, so a save cut by a
-crash leaves a ``*.orbax-checkpoint-tmp*`` folder that is never listed as a step.
-
-``restore_latest`` tells corruption from trouble with the environment:
-
-* a step that is corrupt (files missing or truncated, metadata that does not parse,
-  the wrong structure, or meta naming another step) is skipped with a
-  ``CheckpointWarning`` and an older step is used; once an older step has been read,
-  the writer moves each skipped step aside to ``checkpoints/corrupt-<step>-<unixtime>``
-  (never listed as a step, never deleted), so a later save of that step number cannot
-  replace it. If no step reads, nothing is moved (the template may be the problem);
-* an environmental error (permission denied, I/O error, disk full, too many open files,
-  out of memory; from Python or from tensorstore), or an error that is not one of
-  corruption's, raises ``CheckpointReadError`` naming the folder: nothing falls back.
-
-Theta alone is stored in one format, the export (``metalearn.training.export``).
+See docs/training.md (Run folder, Faults). Theta alone is stored in one format, the
+export (``metalearn.training.export``).
 """
 
 from __future__ import annotations
@@ -355,7 +324,9 @@ class Checkpointer:
     # ------------------------------------------------------------------ restoring
 
     def restore(self, step: int, template):
-        """(arrays, meta) of ``step``; arrays restored against ``template``'s structure."""
+        """(arrays, meta) of ``step``; arrays restored against ``template``'s structure
+        (built from a live learner: without a target, optax's NamedTuple states would come
+        back as lists)."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))

@@ -1,21 +1,7 @@
-"""The one storage format of theta: a self-describing orbax checkpoint ("an export").
+"""The one storage format of theta: a self-describing orbax checkpoint ("an export"), a
+run's ``theta_latest`` and ``theta_best`` and what ``metalearn export`` writes.
 
-A run folder keeps its newest theta in this format (``RunDir.theta``, written by the
-learner with every checkpoint); ``metalearn export RUN_DIR --out PATH`` writes the same
-format with the run's provenance, and ``metalearn eval`` reads it. An export is one orbax checkpoint folder with two items:
-
-* ``theta``: the rule's parameters as a nested dict of float32 arrays (the names of
-  ``update_rule.init_theta``), written as plain zarr arrays (no OCDBT: its data files
-  get random names, so two exports would differ);
-* ``meta``: JSON with ``format`` (``metalearn-rule-export``), ``format_version``, the
-  rule config (``rule``), the run folder's name and training config (``run``,
-  ``run_config``), the learner ``step``, the ``meta_loss`` logged at that step
-  (the run's ``metrics/``), ``num_params`` and the ``package_version``.
-
-Loading (``load_export``) needs nothing but that folder. Orbax stamps wall-clock times
-and the destination path into its bookkeeping files; ``export_run`` rewrites them to
-fixed values, so exports of the same run and step are byte-identical wherever they are
-written.
+See docs/evaluation.md (Export) for its items and why exports are byte-identical.
 """
 
 from __future__ import annotations

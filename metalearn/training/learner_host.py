@@ -1,26 +1,8 @@
-"""``LearnerHost``: the learner as a service of the training loop, without Ray.
-
-It owns a ``Learner`` (the optax maths), the run folder's checkpoints and theta
-snapshot, and the recent metrics rows:
-
-* at construction it initialises theta from ``learner.seed`` or, when resuming, restores
-  the newest readable checkpoint (a restored learner is a new generation: gradients
-  computed for the dead one are dropped, docs/training.md);
-* ``submit`` takes a worker's ``Submission`` and answers with a ``LearnerReply``; after an
-  update it also *starts* a checkpoint when ``learner.checkpoint_minutes`` have passed
-  (orbax writes it in the background while gradients keep arriving; a save still in
-  flight when the next is due postpones that one, it never waits), and the first reply
-  after a save completed carries its step in ``checkpoint``;
-* ``checkpoint`` saves the whole learner state (orbax) and then theta in the export
-  format (``RunDir.theta``, written only once the orbax step is complete) and waits for
-  both; ``rows_after`` gives rows whose replies were lost with a worker;
-* a checkpoint that cannot be written (disk full, permission denied, ...) is fatal:
-  ``fatal`` holds one line (the step, the cause, the last good step), no save is tried
-  again, every later reply and status carries it, and ``close`` returns the last good
-  step. The driver stops the run.
+"""``LearnerHost``: the learner as a service of the training loop, without Ray: a
+``Learner`` with the run folder's checkpoints, theta snapshot and recent metrics rows.
 
 The single-process runner calls it directly; ``metalearn.distributed.actors.LearnerActor``
-wraps it as a Ray actor, method for method.
+wraps it as a Ray actor, method for method. See docs/training.md (Faults).
 """
 
 from __future__ import annotations
@@ -109,8 +91,9 @@ class LearnerHost:
             warnings=self.warnings, busy_s=self.busy_s, fatal=self.fatal)
 
     def theta(self):
-        """The current flat theta [P] float32 (numpy)."""
-        return self.learner.theta
+        """A copy of the current flat theta [P] float32 (numpy): a worker must keep
+        exactly the version it was given."""
+        return self.learner.theta.copy()
 
     def new_stream_seeds(self, count: int) -> list[int]:
         return self.learner.new_stream_seeds(count)
@@ -188,6 +171,10 @@ class LearnerHost:
         except CheckpointSaveError as err:  # (the save in flight was collected above)
             self._fail(err)
         return step
+
+    def finish(self) -> tuple[int, LearnerStatus]:
+        """``close`` and the learner's last status."""
+        return self.close(), self.status()
 
     # ------------------------------------------------------------------ saving
 

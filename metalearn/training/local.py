@@ -1,8 +1,8 @@
 """The single-process runner: the training loop with an in-process learner and workers.
 
-``InProcessTransport`` implements the loop's ``Transport`` with a ``LearnerHost`` and
-``Worker`` objects in this process. ``collect`` runs the oldest dispatched order to the
-end (truncation, push, reply), so workers take turns and the run is deterministic for
+``in_process_transport`` gives the loop a ``LearnerHost`` (``InProcessLearner``) and
+``Worker`` objects (``InProcessWorkers``) of this process. ``collect`` runs the oldest
+dispatched order to the end (truncation, push, reply), so workers take turns and the run is deterministic for
 given seeds: with one worker it applies the same gradients in the same order as the Ray
 runner. It is what tests use to exercise the protocol without Ray, what a debugger can
 step through, and the fastest path on one GPU (no actor, no object store).
@@ -22,9 +22,9 @@ from metalearn.evaluation.config import EvaluationSchedule
 from metalearn.evaluation.continuous import ContinuousEvaluator
 from metalearn.training.config import TrainConfig
 from metalearn.training.learner_host import LearnerHost
-from metalearn.training.loop import (Callback, LearnerLost, RunSummary, TrainingLoop,
-                                     Transport)
-from metalearn.training.messages import (LearnerReply, LearnerStatus, ThetaHandle, WorkerResult,
+from metalearn.training.loop import (Callback, LearnerClient, LearnerLost, RunSummary,
+                                     TrainingLoop, Transport, WorkerPool)
+from metalearn.training.messages import (LearnerReply, LearnerStatus, Submission, WorkerResult,
                                          WorkOrder)
 from metalearn.training.run_dir import RunDir
 from metalearn.training.task_mix import resolve_mix
@@ -32,63 +32,47 @@ from metalearn.training.worker import Worker, enable_compilation_cache
 from tasks.sampler import MixConfig
 
 
-class InProcessTransport(Transport):
-    """Learner and workers as objects of this process; orders run one at a time."""
+class InProcessLearner(LearnerClient):
+    """A ``LearnerHost`` in this process."""
 
-    def __init__(self, config: TrainConfig, run: RunDir, mix: MixConfig | None = None):
-        self.config = config
-        self.run = run
-        self.mix = mix if mix is not None else resolve_mix(config.tasks)
+    def __init__(self, config: TrainConfig, run: RunDir):
+        self.config, self.run = config, run
         self.host: LearnerHost | None = None
-        self.workers: list[Worker] = []
-        self.queue: collections.deque = collections.deque()  # (index, order)
-        enable_compilation_cache(config.worker.compilation_cache)
 
-    def _learner(self) -> LearnerHost:
-        if self.host is None:
-            raise LearnerLost("the learner was stopped")
-        return self.host
-
-    # -- the learner
-
-    def start_learner(self, resume: bool) -> LearnerStatus:
+    def start(self, resume: bool) -> LearnerStatus:
         self.host = LearnerHost(self.config, self.run, resume)
         return self.host.status()
 
-    def stop_learner(self) -> None:
+    def stop(self) -> None:
         self.host = None
 
-    def learner_status(self) -> LearnerStatus:
-        return self._learner().status()
+    def call(self, method: str, *args, wait: bool = True):
+        if self.host is None:
+            raise LearnerLost("the learner was stopped")
+        return getattr(self.host, method)(*args)
 
-    def publish_theta(self, handle: ThetaHandle) -> ThetaHandle:
-        # A copy: the learner replaces its array at each update, but a worker must keep
-        # exactly the version it was given.
-        return ThetaHandle(handle.generation, handle.version, self._learner().theta().copy())
+    def push(self, submission: Submission, generation: str) -> LearnerReply:
+        """A worker's push: the learner's reply, or ``learner_lost`` when it is gone
+        (stopped: a test's "dead learner")."""
+        if self.host is None:
+            return LearnerReply(generation=generation, step=-1, version=-1,
+                                learner_lost=True)
+        return self.host.submit(submission)
 
-    def new_stream_seeds(self, count: int) -> list[int]:
-        return self._learner().new_stream_seeds(count)
 
-    def rows_after(self, step: int) -> list[dict]:
-        return self._learner().rows_after(step)
+class InProcessWorkers(WorkerPool):
+    """``Worker`` objects of this process; ``collect`` runs the oldest order to its end."""
 
-    def checkpoint(self) -> int:
-        return self._learner().checkpoint()
+    def __init__(self, config: TrainConfig, learner: InProcessLearner, mix: MixConfig):
+        self.config, self.learner, self.mix = config, learner, mix
+        self.workers: list[Worker] = []
+        self.queue: collections.deque = collections.deque()  # (index, order)
 
-    def close_learner(self) -> tuple[int, LearnerStatus]:
-        host = self._learner()
-        step = host.close()
-        return step, host.status()
-
-    # -- the workers
-
-    def default_worker_count(self) -> int:
-        return 1  # one process computes one truncation at a time
-
-    def start_workers(self, seeds: Sequence[int]) -> int:
-        # One process: a constructor that fails raises here, which stops the run.
+    def start(self, count: int, seeds) -> int:
+        # One process computes one truncation at a time: one worker unless asked. A
+        # constructor that fails raises here, which stops the run.
         self.workers = [Worker(self.config, index, seed, mix=self.mix)
-                        for index, seed in enumerate(seeds)]
+                        for index, seed in enumerate(seeds(count or 1))]
         return len(self.workers)
 
     def dispatch(self, index: int, order: WorkOrder) -> None:
@@ -98,29 +82,29 @@ class InProcessTransport(Transport):
         if not self.queue:
             return []
         index, order = self.queue.popleft()
-        host = self.host
-
-        def push(submission):
-            if host is None:  # stopped (a test's "dead learner"): the push fails
-                return LearnerReply(generation=order.theta.generation, step=-1, version=-1,
-                                    learner_lost=True)
-            return host.submit(submission)
-
         try:
-            reply = self.workers[index].work(order, fetch_theta=lambda payload: payload,
-                                             push=push)
+            reply = self.workers[index].work(
+                order, fetch_theta=lambda payload: payload,
+                push=lambda sub: self.learner.push(sub, order.theta.generation))
         except Exception as err:  # noqa: BLE001 - a failed truncation is reported, not fatal
             lines = traceback.format_exception_only(type(err), err)
             return [WorkerResult(index, error=lines[-1].strip()[:300])]
         return [WorkerResult(index, reply=reply)]
 
-    def reseed(self, index: int, seed: int) -> None:
-        self.workers[index].reseed(seed)
-
-    def stop_workers(self) -> int:
+    def stop(self) -> int:
         cut = len(self.queue)
         self.queue.clear()
         return cut
+
+
+def in_process_transport(config: TrainConfig, run: RunDir, mix: MixConfig | None = None,
+                         workers: type[InProcessWorkers] = InProcessWorkers,
+                         learner: type[InProcessLearner] = InProcessLearner) -> Transport:
+    """Learner and workers as objects of this process; orders run one at a time."""
+    enable_compilation_cache(config.worker.compilation_cache)
+    client = learner(config, run)
+    return Transport(client, workers(config, client,
+                                     mix if mix is not None else resolve_mix(config.tasks)))
 
 
 class InlineContinuousEvaluation(Callback):
@@ -180,10 +164,10 @@ class InlineContinuousEvaluation(Callback):
 def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 num_workers: int | None = None, mix: MixConfig | None = None,
                 callbacks: Sequence[Callback] = (),
-                transport: type[InProcessTransport] = InProcessTransport) -> RunSummary:
+                workers: type[InProcessWorkers] = InProcessWorkers) -> RunSummary:
     """Run ``config`` in one process (no Ray) in ``run_dir``; see the module docstring.
-    ``transport``: the in-process transport class (``--runner population`` passes its
-    own, whose engine replaces the workers)."""
+    ``workers``: the in-process worker pool (``--runner population`` passes its own,
+    whose engine replaces the workers)."""
     mix = mix if mix is not None else resolve_mix(config.tasks)  # before the folder exists
     run = RunDir(run_dir)
     run.create(config)
@@ -191,9 +175,10 @@ def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool
     if config.evaluator.enabled:
         # First: its final evaluation (on_end) is merged before other callbacks end.
         callbacks.insert(0, InlineContinuousEvaluation(config))
-    loop = TrainingLoop(config, run, transport(config, run, mix), resume=resume,
-                        num_workers=num_workers, callbacks=callbacks)
+    loop = TrainingLoop(config, run, in_process_transport(config, run, mix, workers),
+                        resume=resume, num_workers=num_workers, callbacks=callbacks)
     return loop.run()
 
 
-__all__ = ["InProcessTransport", "InlineContinuousEvaluation", "train_local"]
+__all__ = ["InProcessLearner", "InProcessWorkers", "InlineContinuousEvaluation",
+           "in_process_transport", "train_local"]

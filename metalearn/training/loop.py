@@ -81,65 +81,56 @@ class StopSignals:
         self.previous = {}
 
 
-class Transport(abc.ABC):
-    """How the loop reaches its learner and workers.
+class LearnerClient(abc.ABC):
+    """The loop's handle on its learner: a ``LearnerHost`` in this process or in a Ray
+    actor, reached by ``LearnerHost`` method name. Raises ``LearnerLost`` when the
+    learner is gone."""
 
-    Learner calls raise ``LearnerLost`` when the learner is gone. ``collect`` returns the
-    orders that finished (possibly none within ``timeout_s``), each as a ``WorkerResult``.
-    """
-
-    # -- the learner
     @abc.abstractmethod
-    def start_learner(self, resume: bool) -> LearnerStatus:
+    def start(self, resume: bool) -> LearnerStatus:
         """Start a learner (restored from the newest checkpoint if ``resume``)."""
 
     @abc.abstractmethod
-    def stop_learner(self) -> None:
+    def stop(self) -> None:
         """End the current learner, dead or alive (before a replacement starts)."""
 
     @abc.abstractmethod
-    def learner_status(self) -> LearnerStatus: ...
+    def call(self, method: str, *args, wait: bool = True) -> Any:
+        """``LearnerHost.<method>(*args)`` on the current learner. ``wait=False``
+        returns what workers read the result from (Ray: an object ref; here: the
+        value), so that one copy of a theta version serves every worker."""
+
+
+class WorkerPool(abc.ABC):
+    """The loop's workers. ``collect`` returns the orders that finished (possibly none
+    within ``timeout_s``), each as a ``WorkerResult``."""
 
     @abc.abstractmethod
-    def publish_theta(self, handle: ThetaHandle) -> ThetaHandle:
-        """``handle`` with a payload workers can read the learner's current theta from."""
-
-    @abc.abstractmethod
-    def new_stream_seeds(self, count: int) -> list[int]: ...
-
-    @abc.abstractmethod
-    def rows_after(self, step: int) -> list[dict]: ...
-
-    @abc.abstractmethod
-    def checkpoint(self) -> int:
-        """Checkpoint now; returns the step saved."""
-
-    @abc.abstractmethod
-    def close_learner(self) -> tuple[int, LearnerStatus]:
-        """Final checkpoint; returns (its step, the learner's last status)."""
-
-    # -- the workers
-    @abc.abstractmethod
-    def default_worker_count(self) -> int:
-        """Workers to start when neither the caller nor the config says."""
-
-    @abc.abstractmethod
-    def start_workers(self, seeds: Sequence[int]) -> int:
-        """Start one worker per seed; returns how many started (indices 0..n-1).
+    def start(self, count: int, seeds: Callable[[int], list[int]]) -> int:
+        """Start ``count`` workers (0: as many as the pool's resources hold), worker i
+        drawing tasks from ``seeds(n)[i]``; returns how many started (indices 0..n-1).
         Raises ``WorkerStartError`` when ``worker.on_start_failure`` says to stop."""
 
     @abc.abstractmethod
-    def dispatch(self, index: int, order: WorkOrder) -> None: ...
+    def dispatch(self, index: int, order: WorkOrder) -> None:
+        """Run ``order`` on worker ``index`` (first reseeding its task stream when
+        ``order.reseed`` is set)."""
 
     @abc.abstractmethod
     def collect(self, timeout_s: float) -> list[WorkerResult]: ...
 
     @abc.abstractmethod
-    def reseed(self, index: int, seed: int) -> None: ...
-
-    @abc.abstractmethod
-    def stop_workers(self) -> int:
+    def stop(self) -> int:
         """Stop every worker; returns how many orders were still being computed."""
+
+
+@dataclasses.dataclass
+class Transport:
+    """How the loop reaches its learner and workers: what differs between Ray and one
+    process (``metalearn.distributed.driver``, ``metalearn.training.local``)."""
+
+    learner: LearnerClient
+    workers: WorkerPool
 
 
 class Callback:
@@ -189,6 +180,7 @@ class TrainingLoop:
         self.config = config
         self.run_dir = run
         self.transport = transport
+        self.learner, self.workers = transport.learner, transport.workers
         self.resume = resume
         self.num_workers = num_workers
         # The metrics table is flushed last in an iteration, after evaluations merged.
@@ -219,6 +211,7 @@ class TrainingLoop:
         self._stale_theta = False  # a newer version than ``theta`` exists
         self._dead_received: dict[str, int] = {}  # generation -> newest ``received`` seen
         self._not_before: dict[int, float] = {}  # worker -> when it may take an order
+        self._reseeds: dict[int, int] = {}  # worker -> its new task stream's seed
 
     # ------------------------------------------------------------------ control
 
@@ -266,7 +259,7 @@ class TrainingLoop:
 
     def checkpoint(self) -> int:
         """Checkpoint the learner now (replacing it first if it is gone)."""
-        return self._with_learner(self.transport.checkpoint)
+        return self._with_learner(lambda: self.learner.call("checkpoint"))
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.started
@@ -316,14 +309,14 @@ class TrainingLoop:
                 break
             idle = self._dispatch(idle)
             replies: list[LearnerReply] = []
-            for result in self.transport.collect(timeout_s=0.5):
+            for result in self.workers.collect(timeout_s=0.5):
                 self._on_result(result, idle, replies)
             # In learner order, so rows arrive in step order and few need fetching.
             for reply in sorted(replies, key=lambda r: (r.step, r.row is None)):
                 self._handle_reply(reply)
             if self._stale_theta:  # a new version: one theta copy shared by every worker
                 try:
-                    self.theta = self.transport.publish_theta(self.theta)
+                    self.theta = self._publish(self.theta)
                     self._stale_theta = False
                 except LearnerLost:
                     self._restart_learner()
@@ -333,20 +326,24 @@ class TrainingLoop:
 
     def _start_session(self) -> float:
         """Start (or restore) the learner and the workers; returns the deadline."""
-        transport = self.transport
         self.started = time.monotonic()
         minutes = self.config.run.minutes
         deadline = self.started + minutes * 60.0 if minutes > 0 else math.inf
-        status = self._take_learner(transport.start_learner(self.resume))
+        status = self._take_learner(self.learner.start(self.resume))
         self.start_step = status.step
         if self.resume:
             self.metrics.load(self.start_step)
             print(f"resumed {self.run_dir.path} at step {self.start_step}", file=sys.stderr)
         else:
-            transport.checkpoint()  # step 0: the folder is a run now
-        count = self.num_workers or self.config.worker.num_workers \
-            or transport.default_worker_count()
-        started = transport.start_workers(self._stream_seeds(count))
+            self.learner.call("checkpoint")  # step 0: the folder is a run now
+        count = self.num_workers or self.config.worker.num_workers
+        seeds: list[int] = []  # the seeds drawn: as many as the pool asked for
+
+        def draw(n: int) -> list[int]:
+            seeds[:] = self._stream_seeds(n)
+            return list(seeds)
+        started = self.workers.start(count, draw)
+        count = len(seeds)
         if started < count:
             print(f"{count - started} of {count} workers could not start "
                   f"(worker.on_start_failure: continue)", file=sys.stderr)
@@ -369,7 +366,8 @@ class TrainingLoop:
         deferred = [i for i in idle if self._not_before.get(i, 0.0) > now]
         for index in idle:
             if index not in deferred:
-                self.transport.dispatch(index, WorkOrder(self.theta, self.curriculum))
+                self.workers.dispatch(index, WorkOrder(self.theta, self.curriculum,
+                                                       self._reseeds.pop(index, None)))
                 self.ledger.dispatched += 1
         return deferred
 
@@ -439,7 +437,7 @@ class TrainingLoop:
             # Rows that no reply brought here: the worker holding one died, or its reply
             # is later in this batch. The learner keeps them; take them in order.
             try:
-                missing_rows = self.transport.rows_after(self.recorded)
+                missing_rows = self.learner.call("rows_after", self.recorded)
             except LearnerLost:
                 self._restart_learner()  # e.g. killed while this batch was handled
                 return
@@ -472,13 +470,18 @@ class TrainingLoop:
             print(f"warning: {message}", file=sys.stderr)
         self.step = self.recorded = self.checkpoint_step = status.step
         self.curriculum = status.curriculum
-        self.theta = self.transport.publish_theta(status.theta)
+        self.theta = self._publish(status.theta)
         self._stale_theta = False
         return status
 
+    def _publish(self, handle: ThetaHandle) -> ThetaHandle:
+        """``handle`` with a payload workers read the learner's current theta from."""
+        return ThetaHandle(handle.generation, handle.version,
+                           self.learner.call("theta", wait=False))
+
     def _learner_alive(self) -> bool:
         try:
-            self.transport.learner_status()
+            self.learner.call("status")
             return True
         except LearnerLost:
             return False
@@ -498,9 +501,9 @@ class TrainingLoop:
         """A new learner restored from the newest checkpoint; one that dies while it
         starts is started again (``LEARNER_ATTEMPTS`` in all)."""
         for attempt in range(1, LEARNER_ATTEMPTS + 1):
-            self.transport.stop_learner()
+            self.learner.stop()
             try:
-                return self._take_learner(self.transport.start_learner(True))
+                return self._take_learner(self.learner.start(True))
             except LearnerLost as err:
                 if attempt == LEARNER_ATTEMPTS:
                     raise
@@ -531,10 +534,11 @@ class TrainingLoop:
               f"(generation {status.generation})", file=sys.stderr)
 
     def _stream_seeds(self, count: int) -> list[int]:
-        return self._with_learner(lambda: self.transport.new_stream_seeds(count))
+        return self._with_learner(lambda: self.learner.call("new_stream_seeds", count))
 
     def _reseed(self, index: int) -> None:
-        self.transport.reseed(index, self._stream_seeds(1)[0])
+        """Worker ``index`` draws a new task stream from its next order on."""
+        self._reseeds[index] = self._stream_seeds(1)[0]
 
     # ------------------------------------------------------------------ the end
 
@@ -544,15 +548,15 @@ class TrainingLoop:
             callback.on_end(self)
         # Their unsent gradients are not needed: what has arrived is applied or buffered,
         # and the buffer is part of the final checkpoint.
-        self.ledger.cut_at_stop += self.transport.stop_workers() or 0
+        self.ledger.cut_at_stop += self.workers.stop() or 0
         final: dict[str, Any] = {}
         died_at_exit = False
         try:
             # Rows of updates whose replies were still with the workers.
-            for row in self.transport.rows_after(self.recorded):
+            for row in self.learner.call("rows_after", self.recorded):
                 self.metrics.add(row)
                 self.recorded = self.step = row["step"]
-            self.checkpoint_step, status = self.transport.close_learner()
+            self.checkpoint_step, status = self.learner.call("finish")
             final = status.counters
             if getattr(status, "fatal", ""):
                 self._fail(LearnerFailed(status.fatal), "learner failed")
@@ -561,7 +565,7 @@ class TrainingLoop:
             print("learner died at exit; the last checkpoint stands", file=sys.stderr)
         self.metrics.truncate(max(self.checkpoint_step, 0))  # -1: not even step 0 saved
         self.metrics.close()
-        self.transport.stop_learner()
+        self.learner.stop()
         self._event("session_end", step=self.checkpoint_step, start_step=self.start_step,
                     stop_reason=self.stop_reason, ledger=self.ledger.as_dict(),
                     learner_counters=final, generation=self.theta.generation
@@ -597,5 +601,5 @@ class MetricsFlush(Callback):
             self.last = time.monotonic()
 
 
-__all__ = ["Callback", "LearnerLost", "MetricsFlush", "RunSummary", "Transport",
-           "TrainingLoop", "WorkerStartError"]
+__all__ = ["Callback", "LearnerClient", "LearnerLost", "MetricsFlush", "RunSummary",
+           "Transport", "TrainingLoop", "WorkerPool", "WorkerStartError"]

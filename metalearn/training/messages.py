@@ -1,19 +1,6 @@
-"""The typed messages of the training loop (docs/architecture.md, "one gradient").
+"""The typed messages of the training loop (docs/architecture.md, "one gradient"):
 
     driver --WorkOrder--> worker --Submission--> learner --LearnerReply--> worker --> driver
-
-* ``ThetaHandle``: a published theta version: the learner incarnation (``generation``),
-  the ``version`` and a transport-specific ``payload`` (the flat [P] float32 vector in
-  process, an object-store reference on Ray). A worker fetches the payload only when its
-  (generation, version) differs from the one it holds.
-* ``WorkOrder``: the theta handle and the curriculum a worker's next truncation uses.
-* ``Submission``: one truncation's gradient and what the learner needs to weigh it.
-* ``LearnerReply``: the learner's answer to a submission: its newest step and version,
-  the metrics row if the submission completed a meta-batch (with the curriculum at the
-  new step), and the step of a checkpoint it wrote. ``learner_lost`` marks a reply that
-  no learner gave (the push failed): the driver then replaces the learner.
-* ``LearnerStatus``: the learner's state as the driver sees it (start, restore, close).
-* ``WorkerResult``: what the transport hands the loop for one finished order.
 """
 
 from __future__ import annotations
@@ -28,6 +15,11 @@ from metalearn.training.schedules import Curriculum
 
 @dataclasses.dataclass(frozen=True)
 class ThetaHandle:
+    """A published theta version: the learner incarnation (``generation``), the
+    ``version`` and a transport-specific ``payload`` (the flat [P] float32 vector in
+    process, an object-store reference on Ray). A worker fetches the payload only when
+    its (generation, version) differs from the one it holds."""
+
     generation: str
     version: int
     payload: Any = None  # None: not published yet (the transport fills it in)
@@ -35,8 +27,12 @@ class ThetaHandle:
 
 @dataclasses.dataclass(frozen=True)
 class WorkOrder:
+    """The theta handle and the curriculum a worker's next truncation uses, and the seed
+    of a new task stream to draw from first (after the worker died or failed)."""
+
     theta: ThetaHandle
     curriculum: Curriculum
+    reseed: int | None = None
 
 
 @dataclasses.dataclass
@@ -67,6 +63,11 @@ class Submission:
 
 @dataclasses.dataclass(frozen=True)
 class LearnerReply:
+    """The learner's answer to a ``Submission``: its newest step and version, the metrics
+    row if the submission completed a meta-batch (with the curriculum at the new step),
+    and the step of a checkpoint it wrote. ``learner_lost`` marks a reply that no learner
+    gave (the push failed): the driver then replaces the learner."""
+
     generation: str
     step: int  # the learner's step after this submission
     version: int  # its theta version
@@ -82,6 +83,8 @@ class LearnerReply:
 
 @dataclasses.dataclass(frozen=True)
 class LearnerStatus:
+    """The learner's state as the driver sees it (at start, restore and close)."""
+
     generation: str
     step: int
     version: int

@@ -1,23 +1,6 @@
-"""The metrics of a run: one row per learner step, plus continuous-evaluation rows.
-
-Two append-only tables (``metalearn.training.segments.SegmentedTable``) in the run folder,
-each with one writer, so a flush costs the same at step 100,000 as at step 1,000 and a
-crash leaves whole segments only:
-
-* ``<run>/metrics/``: the learner's rows (``LEARNER_COLUMNS`` plus ``loss/<dataset>`` and
-  ``est/<name>``), written by the learner itself (``LearnerRows``) every
-  ``run.metrics_flush_s`` and always *before* each checkpoint: whenever checkpoint S
-  exists, every row up to S is on disk. A learner restored from step S moves rows beyond
-  S (updates rolled back with a dead learner, or a resume from an earlier checkpoint)
-  to ``<run>/discarded/metrics/``, with the reason: steps are exact (no gap, no
-  duplicate) across resumes and learner restarts, and lost work is on record.
-* ``<run>/evaluations/``: continuous-evaluation columns (``eval/<dataset>/...``,
-  ``eval_s``, ``eval_long_s``) of evaluated steps, written by the driver (``MetricsLog``).
-  A step evaluated twice (short, then long horizons) has two rows, merged on reading.
-
-``read_metrics`` gives the run's table as before: one row per step, evaluation columns
-joined in (null where a step was not evaluated). It also reads runs made before the
-segments (one ``metrics.parquet`` file).
+"""The metrics of a run: the learner's rows (``LearnerRows``, ``<run>/metrics/``), the
+continuous evaluations (``MetricsLog``, ``<run>/evaluations/``) and ``read_metrics``,
+which gives them as one table. See docs/training.md (Run folder).
 """
 
 from __future__ import annotations

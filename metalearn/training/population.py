@@ -13,41 +13,42 @@ import traceback
 from metalearn.core.config import ConfigError
 from metalearn.training.config import TrainConfig
 from metalearn.training.events import append_event
-from metalearn.training.local import InProcessTransport, train_local
+from metalearn.training.local import InProcessLearner, InProcessWorkers, train_local
 from metalearn.training.loop import RunSummary
 from metalearn.training.messages import LearnerReply, WorkerResult
 from metalearn.training.population_engine import (PopulationEngine, ProgramStuck,
                                                   use_cpu_devices, wait_program)
-from metalearn.training.run_dir import RunDir
 from tasks.sampler import MixConfig
 
 
-class PopulationTransport(InProcessTransport):
-    """The training loop's transport for ``--runner population``: the learner as in
-    ``--runner local``, and one ``PopulationEngine`` in place of workers. An order runs
-    one program call (K updates, fewer at the run's last step) and the learner absorbs
-    it; the loop fetches the rows between its last row and the reply's."""
+class PopulationWorkers(InProcessWorkers):
+    """The worker pool of ``--runner population``: one ``PopulationEngine`` in place of
+    workers. An order runs one program call (K updates, fewer at the run's last step)
+    and the in-process learner absorbs it; the loop fetches the rows between its last
+    row and the reply's."""
 
-    def __init__(self, config: TrainConfig, run: RunDir, mix: MixConfig | None = None):
-        super().__init__(config, run, mix)
+    def __init__(self, config: TrainConfig, learner: InProcessLearner, mix: MixConfig):
+        super().__init__(config, learner, mix)
         self.engine: PopulationEngine | None = None
         self.calls: list[dict] = []  # each call's timings (the bench reads them)
 
-    def start_workers(self, seeds) -> int:
-        self.engine = PopulationEngine(self.config, seeds[0], mix=self.mix)
+    def start(self, count: int, seeds) -> int:
+        self.engine = PopulationEngine(self.config, seeds(1)[0], mix=self.mix)
         devices = self.engine.devices
-        append_event(self.run.path, "population_devices", count=len(devices),
+        append_event(self.learner.run.path, "population_devices", count=len(devices),
                      devices=[str(d) for d in devices])
         return 1
 
     def collect(self, timeout_s: float) -> list[WorkerResult]:
         if not self.queue:
             return []
-        index, _ = self.queue.popleft()
-        host = self.host
+        index, order = self.queue.popleft()
+        host = self.learner.host
         if host is None:
             return [WorkerResult(index, reply=LearnerReply(generation="", step=-1,
                                                            version=-1, learner_lost=True))]
+        if order.reseed is not None:
+            self.engine.reseed(order.reseed)
         learner = host.learner
         try:
             call = self.engine.run(learner.theta, learner.opt_state, host.update_limit())
@@ -59,9 +60,6 @@ class PopulationTransport(InProcessTransport):
         self.calls.append(dict(call.timings))
         return [WorkerResult(index, reply=host.absorb(call.theta, call.opt_state,
                                                       call.stats, call.dataset))]
-
-    def reseed(self, index: int, seed: int) -> None:
-        self.engine.reseed(seed)
 
 
 def train_population(config: TrainConfig, run_dir, *, resume: bool = False,
@@ -78,8 +76,8 @@ def train_population(config: TrainConfig, run_dir, *, resume: bool = False,
     # count is fixed then).
     use_cpu_devices(config.worker.devices)
     return train_local(config, run_dir, resume=resume, num_workers=1, mix=mix,
-                       callbacks=callbacks, transport=PopulationTransport)
+                       callbacks=callbacks, workers=PopulationWorkers)
 
 
-__all__ = ["PopulationEngine", "PopulationTransport", "ProgramStuck", "train_population",
+__all__ = ["PopulationEngine", "PopulationWorkers", "ProgramStuck", "train_population",
            "wait_program"]

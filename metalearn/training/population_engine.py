@@ -1,20 +1,7 @@
 """The population engine's host side: tasks in, K learner updates per program call.
 
-``PopulationEngine`` samples K x M tasks of one shape (M = ``learner.meta_batch``, K =
-``worker.meta_steps``) from its seeded stream, builds their whole inner runs on the host
-(the data ``Worker.run_task`` builds for one task), and runs them through a
-``metalearn.core.population.PopulationProgram`` with the learner's optax update inside:
-one call, K updates of theta. While the device computes (JAX dispatches
-asynchronously), the next call's tasks are built.
-
-It computes what a ``Worker`` with ``es_full`` computes (the same estimate per task,
-the same mean per meta-batch, the same optax update as ``Learner``), without a
-submission per task: ``LearnerHost.absorb`` takes the call's theta, optimiser state and
-per-step statistics and writes the same metrics rows as the other runners.
-
-One program per base-model shape (activation, layer sizes, classes); a shape's first call
-compiles it (the persistent XLA cache keeps it for later runs), and ``compile_s``
-counts that time.
+See docs/training.md (The population runner) and docs/architecture.md (The population
+engine).
 """
 
 from __future__ import annotations
@@ -139,7 +126,10 @@ def use_cpu_devices(count: int) -> int:
 
 
 class PopulationEngine:
-    """K meta-steps of ``es_full`` per call over M tasks each, from a seeded task stream."""
+    """K meta-steps of ``es_full`` per call over M tasks each, from a seeded task stream.
+
+    One program per base-model shape (activation, layer sizes, classes); a shape's first
+    call compiles it, and ``compile_s`` counts that time."""
 
     def __init__(self, config: TrainConfig, stream_seed: int, *, mix: MixConfig | None = None,
                  sampler: Any = None, index: int = 0, meta_steps: int | None = None,

@@ -1,24 +1,7 @@
 """``RunDir``: the layout of a training run folder, and the only code that names its files.
 
-    <run>/config.yaml         the resolved TrainConfig of the latest session (loads back
-                              equal; the base of the next ``--resume``)
-    <run>/configs/<NNN>-step<S>.yaml
-                              the config of each session: NNN counts sessions from 000,
-                              S is the step it started from (``create`` writes it)
-    <run>/checkpoints/<step>/ orbax checkpoints of the learner's whole state
-    <run>/theta_latest/       theta at the newest checkpoint, in the export format
-                              (``metalearn.training.export``: self-describing orbax)
-    <run>/theta_best/         the best theta by the validation score so far, same
-                              format (``metalearn.training.best``)
-    <run>/metrics/            one row per learner step: append-only parquet segments
-                              written by the learner (``metalearn.training.metrics``)
-    <run>/evaluations/        continuous-evaluation rows (``eval/*``) of evaluated steps
-    <run>/discarded/          rows rolled back (a learner restart or a resume from an
-                              earlier checkpoint) and unreadable segments, kept with why
-    <run>/tensorboard/        TensorBoard scalars, when asked for
-
-A folder is a run once it has ``config.yaml`` and ``checkpoints/``. See
-docs/architecture.md for who writes what.
+See docs/training.md (Run folder) for the files and docs/architecture.md for who writes
+what.
 """
 
 from __future__ import annotations

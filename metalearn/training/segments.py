@@ -1,28 +1,7 @@
-"""``SegmentedTable``: an append-only parquet table kept as segment files in one folder.
+"""``SegmentedTable``: an append-only parquet table kept as segment files in one folder,
+merged in levels, so that a flush costs the same however long the run, and crash-safe.
 
-A run's metrics grow by a few rows at a time for days. Rewriting one parquet file at
-every flush costs time proportional to the whole run; here a flush writes only its new
-rows as one small file, so its cost does not grow with the run:
-
-    <folder>/L0-000000041-000000041.parquet   one flush (append number 41)
-    <folder>/L1-000000016-000000031.parquet   16 flushes merged (appends 16..31)
-
-A segment's name holds its level and the range of append numbers it contains. When
-``fanout`` segments of one level exist they are merged into one segment of the next
-level (up to ``max_level``), so a folder holds at most ``fanout`` segments per level
-plus one top-level segment per ``fanout ** max_level`` flushes, and each row is
-rewritten at most ``max_level`` times: the amortised cost of a flush is flat.
-
-Crash safety: every file is written to a dot-prefixed temporary name (which readers and
-``pyarrow.dataset`` ignore), fsynced, and renamed. A merge writes its output before it
-deletes its inputs; a crash in between leaves segments covered by the merged one, which
-readers skip and the next merge deletes. A segment that cannot be read (a torn file
-copied from elsewhere, a disk error) is skipped with a ``SegmentWarning`` naming it,
-never a traceback.
-
-Rows are dicts of scalars with an integer ``step`` column; columns may differ between
-segments (a column missing from a row is null). ``read`` unifies the schemas, which a
-bare ``pyarrow.parquet.read_table(folder)`` does not (it takes the first file's).
+See docs/training.md (Run folder, "Why segments").
 """
 
 from __future__ import annotations
@@ -85,7 +64,11 @@ def _to_bytes(table: pa.Table) -> bytes:
 
 
 class SegmentedTable:
-    """The append-only table in ``folder`` (created on the first append)."""
+    """The append-only table in ``folder`` (created on the first append).
+
+    Rows are dicts of scalars with an integer ``step`` column; columns may differ between
+    segments (a column missing from a row is null). ``read`` unifies the schemas, which a
+    bare ``pyarrow.parquet.read_table(folder)`` does not (it takes the first file's)."""
 
     def __init__(self, folder: str, *, fanout: int = 16, max_level: int = 3):
         if fanout < 2 or max_level < 0:

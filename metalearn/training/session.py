@@ -1,30 +1,7 @@
 """What one ``metalearn train`` invocation trains, and where: config, run folder, resume.
 
-Resume order: with a run folder to resume, the run's own ``config.yaml`` is the base
-(or an explicit config file if given), then ``--set`` overrides; the learner continues
-from the newest readable checkpoint. A resumed config must give theta of the same
-structure and shapes. Everything is validated before any folder is touched.
-
-A resume keeps the run's provenance: a config that differs from the run's saved
-``config.yaml`` in anything that changes what is trained is refused (one line listing
-each differing key, old -> new) unless ``allow_config_change`` (``metalearn train
---allow-config-change``). What never counts as a change (``resume_free``): budget,
-placement and bookkeeping, which decide how long, where and how visibly the run trains
-but not what it computes:
-
-* ``run.*`` (minutes, steps, address, runner, progress, metrics flush, tensorboard);
-* ``worker.num_workers``, ``worker.cpus_per_worker``, ``worker.gpus_per_worker``,
-  ``worker.on_start_failure``, ``worker.compilation_cache`` (how many workers, where they
-  run, how they start; each worker computes the same kind of gradient);
-* ``learner.checkpoint_minutes``, ``learner.keep_checkpoints`` (how often and how many
-  checkpoints are kept);
-* ``tasks.data_dir`` (where this machine finds the same sources);
-* ``evaluator.*`` (held-out measurements of theta; they never feed back into it).
-
-Everything else (rule, objective, unroll, learner optimisation, curriculum, worker batch
-size, tasks per worker, seeds, task mix...) is a change. Each session's config is kept
-in the run folder (``RunDir.create``: ``configs/<NNN>-step<S>.yaml``), and
-``config.yaml`` stays the latest one, the base of the next resume.
+Everything is validated before any folder is touched. See docs/training.md (Faults: the
+resume order and what a resumed config may change; Run folder: ``configs/``).
 """
 
 from __future__ import annotations
@@ -43,7 +20,7 @@ from tasks.sampler import MixConfig
 from tasks.sources import check_name
 
 # Dotted keys (a section, or one field) a resume may change without
-# ``--allow-config-change``: see the module docstring for why each is here.
+# ``--allow-config-change``: docs/training.md (Faults) says why each is here.
 RESUME_FREE = (
     "run",
     "worker.num_workers", "worker.cpus_per_worker", "worker.gpus_per_worker",
@@ -113,7 +90,7 @@ def resolve_session(config_path: str | None, overrides: list[str], out: str | No
                     resume: str | None, *, allow_config_change: bool = False) -> Session:
     """The ``Session`` of one invocation; ConfigError / FileNotFoundError on bad input,
     before any folder is touched and before Ray starts. A resume whose config changes
-    what is trained is refused unless ``allow_config_change`` (module docstring)."""
+    what is trained is refused unless ``allow_config_change`` (docs/training.md, Faults)."""
     config, run, resuming, changes = _config_and_run(config_path, overrides, out, resume,
                                                      allow_config_change)
     check_evaluator(config)

@@ -1,14 +1,7 @@
-"""The task mix of a training run, resolved once by the driver and shipped as data.
+"""The task mix of a training run, resolved and checked once by the driver
+(``resolve_mix``) and shipped to the workers as data: no node reads the mix file.
 
-A run's ``tasks.mix`` names a packaged mix (``local``, ``paper``, ``tiny``) or a YAML
-file on the submitting machine. ``resolve_mix`` reads it there, applies the config's
-shape bounds (``tasks.architecture``, ``tasks.ways``), validates it into a ``MixConfig``
-and checks what it can see before any actor starts: ``tasks.data_dir`` (if set) is a
-readable folder, and every ``file:`` source a readable file with usable data (it is
-loaded once here, ``tasks.files``: no NaN or inf, at least 2 classes, one integer label
-per row, enough classes for the component's N-way tasks). Workers receive the resolved mix
-as a dict (``to_dict``); no node reads the mix file, and a ``file:`` source a node cannot
-read is reported by that worker with its node (docs/training.md, "Clusters").
+See docs/training.md (Faults, Clusters), docs/tasks.md and clusters/README.md.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ ids are kept in the run folder). Names are adapted to what each tracker accepts
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import secrets
@@ -73,15 +74,20 @@ def _kept_id(run: RunDir, name: str, new) -> str:
     return value
 
 
+def _require(module: str, logger: str):
+    """``importlib.import_module(module)``; ConfigError naming the extra if absent."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"run.loggers: {logger} needs the {logger} package: pip install "
+                          f"'metalearn[tracking]'") from None
+
+
 class WandbTracker:
     ID_FILE = "wandb_id"
 
     def __init__(self, run: RunDir, config_values: dict):
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("run.loggers: wandb needs the wandb package: pip install "
-                              "'metalearn[tracking]'") from None
+        wandb = _require("wandb", "wandb")
         run_id = _kept_id(run, self.ID_FILE, lambda: secrets.token_hex(4))
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT),
@@ -110,13 +116,8 @@ class MlflowTracker:
     ID_FILE = "mlflow_run_id"
 
     def __init__(self, run: RunDir, config_values: dict):
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise ConfigError("run.loggers: mlflow needs the mlflow package: pip install "
-                              "'metalearn[tracking]'") from None
-        from mlflow.entities import Metric
-        self.metric = Metric
+        MlflowClient = _require("mlflow.tracking", "mlflow").MlflowClient
+        self.metric = _require("mlflow.entities", "mlflow").Metric
         uri = (os.environ.get("MLFLOW_TRACKING_URI")
                or f"sqlite:///{os.path.join(run.path, 'mlflow.db')}")
         try:

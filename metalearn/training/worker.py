@@ -1,27 +1,7 @@
 """A meta-training worker: tasks from a seeded stream, truncations, flat gradients.
 
-Plain Python, testable without Ray (``metalearn.distributed`` wraps it as an actor).
-A worker
-
-* samples a task (or T tasks of one shape, vmapped) from its own stream (``reseed``
-  starts a fresh stream; the learner issues the seeds, so a restarted worker draws new
-  tasks), initialises phi, and draws the number of truncations for that task from the
-  learner's current curriculum;
-* for each truncation draws U from the curriculum, asks the task for U steps of data
-  and runs the meta-gradient estimator ``unroll.estimator`` names (truncated backprop,
-  ES, PES or the hybrid: ``metalearn.core.estimators``; one per activation, reused, so
-  every base-model shape compiles once per process; the persistent XLA cache lets
-  restarts and sibling workers skip even that). The estimator's per-task state (phi,
-  and PES's particles and accumulator) lives with the task and ends with it; the
-  hybrid's variance estimates carry over to the worker's next task;
-* returns a ``Submission``: the gradient as one flat float32 numpy vector, the theta
-  version (and learner generation) it used, task metadata, loss and timings.
-
-phi carries over between the truncations of a task; a non-finite result ends the task
-(the learner drops that gradient and counts it), as does reaching the task's length
-(its number of truncations, drawn once from the curriculum when the task starts).
-Theta is replaced only through ``set_theta``, which the caller invokes only when the
-published version differs from ``theta_key``.
+Plain Python, testable without Ray (``metalearn.distributed`` wraps it as an actor). See
+docs/training.md (How it works, Task lengths) and docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -392,6 +372,8 @@ class Worker:
         """Carry out one ``WorkOrder``: take its theta if it is new to this worker (only
         then is ``fetch_theta(order.theta.payload)`` called), run one truncation and
         ``push`` the submission to the learner; returns the learner's reply."""
+        if order.reseed is not None:
+            self.reseed(order.reseed)
         handle = order.theta
         if self.needs_theta(handle.generation, handle.version):
             self.set_theta(handle.generation, handle.version, fetch_theta(handle.payload))
