@@ -10,7 +10,6 @@ import os
 import socket
 import sys
 import tempfile
-import time
 from typing import Sequence
 
 import ray
@@ -20,9 +19,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from metalearn.core.config_io import to_dict
 from metalearn.distributed.actors import LearnerActor, WorkerActor, thread_env
-from metalearn.distributed.evaluator import start_evaluator
-from metalearn.evaluation.config import EvaluationSchedule
+from metalearn.distributed.evaluator import RayEvaluator
 from metalearn.training.config import TrainConfig
+from metalearn.training.continuous_evaluation import ContinuousEvaluation
 from metalearn.training.loop import (Callback, LearnerClient, LearnerLost, RunSummary,
                                      TrainingLoop, Transport, WorkerPool, WorkerStartError)
 from metalearn.training.messages import LearnerStatus, WorkerResult, WorkOrder
@@ -188,92 +187,6 @@ def ray_transport(config: TrainConfig, run: RunDir, mix: MixConfig) -> Transport
     return Transport(learner, RayWorkers(config, learner, mix))
 
 
-class RayContinuousEvaluation(Callback):
-    """Drives the evaluator actor from the training loop, never blocking it.
-
-    On the ``EvaluationSchedule`` (short every ``evaluator.every`` learner steps, long
-    horizons every ``evaluator.long_every``) it hands the newest theta (the same object
-    ref the workers get) to the actor, one evaluation at a time; a finished evaluation's
-    columns (``eval/<dataset>/meta_loss``, ``.../accuracy``, ``.../logreg_accuracy``,
-    ``eval_s``; ``.../accuracy@<h>``, ``.../rank90@<h>``, ``.../w_growth@<h>``,
-    ``eval_long_s``) are merged into the metrics row of the step it evaluated. At the end
-    of the run it evaluates the last theta (short and long, what it has not measured)
-    and waits up to ``evaluator.final_timeout_s`` for it, so a run's last row always
-    has a measurement (a sweep's final report carries it). A failing evaluator is
-    reported once and switched off: it must never stop meta-training.
-    """
-
-    def __init__(self, config):
-        self.config = config
-        self.schedule = EvaluationSchedule(config.evaluator)
-        self.actor, self.pending = None, None
-        self.pending_theta = None  # (step, theta payload) of the evaluation under way
-
-    def on_start(self, loop) -> None:
-        self.schedule.start(loop.start_step, measure_now=not loop.best.known)
-        self.actor = start_evaluator(self.config.evaluator, self.config.rule,
-                                     self.config.objective, reserve=False)
-
-    def _submit(self, loop, final: bool) -> None:
-        due = self.schedule.due(loop.step, final)
-        if due is not None:
-            self.pending = self.actor.evaluate.remote(loop.step, loop.theta.payload, **due)
-            self.pending_theta = (loop.step, loop.theta.payload)
-
-    def on_tick(self, loop) -> None:
-        if self.actor is None:
-            return
-        if self.pending is not None:
-            done, _ = ray.wait([self.pending], timeout=0)
-            if not done:
-                return
-            self._collect(loop)
-        if self.actor is not None:
-            self._submit(loop, final=False)
-
-    def _collect(self, loop) -> None:
-        try:
-            row = ray.get(self.pending)
-            loop.metrics.merge(row)
-            step, payload = self.pending_theta
-            if isinstance(payload, ray.ObjectRef):
-                payload = ray.get(payload)
-            loop.best.offer(step, payload, row)
-        except Exception as err:  # noqa: BLE001 - evaluation is optional
-            message = str(err).strip().splitlines()[-1][:300]
-            print(f"\ncontinuous evaluation failed and is switched off: {message}",
-                  file=sys.stderr)
-            ray.kill(self.actor, no_restart=True)
-            self.actor = None
-        self.pending = None
-
-    def on_end(self, loop) -> None:
-        if self.actor is None:
-            return
-        if loop.interrupted:  # a signal or an error: stop now, no final evaluation
-            ray.kill(self.actor, no_restart=True)
-            self.actor = None
-            return
-        deadline = time.monotonic() + self.config.evaluator.final_timeout_s
-        for final in (False, True):  # the evaluation under way, then the last theta's
-            if self.pending is None and final:
-                self._submit(loop, final=True)
-            if self.pending is None:
-                continue
-            ready, _ = ray.wait([self.pending],
-                                timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                print(f"\nthe final evaluation did not finish within "
-                      f"evaluator.final_timeout_s = {self.config.evaluator.final_timeout_s:g} s",
-                      file=sys.stderr)
-                break
-            self._collect(loop)
-            if self.actor is None:
-                break
-        if self.actor is not None:
-            ray.kill(self.actor, no_restart=True)
-
-
 # Objects up to this size travel inline (gRPC) instead of through the shared-memory
 # object store: a paper-size gradient (460 KB) then costs the learner ~4x less to
 # receive (measured with ``metalearn bench learner``). On a cluster, pass the same
@@ -343,7 +256,7 @@ def ray_loop(config: TrainConfig, run: RunDir, *, resume: bool = False,
     if config.evaluator.enabled:
         # First: its final evaluation (on_end) is merged before a sweep's reporter makes
         # the trial's final report from the same row.
-        callbacks.insert(0, RayContinuousEvaluation(config))
+        callbacks.insert(0, ContinuousEvaluation(config, lambda: RayEvaluator(config)))
     return TrainingLoop(config, run, ray_transport(config, run, mix), resume=resume,
                         num_workers=num_workers, callbacks=callbacks)
 

@@ -53,5 +53,34 @@ def start_evaluator(eval_config, rule, objective=None, cpus: int = 1, reserve: b
         to_dict(eval_config), to_dict(rule), to_dict(objective) if objective else None, cpus)
 
 
-__all__ = ["EvaluatorActor", "start_evaluator"]
+class RayEvaluator:
+    """The evaluator actor as ``training.continuous_evaluation``'s asynchronous
+    evaluator: ``submit`` hands it theta (the object ref the workers get) and returns at
+    once; ``poll`` waits for the row with ``ray.wait``."""
+
+    def __init__(self, config):
+        # No Ray CPU reserved: on a laptop whose every core runs a worker, a small
+        # evaluation budget shares a core rather than waiting for a free one.
+        self.actor = start_evaluator(config.evaluator, config.rule, config.objective,
+                                     reserve=False)
+        self.ref = None
+
+    def submit(self, step: int, theta, due: dict) -> None:
+        self.ref = self.actor.evaluate.remote(step, theta, **due)
+
+    def poll(self, timeout_s: float) -> dict | None:
+        done, _ = ray.wait([self.ref], timeout=timeout_s)
+        if not done:
+            return None
+        ref, self.ref = self.ref, None
+        return ray.get(ref)
+
+    def resolve(self, theta):
+        return ray.get(theta) if isinstance(theta, ray.ObjectRef) else theta
+
+    def close(self) -> None:
+        ray.kill(self.actor, no_restart=True)
+
+
+__all__ = ["EvaluatorActor", "RayEvaluator", "start_evaluator"]
 

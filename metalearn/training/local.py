@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import collections
 import os
-import sys
 import traceback
 from typing import Sequence
 
-from metalearn.evaluation.config import EvaluationSchedule
-from metalearn.evaluation.continuous import ContinuousEvaluator
 from metalearn.training.config import TrainConfig
+from metalearn.training.continuous_evaluation import ContinuousEvaluation, InProcessEvaluator
 from metalearn.training.learner_host import LearnerHost
 from metalearn.training.loop import (Callback, LearnerClient, LearnerLost, RunSummary,
                                      TrainingLoop, Transport, WorkerPool)
@@ -107,60 +105,6 @@ def in_process_transport(config: TrainConfig, run: RunDir, mix: MixConfig | None
                                      mix if mix is not None else resolve_mix(config.tasks)))
 
 
-class InlineContinuousEvaluation(Callback):
-    """Held-out evaluation of the newest theta in this process (the Ray runner uses an
-    evaluator actor instead), on ``EvaluationSchedule``: short every ``evaluator.every``
-    learner steps, long-horizon every ``evaluator.long_every``, and a final one of the
-    last theta in ``on_end``; the columns are merged into the evaluated step's metrics
-    row. A failing evaluator is reported once and switched off: it must never stop
-    meta-training."""
-
-    def __init__(self, config: TrainConfig):
-        self.config = config.evaluator
-        self.rule, self.objective = config.rule, config.objective
-        self.evaluator: ContinuousEvaluator | None = None
-        self.schedule = EvaluationSchedule(self.config)
-
-    def _off(self, err: Exception) -> None:
-        message = str(err).strip().splitlines()[-1][:300] if str(err).strip() else repr(err)
-        print(f"\ncontinuous evaluation failed and is switched off: {message}",
-              file=sys.stderr)
-        self.evaluator = None
-
-    def on_start(self, loop: TrainingLoop) -> None:
-        measure_now = not loop.best.known
-        self.schedule.start(loop.start_step, measure_now=measure_now)
-        try:
-            self.evaluator = ContinuousEvaluator(self.config, self.rule, self.objective)
-        except Exception as err:  # noqa: BLE001 - evaluation is optional
-            self._off(err)
-        if measure_now:
-            # The start, before any order: the population runner's first order already
-            # makes several updates, so the first tick would come too late for it.
-            self._evaluate(loop, final=False)
-
-    def _evaluate(self, loop: TrainingLoop, final: bool) -> None:
-        if self.evaluator is None:
-            return
-        due = self.schedule.due(loop.step, final)
-        if due is None:
-            return
-        try:
-            row = self.evaluator.evaluate(loop.step, loop.theta.payload, **due)
-        except Exception as err:  # noqa: BLE001 - evaluation is optional
-            self._off(err)
-            return
-        loop.metrics.merge(row)
-        loop.best.offer(row["step"], loop.theta.payload, row)
-
-    def on_tick(self, loop: TrainingLoop) -> None:
-        self._evaluate(loop, final=False)
-
-    def on_end(self, loop: TrainingLoop) -> None:
-        if not loop.interrupted:  # a signal or an error: stop now, no final evaluation
-            self._evaluate(loop, final=True)
-
-
 def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
                 num_workers: int | None = None, mix: MixConfig | None = None,
                 callbacks: Sequence[Callback] = (),
@@ -174,11 +118,10 @@ def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool
     callbacks = list(callbacks)
     if config.evaluator.enabled:
         # First: its final evaluation (on_end) is merged before other callbacks end.
-        callbacks.insert(0, InlineContinuousEvaluation(config))
+        callbacks.insert(0, ContinuousEvaluation(config, lambda: InProcessEvaluator(config)))
     loop = TrainingLoop(config, run, in_process_transport(config, run, mix, workers),
                         resume=resume, num_workers=num_workers, callbacks=callbacks)
     return loop.run()
 
 
-__all__ = ["InProcessLearner", "InProcessWorkers", "InlineContinuousEvaluation",
-           "in_process_transport", "train_local"]
+__all__ = ["InProcessLearner", "InProcessWorkers", "in_process_transport", "train_local"]
