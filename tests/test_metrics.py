@@ -1,11 +1,9 @@
 """The metrics of a run: learner rows (written by the learner, exact across restores),
-evaluation rows merged into the table, the newest evaluation, old single-file runs."""
+evaluation rows merged into the table, the newest evaluation."""
 
 import math
 import os
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from metalearn.training.metrics import (LearnerRows, MetricsLog, discarded_rows,
@@ -101,20 +99,6 @@ def test_restore_reports_steps_that_have_no_row(tmp_path):
     _learner_rows(run, 1, 3)
     [message] = LearnerRows(run, flush_s=0.0).restore(5, reason="resumed")
     assert message.startswith("2 of the 5 steps up to the checkpoint have no metrics row")
-
-
-def test_runs_with_a_single_metrics_file_are_read_and_migrated(tmp_path):
-    run = _run(tmp_path)
-    pq.write_table(pa.table({"step": [1, 2, 3], "meta_loss": [3.0, 2.0, 1.0],
-                             "eval/fm/accuracy": [None, 0.5, None]}), run.legacy_metrics)
-    assert read_metrics(run.path).column("step").to_pylist() == [1, 2, 3]
-    LearnerRows(run, flush_s=0.0).restore(2, reason="resumed from checkpoint step 2")
-    assert not os.path.exists(run.legacy_metrics)
-    log = MetricsLog(run, tensorboard=False)
-    log.load(2)
-    assert log.latest_evaluation() == {"eval/fm/accuracy": 0.5, "eval_step": 2}
-    assert [(r["step"], r.get("eval/fm/accuracy")) for r in read_metric_rows(run.path)] == \
-        [(1, None), (2, 0.5)]
 
 
 def test_a_run_without_metrics_is_a_clear_error(tmp_path):

@@ -54,11 +54,8 @@ def _resume_state(out: str) -> dict:
     if not os.path.isdir(out):
         raise ConfigError(f"--resume {out}: no such folder")
     if not os.path.exists(path):
-        # a sweep from before resume.json: its spec copy, its checkpoints in OUT/tune
-        if not os.path.isdir(os.path.join(out, TUNE_DIR)):
-            raise ConfigError(f"nothing to resume in {out} (not a `metalearn sweep` "
-                              f"output folder)")
-        return {"spec": os.path.join(out, SPEC_FILE), "storage": ""}
+        raise ConfigError(f"nothing to resume in {out} (no {RESUME_FILE}: not a "
+                          f"`metalearn sweep` output folder)")
     with open(path) as f:
         return json.load(f)
 

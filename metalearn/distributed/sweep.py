@@ -362,10 +362,7 @@ def collect(results, spec: SweepSpec, reports: list[dict] = (), storage: str = "
         by_trial.setdefault(row.get("trial_dir"), []).append(row)
     summary, history = [], []
     for result in results:
-        rows = by_trial.get(os.path.basename(str(result.path)))
-        if rows is None:  # a sweep from before the report log: Tune's per-trial log
-            frame = result.metrics_dataframe
-            rows = [] if frame is None else frame.to_dict("records")
+        rows = by_trial.get(os.path.basename(str(result.path)), [])
         # The trial's own rows name it; result.metrics may be a donor's last result
         # (Tune hands a restored trial the metrics of the checkpoint it starts from).
         trial_id = rows[-1].get("trial_id") if rows else os.path.basename(str(result.path))

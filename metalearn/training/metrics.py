@@ -11,7 +11,6 @@ import warnings
 from collections.abc import Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from metalearn.core.config import PLANE_NAMES
 from metalearn.core.estimators import ESTIMATOR_CLASSES
@@ -58,20 +57,6 @@ def _quarantine(run: RunDir, table: SegmentedTable, kind: str) -> list[str]:
             f"{os.path.join(run.discarded, f'unreadable-{kind}')}" for name in moved]
 
 
-def _migrate_legacy(run: RunDir) -> None:
-    """Runs from before the segments: their one ``metrics.parquet`` becomes the first
-    segments (learner and evaluation columns split), then the file is removed."""
-    if not os.path.isfile(run.legacy_metrics) or os.path.isdir(run.metrics):
-        return
-    rows = [_clean(r) for r in pq.read_table(run.legacy_metrics).to_pylist()]
-    evals = [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith(EVAL_PREFIX)}}
-             for r in rows]
-    SegmentedTable(run.evaluations).append([e for e in evals if len(e) > 1])
-    SegmentedTable(run.metrics).append(
-        [{k: v for k, v in r.items() if not k.startswith(EVAL_PREFIX)} for r in rows])
-    os.unlink(run.legacy_metrics)
-
-
 class LearnerRows:
     """The learner's side: its update rows, appended to ``<run>/metrics/`` in step order.
 
@@ -92,7 +77,6 @@ class LearnerRows:
         """Make the table hold exactly the rows up to ``step`` (the checkpoint a learner
         was restored from); returns warnings for the user. Rows beyond it go to
         ``<run>/discarded/metrics`` with ``reason``."""
-        _migrate_legacy(self.run)
         messages = _quarantine(self.run, self.table, "metrics")
         dropped = self.table.rewrite(lambda r: r["step"] <= step)
         _discard(self.run, "metrics", dropped, reason)
@@ -140,7 +124,6 @@ class MetricsLog:
         """A resumed run: evaluations beyond ``up_to_step`` are discarded, the others
         kept for ``latest_evaluation`` (a resumed run, or a Tune trial restored from a
         checkpoint, reports its last evaluation until the next one)."""
-        _migrate_legacy(self.run)
         self.last_step = up_to_step
         for message in _quarantine(self.run, self.table, "evaluations"):
             warnings.warn(message, SegmentWarning, stacklevel=2)
@@ -207,7 +190,7 @@ def _run_of(path: str | os.PathLike) -> RunDir:
     """The run folder of ``path``: the folder itself, or its metrics table."""
     path = os.path.abspath(os.fspath(path))
     name = os.path.basename(path.rstrip(os.sep))
-    if name in (RunDir.METRICS, RunDir.LEGACY_METRICS):
+    if name == RunDir.METRICS:
         return RunDir(os.path.dirname(path))
     return RunDir(path)
 
@@ -221,19 +204,16 @@ def _coalesce(rows: list[dict]) -> list[dict]:
 
 
 def read_metrics(path: str | os.PathLike) -> pa.Table:
-    """The metrics table of a run (``path``: the run folder or its metrics folder or
-    legacy file): one row per learner step in step order, evaluation columns joined
+    """The metrics table of a run (``path``: the run folder or its metrics folder): one
+    row per learner step in step order, evaluation columns joined
     (and a row of its own for an evaluated step the learner has no row for: the start).
     FileNotFoundError if the run has logged none."""
     run = _run_of(path)
-    if os.path.isdir(run.metrics):
-        learner = SegmentedTable(run.metrics).read()
-        evaluations = _coalesce(SegmentedTable(run.evaluations).read().to_pylist())
-    elif os.path.isfile(run.legacy_metrics):
-        return pq.read_table(run.legacy_metrics)
-    else:
+    if not os.path.isdir(run.metrics):
         raise FileNotFoundError(f"{run.path} has no metrics yet (no {run.metrics}/): not "
                                 f"a training run folder, or the run has not logged a step")
+    learner = SegmentedTable(run.metrics).read()
+    evaluations = _coalesce(SegmentedTable(run.evaluations).read().to_pylist())
     if learner.num_rows == 0 or "step" not in learner.column_names:
         return learner
     learner = learner.sort_by("step")

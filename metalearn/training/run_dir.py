@@ -26,7 +26,6 @@ class RunDir:
     METRICS = "metrics"
     EVALUATIONS = "evaluations"
     DISCARDED = "discarded"
-    LEGACY_METRICS = "metrics.parquet"  # one file, rewritten whole (runs before 0.2)
     TENSORBOARD = "tensorboard"
     # Orbax writes a step into a temporary folder and renames it when complete.
     PARTIAL_CHECKPOINT_GLOB = "*.orbax-checkpoint-tmp*"
@@ -77,10 +76,6 @@ class RunDir:
     @property
     def discarded(self) -> str:
         return os.path.join(self.path, self.DISCARDED)
-
-    @property
-    def legacy_metrics(self) -> str:
-        return os.path.join(self.path, self.LEGACY_METRICS)
 
     @property
     def tensorboard(self) -> str:
@@ -171,9 +166,8 @@ class RunDir:
 
         os.makedirs(dest, exist_ok=True)
         shutil.copytree(source, os.path.join(dest, self.CHECKPOINTS), ignore=ignore)
-        for path in (self.config_path, self.legacy_metrics):
-            if os.path.exists(path):
-                shutil.copy2(path, dest)
+        if os.path.exists(self.config_path):
+            shutil.copy2(self.config_path, dest)
         for folder in (self.metrics, self.evaluations, self.discarded):
             if os.path.isdir(folder):
                 shutil.copytree(folder, os.path.join(dest, os.path.basename(folder)),
