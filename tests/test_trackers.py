@@ -1,9 +1,17 @@
 """Experiment trackers (wandb, MLflow) in their offline modes: a run's rows reach them,
 evaluations that land late included, names adapted, and a resumed run continues its
-tracker run."""
+tracker run.
+
+The scenarios that start tracker runs execute in a fresh interpreter (``in_subprocess``):
+wandb's SDK keeps a service process and threads for the life of the process that used
+it, and the suite's long-lived process should not carry them into later tests.
+"""
 
 import glob
+import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -13,8 +21,19 @@ from metalearn.training.metrics import MetricsLog
 from metalearn.training.run_dir import RunDir
 from metalearn.training.trackers import metric_name
 
-wandb = pytest.importorskip("wandb")
-mlflow = pytest.importorskip("mlflow")
+if importlib.util.find_spec("wandb") is None or importlib.util.find_spec("mlflow") is None:
+    pytest.skip("wandb and mlflow are not installed (pip install '.[tracking]')",
+                allow_module_level=True)
+
+
+def in_subprocess(scenario: str, tmp_path, **env) -> None:
+    """Run ``scenario(tmp_path)`` of this module in a fresh interpreter, with ``env``;
+    its assertion errors fail the test with the child's traceback."""
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+            f"import test_trackers as t, pathlib; t.{scenario}(pathlib.Path({str(tmp_path)!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def test_metric_names_each_tracker_accepts():
@@ -24,12 +43,14 @@ def test_metric_names_each_tracker_accepts():
     assert metric_name(key, "wandb") == key and metric_name(key, "tensorboard") == key
 
 
-def test_rows_reach_wandb_offline_and_mlflow_and_a_resume_continues(tmp_path, monkeypatch):
+def test_rows_reach_wandb_offline_and_mlflow_and_a_resume_continues(tmp_path):
+    in_subprocess("rows_reach_trackers", tmp_path, WANDB_MODE="offline", WANDB_SILENT="true",
+                  MLFLOW_TRACKING_URI="")
+
+
+def rows_reach_trackers(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = RunDir(str(tmp_path / "run"))
     os.makedirs(run.path)
     config = {"learner": {"meta_batch": 4}, "run": {"loggers": ["wandb", "mlflow"]}}
@@ -65,9 +86,13 @@ def test_rows_reach_wandb_offline_and_mlflow_and_a_resume_continues(tmp_path, mo
     assert open(os.path.join(run.path, "wandb_id")).read().strip() == wandb_id
 
 
-def test_an_unreachable_tracker_is_one_clear_error(tmp_path, monkeypatch):
+def test_an_unreachable_tracker_is_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("")  # a database under a file cannot be made
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/file/mlflow.db")
+    in_subprocess("unreachable_tracker", tmp_path,
+                  MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/file/mlflow.db")
+
+
+def unreachable_tracker(tmp_path):
     run = RunDir(str(tmp_path / "run"))
     os.makedirs(run.path)
     with pytest.raises(ConfigError, match="mlflow could not start a run at sqlite:"):
@@ -86,12 +111,22 @@ def test_train_takes_loggers_from_the_command_line(tmp_path):
                                                                     "neptune"])
 
 
-def test_sweep_loggers_become_tune_callbacks(tmp_path, monkeypatch):
+def test_sweep_loggers_become_tune_callbacks(tmp_path):
+    in_subprocess("sweep_callbacks", tmp_path, MLFLOW_TRACKING_URI="")
+
+
+def sweep_callbacks(tmp_path):
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
     from metalearn.distributed.tune_loggers import MlflowNamesCallback, logger_callbacks
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     wandb_cb, mlflow_cb = logger_callbacks(("wandb", "mlflow"), "s", str(tmp_path))
     assert type(wandb_cb).__name__ == "WandbLoggerCallback" and wandb_cb.group == "s"
     assert isinstance(mlflow_cb, MlflowNamesCallback)
     assert mlflow_cb.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
     assert mlflow_cb.experiment_name == "s"
+    # Tune's results reach MLflow's callback flattened, with names MLflow accepts.
+    seen = {}
+    MLflowLoggerCallback.log_trial_result = lambda self, i, trial, result: seen.update(result)
+    mlflow_cb.log_trial_result(1, None, {"eval/x/accuracy@100": 0.5, "config": {"a@b": 1}})
+    assert seen == {"eval/x/accuracy_at_100": 0.5, "config/a_at_b": 1}

@@ -212,44 +212,16 @@ class Worker:
         prefetch_done = time.perf_counter()
         result = jax.block_until_ready(result)
         grad_done = time.perf_counter()
-        # One row per task: [T] losses, [T, P] flat gradients (T = 1 unvmapped).
-        losses = np.atleast_1d(np.asarray(result.loss, np.float64))
-        finite = np.atleast_1d(np.asarray(result.finite)) & np.isfinite(losses)
-        if len(state.tasks) == 1:
-            grads = np.asarray(ravel_pytree(result.grad)[0], np.float32)[None]
-        else:
-            grads = np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(result.grad), np.float32)
-        # Submit the mean of the finite tasks; if none is, all of them (the learner then
-        # drops the submission whole and counts every task).
-        keep = finite if finite.any() else np.ones_like(finite)
-        grad = grads[keep].mean(axis=0, dtype=np.float64).astype(np.float32)
+        losses, finite, keep, grad = self._mean_over_tasks(result, len(state.tasks))
         loss = float(losses[keep].mean())
         count = int(keep.sum())
         nonfinite = len(state.tasks) - count
-        if state.truncations_done == 0:
-            first = np.atleast_2d(np.asarray(result.step_losses, np.float64))[:, 0]
-            state.loss_start = float(first[finite].mean()) if finite.any() else math.nan
-        state.state = new_state
-        self._last_state[arch.activation] = new_state
+        self._advance(state, result, new_state, steps, finite)
         metrics = {name: float(np.mean(np.asarray(value, np.float64)[keep]
                                        if np.ndim(value) else value))
                    for name, value in result.metrics.items()}
-        state.steps_done += steps
-        state.truncations_done += 1
-        state.truncations_left -= 1
-        # A non-finite task ends its group: its phi is lost, and the group moves together.
-        finished = not finite.all() or state.truncations_left <= 0
-        if finished:
-            self._task = None
         self.truncations += 1
         generation, version = self.theta_key
-        metadata = dict(state.metadata)
-        metadata.update(task_seed=state.seeds[0], truncation=state.truncations_done,
-                        task_truncations=state.truncations_planned,
-                        task_steps=state.steps_done,
-                        arch=list(arch.sizes), activation=arch.activation)
-        if len(state.tasks) > 1:
-            metadata.update(task_seeds=state.seeds, task_losses=losses.tolist())
         end = time.perf_counter()
         return Submission(
             grad=grad, version=version, generation=generation, loss=loss,
@@ -257,11 +229,54 @@ class Worker:
             count=count, nonfinite_tasks=nonfinite, loss_start=state.loss_start,
             estimator_metrics=metrics,
             dataset=state.dataset, num_steps=steps,
-            worker=self.index, metadata=metadata,
+            worker=self.index, metadata=self._metadata(state, losses),
             timings={"sample_s": sampled - start, "data_s": data - sampled,
                      "prefetch_s": prefetch_done - data, "grad_s": grad_done - data,
                      "total_s": end - start, "new_shape": float(new_shape),
                      "prefetched": float(prefetched)})
+
+    def _advance(self, state, result, new_state, steps: int, finite: np.ndarray) -> None:
+        """The task group after a truncation of ``steps`` steps: its phi, its counts, its
+        start loss (after the first), and the end of it (its last truncation, or a
+        non-finite task: that task's phi is lost, and the group moves together)."""
+        if state.truncations_done == 0:
+            first = np.atleast_2d(np.asarray(result.step_losses, np.float64))[:, 0]
+            state.loss_start = float(first[finite].mean()) if finite.any() else math.nan
+        state.state = new_state
+        self._last_state[state.arch.activation] = new_state
+        state.steps_done += steps
+        state.truncations_done += 1
+        state.truncations_left -= 1
+        if not finite.all() or state.truncations_left <= 0:
+            self._task = None
+
+    @staticmethod
+    def _mean_over_tasks(result, tasks: int):
+        """A truncation's [T] losses, [T] finite flags, [T] tasks kept, and the mean
+        [P] float32 gradient of the kept ones: the finite tasks, or, if none is, all
+        of them (the learner then drops the submission whole and counts every task)."""
+        losses = np.atleast_1d(np.asarray(result.loss, np.float64))
+        finite = np.atleast_1d(np.asarray(result.finite)) & np.isfinite(losses)
+        if tasks == 1:  # one row per task: [T, P] flat gradients
+            grads = np.asarray(ravel_pytree(result.grad)[0], np.float32)[None]
+        else:
+            grads = np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(result.grad), np.float32)
+        keep = finite if finite.any() else np.ones_like(finite)
+        return losses, finite, keep, grads[keep].mean(axis=0, dtype=np.float64).astype(
+            np.float32)
+
+    @staticmethod
+    def _metadata(state, losses: np.ndarray) -> dict:
+        """The submission's task metadata after this truncation ([T] ``losses``)."""
+        arch = state.arch
+        metadata = dict(state.metadata)
+        metadata.update(task_seed=state.seeds[0], truncation=state.truncations_done,
+                        task_truncations=state.truncations_planned,
+                        task_steps=state.steps_done,
+                        arch=list(arch.sizes), activation=arch.activation)
+        if len(state.tasks) > 1:
+            metadata.update(task_seeds=state.seeds, task_losses=losses.tolist())
+        return metadata
 
     # ------------------------------------------------------------------ whole tasks
 
