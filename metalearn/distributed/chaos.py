@@ -218,10 +218,13 @@ class ChaosRun:
                 if node_loss is not None and now >= node_loss:
                     self._remove_node()
                     node_loss = None
-                if now >= next_worker:
+                # No kills after the budget: the last session then ends (its final
+                # checkpoint) undisturbed. A learner killed in that shutdown is repaired
+                # only by a next resume, which the last session does not have.
+                if now >= next_worker and now < started + total_s:
                     self._kill("ray::WorkerActor", "worker_kills")
                     next_worker += plan.worker_kill_s
-                if now >= next_learner:
+                if now >= next_learner and now < started + total_s:
                     self._kill("ray::LearnerActor", "learner_kills")
                     next_learner += plan.learner_kill_s
                 time.sleep(0.5)
