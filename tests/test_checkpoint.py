@@ -45,7 +45,7 @@ def test_save_restore_exact(tmp_path):
     reader = Checkpointer(str(tmp_path / "checkpoints"), read_only=True)
     step, arrays, meta = reader.restore_latest(b.state_template())
     b.load_state(arrays, meta, keep_generation=True)
-    assert step == 2 and b.step == 2 and b._count == 1
+    assert step == 2 and b.step == 2 and b.current.batch.count == 1
     np.testing.assert_array_equal(a.theta, b.theta)
     # optax's NamedTuple states keep their types (restored against a target).
     assert type(b.opt_state[1]).__name__ == type(a.opt_state[1]).__name__
@@ -179,7 +179,7 @@ def test_async_save_returns_at_once_and_writes_what_was_given(tmp_path, monkeypa
     fresh = Learner(np.ones(P, np.float32), LearnerConfig(meta_batch=3), CurriculumConfig())
     step, restored, meta = Checkpointer(directory, read_only=True).restore_latest(
         fresh.state_template())
-    assert step == 2 and meta["step"] == 2 and meta["buffer"]["count"] == 1
+    assert step == 2 and meta["step"] == 2 and meta["batch"]["count"] == 1
     for key, value in before.items():  # what was given at save, not the later updates
         np.testing.assert_array_equal(restored[key], value)
     assert not np.array_equal(restored["theta"], learner.theta)

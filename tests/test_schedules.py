@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from metalearn.training.config import CurriculumConfig, LearnerConfig
-from metalearn.training.schedules import Curriculum, TruncationSchedule, lr_at
+from metalearn.training.learner import lr_schedule
+from metalearn.training.schedules import Curriculum, curriculum_at
 
 
 @pytest.mark.parametrize("std,minimum", [(0.5, 1), (3.0, 1), (20.0, 1), (200.0, 5)])
@@ -23,8 +24,7 @@ def test_schedule_ramps_linearly_then_holds():
     config = CurriculumConfig(unroll_start=(2, 4), unroll_end=(8, 16), unroll_ramp_steps=100,
                               truncations_std_start=20.0, truncations_std_end=20000.0,
                               truncations_ramp_steps=5000)
-    schedule = TruncationSchedule(config)
-    start, mid, end = schedule.at(0), schedule.at(2500), schedule.at(10 ** 6)
+    start, mid, end = (curriculum_at(config, step) for step in (0, 2500, 10 ** 6))
     assert (start.unroll_low, start.unroll_high, start.truncations_std) == (2, 4, 20.0)
     assert mid.truncations_std == pytest.approx(10010.0)
     assert (mid.unroll_low, mid.unroll_high) == (8, 16)
@@ -42,5 +42,6 @@ def test_paper_config_ramps_truncation_spread_20_to_20000_over_5000_updates():
 
 def test_lr_schedule_is_piecewise_constant():
     config = LearnerConfig(lr_values=(3e-4, 1e-4, 2e-5), lr_boundaries=(100, 150))
-    assert [lr_at(config, s) for s in (0, 99, 100, 149, 150, 10 ** 6)] == [
-        3e-4, 3e-4, 1e-4, 1e-4, 2e-5, 2e-5]
+    lr = lr_schedule(config)
+    np.testing.assert_allclose([float(lr(s)) for s in (0, 99, 100, 149, 150, 10 ** 6)],
+                               [3e-4, 3e-4, 1e-4, 1e-4, 2e-5, 2e-5], rtol=1e-6)

@@ -53,7 +53,7 @@ def test_truncations_carry_phi_then_new_task(setup):
     assert counts[-1] == 1 and seeds[-1] != seeds[0]
     # The learner accepts these gradients and applies them.
     learner = Learner(theta, config.learner, config.curriculum, generation="gen")
-    learner.version = 3
+    learner.current = learner.current._replace(version=3)
     rows = [learner.submit(s) for s in subs]
     assert rows[1] is not None and rows[1]["step"] == 1
     assert not np.array_equal(learner.theta, theta)
@@ -85,7 +85,7 @@ def test_nonfinite_theta_gives_nonfinite_submission_and_new_task(setup):
     assert second.finite and second.metadata["truncation"] == 1
     assert second.metadata["task_seed"] != first.metadata["task_seed"]
     learner = Learner(theta, config.learner, config.curriculum, generation="gen")
-    learner.version = 4
+    learner.current = learner.current._replace(version=4)
     assert learner.submit(first) is None
     assert learner.counters["dropped_nonfinite"] == 1
 
@@ -149,7 +149,7 @@ def test_vmapped_worker_submits_the_mean_of_its_tasks_gradients(setup, tmp_path)
     # The learner counts it as three gradients of a meta-batch.
     learner = Learner(theta, dataclasses.replace(config.learner, meta_batch=4),
                       config.curriculum, generation="gen")
-    learner.version = 3
+    learner.current = learner.current._replace(version=3)
     assert learner.submit(sub) is None and learner.counters["received"] == 3
     assert learner.submit(second)["step"] == 1
 
@@ -217,7 +217,7 @@ def test_every_estimator_runs_on_a_vmapped_worker(setup, estimator):
     # The learner folds the estimator's metrics and the submissions' spread into its row.
     learner = Learner(theta, dataclasses.replace(config.learner, meta_batch=6),
                       config.curriculum, generation="gen")
-    learner.version = 3
+    learner.current = learner.current._replace(version=3)
     rows = [learner.submit(s) for s in runs[estimator]]
     row = rows[-1]
     assert row["est/grad_norm"] == pytest.approx(np.mean([m["grad_norm"] for m in metrics]))
@@ -256,8 +256,8 @@ def test_full_horizon_worker_scores_whole_tasks_on_the_trainable_subspace(setup,
         assert worker._guides["relu"].surrogates.shape[0] == 2
     # The learner moves only the trainable subspace.
     learner = Learner(theta, dataclasses.replace(config.learner, meta_batch=2),
-                      config.curriculum, generation="gen", frozen_mask=~keep)
-    learner.version = 3
+                      config.curriculum, generation="gen", trainable=keep)
+    learner.current = learner.current._replace(version=3)
     row = [learner.submit(s) for s in subs][-1]
     assert row is not None and row["est/fitness_mean"] > 0
     moved = learner.theta != theta

@@ -28,7 +28,7 @@ from tasks.glyphs import glyph_config
 from tasks.idx import fetch_fashion_mnist
 from metalearn.core.config_io import ConfigError, resolve_config
 from metalearn.training.config import load_config
-from metalearn.training.schedules import TruncationSchedule
+from metalearn.training.schedules import curriculum_at
 from tasks.sampler import TaskSampler, load_mix
 from tasks.sources import SourceOptions, load, registry
 
@@ -230,7 +230,7 @@ def task_length(config_ref: str | None, step: int, seed: int) -> dict:
     distribution."""
     if step < 0:
         raise ConfigError(f"--step must be >= 0, got {step}")
-    curriculum = TruncationSchedule(load_config(config_ref).curriculum).at(step)
+    curriculum = curriculum_at(load_config(config_ref).curriculum, step)
     rng = np.random.default_rng([seed, LENGTH_STREAM])
     truncations = curriculum.sample_truncations(rng)
     unrolls = rng.integers(curriculum.unroll_low, curriculum.unroll_high + 1, truncations)

@@ -1,35 +1,17 @@
-"""The central learner of asynchronous meta-training (docs/training.md, docs/architecture.md).
+"""The central learner: one pure state (``LearnerState``) updated by one function per
+message, and the optax transformation it applies (docs/training.md, The learner).
 
-Plain Python, testable without Ray (``LearnerHost`` adds its checkpoints, and
-``metalearn.distributed`` wraps that as an actor).
-Workers send ``Submission``s: a truncation's meta-gradient as one flat float32 vector
-(``jax.flatten_util.ravel_pytree`` order of theta), the theta version it was computed
-with, the task's metadata, loss and timings. The learner
-
-* drops a submission computed with an older learner incarnation (``generation``: its
-  versions mean nothing here), one staler than ``max_staleness`` versions, or one that
-  is not finite (loss or any gradient entry), counting each kind; nothing dropped is
-  ever added to the buffer;
-* sums accepted gradients into one float64 buffer (a vmapped worker's submission, the
-  mean of ``count`` tasks, counts ``count`` times) and, once it holds ``meta_batch`` of
-  them, applies their mean with optax (global-norm clip, Adam, piecewise-constant
-  learning rate), bumps ``step`` and the theta ``version``, and returns one metrics row;
-* owns the curriculum: the U range and the truncations-per-task spread at the current
-  step (a ``TruncationSchedule``), which the driver hands to workers with theta;
-* owns a numpy RNG (checkpointed) that issues fresh task-stream seeds to workers, so a
-  restarted worker, or a resumed run, draws new tasks.
-
-``state()`` / ``load_state()`` give the whole learner as (arrays pytree, JSON dict) for
-``metalearn.training.checkpoint``; restoring them reproduces the exact step, optimiser state,
-buffer, counters, rolling losses and RNG.
+``Learner`` wraps the pure functions for ``LearnerHost``: it holds the current state and
+the run's clock.
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import math
 import time
 import uuid
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,360 +19,350 @@ import numpy as np
 import optax
 
 from metalearn.training.config import CurriculumConfig, LearnerConfig
-from metalearn.training.messages import Submission
-from metalearn.training.schedules import Curriculum, TruncationSchedule, lr_at
+from metalearn.training.messages import LearnerRow, Submission
+from metalearn.training.schedules import Curriculum, curriculum_at
+
+COUNTERS = ("received", "applied", "dropped_stale", "dropped_nonfinite",
+            "dropped_generation", "after_stop")
 
 
-def make_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm -> Adam -> piecewise-constant learning rate."""
-    boundaries = [int(b) for b in config.lr_boundaries]
-    values = [float(v) for v in config.lr_values]
+def lr_schedule(config: LearnerConfig) -> optax.Schedule:
+    """Piecewise constant: ``lr_values[i]`` from update ``lr_boundaries[i - 1]`` on."""
+    return optax.join_schedules([optax.constant_schedule(float(v)) for v in config.lr_values],
+                                [int(b) for b in config.lr_boundaries])
 
-    def schedule(count):
-        index = jnp.sum(jnp.asarray(boundaries, jnp.int32) <= count) if boundaries else 0
-        return jnp.asarray(values, jnp.float32)[index]
 
+def freeze(trainable: np.ndarray | None) -> optax.GradientTransformation:
+    """Zero the gradient of frozen entries (``trainable``: [P] bool, None: all train), so
+    Adam never moves them."""
+    if trainable is None:
+        return optax.identity()
+    keep = np.asarray(trainable, np.float32)
+    return optax.stateless(lambda updates, params: jax.tree.map(lambda u: u * keep, updates))
+
+
+def make_optimizer(config: LearnerConfig,
+                   trainable: np.ndarray | None = None) -> optax.GradientTransformation:
+    """freeze -> clip_by_global_norm -> Adam -> piecewise-constant learning rate."""
     return optax.chain(
+        freeze(trainable),
         optax.clip_by_global_norm(config.clip_norm),
         optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps),
-        optax.scale_by_learning_rate(schedule),
+        optax.scale_by_learning_rate(lr_schedule(config)),
     )
 
 
+class MetaBatch(NamedTuple):
+    """The meta-batch being summed (every weight is a task-gradient count)."""
+
+    grad_sum: np.ndarray  # [P] float64: sum of count x submitted gradient
+    count: int = 0
+    loss_sum: float = 0.0
+    sq_sum: float = 0.0  # sum of count x |trainable part of the gradient|^2
+    received: int = 0  # task gradients received since the last update (any outcome)
+    staleness: tuple = ()  # one entry per accepted submission
+    est: tuple = ()  # ((estimator metric, count-weighted sum, count), ...)
+
+
+class LearnerState(NamedTuple):
+    """Everything a learner is (``Learner.state`` gives it as a checkpoint)."""
+
+    theta: np.ndarray  # [P] float32
+    opt_state: Any  # the optax state of ``make_optimizer``
+    batch: MetaBatch
+    step: int  # updates applied (the row of update k has step k)
+    version: int  # theta version handed to workers
+    generation: str  # this incarnation: versions of another one mean nothing here
+    counters: dict  # COUNTERS -> task gradients
+    losses: tuple  # the last ``loss_window`` task losses
+    gains: tuple  # ... and their loss - loss_start
+    dataset_losses: dict  # dataset -> its last ``loss_window`` task losses
+    rng: dict  # numpy bit-generator state: the seeds of new task streams
+    wall_s: float  # wall seconds of the run (all sessions) at the last update
+
+
 class Learner:
-    """Buffers meta-gradients and applies optax updates to a flat theta."""
+    """Buffers meta-gradients and applies optax updates to a flat theta [P].
+
+    A submission is dropped (and counted) when computed by another learner incarnation,
+    staler than ``max_staleness`` versions or not finite; accepted ones are summed, each
+    weighted by its task count, and ``meta_batch`` of them make one update and one row."""
 
     def __init__(self, theta_flat: np.ndarray, config: LearnerConfig,
                  curriculum: CurriculumConfig, *, generation: str | None = None,
-                 clock=time.monotonic, frozen_mask: np.ndarray | None = None,
-                 watch: dict[str, int] | None = None):
+                 trainable: np.ndarray | None = None, watch: dict[str, int] | None = None,
+                 clock=time.monotonic):
         self.config = config
-        self.schedule = TruncationSchedule(curriculum)
-        self.generation = generation or uuid.uuid4().hex[:12]
         self._clock = clock
-        self.optimizer = make_optimizer(config)
-        theta = jnp.asarray(np.asarray(theta_flat, np.float32))
-        self.theta = np.asarray(theta)
-        self.opt_state = self.optimizer.init(theta)
-        self.num_params = int(self.theta.size)
-
-        # [P] 1.0 where theta trains, 0.0 where it is frozen (``LearnerConfig.frozen``):
-        # a zero gradient gives Adam a zero update, so frozen entries never move.
-        keep = (np.ones(self.num_params, np.float32) if frozen_mask is None
-                else (~np.asarray(frozen_mask, bool)).astype(np.float32))
-        if keep.shape != (self.num_params,):
-            raise ValueError(f"frozen_mask has shape {keep.shape}, theta {self.num_params}")
-        self.frozen_count = int(self.num_params - keep.sum())
-        # Single theta entries logged in every row as ``theta/<name>`` (the merge weights:
-        # how the rule itself changes over meta-training).
+        self._wall_offset, self._started = 0.0, clock()  # earlier sessions, this one
+        self.curriculum_config = curriculum
+        theta = np.asarray(theta_flat, np.float32)
+        self.num_params = int(theta.size)
+        if trainable is not None and np.shape(trainable) != (self.num_params,):
+            raise ValueError(f"trainable mask of shape {np.shape(trainable)}, theta "
+                             f"{self.num_params}")
+        # [P] 1.0 where theta trains: the rows' gradient spread is over those entries.
+        self.keep = None if trainable is None else np.asarray(trainable, np.float32)
+        # Single theta entries logged in every row as ``theta/<name>``.
         self.watch = dict(watch or {})
-        self._keep = keep if self.frozen_count else None  # for the submissions' spread
-        keep = jnp.asarray(keep)
+        self.optimizer = make_optimizer(config, trainable)
+        self.lr = jax.jit(lr_schedule(config))
+        self.stop_step = 0  # > 0: apply no update beyond this step
 
         def apply(theta, opt_state, grad):
-            grad = grad * keep
             updates, opt_state = self.optimizer.update(grad, opt_state, theta)
+            grad = grad if self.keep is None else grad * self.keep
             return (optax.apply_updates(theta, updates), opt_state,
                     optax.tree.norm(grad), optax.tree.norm(updates))
 
         self._apply = jax.jit(apply, donate_argnums=(1,))
-        self.step = 0
-        self.version = 0
-        self.stop_step = 0  # > 0: apply no update beyond this step
-        self.rng = np.random.default_rng(config.seed)
-        self._reset_buffer()
-        self.counters = collections.Counter(received=0, applied=0, dropped_stale=0,
-                                            dropped_nonfinite=0, dropped_generation=0,
-                                            after_stop=0)
-        self.losses: collections.deque = collections.deque(maxlen=config.loss_window)
-        self.gains: collections.deque = collections.deque(maxlen=config.loss_window)
-        self.dataset_losses: dict[str, collections.deque] = {}
-        self.wall_offset = 0.0  # wall seconds of earlier sessions (restored)
-        self._started = clock()
-        self._last_update_time = self._started
-        self._received_since_update = 0
+        self.current = LearnerState(
+            theta=theta, opt_state=self.optimizer.init(jnp.asarray(theta)),
+            batch=self._empty_batch(), step=0, version=0,
+            generation=generation or uuid.uuid4().hex[:12],
+            counters=dict.fromkeys(COUNTERS, 0), losses=(), gains=(), dataset_losses={},
+            rng=np.random.default_rng(config.seed).bit_generator.state, wall_s=0.0)
 
-    # ------------------------------------------------------------------ public API
+    # ------------------------------------------------------------------ views
 
-    def curriculum(self) -> Curriculum:
-        return self.schedule.at(self.step)
-
-    def lr(self) -> float:
-        return lr_at(self.config, self.step)
+    theta = property(lambda self: self.current.theta)
+    opt_state = property(lambda self: self.current.opt_state)
+    step = property(lambda self: self.current.step)
+    version = property(lambda self: self.current.version)
+    generation = property(lambda self: self.current.generation)
+    counters = property(lambda self: self.current.counters)
 
     def wall_s(self) -> float:
-        return self.wall_offset + (self._clock() - self._started)
+        """Wall seconds of the run so far, earlier sessions included."""
+        return self._wall_offset + (self._clock() - self._started)
+
+    def curriculum(self) -> Curriculum:
+        return curriculum_at(self.curriculum_config, self.current.step)
+
+    def rolling_loss(self) -> float:
+        return float(np.mean(self.current.losses)) if self.current.losses else math.nan
+
+    def rolling_gain(self) -> float:
+        """Mean of (loss - loss_start) over the window: < 0 when the rule improves tasks'
+        features; free of the tasks' difficulty, unlike the rolling loss."""
+        return float(np.mean(self.current.gains)) if self.current.gains else math.nan
 
     def new_stream_seeds(self, count: int) -> list[int]:
         """Fresh 63-bit seeds for worker task streams (from the checkpointed RNG)."""
-        return [int(s) for s in self.rng.integers(0, 2 ** 63 - 1, size=count)]
+        rng = np.random.default_rng()
+        rng.bit_generator.state = self.current.rng
+        seeds = [int(s) for s in rng.integers(0, 2 ** 63 - 1, size=count)]
+        self.current = self.current._replace(rng=rng.bit_generator.state)
+        return seeds
+
+    # ------------------------------------------------------------------ updates
 
     def submit(self, sub: Submission) -> dict | None:
-        """Take one submission; returns the metrics row if it completed a meta-batch.
+        """Take one submission; the metrics row if it completed a meta-batch. A
+        submission of ``count`` tasks' mean counts (and weighs) ``count``."""
+        self.current, row = self.take(self.current, sub, self.wall_s())
+        return row
 
-        A submission of ``count`` task gradients (their mean) counts ``count`` toward the
-        meta-batch and is weighted by it; every counter counts task gradients.
-        """
+    def take(self, state: LearnerState, sub: Submission,
+             wall_s: float) -> tuple[LearnerState, dict | None]:
+        """The pure update behind ``submit``: (new state, row or None)."""
         count = int(sub.count)
         if count < 1 and sub.finite:
             raise ValueError(f"submission of worker {sub.worker} averages {count} gradients")
         tasks = count + int(sub.nonfinite_tasks)
-        self.counters["received"] += tasks
-        self._received_since_update += tasks
-        if self.stop_step and self.step >= self.stop_step:
-            self.counters["after_stop"] += tasks  # the run is over: never applied
-            return None
-        if sub.generation != self.generation:
-            self.counters["dropped_generation"] += tasks
-            return None
-        staleness = self.version - int(sub.version)
-        if staleness < 0 or staleness > self.config.max_staleness:
-            # Negative staleness cannot come from this generation; treat it as invalid.
-            self.counters["dropped_stale"] += tasks
-            return None
+        batch = state.batch._replace(received=state.batch.received + tasks)
+        state = self._count(state._replace(batch=batch), received=tasks)
+        staleness = state.version - int(sub.version)
         grad = np.asarray(sub.grad)
-        if grad.shape != (self.num_params,):
+        why = ("after_stop" if self.stop_step and state.step >= self.stop_step
+               else "dropped_generation" if sub.generation != state.generation
+               else "dropped_stale" if not 0 <= staleness <= self.config.max_staleness
+               else None)
+        if why is None and grad.shape != (self.num_params,):
             raise ValueError(f"gradient of shape {grad.shape} from worker {sub.worker}; "
                              f"theta has {self.num_params} parameters")
-        loss = float(sub.loss)
-        if not (sub.finite and math.isfinite(loss) and np.isfinite(grad).all()):
-            self.counters["dropped_nonfinite"] += tasks
-            return None
-        self.counters["dropped_nonfinite"] += int(sub.nonfinite_tasks)
-        if count == 1:
-            np.add(self._grad_sum, grad, out=self._grad_sum)
-        else:
-            self._grad_sum += count * grad.astype(np.float64)
-        self._count += count
-        self._loss_sum += count * loss
-        # Spread of the submissions' gradients (each a worker's estimate): the meta-batch's
-        # online variance estimate, whatever the estimator (row: grad_var, grad_snr).
-        trained = grad.astype(np.float64) if self._keep is None else grad * self._keep
-        self._sq_sum += count * float(np.dot(trained, trained))
+        if why is None and not (sub.finite and math.isfinite(float(sub.loss))
+                                and np.isfinite(grad).all()):
+            why = "dropped_nonfinite"
+        if why is not None:
+            return self._count(state, **{why: tasks}), None
+        state = self._count(state, dropped_nonfinite=int(sub.nonfinite_tasks))
+        grad64 = grad.astype(np.float64)
+        trained = grad64 if self.keep is None else grad * self.keep
+        est = dict((name, (total, weight)) for name, total, weight in batch.est)
         for name, value in sub.estimator_metrics.items():
-            value = float(value)
-            if math.isfinite(value):
-                total, weight = self._est.get(name, (0.0, 0))
-                self._est[name] = [total + count * value, weight + count]
-        self._staleness.append(staleness)
-        self.losses.extend([loss] * count)
-        if math.isfinite(float(sub.loss_start)):
-            self.gains.extend([loss - float(sub.loss_start)] * count)
-        window = self.dataset_losses.get(sub.dataset)
-        if window is None:
-            window = self.dataset_losses[sub.dataset] = collections.deque(
-                maxlen=self.config.loss_window)
-        window.extend([loss] * count)
-        if self._count >= self.config.meta_batch:
-            return self._update()
-        return None
-
-    def rolling_loss(self) -> float:
-        return float(np.mean(self.losses)) if self.losses else float("nan")
-
-    def rolling_gain(self) -> float:
-        """Mean of (loss - loss_start) over the window: < 0 when the rule improves
-        tasks' features. The task's difficulty cancels, so unlike the rolling loss it is
-        comparable across a run whatever tasks were drawn."""
-        return float(np.mean(self.gains)) if self.gains else float("nan")
-
-    # ------------------------------------------------------------------ update
-
-    def _reset_buffer(self) -> None:
-        self._grad_sum = np.zeros(self.theta.shape, np.float64)
-        self._count = 0
-        self._loss_sum = 0.0
-        self._staleness: list[int] = []
-        self._sq_sum = 0.0  # sum of count * |grad|^2 (trainable entries)
-        self._est: dict[str, list] = {}  # estimator metric -> [count-weighted sum, count]
-
-    def _update(self) -> dict:
-        grad = jnp.asarray((self._grad_sum / self._count).astype(np.float32))
-        theta, self.opt_state, grad_norm, update_norm = self._apply(
-            jnp.asarray(self.theta), self.opt_state, grad)
-        self.theta = np.asarray(theta)
-        now = self._clock()
-        interval = max(now - self._last_update_time, 1e-9)
-        est = {name: total / weight for name, (total, weight) in self._est.items()}
-        row = self._row(self._loss_sum / self._count, float(grad_norm), float(update_norm),
-                        self.theta, self._received_since_update / interval,
-                        self._staleness, self._spread(), est,
-                        self.wall_offset + (now - self._started))
-        self.counters["applied"] += self._count
-        self.step += 1
-        self.version += 1
-        self._last_update_time = now
-        self._received_since_update = 0
-        self._reset_buffer()
-        return row
-
-    def _row(self, meta_loss: float, grad_norm: float, update_norm: float, theta: np.ndarray,
-             grads_per_s: float, staleness: list, spread: dict, est: dict,
-             wall_s: float) -> dict:
-        """The metrics row of the update from ``self.step`` to ``self.step + 1``."""
-        curriculum = self.curriculum()
-        row = {
-            "step": self.step + 1,
-            "meta_loss": meta_loss,
-            "meta_loss_rolling": self.rolling_loss(),
-            "loss_vs_start_rolling": self.rolling_gain(),
-            "grads_per_s": grads_per_s,
-            "staleness_mean": float(np.mean(staleness)),
-            "staleness_max": int(np.max(staleness)),
-            "dropped_stale": self.counters["dropped_stale"],
-            "dropped_nonfinite": self.counters["dropped_nonfinite"],
-            "dropped_generation": self.counters["dropped_generation"],
-            "received": self.counters["received"],
-            "lr": self.lr(),
-            "unroll_min": curriculum.unroll_low,
-            "unroll_max": curriculum.unroll_high,
-            "truncations_std": curriculum.truncations_std,
-            "grad_norm": grad_norm,
-            "update_norm": update_norm,
-            "theta_norm": float(np.linalg.norm(theta)),
-            "wall_s": wall_s,
-        }
-        for name, window in sorted(self.dataset_losses.items()):
-            row[f"loss/{name}"] = float(np.mean(window))
-        for name, index in self.watch.items():
-            row[f"theta/{name}"] = float(theta[index])
-        row.update(spread)
-        for name, value in sorted(est.items()):
-            row[f"est/{name}"] = value
-        return row
+            if math.isfinite(float(value)):
+                total, weight = est.get(name, (0.0, 0))
+                est[name] = (total + count * float(value), weight + count)
+        batch = batch._replace(
+            grad_sum=batch.grad_sum + (grad64 if count == 1 else count * grad64),
+            count=batch.count + count, loss_sum=batch.loss_sum + count * float(sub.loss),
+            sq_sum=batch.sq_sum + count * float(np.dot(trained, trained)),
+            staleness=batch.staleness + (staleness,),
+            est=tuple((name, *value) for name, value in est.items()))
+        state = self._record(state._replace(batch=batch), sub.dataset, float(sub.loss),
+                             float(sub.loss_start), count)
+        if batch.count < self.config.meta_batch:
+            return state, None
+        return self._update(state, wall_s)
 
     def absorb(self, theta: np.ndarray, opt_state, stats, dataset: str) -> list[dict]:
         """Take K updates made elsewhere (``metalearn.core.population``: the optax update
-        inside a compiled program from this learner's theta and optimiser state) and
-        return their metrics rows, as ``submit`` would have for the same task gradients.
+        inside a compiled program from this learner's theta and optimiser state); their
+        rows, as ``submit`` would have made for the same task gradients.
 
         ``stats``: ``StepStats`` as numpy ([K] leading axis, [K, M] ``task_finite``); a
-        step that was not applied (no finite task, or past the run's last step) makes no
-        row. The call's wall time is shared evenly by its applied steps."""
-        now = self._clock()
+        step that was not applied makes no row. The call's time is shared evenly by its
+        applied steps."""
+        state, wall_s = self.current, self.wall_s()
         applied = np.asarray(stats.applied, bool)
-        finite = np.asarray(stats.task_finite, bool)
-        tasks = finite.shape[1]
-        elapsed = max(now - self._last_update_time, 1e-9)
-        per_step = elapsed / max(int(applied.sum()), 1)
-        done = 0
+        tasks = np.asarray(stats.task_finite).shape[1]
+        per_step = max(wall_s - state.wall_s, 1e-9) / max(int(applied.sum()), 1)
         rows = []
-        wall_end = self.wall_offset + (now - self._started)
         for k in range(applied.shape[0]):
-            if self.stop_step and self.step >= self.stop_step:
-                break
-            if not stats.ran[k]:
+            if (self.stop_step and state.step >= self.stop_step) or not stats.ran[k]:
                 break
             count = int(stats.count[k])
-            self.counters["received"] += tasks
-            self.counters["dropped_nonfinite"] += tasks - count
+            state = self._count(state, received=tasks, dropped_nonfinite=tasks - count)
             if not applied[k]:
                 continue
-            loss, start = float(stats.loss[k]), float(stats.loss_start[k])
-            self.losses.extend([loss] * count)
-            if math.isfinite(start):
-                self.gains.extend([loss - start] * count)
-            window = self.dataset_losses.get(dataset)
-            if window is None:
-                window = self.dataset_losses[dataset] = collections.deque(
-                    maxlen=self.config.loss_window)
-            window.extend([loss] * count)
-            grad_norm = float(stats.grad_norm[k])
-            spread = {"grad_var": math.nan, "grad_snr": math.nan}
+            loss, grad_norm = float(stats.loss[k]), float(stats.grad_norm[k])
+            state = self._record(state, dataset, loss, float(stats.loss_start[k]), count)
+            spread = (math.nan, math.nan)
             if count >= 2:
                 var = max((float(stats.sq_sum[k]) - count * grad_norm ** 2) / (count - 1), 0.0)
-                spread = {"grad_var": var,
-                          "grad_snr": grad_norm ** 2 / (var / count) if var > 0 else math.inf}
+                spread = (var, grad_norm ** 2 / (var / count) if var > 0 else math.inf)
             est = {name: float(values[k]) for name, values in stats.metrics.items()
                    if math.isfinite(float(values[k]))}
-            done += 1
-            rows.append(self._row(loss, grad_norm, float(stats.update_norm[k]),
-                                  np.asarray(stats.theta[k]), tasks / per_step, [0], spread,
-                                  est, wall_end - (int(applied.sum()) - done) * per_step))
-            self.counters["applied"] += count
-            self.step += 1
-            self.version += 1
-        self.theta = np.asarray(theta, np.float32)
-        self.opt_state = opt_state
-        self._last_update_time = now
-        self._received_since_update = 0
+            wall = state.wall_s + per_step
+            rows.append(self._row(state, np.asarray(stats.theta[k]), loss, grad_norm,
+                                  float(stats.update_norm[k]), tasks / per_step, (0,),
+                                  spread, est, wall))
+            state = self._count(state._replace(step=state.step + 1, version=state.version + 1,
+                                               wall_s=wall), applied=count)
+        self.current = state._replace(theta=np.asarray(theta, np.float32), opt_state=opt_state,
+                                    wall_s=wall_s)
         return rows
 
-    # ------------------------------------------------------------------ state
+    def _update(self, state: LearnerState, wall_s: float) -> tuple[LearnerState, dict]:
+        batch = state.batch
+        grad = jnp.asarray((batch.grad_sum / batch.count).astype(np.float32))
+        theta, opt_state, grad_norm, update_norm = self._apply(
+            jnp.asarray(state.theta), state.opt_state, grad)
+        theta = np.asarray(theta)
+        est = {name: total / weight for name, total, weight in batch.est}
+        row = self._row(state, theta, batch.loss_sum / batch.count, float(grad_norm),
+                        float(update_norm),
+                        batch.received / max(wall_s - state.wall_s, 1e-9),
+                        batch.staleness, self._spread(batch), est, wall_s)
+        state = state._replace(theta=theta, opt_state=opt_state, batch=self._empty_batch(),
+                               step=state.step + 1, version=state.version + 1, wall_s=wall_s)
+        return self._count(state, applied=batch.count), row
 
-    def _spread(self) -> dict:
-        """grad_var: the trace of the covariance of a submitted gradient over this
-        meta-batch (each submission weighted by its count; NaN with fewer than two
-        submissions), on the trainable entries; grad_snr: |mean|^2 over the variance of
-        the mean (> 1: the update's direction is mostly signal, not estimator noise)."""
-        n = self._count
-        if len(self._staleness) < 2 or n < 2:
-            return {"grad_var": math.nan, "grad_snr": math.nan}
-        mean = self._grad_sum / n
-        if self._keep is not None:
-            mean = mean * self._keep
+    # ------------------------------------------------------------------ statistics
+
+    def _empty_batch(self) -> MetaBatch:
+        return MetaBatch(np.zeros(self.num_params, np.float64))
+
+    @staticmethod
+    def _count(state: LearnerState, **increments: int) -> LearnerState:
+        counters = dict(state.counters)
+        for name, value in increments.items():
+            counters[name] = counters.get(name, 0) + value
+        return state._replace(counters=counters)
+
+    def _record(self, state: LearnerState, dataset: str, loss: float, loss_start: float,
+                count: int) -> LearnerState:
+        """The rolling windows after ``count`` tasks of ``dataset`` with this loss."""
+        window = self.config.loss_window
+        gains = state.gains
+        if math.isfinite(loss_start):
+            gains = (gains + (loss - loss_start,) * count)[-window:]
+        per_dataset = dict(state.dataset_losses)
+        per_dataset[dataset] = (per_dataset.get(dataset, ()) + (loss,) * count)[-window:]
+        return state._replace(losses=(state.losses + (loss,) * count)[-window:], gains=gains,
+                              dataset_losses=per_dataset)
+
+    def _spread(self, batch: MetaBatch) -> tuple[float, float]:
+        """(grad_var, grad_snr): the trace of the covariance of a submitted gradient over
+        the meta-batch (count-weighted; NaN with fewer than two submissions), on the
+        trainable entries, and |mean|^2 over the variance of the mean (> 1: the update's
+        direction is mostly signal, not estimator noise)."""
+        n = batch.count
+        if len(batch.staleness) < 2 or n < 2:
+            return math.nan, math.nan
+        mean = batch.grad_sum / n
+        if self.keep is not None:
+            mean = mean * self.keep
         mean_sq = float(np.dot(mean, mean))
-        var = max((self._sq_sum - n * mean_sq) / (n - 1), 0.0)
-        return {"grad_var": var, "grad_snr": mean_sq / (var / n) if var > 0 else math.inf}
+        var = max((batch.sq_sum - n * mean_sq) / (n - 1), 0.0)
+        return var, mean_sq / (var / n) if var > 0 else math.inf
+
+    def _row(self, state: LearnerState, theta: np.ndarray, meta_loss: float, grad_norm: float,
+             update_norm: float, grads_per_s: float, staleness: tuple,
+             spread: tuple[float, float], est: dict, wall_s: float) -> dict:
+        """The metrics row of the update from ``state.step`` to ``state.step + 1``."""
+        curriculum = curriculum_at(self.curriculum_config, state.step)
+        counters = state.counters
+        extra = {f"loss/{name}": float(np.mean(window))
+                 for name, window in sorted(state.dataset_losses.items())}
+        extra.update({f"theta/{name}": float(theta[index])
+                      for name, index in self.watch.items()})
+        extra.update({f"est/{name}": value for name, value in sorted(est.items())})
+        return LearnerRow(
+            step=state.step + 1, meta_loss=meta_loss,
+            meta_loss_rolling=float(np.mean(state.losses)) if state.losses else math.nan,
+            loss_vs_start_rolling=float(np.mean(state.gains)) if state.gains else math.nan,
+            grads_per_s=grads_per_s, staleness_mean=float(np.mean(staleness)),
+            staleness_max=int(np.max(staleness)), dropped_stale=counters["dropped_stale"],
+            dropped_nonfinite=counters["dropped_nonfinite"],
+            dropped_generation=counters["dropped_generation"], received=counters["received"],
+            lr=float(self.lr(state.step)), unroll_min=curriculum.unroll_low,
+            unroll_max=curriculum.unroll_high, truncations_std=curriculum.truncations_std,
+            grad_norm=grad_norm, update_norm=update_norm,
+            theta_norm=float(np.linalg.norm(theta)), wall_s=wall_s, grad_var=spread[0],
+            grad_snr=spread[1]).to_dict(extra)
+
+    # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> tuple[dict, dict]:
-        """(arrays, meta): arrays is a pytree of numpy arrays, meta is JSON-able."""
-        arrays = {"theta": self.theta,
-                  "opt_state": jax.tree.map(np.asarray, self.opt_state),
-                  "grad_sum": self._grad_sum}
-        meta = {
-            "step": self.step,
-            "version": self.version,
-            "generation": self.generation,
-            "num_params": self.num_params,
-            "buffer": {"count": self._count, "loss_sum": self._loss_sum,
-                       "staleness": list(self._staleness), "sq_sum": self._sq_sum,
-                       "estimator_metrics": {k: list(v) for k, v in self._est.items()}},
-            "counters": dict(self.counters),
-            "losses": list(self.losses),
-            "gains": list(self.gains),
-            "dataset_losses": {k: list(v) for k, v in self.dataset_losses.items()},
-            "wall_s": self.wall_s(),
-            "rng": self.rng.bit_generator.state,
-        }
-        return arrays, meta
+        """The current state as (arrays: a pytree of numpy arrays, meta: JSON-able)."""
+        state = self.current
+        batch = {name: getattr(state.batch, name) for name in MetaBatch._fields[1:]}
+        return self.state_template(), {
+            "step": state.step, "version": state.version, "generation": state.generation,
+            "num_params": self.num_params, "batch": batch, "counters": state.counters,
+            "losses": state.losses, "gains": state.gains,
+            "dataset_losses": state.dataset_losses, "rng": state.rng, "wall_s": self.wall_s()}
 
     def state_template(self) -> dict:
-        """Arrays pytree with this learner's structure, shapes and dtypes (restore target)."""
-        return self.state()[0]
+        """The arrays of ``state()`` (the orbax restore target)."""
+        return {"theta": self.current.theta,
+                "opt_state": jax.tree.map(np.asarray, self.current.opt_state),
+                "grad_sum": self.current.batch.grad_sum}
 
     def load_state(self, arrays: dict, meta: dict, *, keep_generation: bool = False) -> None:
-        """Restore a ``state()``. A restored learner is a new generation unless asked
-        otherwise, so gradients computed against the dead learner's later versions are
-        dropped rather than applied to a theta they were not computed for."""
+        """Restore a ``state()``. A restored learner is a new
+        generation unless asked otherwise, so gradients computed against the dead
+        learner's later versions are dropped rather than applied to another theta."""
         theta = np.asarray(arrays["theta"], np.float32)
-        if theta.shape != self.theta.shape:
+        if theta.shape != (self.num_params,):
             raise ValueError(f"checkpoint theta has {theta.size} parameters, this learner "
-                             f"{self.theta.size}")
-        self.theta = theta.copy()
-        self.opt_state = jax.tree.map(jnp.asarray, arrays["opt_state"])
-        self._grad_sum = np.asarray(arrays["grad_sum"], np.float64).copy()
-        self.step = int(meta["step"])
-        self.version = int(meta["version"])
-        if keep_generation:
-            self.generation = meta["generation"]
-        buffer = meta["buffer"]
-        self._count = int(buffer["count"])
-        self._loss_sum = float(buffer["loss_sum"])
-        self._staleness = [int(s) for s in buffer["staleness"]]
-        # (Checkpoints from before the estimators' metrics lack these two.)
-        self._sq_sum = float(buffer.get("sq_sum", 0.0))
-        self._est = {k: [float(v[0]), int(v[1])]
-                     for k, v in buffer.get("estimator_metrics", {}).items()}
-        self.counters = collections.Counter({k: int(v) for k, v in meta["counters"].items()})
-        self.losses = collections.deque(meta["losses"], maxlen=self.config.loss_window)
-        self.gains = collections.deque(meta.get("gains", []), maxlen=self.config.loss_window)
-        self.dataset_losses = {k: collections.deque(v, maxlen=self.config.loss_window)
-                               for k, v in meta["dataset_losses"].items()}
-        self.wall_offset = float(meta["wall_s"])
-        self._started = self._clock()
-        self._last_update_time = self._started
-        self._received_since_update = 0
-        rng_state = meta["rng"]
-        self.rng = np.random.default_rng()
-        self.rng.bit_generator.state = rng_state
+                             f"{self.num_params}")
+        batch = MetaBatch(np.asarray(arrays["grad_sum"], np.float64).copy(), **{
+            **meta["batch"], "staleness": tuple(meta["batch"]["staleness"]),
+            "est": tuple(tuple(e) for e in meta["batch"]["est"])})
+        self.current = LearnerState(
+            theta=theta.copy(), opt_state=jax.tree.map(jnp.asarray, arrays["opt_state"]),
+            batch=batch._replace(received=0), step=int(meta["step"]),
+            version=int(meta["version"]),
+            generation=meta["generation"] if keep_generation else uuid.uuid4().hex[:12],
+            counters={k: int(v) for k, v in meta["counters"].items()},
+            losses=tuple(meta["losses"]), gains=tuple(meta["gains"]),
+            dataset_losses={k: tuple(v) for k, v in meta["dataset_losses"].items()},
+            rng=meta["rng"], wall_s=float(meta["wall_s"]))
+        self._wall_offset, self._started = float(meta["wall_s"]), self._clock()
+
+
+__all__ = ["COUNTERS", "Learner", "LearnerState", "MetaBatch", "freeze", "lr_schedule",
+           "make_optimizer"]

@@ -46,9 +46,8 @@ class LearnerHost:
         self.run = run
         spec = theta_spec(config.rule)
         flat = spec.ravel(run_start_theta(config))
-        trainable = trainable_mask(config.rule, config.learner)
-        frozen = None if trainable is None else ~trainable
-        self.learner = Learner(flat, config.learner, config.curriculum, frozen_mask=frozen,
+        self.learner = Learner(flat, config.learner, config.curriculum,
+                               trainable=trainable_mask(config.rule, config.learner),
                                watch=merge_weight_indices(spec))
         self.learner.stop_step = config.run.steps
         self.checkpointer = Checkpointer(run.checkpoints, keep=config.learner.keep_checkpoints)

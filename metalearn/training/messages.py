@@ -62,6 +62,41 @@ class Submission:
 
 
 @dataclasses.dataclass(frozen=True)
+class LearnerRow:
+    """The metrics row of one learner update; its fields are the columns every row has
+    (``LEARNER_COLUMNS``), besides the per-run ``loss/<dataset>``, ``theta/<name>`` and
+    ``est/<name>`` (docs/training.md, Metrics)."""
+
+    step: int  # the update's number (1: the first)
+    meta_loss: float  # mean meta-objective of the meta-batch
+    meta_loss_rolling: float  # ... over the last ``learner.loss_window`` tasks
+    loss_vs_start_rolling: float  # mean loss - loss_start over that window
+    grads_per_s: float  # task gradients received per second since the last update
+    staleness_mean: float
+    staleness_max: int
+    dropped_stale: int  # task-gradient counters since the run began
+    dropped_nonfinite: int
+    dropped_generation: int
+    received: int
+    lr: float
+    unroll_min: int  # the curriculum at this update
+    unroll_max: int
+    truncations_std: float
+    grad_norm: float  # of the mean gradient (trainable entries)
+    update_norm: float
+    theta_norm: float
+    wall_s: float  # wall seconds of the run, earlier sessions included
+    grad_var: float  # spread of the submissions' gradients (NaN: one submission)
+    grad_snr: float
+
+    def to_dict(self, extra: dict) -> dict:
+        return {**dataclasses.asdict(self), **extra}
+
+
+LEARNER_COLUMNS = tuple(field.name for field in dataclasses.fields(LearnerRow))
+
+
+@dataclasses.dataclass(frozen=True)
 class LearnerReply:
     """The learner's answer to a ``Submission``: its newest step and version, the metrics
     row if the submission completed a meta-batch (with the curriculum at the new step),
@@ -114,5 +149,5 @@ class WorkerResult:
     cannot_start: bool = False  # with ``died``: its constructor failed (no restart helps)
 
 
-__all__ = ["LearnerReply", "LearnerStatus", "Submission", "ThetaHandle", "WorkOrder",
+__all__ = ["LEARNER_COLUMNS", "LearnerReply", "LearnerRow", "LearnerStatus", "Submission", "ThetaHandle", "WorkOrder",
            "WorkerResult"]

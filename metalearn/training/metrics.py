@@ -15,19 +15,13 @@ import pyarrow as pa
 from metalearn.core.config import PLANE_NAMES
 from metalearn.core.estimators import ESTIMATOR_CLASSES
 from metalearn.core.full_horizon import METRIC_NAMES as FULL_HORIZON_METRICS
+from metalearn.training.messages import LEARNER_COLUMNS
 from metalearn.training.run_dir import RunDir
 from metalearn.training.segments import SegmentedTable, SegmentWarning
 from metalearn.training.trackers import open_trackers, safely
 
 
 EVAL_PREFIX = "eval"  # eval/<dataset>/..., eval_s, eval_long_s
-# The learner's columns of every row (training.learner.Learner._update), besides the
-# per-dataset ``loss/<dataset>``; a sweep's metric is checked against them.
-LEARNER_COLUMNS = (
-    "step", "meta_loss", "meta_loss_rolling", "loss_vs_start_rolling", "grads_per_s",
-    "staleness_mean", "staleness_max", "dropped_stale", "dropped_nonfinite",
-    "dropped_generation", "received", "lr", "unroll_min", "unroll_max", "truncations_std",
-    "grad_norm", "update_norm", "theta_norm", "wall_s", "grad_var", "grad_snr")
 # The rule's mixing weights after each update (LearnerHost watches them): which update the
 # rule makes, against meta-training time (``metalearn plot``).
 THETA_COLUMNS = tuple(f"theta/merge_w/{name}" for name in (*PLANE_NAMES, "bias"))

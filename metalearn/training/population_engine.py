@@ -158,7 +158,7 @@ class PopulationEngine:
         # ``Worker.run_task`` does.
         self.rule = (dataclasses.replace(rule, inner_lr=horizon.inner_lr) if horizon.inner_lr
                      else rule)
-        self.optimizer = make_optimizer(config.learner)
+        self.optimizer = make_optimizer(config.learner, self.trainable)
         # The devices a meta-step's tasks are split over (one: no split).
         self.devices = list(devices) if devices else program_devices(config.worker.devices,
                                                                      self.tasks_per_step)

@@ -1,16 +1,6 @@
-"""Schedules of meta-training, as functions of the learner step (docs/training.md).
-
-* ``Curriculum``: what a worker needs at one step: the range of the truncation length U
-  (uniform) and the spread of the number of truncations per task, drawn when a task
-  starts as round(Normal(std, std)) and at least ``min_truncations``. A task's length in
-  inner steps is the sum of its truncations' U. This is the project's one task-length
-  model (the paper's shifted normal, SPEC section 4); tasks themselves carry none.
-* ``TruncationSchedule``: ``CurriculumConfig`` -> ``Curriculum`` at a step (linear ramps).
-* ``lr_at``: the piecewise-constant meta learning rate (``LearnerConfig``), the same
-  schedule ``metalearn.training.learner.make_optimizer`` compiles into optax.
-
-This module is the only owner of these draws; docs/training.md describes the ramps.
-"""
+"""The curriculum of meta-training as a function of the learner step: the truncation
+length U and the truncations per task (docs/training.md, Curriculum). The meta learning
+rate's schedule is ``metalearn.training.learner.lr_schedule``."""
 
 from __future__ import annotations
 
@@ -19,7 +9,7 @@ import math
 
 import numpy as np
 
-from metalearn.training.config import CurriculumConfig, LearnerConfig
+from metalearn.training.config import CurriculumConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,21 +54,6 @@ def _ramp(start: float, end: float, step: int, steps: int) -> float:
     return start + (end - start) * frac
 
 
-class TruncationSchedule:
-    """The curriculum as a function of the learner step (``CurriculumConfig``).
-
-    ``at(step)`` interpolates the U range and the truncations-per-task spread linearly
-    between their start and end values over their ramps. The learner owns one and hands
-    ``at(step)`` to workers with theta; workers draw from it and never see the config.
-    """
-
-    def __init__(self, config: CurriculumConfig):
-        self.config = config
-
-    def at(self, step: int) -> Curriculum:
-        return curriculum_at(self.config, step)
-
-
 def curriculum_at(config: CurriculumConfig, step: int) -> Curriculum:
     """Linear interpolation of the U range and truncation spread at learner ``step``."""
     low = _ramp(config.unroll_start[0], config.unroll_end[0], step, config.unroll_ramp_steps)
@@ -89,10 +64,4 @@ def curriculum_at(config: CurriculumConfig, step: int) -> Curriculum:
     return Curriculum(low, max(low, high), float(std), config.min_truncations)
 
 
-def lr_at(config: LearnerConfig, step: int) -> float:
-    """Piecewise-constant meta learning rate for the update number ``step`` (0-based)."""
-    index = int(np.searchsorted(np.asarray(config.lr_boundaries), step, side="right"))
-    return float(config.lr_values[index])
-
-
-__all__ = ["Curriculum", "TruncationSchedule", "curriculum_at", "lr_at"]
+__all__ = ["Curriculum", "curriculum_at"]
