@@ -160,7 +160,7 @@ def test_bad_inputs_name_the_field(tiny_rule):
     with pytest.raises(ConfigError, match="rule.kernel"):
         RuleConfig(kernel=4)
     with pytest.raises(ConfigError, match="activation"):
-        ur.unsupervised_update(tiny_rule, activation="relu6").step(theta, params, x)
+        ur.inner_step(theta, params, x, "relu6", tiny_rule)
 
 
 def test_merge_init_planes_set_named_mixing_weights():

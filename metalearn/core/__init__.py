@@ -22,14 +22,13 @@ from metalearn.core.meta_objective import (LabelledPair, make_pair, meta_objecti
 from metalearn.core.theta import ThetaSpec, theta_spec
 from metalearn.core.unroll import (MetaGradient, TruncationBatch, TruncationResult,
                                    make_meta_gradient)
-from metalearn.core.update_rule import (UnsupervisedUpdate, init_theta, inner_step,
-                                        unsupervised_update)
+from metalearn.core.update_rule import init_theta, inner_step
 
 __all__ = [
     "ACTIVATIONS", "Architecture", "BaseParams", "ConfigError", "ForwardPass",
     "LabelledPair", "MetaGradient", "MetaObjectiveConfig", "RuleConfig", "ThetaSpec",
-    "TruncationBatch", "TruncationResult", "UnrollConfig", "UnsupervisedUpdate",
+    "TruncationBatch", "TruncationResult", "UnrollConfig",
     "apply_overrides", "features", "forward", "from_dict", "init_params", "init_theta",
     "inner_step", "load", "make_meta_gradient", "make_pair", "meta_objective",
-    "read_yaml", "ridge_accuracy", "theta_spec", "to_dict", "unsupervised_update",
+    "read_yaml", "ridge_accuracy", "theta_spec", "to_dict",
 ]

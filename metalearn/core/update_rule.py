@@ -26,14 +26,13 @@ own merge).
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from metalearn.core import rule_layers as rl
 from metalearn.core.base_model import Architecture, BaseParams, forward
-from metalearn.core.base_model import init_params as init_base_params
 from metalearn.core.config import PLANE_NAMES, ConfigError, RuleConfig
 
 # Learned low-rank readouts: plane -> the readouts it owns (``_top`` reads the upper
@@ -52,19 +51,6 @@ READOUT_NAMES = tuple(f"{plane}_{side}" for plane, sides in READOUTS.items() for
 
 NUM_INPUT_CHANNELS = 4  # x, z, sin(p), cos(p) before the delta channels
 NUM_WEIGHT_STATS = 8
-
-
-class UnsupervisedUpdate(NamedTuple):
-    """An optax-style rule: pure functions over pytrees.
-
-    init_theta(key) -> theta
-    init_params(key, arch) -> phi
-    step(theta, phi, x) -> phi'   (x: [B, N_0]; arch inferred from phi's shapes)
-    """
-
-    init_theta: Callable
-    init_params: Callable
-    step: Callable
 
 
 # ---------------------------------------------------------------------------
@@ -405,18 +391,3 @@ def inner_step(theta: dict, params: BaseParams, x: jax.Array, activation: str,
     """
     internals = rule_internals(theta, params, x, activation, config)
     return apply_updates(params, internals.dws, internals.dvs, internals.dbs, config.inner_lr)
-
-
-def unsupervised_update(config: RuleConfig = RuleConfig(),
-                        activation: str = "relu") -> UnsupervisedUpdate:
-    """Factory: the rule as pure init/step functions closed over its config."""
-    def init_params(key, arch: Architecture):
-        if arch.output_size != config.top_units:
-            raise ConfigError(f"architecture output size {arch.output_size} must equal "
-                              f"rule.top_units ({config.top_units})")
-        return init_base_params(key, arch, w_std=config.init_w_std, b_std=config.init_b_std)
-
-    def step(theta, params, x):
-        return inner_step(theta, params, x, activation, config)
-
-    return UnsupervisedUpdate(lambda key: init_theta(key, config), init_params, step)
