@@ -66,31 +66,32 @@ class RuleConfig:
     top_delta_size: int = 64  # channels of TopD's convs over the batch axis
     top_delta_layers: int = 2  # 64 -> 64 convs after the unit mixing
     top_unit_mix_layers: int = 2  # units-as-channels convs (fixed at 2 in the reference)
-    top_first_kernel: int = 5  # kernel of TopD's first conv over the batch
+    top_first_kernel: int = 5  # kernel of TopD's first conv over the batch (reference)
     # ComputeH (docs/rule.md)
     compute_h_size: int = 64  # channels of h
     compute_h_layers: int = 1  # extra conv + unit block rounds after the first
     kernel: int = 3  # kernel of every other conv in the rule
     delta_dim: int = 32  # channels of the top-down signal d and delta
-    positional_period: float = 4.0 * math.pi  # p_j = linspace(0, period, N_l)
+    positional_period: float = 4.0 * math.pi  # p_j = linspace(0, period, N_l) (SPEC 2.3)
     # Weight planes and merge (docs/rule.md)
     num_grad_channels: int = 4  # channels of each low-rank readout
     merge_init: float = 0.1  # initial mixing weight of every plane ...
     # ... except these (plane name, weight) pairs, in YAML a mapping: e.g. the local
     # recipe's Oja-like start {hebb: 3.0, decorr_x: 1.35} with merge_init 0 (docs/rule.md).
     merge_init_planes: tuple[tuple[str, float], ...] = ()
-    column_norm_eps: float = 1.0  # P / sqrt(eps + mean_col P^2)
+    column_norm_eps: float = 1.0  # P / sqrt(eps + mean_col P^2) (reference)
     growth: float = 1.0 / 7.0  # dW -= W_hat * growth (the reference's "arbitrary" 1/7)
     identical_updates: bool = True  # V receives W's dW; False gives V its own merge
     # Bias update (docs/rule.md)
-    bias_norm_eps: float = 0.5
-    # Normalisation constants
+    bias_norm_eps: float = 0.5  # the bias update's normaliser (reference)
+    # Constants nobody tunes, kept here (not in code) so each has one named value that
+    # exported rules record with their sizes (docs/rule.md).
     rule_bn_eps: float = 1e-3  # batch norm inside the rule
     base_bn_eps: float = 1e-6  # batch norm of the base model
     # Inner optimisation
     inner_lr: float = 3e-4  # paper 3e-4, reference 1e-4
     # Base-model initialisation
-    init_w_std: float = 0.01
+    init_w_std: float = 0.01  # phi_0 ~ N(0, std^2) (reference)
     init_b_std: float = 0.1
     # theta initialisation scale for the rule's convs and linears (fan-in scaled)
     theta_init_scale: float = 1.0
@@ -263,7 +264,7 @@ class UnrollConfig:
     estimator: Estimator = "truncated"
     perturbation_std: float = 0.01
     pairs: int = 4
-    variance_decay: float = 0.9
+    variance_decay: float = 0.9  # the hybrid's EMA (Metz et al. 2019's value)
 
     def __post_init__(self):
         check_choices(self, "unroll")

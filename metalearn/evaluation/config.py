@@ -50,7 +50,7 @@ class DataConfig:
     shots: int = 10
     test_size: int = 1000
     pool_size: int = 10000
-    split_seed: int = 0
+    split_seed: int = 0  # the train/validation/test split of a dataset; fixed so scores compare
 
     def __post_init__(self):
         if self.image_size not in (0, *IMAGE_SIZES):

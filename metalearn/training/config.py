@@ -41,6 +41,7 @@ class LearnerConfig:
     lr_values: tuple[float, ...] = (3e-4, 1e-4, 2e-5)
     lr_boundaries: tuple[int, ...] = (100_000, 150_000)
     clip_norm: float = 5.0  # global-norm clip of the averaged meta-gradient
+    # Adam's constants, optax's defaults; named so a run's config.yaml records them.
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
