@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn.core.config import ConfigError, UnrollConfig
+from metalearn.core.config import ConfigError, EstimatorConfig, UnrollConfig
 from metalearn.core.estimators import (VarianceStats, build_estimator, ema_update,
                                        inverse_variance_weight, make_estimator)
 from metalearn.core.unroll import TruncationBatch
@@ -98,15 +98,15 @@ def test_truncated_backprop_is_biased_and_pes_is_not():
     exact = np.asarray(jax.grad(full_objective)(THETA, problem, c, LENGTHS, PHI0)["a"])
 
     tasks = 64
-    truncated = build_estimator(problem, UnrollConfig(estimator="truncated"), N, tasks)
+    truncated = build_estimator(problem, UnrollConfig(), EstimatorConfig("truncated"), N, tasks)
     tbptt = run_task(truncated, c, LENGTHS, PHI0, list(range(tasks)), tasks)
     # Deterministic: every task gives the same truncated gradient, far from the truth.
     np.testing.assert_allclose(tbptt, np.broadcast_to(tbptt[0], tbptt.shape), rtol=1e-5)
     bias = np.abs(tbptt[0] - exact)
     assert np.all(bias > 0.3 * np.abs(exact)), (tbptt[0], exact)
 
-    pes = build_estimator(problem, UnrollConfig(estimator="pes", perturbation_std=0.05,
-                                                pairs=32), N, tasks)
+    pes = build_estimator(problem, UnrollConfig(),
+                          EstimatorConfig("pes", perturbation_std=0.05, pairs=32), N, tasks)
     mean, se = mean_and_se(run_task(pes, c, LENGTHS, PHI0, list(range(tasks)), tasks))
     assert np.all(np.abs(mean - exact) < 4 * se), (mean, exact, se)
     # ... and the comparison has the power to see truncated backprop's bias.
@@ -133,8 +133,8 @@ def test_es_matches_the_gradient_of_the_smoothed_loss():
     want = np.asarray(jax.grad(smoothed)(THETA)["a"])
     unsmoothed = np.asarray(jax.grad(plain)(THETA)["a"])
     tasks = 128
-    es = build_estimator(problem, UnrollConfig(estimator="es", perturbation_std=sigma,
-                                               pairs=32), N, tasks)
+    es = build_estimator(problem, UnrollConfig(),
+                         EstimatorConfig("es", perturbation_std=sigma, pairs=32), N, tasks)
     mean, se = mean_and_se(run_task(es, c, (steps,), PHI0, list(range(tasks)), tasks))
     assert np.all(np.abs(mean - want) < 4 * se), (mean, want, se)
     # Smoothing matters at this sigma: the plain gradient is many standard errors away.
@@ -143,7 +143,7 @@ def test_es_matches_the_gradient_of_the_smoothed_loss():
 
 def test_pes_restarts_its_accumulator_with_each_task_and_es_has_none():
     problem = Linear("quadratic")
-    pes = build_estimator(problem, UnrollConfig(estimator="pes", pairs=2), N)
+    pes = build_estimator(problem, UnrollConfig(), EstimatorConfig("pes", pairs=2), N)
     state = pes.init(0, PHI0)
     assert state.accumulator.shape == (2, N) and not np.any(state.accumulator)
     assert jax.tree.leaves(state.particles)[0].shape == (4, N)
@@ -154,7 +154,7 @@ def test_pes_restarts_its_accumulator_with_each_task_and_es_has_none():
     assert np.linalg.norm(state.accumulator) > np.linalg.norm(first) > 0
     assert float(estimate.metrics["xi_norm"]) > 0
     assert not np.any(pes.init(1, PHI0).accumulator)
-    es_state = build_estimator(problem, UnrollConfig(estimator="es"), N).init(0, PHI0)
+    es_state = build_estimator(problem, UnrollConfig(), EstimatorConfig("es"), N).init(0, PHI0)
     assert es_state.accumulator is None and es_state.particles is None
 
 
@@ -166,7 +166,8 @@ def test_every_estimator_reports_the_center_loss_and_advances_phi_alike():
     results, grads = {}, {}
     for name, method in [("truncated", "stepwise"), ("truncated", "scan"), ("es", "auto"),
                          ("pes", "auto"), ("hybrid", "stepwise"), ("hybrid", "scan")]:
-        est = build_estimator(problem, UnrollConfig(estimator=name, pairs=2, method=method), N)
+        est = build_estimator(problem, UnrollConfig(method=method),
+                              EstimatorConfig(name, pairs=2), N)
         estimate, state = est(THETA, est.init(0, PHI0), batch_of(c))
         results[name, method] = (float(estimate.loss), np.asarray(state.params),
                                  np.asarray(estimate.step_losses))
@@ -186,13 +187,14 @@ def test_perturbations_stay_off_frozen_entries():
     problem = Linear("quadratic")
     keep = np.asarray([1.0, 0.0, 1.0])
     for name in ("es", "pes", "hybrid"):
-        est = build_estimator(problem, UnrollConfig(estimator=name, pairs=4), N,
+        est = build_estimator(problem, UnrollConfig(), EstimatorConfig(name, pairs=4), N,
                               trainable=keep)
         estimate, _ = est(THETA, est.init(3, PHI0), batch_of(targets(2)))
         assert float(estimate.grad["a"][1]) == 0.0, name
         assert float(jnp.abs(estimate.grad["a"][0])) > 0, name
     with pytest.raises(ConfigError, match="trainable mask"):
-        build_estimator(problem, UnrollConfig(estimator="es"), N, trainable=np.ones(2))
+        build_estimator(problem, UnrollConfig(), EstimatorConfig("es"), N,
+                        trainable=np.ones(2))
 
 
 def test_online_variance_and_inverse_variance_weights():
@@ -221,8 +223,8 @@ def test_hybrid_weights_move_towards_the_lower_variance_component():
     in 3 dims: the weight of backprop rises well above the starting 0.5; the stats are
     carried from one task to the next."""
     problem = Linear("quadratic")
-    hybrid = build_estimator(problem, UnrollConfig(estimator="hybrid", pairs=1,
-                                                   perturbation_std=0.1), N)
+    hybrid = build_estimator(problem, UnrollConfig(),
+                             EstimatorConfig("hybrid", perturbation_std=0.1, pairs=1), N)
     state = hybrid.init(0, PHI0)
     c = targets(2)
     weights = []
@@ -238,11 +240,13 @@ def test_hybrid_weights_move_towards_the_lower_variance_component():
 
 def test_make_estimator_on_the_rule_checks_shapes_and_names():
     from metalearn.core.config import RuleConfig
-    with pytest.raises(ConfigError, match="unroll.estimator"):
-        UnrollConfig(estimator="reinforce")
-    with pytest.raises(ConfigError, match="unroll.pairs"):
-        UnrollConfig(pairs=0)
-    with pytest.raises(ConfigError, match="unroll.perturbation_std"):
-        UnrollConfig(perturbation_std=-1.0)
-    est = make_estimator("relu", RuleConfig.small(), unroll=UnrollConfig(estimator="pes"))
+    with pytest.raises(ConfigError, match="estimator.kind"):
+        EstimatorConfig("reinforce")
+    with pytest.raises(ConfigError, match="estimator.pairs"):
+        EstimatorConfig(pairs=0)
+    with pytest.raises(ConfigError, match="estimator.perturbation_std"):
+        EstimatorConfig(perturbation_std=-1.0)
+    with pytest.raises(ConfigError, match="unroll.method"):
+        UnrollConfig(method="adjoint")
+    est = make_estimator("relu", RuleConfig.small(), estimator=EstimatorConfig("pes"))
     assert est.name == "pes" and est.theta_size > 1000

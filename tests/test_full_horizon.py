@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn.core.config import ConfigError, HorizonConfig, UnrollConfig
+from metalearn.core.config import ConfigError, EstimatorConfig, HorizonConfig, UnrollConfig
 from metalearn.core.estimators import build_estimator
 from metalearn.core.full_horizon import (FullHorizonES, GuideState, HorizonData,
                                          evaluation_points, fitness_of)
@@ -67,8 +67,8 @@ def estimator(name="es_full", pairs=16, sigma=0.1, trainable=None, **horizon):
     # test_a_vmapped_population_and_a_looped_one_give_the_same_numbers): 30x fewer
     # dispatches for the hundreds of estimates these tests average.
     horizon.setdefault("population", "vmap")
-    return FullHorizonES(Linear(), THETA, UnrollConfig(estimator=name, pairs=pairs,
-                                                       perturbation_std=sigma),
+    return FullHorizonES(Linear(), THETA, EstimatorConfig(name, perturbation_std=sigma,
+                                                          pairs=pairs),
                          HorizonConfig(**horizon), trainable)
 
 
@@ -111,8 +111,8 @@ def test_es_full_variance_stays_flat_with_the_horizon_while_pes_grows():
 
     def pes_var(steps, tasks=64):
         c = horizon_data(steps, 1, seed=3).pairs.c[0]
-        pes = build_estimator(Last(steps), UnrollConfig(estimator="pes", pairs=1,
-                                                        perturbation_std=0.1), N, tasks)
+        pes = build_estimator(Last(steps), UnrollConfig(),
+                              EstimatorConfig("pes", perturbation_std=0.1, pairs=1), N, tasks)
         state = pes.init(list(range(tasks)), jnp.broadcast_to(PHI0, (tasks, N)))
         total = 0.0
         for start in range(0, steps, 2):

@@ -106,7 +106,7 @@ def test_local_runner_evaluates_held_out_data_in_process(tmp_path, capsys):
                 assert row[f"eval/two_moons/w_growth@{h}"] > 0
         # every column is the learner's, a loss/<dataset>, a watched theta entry or the
         # evaluator's
-        assert set(row) <= {*LEARNER_COLUMNS, *estimator_columns(config.unroll.estimator),
+        assert set(row) <= {*LEARNER_COLUMNS, *estimator_columns(config.estimator.kind),
                             "loss/digits", *THETA_COLUMNS, *config.evaluator.columns()}
     # The progress line showed the long-horizon result once there was one.
     assert "| tm@3 " in capsys.readouterr().err

@@ -177,7 +177,7 @@ def test_estimators_train_on_a_fake_multinode_cluster(no_ray, tmp_path, estimato
         # A generous time limit: the step limit ends the run (compiles are slow on a
         # busy machine).
         config = tiny_config(tmp_path, run={"steps": 3, "minutes": 20.0},
-                             unroll={"estimator": estimator, "pairs": 2},
+                             estimator={"kind": estimator, "pairs": 2},
                              worker={"num_workers": 2, "batch_size": 8,
                                      "tasks_per_worker": 2},
                              learner={"meta_batch": 4})

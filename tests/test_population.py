@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metalearn.core.config import ConfigError, HorizonConfig, UnrollConfig
+from metalearn.core.config import ConfigError, EstimatorConfig, HorizonConfig
 from metalearn.core.full_horizon import FullHorizonES, HorizonData, evaluation_points
 from metalearn.core.population import PopulationData, PopulationProgram
 from metalearn.training.config import LearnerConfig, CurriculumConfig
@@ -28,9 +28,9 @@ AT = evaluation_points(STEPS, POINTS)
 
 def program(shaping="none", fitness="mean", learner=LearnerConfig(meta_batch=2),
             trainable=None, tasks_axis="auto"):
-    unroll = UnrollConfig(estimator="es_full", pairs=PAIRS, perturbation_std=SIGMA)
+    estimator = EstimatorConfig("es_full", perturbation_std=SIGMA, pairs=PAIRS)
     horizon = HorizonConfig(steps=STEPS, points=POINTS, shaping=shaping, fitness=fitness)
-    return PopulationProgram(Linear(), THETA, unroll, horizon, make_optimizer(learner), AT,
+    return PopulationProgram(Linear(), THETA, estimator, horizon, make_optimizer(learner), AT,
                              trainable=trainable, tasks_axis=tasks_axis)
 
 
@@ -64,7 +64,7 @@ def test_one_task_estimate_equals_full_horizon_es_with_the_same_perturbations(sh
     flat = jnp.concatenate([THETA["a"]])
     grad, fit, start, finite, metrics = jax.jit(prog.task_estimate)(flat, phi0, inner,
                                                                      pairs, key)
-    reference = FullHorizonES(Linear(), THETA, prog.layout.unroll,
+    reference = FullHorizonES(Linear(), THETA, prog.layout.config,
                               HorizonConfig(steps=STEPS, points=POINTS, shaping=shaping,
                                             fitness=fitness, population="vmap"))
     reference.perturbations = lambda seed, guide=None: eps_of(prog, key)
@@ -141,7 +141,7 @@ def test_limit_and_a_nonfinite_task_leave_theta_as_the_learner_would():
 
 def test_the_program_refuses_a_truncation_estimator_and_mismatched_runs():
     with pytest.raises(ConfigError, match="es_full"):
-        PopulationProgram(Linear(), THETA, UnrollConfig(estimator="truncated"),
+        PopulationProgram(Linear(), THETA, EstimatorConfig("truncated"),
                           HorizonConfig(steps=STEPS, points=POINTS),
                           make_optimizer(LearnerConfig()), AT)
     prog = program()
@@ -152,7 +152,7 @@ def test_the_program_refuses_a_truncation_estimator_and_mismatched_runs():
 
 
 def population_config(tmp_path, **run):
-    return tiny_config(tmp_path, unroll={"estimator": "es_full", "pairs": 2,
+    return tiny_config(tmp_path, estimator={"kind": "es_full", "pairs": 2,
                                          "perturbation_std": 0.3},
                        horizon={"steps": 6, "points": 2, "inner_lr": 0.03},
                        learner={"trainable": ["merge_w"], "meta_batch": 2,
@@ -317,14 +317,14 @@ jax.config.update("jax_num_cpu_devices", 2)
 sys.path.insert(0, sys.argv[1])
 import jax.numpy as jnp
 import numpy as np
-from metalearn.core.config import ConfigError, HorizonConfig, UnrollConfig
+from metalearn.core.config import ConfigError, EstimatorConfig, HorizonConfig
 from metalearn.core.population import PopulationData, PopulationProgram
 from metalearn.training.config import LearnerConfig
 from metalearn.training.learner import make_optimizer
 import test_population as tp
 
 config = LearnerConfig(meta_batch=4, lr_values=(0.05,), lr_boundaries=(), clip_norm=1.0)
-unroll = UnrollConfig(estimator="es_full", pairs=tp.PAIRS, perturbation_std=tp.SIGMA)
+unroll = EstimatorConfig("es_full", perturbation_std=tp.SIGMA, pairs=tp.PAIRS)
 horizon = HorizonConfig(steps=tp.STEPS, points=tp.POINTS)
 flat = np.asarray(tp.THETA["a"], np.float32)
 data = tp.population_data(3, 4, seed=5)

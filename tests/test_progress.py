@@ -23,5 +23,5 @@ def test_long_horizon_text_picks_the_first_dataset_and_the_largest_horizon():
 def test_unroll_text_names_what_a_task_runs():
     row = {"unroll_min": 2, "unroll_max": 4}
     assert unroll_text(load_config("local"), row) == "T 100"  # es_full: whole runs
-    truncated = load_config("local", ["unroll.estimator=truncated"])
+    truncated = load_config("local", ["estimator.kind=truncated"])
     assert unroll_text(truncated, row) == "U 2-4"

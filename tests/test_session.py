@@ -56,12 +56,12 @@ def test_changed_config_is_refused_with_the_keys_and_touches_nothing(tmp_path, c
     _, run = fake_run(tmp_path)
     before = folder_hashes(run.path)
     argv = ["train", "--resume", run.path, "--set", "learner.meta_batch=4",
-            "--set", "unroll.estimator=pes", "--set", "curriculum.unroll_end=[2,3]"]
+            "--set", "estimator.kind=pes", "--set", "curriculum.unroll_end=[2,3]"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("metalearn: error: cannot resume"), err
     assert "learner.meta_batch 2 -> 4" in err
-    assert "unroll.estimator 'truncated' -> 'pes'" in err
+    assert "estimator.kind 'truncated' -> 'pes'" in err
     assert "curriculum.unroll_end [2, 2] -> [2, 3]" in err
     assert "--allow-config-change" in err and os.path.join(run.path, "configs") in err
     assert folder_hashes(run.path) == before

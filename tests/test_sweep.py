@@ -250,9 +250,9 @@ def test_estimator_sweep_gives_every_estimator_the_same_seeds_and_budget():
 
     spec = load_spec(os.path.join(ROOT, "experiments", "sweeps", "estimators.yaml"))
     trials = [(e, s) for e in ESTIMATORS for s in (0, 1)]
-    configs = {t: trial_config(spec, {"unroll.estimator": t[0], "learner.seed": t[1]})
+    configs = {t: trial_config(spec, {"estimator.kind": t[0], "learner.seed": t[1]})
                for t in trials}
-    assert {c.unroll.estimator for c in configs.values()} == set(ESTIMATORS)
+    assert {c.estimator.kind for c in configs.values()} == set(ESTIMATORS)
     # Only the estimator and the seed differ between trials.
     for (estimator, seed), config in configs.items():
         base = configs[("truncated", seed)]

@@ -49,13 +49,21 @@ def test_unknown_names_and_keys_are_clear(tmp_path):
         load_config("local", ["learner.meta_bach=3"])
 
 
+def test_estimator_keys_left_in_unroll_name_their_new_place():
+    with pytest.raises(ConfigError, match=r"unroll.estimator is now estimator.kind"):
+        load_config("local", ["unroll.estimator=pes"])
+    with pytest.raises(ConfigError, match=r"unroll.pairs is now estimator.pairs"):
+        load_config("local", ["unroll.pairs=3"])
+    assert load_config("local", ["estimator.pairs=3"]).estimator.pairs == 3
+
+
 def test_gpu_config_is_the_local_science_sized_for_population_workers():
     from metalearn.distributed.actors import thread_env
     from metalearn.distributed.driver import default_worker_count
 
     gpu, local = load_config("gpu"), load_config("local")
     assert "gpu" in packaged_names()
-    assert gpu.unroll.estimator == "es_full" and gpu.worker.tasks_per_worker == 16
+    assert gpu.estimator.kind == "es_full" and gpu.worker.tasks_per_worker == 16
     assert gpu.worker.gpus_per_worker == 1.0 and gpu.worker.num_workers == 0
     assert (gpu.evaluator, gpu.learner.trainable) == (local.evaluator, local.learner.trainable)
     # One worker per GPU of the cluster (not per CPU), preallocation off in its env.
@@ -65,4 +73,4 @@ def test_gpu_config_is_the_local_science_sized_for_population_workers():
     assert thread_env(2, 1.0)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in thread_env(1)
     with pytest.raises(ConfigError, match="guided_es"):
-        load_config("gpu", ["unroll.estimator=guided_es"])
+        load_config("gpu", ["estimator.kind=guided_es"])

@@ -179,7 +179,7 @@ def test_one_program_estimator_equals_the_stepwise_driver_on_the_rule():
     phis = [init_params(k, arch) for k in keys]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *phis)
     estimator = make_estimator("swish", MICRO, OBJECTIVE,
-                               UnrollConfig(estimator="truncated", method="scan",
+                               UnrollConfig(method="scan",
                                             scan_buckets=(4,)),
                                num_tasks=2)
     assert estimator.backprop_driver == "scan" and estimator._stepwise is None

@@ -191,7 +191,7 @@ def test_every_estimator_runs_on_a_vmapped_worker(setup, estimator):
     config, theta = setup
     frozen = ("merge_w.w:hebb",)
     configs = {name: dataclasses.replace(
-        config, unroll=dataclasses.replace(config.unroll, estimator=name, pairs=2),
+        config, estimator=dataclasses.replace(config.estimator, kind=name, pairs=2),
         worker=dataclasses.replace(config.worker, tasks_per_worker=2),
         learner=dataclasses.replace(config.learner, frozen=frozen))
         for name in ("truncated", estimator)}
@@ -234,8 +234,8 @@ def test_full_horizon_worker_scores_whole_tasks_on_the_trainable_subspace(setup,
 
     config, theta = setup
     cfg = dataclasses.replace(
-        config, unroll=dataclasses.replace(config.unroll, estimator=estimator, pairs=2,
-                                           perturbation_std=0.3),
+        config, estimator=dataclasses.replace(config.estimator, kind=estimator, pairs=2,
+                                              perturbation_std=0.3),
         horizon=HorizonConfig(steps=6, inner_lr=0.03, points=3, fitness="final",
                               surrogate_steps=2),
         learner=dataclasses.replace(config.learner, trainable=("merge_w",)))

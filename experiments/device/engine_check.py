@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from metalearn.core import bench
 from metalearn.core.base_model import Architecture, init_params
-from metalearn.core.config import MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.config import EstimatorConfig, MetaObjectiveConfig, RuleConfig, UnrollConfig
 from metalearn.core.estimators import make_estimator
 from metalearn.core.unroll import make_meta_gradient
 from metalearn.core.update_rule import init_theta
@@ -91,8 +91,8 @@ def run(smoke: bool, steps: int, tasks_list: tuple[int, ...], es_pairs: int,
     for tasks in tasks_list:
         try:
             estimator = make_estimator(arch.activation, rule, objective,
-                                       UnrollConfig(estimator="truncated", method="scan",
-                                                    remat=True, scan_buckets=(steps,)),
+                                       UnrollConfig(method="scan", remat=True,
+                                                    scan_buckets=(steps,)),
                                        num_tasks=tasks)
             state = estimator.init(list(range(tasks)), _stack(params, tasks))
             data = _stack(one, tasks)
@@ -112,9 +112,8 @@ def run(smoke: bool, steps: int, tasks_list: tuple[int, ...], es_pairs: int,
     calls = -(-update_pairs // (es_pairs * es_tasks))
     try:
         estimator = make_estimator(arch.activation, rule, objective,
-                                   UnrollConfig(estimator="es", pairs=es_pairs,
-                                                perturbation_std=0.01,
-                                                scan_buckets=(steps,)),
+                                   UnrollConfig(scan_buckets=(steps,)),
+                                   EstimatorConfig("es", perturbation_std=0.01, pairs=es_pairs),
                                    num_tasks=es_tasks)
         data = _stack(one, es_tasks)
 

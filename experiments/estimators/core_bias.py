@@ -34,7 +34,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import init_params
-from metalearn.core.config import UnrollConfig
+from metalearn.core.config import EstimatorConfig, UnrollConfig
 from metalearn.core.estimators import make_estimator
 from metalearn.core.theta import theta_spec
 from metalearn.training.config import load_config
@@ -77,8 +77,9 @@ def main(argv=None) -> int:
         params = init_params(jax.random.key(seed), task.arch, w_std=rule.init_w_std,
                              b_std=rule.init_b_std)
         estimators = {name: make_estimator(task.arch.activation, rule, objective,
-                                           UnrollConfig(estimator=name, pairs=args.pairs,
-                                                        perturbation_std=args.sigma),
+                                           UnrollConfig(),
+                                           EstimatorConfig(name, perturbation_std=args.sigma,
+                                                           pairs=args.pairs),
                                            trainable=core.astype(np.float32))
                       for name in ("truncated", "pes")}
         states = {name: est.init(seed, params) for name, est in estimators.items()}

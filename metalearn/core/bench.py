@@ -34,7 +34,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import Architecture, init_params
-from metalearn.core.config import HorizonConfig, MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.config import (EstimatorConfig, HorizonConfig, MetaObjectiveConfig, RuleConfig,
+                                   UnrollConfig)
 from metalearn.core.estimators import make_estimator, masked_scan
 from metalearn.core.full_horizon import FullHorizonES, HorizonData, evaluation_points
 from metalearn.core.meta_objective import LabelledPair, make_targets
@@ -307,8 +308,8 @@ def measure_estimators(*, small: bool = True, unroll: int = 6, pairs: int = 4,
     reference = None
     for label, name, matmul in runs:
         log(f"  {label} ...")
-        estimator = make_estimator(arch.activation, rule, objective,
-                                   UnrollConfig(estimator=name, pairs=pairs))
+        estimator = make_estimator(arch.activation, rule, objective, UnrollConfig(),
+                                   EstimatorConfig(name, pairs=pairs))
         if hasattr(estimator, "matmul_convs"):
             estimator.matmul_convs = matmul  # read when its particle step is traced
         state = estimator.init(0, params)
@@ -425,8 +426,8 @@ def measure_population(*, pairs: int = 2, steps: int = 20, batch: int = 128,
     for mode in ("loop", "vmap"):
         log(f"  {mode} ...")
         estimator = FullHorizonES(Problem(arch.activation, rule, objective), theta,
-                                  UnrollConfig(estimator="es_full", pairs=pairs,
-                                               perturbation_std=0.3),
+                                  EstimatorConfig("es_full", perturbation_std=0.3,
+                                                  pairs=pairs),
                                   HorizonConfig(steps=steps, points=2, population=mode),
                                   trainable)
 
@@ -445,8 +446,7 @@ def measure_population(*, pairs: int = 2, steps: int = 20, batch: int = 128,
     k, m = meta_steps, tasks
     log(f"  program ({k} meta-steps x {m} tasks per call) ...")
     program = PopulationProgram(Problem(arch.activation, rule, objective), theta,
-                                UnrollConfig(estimator="es_full", pairs=pairs,
-                                             perturbation_std=0.3),
+                                EstimatorConfig("es_full", perturbation_std=0.3, pairs=pairs),
                                 HorizonConfig(steps=steps, points=2), optax.adam(1e-3), at,
                                 trainable=trainable)
 

@@ -23,12 +23,12 @@ import jax
 from metalearn.core.config_io import (ConfigError, check_choices, from_dict,  # noqa: F401
                                       to_dict)  # (ConfigError, from_dict, to_dict: re-exported)
 
-__all__ = ["ACTIVATIONS", "ESTIMATORS", "PLANE_NAMES", "ConfigError", "HorizonConfig",
-           "MetaObjectiveConfig", "RuleConfig", "UnrollConfig",
-           "from_dict", "to_dict"]
+__all__ = ["ACTIVATIONS", "ESTIMATORS", "PLANE_NAMES", "ConfigError", "EstimatorConfig",
+           "HorizonConfig", "MetaObjectiveConfig", "RuleConfig", "UnrollConfig", "from_dict",
+           "to_dict"]
 
 
-# Meta-gradient estimators (``UnrollConfig.estimator``; metalearn.core.estimators).
+# Meta-gradient estimators (``EstimatorConfig.kind``; metalearn.core.estimators).
 # The last two score a perturbation over a whole inner run (metalearn.core.full_horizon).
 Estimator = Literal["truncated", "es", "pes", "hybrid", "es_full", "guided_es"]
 ESTIMATORS: tuple[str, ...] = typing.get_args(Estimator)
@@ -214,69 +214,32 @@ class HorizonConfig:
 
 @dataclasses.dataclass(frozen=True)
 class UnrollConfig:
-    """How a truncation's meta-gradient is computed (docs/rule.md, docs/estimators.md).
+    """How a truncation is differentiated (docs/estimators.md; which estimator runs is
+    ``EstimatorConfig``).
 
-    The four truncation estimators (``estimator`` below) each run a whole truncation
-    as one compiled ``lax.scan`` over its steps, vmapped over tasks
-    (``metalearn.core.estimators``); U is padded to the next of ``scan_buckets`` and the
-    padded steps are skipped, so each (architecture, bucket) compiles once. Truncated
-    backprop (``truncated``, the hybrid's first half) is inside that program when
-    ``method`` resolves to ``scan`` and computed by the stepwise driver before it when
-    it resolves to ``stepwise`` (the CPU default).
+    Each truncation estimator runs a whole truncation as one compiled ``lax.scan``,
+    vmapped over tasks; U is padded to the next of ``scan_buckets`` (the padded steps are
+    skipped), so each (architecture, bucket) compiles once.
 
-    method, residuals: how ``metalearn.core.unroll.MetaGradient`` (the reference
-    truncated gradient, and guided ES's surrogate) differentiates:
+    method, residuals: how truncated backprop (``metalearn.core.unroll.MetaGradient``,
+    also guided ES's surrogate) differentiates:
       ``auto`` (default): ``stepwise`` on CPU, ``scan`` on GPU/TPU.
-      ``stepwise``: one jitted inner step (+ meta-objective) forward and its
-        jitted VJP driven backwards from Python; compiles once for every U.
+      ``stepwise``: one jitted inner step forward and its jitted VJP driven backwards from
+        Python; compiles once for every U. ``residuals`` (stepwise only): ``store`` every
+        step's VJP residuals or ``recompute`` each step's forward (memory of one step).
       ``scan``: the whole truncation in one ``lax.scan`` under ``jax.grad``.
-      residuals (stepwise only): ``store`` every step's VJP residuals, or
-        ``recompute`` each step's forward in the backward sweep (memory of one step).
-    remat: ``jax.checkpoint`` the scan body of truncated backprop (``scan``, and the
-      estimators' programs under ``method: scan``): memory of one step for long unrolls
-      or many tasks; on XLA's CPU backend also faster than storing every step's
-      residuals in the loop (1.1 s against 1.7 s at U = 8; docs/estimators.md).
-
-    estimator: what a truncation's gradient estimates (docs/estimators.md):
-      ``truncated`` (default, the paper's): backprop through the truncation's U steps,
-        phi at its start held constant. Biased towards gains within a truncation.
-      ``es``: antithetic evolution strategies over the truncation: ``pairs`` pairs of
-        perturbations theta +- eps, eps ~ N(0, perturbation_std^2), from the same phi.
-        Estimates the gradient of the Gaussian-smoothed truncated loss; forwards only.
-      ``pes``: persistent ES (Vicol et al. 2021): each +- particle keeps its own phi
-        for the whole task and the perturbations are accumulated, so the estimate is
-        an unbiased gradient of the smoothed loss of the whole inner run so far.
-      ``hybrid``: truncated backprop and ES combined with weights inversely
-        proportional to their variances, estimated online (Metz et al. 2019).
-      ``es_full`` / ``guided_es``: one antithetic perturbation held for a whole inner run
-        of ``horizon.steps`` steps, scored by the meta-objective over the run
-        (``metalearn.core.full_horizon``; ``HorizonConfig``).
-    perturbation_std, pairs: the ES family's sigma and number of antithetic pairs.
-    variance_decay: the hybrid's exponential moving average of each component's
-      variance (per worker, kept across tasks).
+    remat: ``jax.checkpoint`` the scan body (memory of one step; on XLA:CPU also faster).
+    scan_unroll: fully unroll the scan (fast on CPU, long compiles).
     """
 
     method: Literal["auto", "stepwise", "scan"] = "auto"
     residuals: Literal["recompute", "store"] = "store"
-    scan_unroll: bool = False  # fully unroll the scan (fast on CPU, long compiles)
+    scan_unroll: bool = False
     remat: bool = False
     scan_buckets: tuple[int, ...] = (4, 8, 16)
-    estimator: Estimator = "truncated"
-    perturbation_std: float = 0.01
-    pairs: int = 4
-    variance_decay: float = 0.9  # the hybrid's EMA (Metz et al. 2019's value)
 
     def __post_init__(self):
         check_choices(self, "unroll")
-        if not (isinstance(self.perturbation_std, (int, float))
-                and math.isfinite(self.perturbation_std) and self.perturbation_std > 0):
-            raise ConfigError(f"unroll.perturbation_std must be a positive number, got "
-                              f"{self.perturbation_std!r}")
-        if not isinstance(self.pairs, int) or isinstance(self.pairs, bool) or self.pairs < 1:
-            raise ConfigError(f"unroll.pairs must be a positive integer, got {self.pairs!r}")
-        if not (isinstance(self.variance_decay, (int, float)) and 0 <= self.variance_decay < 1):
-            raise ConfigError(f"unroll.variance_decay must be in [0, 1), got "
-                              f"{self.variance_decay!r}")
         if not self.scan_buckets or any(int(b) <= 0 for b in self.scan_buckets):
             raise ConfigError(f"unroll.scan_buckets must be positive sizes, got "
                               f"{self.scan_buckets!r}")
@@ -298,3 +261,36 @@ class UnrollConfig:
             if num_steps <= size:
                 return size
         return num_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorConfig:
+    """What a truncation's meta-gradient estimates (docs/estimators.md).
+
+    kind: ``truncated`` (default, the paper's): backprop through the truncation's U
+      steps, phi at its start held constant; ``es``: antithetic evolution strategies over
+      the truncation (``pairs`` pairs theta +- eps, eps ~ N(0, perturbation_std^2));
+      ``pes``: persistent ES (Vicol et al. 2021), unbiased over the inner run so far;
+      ``hybrid``: truncated backprop and ES weighted by inverse variances, estimated
+      online with an EMA of ``variance_decay`` (Metz et al. 2019); ``es_full`` /
+      ``guided_es``: one antithetic perturbation held for a whole inner run of
+      ``horizon.steps`` steps (``metalearn.core.full_horizon``).
+    """
+
+    kind: Estimator = "truncated"
+    perturbation_std: float = 0.01
+    pairs: int = 4
+    variance_decay: float = 0.9  # the hybrid's EMA (Metz et al. 2019's value)
+
+    def __post_init__(self):
+        check_choices(self, "estimator")
+        if not (isinstance(self.perturbation_std, (int, float))
+                and math.isfinite(self.perturbation_std) and self.perturbation_std > 0):
+            raise ConfigError(f"estimator.perturbation_std must be a positive number, got "
+                              f"{self.perturbation_std!r}")
+        if not isinstance(self.pairs, int) or isinstance(self.pairs, bool) or self.pairs < 1:
+            raise ConfigError(f"estimator.pairs must be a positive integer, got "
+                              f"{self.pairs!r}")
+        if not (isinstance(self.variance_decay, (int, float)) and 0 <= self.variance_decay < 1):
+            raise ConfigError(f"estimator.variance_decay must be in [0, 1), got "
+                              f"{self.variance_decay!r}")

@@ -2,7 +2,7 @@
 
 A task's inner run is cut into truncations; each estimator turns one truncation into
 an estimate of d(meta-loss)/d(theta) and carries its own per-task state from one
-truncation to the next. Four estimators share one interface (``UnrollConfig.estimator``):
+truncation to the next. Four estimators share one interface (``EstimatorConfig.kind``):
 
 ``truncated``: backprop through the U steps with phi at the truncation's start held
     constant (``metalearn.core.unroll.MetaGradient``, the paper's estimator). Low
@@ -69,7 +69,8 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from metalearn.core.base_model import BaseParams
-from metalearn.core.config import ConfigError, MetaObjectiveConfig, RuleConfig, UnrollConfig
+from metalearn.core.config import (ConfigError, EstimatorConfig, MetaObjectiveConfig, RuleConfig,
+                                   UnrollConfig)
 from metalearn.core.rule_layers import matmul_convs
 from metalearn.core.theta import theta_spec
 from metalearn.core.unroll import (MetaGradient, Problem, TruncationBatch, _all_finite,
@@ -209,18 +210,20 @@ class GradientEstimator:
     matmul_convs = True
     needs_backprop = False  # truncated backprop is part of the estimate
 
-    def __init__(self, problem, unroll: UnrollConfig, theta_size: int,
-                 num_tasks: int | None = None, trainable: np.ndarray | None = None):
+    def __init__(self, problem, unroll: UnrollConfig, estimator: EstimatorConfig,
+                 theta_size: int, num_tasks: int | None = None,
+                 trainable: np.ndarray | None = None):
         self.problem = problem
         self.unroll = unroll
+        self.config = estimator
         self.num_tasks = num_tasks
         self.theta_size = int(theta_size)
         if trainable is not None and np.shape(trainable) != (self.theta_size,):
             raise ConfigError(f"trainable mask of shape {np.shape(trainable)}; theta has "
                               f"{self.theta_size} parameters")
         self.trainable = None if trainable is None else jnp.asarray(trainable, jnp.float32)
-        self.sigma = float(unroll.perturbation_std)
-        self.pairs = int(unroll.pairs)
+        self.sigma = float(estimator.perturbation_std)
+        self.pairs = int(estimator.pairs)
 
         # Truncated backprop's driver: inside the program (``scan``), or the stepwise
         # ``MetaGradient`` before it (``stepwise``, the CPU default of ``method: auto``:
@@ -453,7 +456,7 @@ class Hybrid(GradientEstimator):
         _, total, _ = self._particles(theta, jnp.concatenate([eps, -eps]), phis, batch, mask)
         _, es_flat, spread = self._combine(theta, eps, total[:k], total[k:])
         flat_bp, unravel = ravel_pytree(g_bp)  # already masked to the trainable entries
-        decay = float(self.unroll.variance_decay)
+        decay = float(self.config.variance_decay)
         bp_stats = ema_update(state.stats[0], flat_bp, decay)
         es_stats = ema_update(state.stats[1], es_flat, decay)
         w = inverse_variance_weight(bp_stats, es_stats)
@@ -472,26 +475,28 @@ ESTIMATOR_CLASSES = {"truncated": TruncatedBackprop, "es": ES, "pes": PES, "hybr
 
 def make_estimator(activation: str, rule: RuleConfig = RuleConfig(),
                    objective: MetaObjectiveConfig = MetaObjectiveConfig(),
-                   unroll: UnrollConfig = UnrollConfig(), num_tasks: int | None = None,
+                   unroll: UnrollConfig = UnrollConfig(),
+                   estimator: EstimatorConfig = EstimatorConfig(), num_tasks: int | None = None,
                    trainable: np.ndarray | None = None) -> GradientEstimator:
-    """The estimator ``unroll.estimator`` names, for the rule on one activation.
+    """The estimator ``estimator.kind`` names, for the rule on one activation.
 
     trainable: [P] 0/1 mask of the theta entries the learner updates (the complement
     of ``learner.frozen``); perturbations are confined to them.
     """
-    return build_estimator(Problem(activation, rule, objective), unroll,
+    return build_estimator(Problem(activation, rule, objective), unroll, estimator,
                            theta_spec(rule).num_params, num_tasks, trainable)
 
 
-def build_estimator(problem, unroll: UnrollConfig, theta_size: int,
-                    num_tasks: int | None = None, trainable: np.ndarray | None = None
-                    ) -> GradientEstimator:
+def build_estimator(problem, unroll: UnrollConfig, estimator: EstimatorConfig,
+                    theta_size: int, num_tasks: int | None = None,
+                    trainable: np.ndarray | None = None) -> GradientEstimator:
     """``make_estimator`` for any problem with a ``step(theta, phi, x, pair)`` method
     and a theta of ``theta_size`` parameters."""
-    cls = ESTIMATOR_CLASSES.get(unroll.estimator)
+    cls = ESTIMATOR_CLASSES.get(estimator.kind)
     if cls is None:
-        raise ConfigError(f"unroll.estimator: unknown estimator {unroll.estimator!r}")
-    return cls(problem, unroll, theta_size, num_tasks, trainable)
+        raise ConfigError(f"estimator.kind: {estimator.kind!r} is not a truncation "
+                          f"estimator ({', '.join(ESTIMATOR_CLASSES)})")
+    return cls(problem, unroll, estimator, theta_size, num_tasks, trainable)
 
 
 __all__ = ["ES", "ESTIMATOR_CLASSES", "Estimate", "EstimatorState", "GradientEstimator",

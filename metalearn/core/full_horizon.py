@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from metalearn.core.config import ConfigError, HorizonConfig, UnrollConfig
+from metalearn.core.config import ConfigError, EstimatorConfig, HorizonConfig, UnrollConfig
 from metalearn.core.rule_layers import matmul_convs
 from metalearn.core.unroll import MetaGradient, TruncationBatch
 
@@ -130,16 +130,16 @@ class FullHorizonES:
     is a pytree shaped like ``theta_template``; ``trainable`` [P] bool (None: all).
     """
 
-    def __init__(self, problem, theta_template, unroll: UnrollConfig, horizon: HorizonConfig,
-                 trainable: np.ndarray | None = None):
-        if unroll.estimator not in FULL_HORIZON_ESTIMATORS:
-            raise ConfigError(f"unroll.estimator {unroll.estimator!r} is not a full-horizon "
+    def __init__(self, problem, theta_template, estimator: EstimatorConfig,
+                 horizon: HorizonConfig, trainable: np.ndarray | None = None):
+        if estimator.kind not in FULL_HORIZON_ESTIMATORS:
+            raise ConfigError(f"estimator.kind {estimator.kind!r} is not a full-horizon "
                               f"estimator ({', '.join(FULL_HORIZON_ESTIMATORS)})")
-        self.problem, self.unroll, self.horizon = problem, unroll, horizon
-        self.name = unroll.estimator
-        self.guided = unroll.estimator == "guided_es"
-        self.sigma = float(unroll.perturbation_std)
-        self.pairs = int(unroll.pairs)
+        self.problem, self.horizon, self.config = problem, horizon, estimator
+        self.name = estimator.kind
+        self.guided = estimator.kind == "guided_es"
+        self.sigma = float(estimator.perturbation_std)
+        self.pairs = int(estimator.pairs)
         flat, self._unravel = ravel_pytree(theta_template)
         self.theta_size = int(flat.size)
         mask = (np.ones(self.theta_size, bool) if trainable is None
@@ -338,9 +338,10 @@ class FullHorizonES:
         return GuideState(rows), cosine
 
 
-def make_full_horizon(problem, theta_template, unroll: UnrollConfig, horizon: HorizonConfig,
-                      trainable: np.ndarray | None = None) -> FullHorizonES:
-    return FullHorizonES(problem, theta_template, unroll, horizon, trainable)
+def make_full_horizon(problem, theta_template, estimator: EstimatorConfig,
+                      horizon: HorizonConfig, trainable: np.ndarray | None = None
+                      ) -> FullHorizonES:
+    return FullHorizonES(problem, theta_template, estimator, horizon, trainable)
 
 
 __all__ = ["FULL_HORIZON_ESTIMATORS", "METRIC_NAMES", "FullHorizonES", "GuideState", "HorizonData",

@@ -1,7 +1,7 @@
 """The population engine: K whole meta-steps of full-horizon ES in one compiled program.
 
 A meta-step of ``es_full`` (``metalearn.core.full_horizon``) takes M tasks, runs each
-task's 2P members (theta +- eps_p on the trainable entries, P = ``unroll.pairs``) for
+task's 2P members (theta +- eps_p on the trainable entries, P = ``estimator.pairs``) for
 the whole inner run from one phi_0 on common data, turns the members' fitnesses into a
 gradient estimate per task, averages the finite tasks' estimates and applies the
 learner's optax update. ``PopulationProgram`` compiles K such meta-steps as one
@@ -50,7 +50,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as Spec
 
-from metalearn.core.config import ConfigError, HorizonConfig, UnrollConfig
+from metalearn.core.config import ConfigError, EstimatorConfig, HorizonConfig
 from metalearn.core.full_horizon import FullHorizonES, fitness_of
 from metalearn.core.rule_layers import matmul_convs
 
@@ -149,18 +149,18 @@ class PopulationProgram:
     StepStats)``.
     """
 
-    def __init__(self, problem, theta_template, unroll: UnrollConfig, horizon: HorizonConfig,
+    def __init__(self, problem, theta_template, estimator: EstimatorConfig, horizon: HorizonConfig,
                  optimizer: optax.GradientTransformation, points: tuple[int, ...], *,
                  keep: np.ndarray | None = None, trainable: np.ndarray | None = None,
                  init_phi=None, tasks_axis: str = "auto", devices=None):
-        if unroll.estimator != "es_full":
-            raise ConfigError(f"the population engine runs unroll.estimator 'es_full'; got "
-                              f"{unroll.estimator!r} (use --runner local or ray for it)")
+        if estimator.kind != "es_full":
+            raise ConfigError(f"the population engine runs estimator.kind 'es_full'; got "
+                              f"{estimator.kind!r} (use --runner local or ray for it)")
         # FullHorizonES holds the flat layout, the trainable mask and which leaves get a
         # member axis; the program reuses them.
-        self.layout = FullHorizonES(problem, theta_template, unroll, horizon, trainable)
+        self.layout = FullHorizonES(problem, theta_template, estimator, horizon, trainable)
         self.problem, self.horizon, self.points = problem, horizon, tuple(points)
-        self.pairs, self.sigma = int(unroll.pairs), float(unroll.perturbation_std)
+        self.pairs, self.sigma = int(estimator.pairs), float(estimator.perturbation_std)
         size = self.layout.theta_size
         keep = np.ones(size, np.float32) if keep is None else np.asarray(keep, np.float32)
         if keep.shape != (size,):

@@ -418,7 +418,7 @@ REPORT_COLUMNS = ("trial_id", "restored_from", "restored_step", "worker_failures
 def reported_columns(config: TrainConfig) -> list[str]:
     """The columns every report of a trial with ``config`` carries (``loss/<dataset>``
     aside): the learner's row, the reporter's extras and the evaluator's columns."""
-    return [*LEARNER_COLUMNS, *estimator_columns(config.unroll.estimator), *REPORT_COLUMNS,
+    return [*LEARNER_COLUMNS, *estimator_columns(config.estimator.kind), *REPORT_COLUMNS,
             *config.evaluator.columns()]
 
 
@@ -436,7 +436,7 @@ def check_metric(metric: str, config: TrainConfig) -> None:
                     f"{list(ev.datasets)}, long_datasets {list(ev.long_names())}, "
                     f"horizons {list(ev.horizons)}, long_every {ev.long_every})")
     else:
-        columns = [*LEARNER_COLUMNS, *estimator_columns(config.unroll.estimator)]
+        columns = [*LEARNER_COLUMNS, *estimator_columns(config.estimator.kind)]
         hint = f"training rows have {', '.join(columns)} and loss/<dataset>"
     raise ConfigError(f"metric: {metric!r} is not a column the trials report; {hint}")
 

@@ -1,6 +1,6 @@
 """Typed configuration of a meta-training run (``metalearn train``).
 
-A ``TrainConfig`` nests the core configs (rule, meta-objective, unroll) with the
+A ``TrainConfig`` nests the core configs (rule, meta-objective, unroll, estimator) with the
 sections of the training system: learner, curriculum, worker, tasks and run. It is
 loaded from YAML: a packaged config by name (``local``, the default of ``metalearn
 train``, and ``paper``; they ship inside the package, so they work from any directory
@@ -24,8 +24,8 @@ import numpy as np
 import yaml
 
 from metalearn.core.theta import theta_spec
-from metalearn.core.config import (ACTIVATIONS, HorizonConfig, MetaObjectiveConfig, RuleConfig,
-                                   UnrollConfig)
+from metalearn.core.config import (ACTIVATIONS, EstimatorConfig, HorizonConfig,
+                                   MetaObjectiveConfig, RuleConfig, UnrollConfig)
 from metalearn.core.config_io import (ConfigError, apply_overrides, check_choices, from_dict,
                                       is_packaged_name, merge, read_yaml, resolve_config,
                                       to_dict)
@@ -251,8 +251,9 @@ class TrainConfig:
     rule_preset: Literal["paper", "small"] = "paper"
     rule: RuleConfig = RuleConfig()
     objective: MetaObjectiveConfig = MetaObjectiveConfig()
-    unroll: UnrollConfig = UnrollConfig()
-    # Whole inner runs of the full-horizon estimators (unroll.estimator es_full, guided_es)
+    unroll: UnrollConfig = UnrollConfig()  # how truncations are differentiated
+    estimator: EstimatorConfig = EstimatorConfig()  # which estimator makes the gradient
+    # Whole inner runs of the full-horizon estimators (estimator.kind es_full, guided_es)
     horizon: HorizonConfig = HorizonConfig()
     learner: LearnerConfig = LearnerConfig()
     curriculum: CurriculumConfig = CurriculumConfig()
@@ -265,8 +266,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.learner.frozen or self.learner.trainable:
             trainable_mask(self.rule, self.learner)  # selectors must name theta entries
-        if self.unroll.estimator == "guided_es" and self.worker.tasks_per_worker > 1:
-            raise ConfigError(f"worker.tasks_per_worker must be 1 with unroll.estimator "
+        if self.estimator.kind == "guided_es" and self.worker.tasks_per_worker > 1:
+            raise ConfigError(f"worker.tasks_per_worker must be 1 with estimator.kind "
                               f"guided_es (its surrogate subspace is per worker), got "
                               f"{self.worker.tasks_per_worker}; es_full takes T > 1 (a "
                               f"population worker)")
@@ -288,6 +289,10 @@ def trainable_mask(rule, learner: LearnerConfig) -> np.ndarray | None:
 
 
 DEFAULT_CONFIG = "local"  # the packaged local default (metalearn/configs/local.yaml)
+# Keys of the unroll section before the estimator got its own (2026-12-06).
+MOVED_TO_ESTIMATOR = {"estimator": "estimator.kind", "pairs": "estimator.pairs",
+                      "perturbation_std": "estimator.perturbation_std",
+                      "variance_decay": "estimator.variance_decay"}
 
 
 def config_from_dict(values: dict) -> TrainConfig:
@@ -302,6 +307,10 @@ def config_from_dict(values: dict) -> TrainConfig:
     if not isinstance(rule_values, dict):
         raise ConfigError("rule must be a mapping")
     base = RuleConfig.small() if preset == "small" else RuleConfig()
+    moved = sorted(set(values.get("unroll") or {}) & set(MOVED_TO_ESTIMATOR))
+    if moved:
+        raise ConfigError(f"unroll.{moved[0]} is now {MOVED_TO_ESTIMATOR[moved[0]]} (the "
+                          f"estimator has its own section; docs/estimators.md)")
     config = from_dict(TrainConfig, values)
     rule = from_dict(RuleConfig, {**to_dict(base), **rule_values}, "rule")
     return dataclasses.replace(config, rule=rule)

@@ -7,7 +7,6 @@ the run's clock.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import uuid

@@ -29,7 +29,7 @@ DISCARD_REASON = "discarded_reason"  # column of the rows in <run>/discarded/
 
 
 def estimator_columns(estimator: str) -> tuple[str, ...]:
-    """The ``est/<name>`` columns rows carry under ``unroll.estimator`` = estimator."""
+    """The ``est/<name>`` columns rows carry under ``estimator.kind`` = estimator."""
     names = (FULL_HORIZON_METRICS[estimator] if estimator in FULL_HORIZON_METRICS
              else ESTIMATOR_CLASSES[estimator].metric_names)
     return tuple(f"est/{name}" for name in names)

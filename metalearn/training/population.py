@@ -65,9 +65,9 @@ class PopulationWorkers(InProcessWorkers):
 def train_population(config: TrainConfig, run_dir, *, resume: bool = False,
                      mix: MixConfig | None = None, callbacks=()) -> RunSummary:
     """Run ``config`` with the population engine in this process (``--runner population``)."""
-    if config.unroll.estimator != "es_full":
-        raise ConfigError(f"--runner population runs unroll.estimator 'es_full'; the config "
-                          f"has {config.unroll.estimator!r}: use --runner local or ray")
+    if config.estimator.kind != "es_full":
+        raise ConfigError(f"--runner population runs estimator.kind 'es_full'; the config "
+                          f"has {config.estimator.kind!r}: use --runner local or ray")
     if config.worker.num_workers > 1:
         raise ConfigError(f"--runner population is one process (its program vectorises "
                           f"the tasks); worker.num_workers must be 0 or 1, got "

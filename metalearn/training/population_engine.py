@@ -134,9 +134,9 @@ class PopulationEngine:
     def __init__(self, config: TrainConfig, stream_seed: int, *, mix: MixConfig | None = None,
                  sampler: Any = None, index: int = 0, meta_steps: int | None = None,
                  tasks_per_step: int | None = None, devices=None):
-        if config.unroll.estimator != "es_full":
-            raise ConfigError(f"--runner population runs unroll.estimator 'es_full' (the "
-                              f"local default); got {config.unroll.estimator!r}: use "
+        if config.estimator.kind != "es_full":
+            raise ConfigError(f"--runner population runs estimator.kind 'es_full' (the "
+                              f"local default); got {config.estimator.kind!r}: use "
                               f"--runner local or ray for it")
         self.config = config
         self.meta_steps = int(meta_steps or config.worker.meta_steps)
@@ -187,7 +187,7 @@ class PopulationEngine:
             template = self.spec.unravel(jnp.zeros(self.spec.num_params, jnp.float32))
             init_phi = functools.partial(init_params, arch=arch, w_std=rule.init_w_std,
                                          b_std=rule.init_b_std)
-            program = PopulationProgram(problem, template, self.config.unroll,
+            program = PopulationProgram(problem, template, self.config.estimator,
                                         self.config.horizon, self.optimizer, self.points,
                                         keep=self.keep, trainable=self.trainable,
                                         init_phi=init_phi, devices=self.devices)

@@ -50,7 +50,7 @@ def unroll_text(config, row: dict) -> str:
     """What one worker task runs: ``U 2-4`` (truncations per unroll, the curriculum's
     range) for the truncated estimators, ``T 100`` (inner steps of one whole run) for the
     full-horizon ones, whose curriculum is unused."""
-    if config.unroll.estimator in FULL_HORIZON_ESTIMATORS:
+    if config.estimator.kind in FULL_HORIZON_ESTIMATORS:
         return f"T {config.horizon.steps}"
     return f"U {row['unroll_min']}-{row['unroll_max']}"
 

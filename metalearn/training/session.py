@@ -70,7 +70,7 @@ def _show(value: Any) -> str:
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
-    """``learner.meta_batch 4 -> 8, unroll.estimator 'truncated' -> 'pes'``."""
+    """``learner.meta_batch 4 -> 8, estimator.kind 'truncated' -> 'pes'``."""
     return ", ".join(f"{key} {_show(old)} -> {_show(new)}" for key, old, new in changes)
 
 

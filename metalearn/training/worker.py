@@ -96,11 +96,11 @@ class Worker:
         trainable = trainable_mask(config.rule, config.learner)
         self.trainable = None if trainable is None else trainable.astype(np.float32)
         self._shapes_seen: set = set()
-        self.full_horizon = config.unroll.estimator in FULL_HORIZON_ESTIMATORS
+        self.full_horizon = config.estimator.kind in FULL_HORIZON_ESTIMATORS
         # es_full with T > 1 tasks: a population worker (the population engine's compiled
         # estimate over T tasks' whole runs, one submission of their mean).
         self.population = None
-        if config.unroll.estimator == "es_full" and self.tasks_per_worker > 1:
+        if config.estimator.kind == "es_full" and self.tasks_per_worker > 1:
             self.population = PopulationEngine(config, stream_seed, sampler=self.sampler,
                                                index=index, meta_steps=1,
                                                tasks_per_step=self.tasks_per_worker)
@@ -140,7 +140,8 @@ class Worker:
         if estimator is None:
             tasks = self.tasks_per_worker if self.tasks_per_worker > 1 else None
             estimator = make_estimator(activation, self.config.rule, self.config.objective,
-                                       self.config.unroll, num_tasks=tasks,
+                                       self.config.unroll, self.config.estimator,
+                                       num_tasks=tasks,
                                        trainable=self.trainable)
             self._estimators[activation] = estimator
         return estimator
@@ -290,7 +291,7 @@ class Worker:
         estimator = self._estimators.get(activation)
         if estimator is None:
             problem = Problem(activation, self._horizon_rule(), self.config.objective)
-            estimator = FullHorizonES(problem, self.theta, self.config.unroll,
+            estimator = FullHorizonES(problem, self.theta, self.config.estimator,
                                       self.config.horizon,
                                       None if self.trainable is None else self.trainable > 0)
             self._estimators[activation] = estimator
