@@ -256,7 +256,7 @@ def test_estimator_sweep_gives_every_estimator_the_same_seeds_and_budget():
     # Only the estimator and the seed differ between trials.
     for (estimator, seed), config in configs.items():
         base = configs[("truncated", seed)]
-        assert dataclasses.replace(config, unroll=base.unroll) == base
+        assert dataclasses.replace(config, estimator=base.estimator) == base
     assert spec.scheduler.type == "fifo"  # no trial is stopped early
 
 
