@@ -3,13 +3,15 @@
 import math
 import sys
 
+from metalearn.training.runner import train
+from metalearn.training.session import Session
 from metalearn.training.metrics import read_metrics
 import pytest
 
 from metalearn.cli import main
 from metalearn.training.config import config_to_yaml
 from metalearn.training.export import load_export, load_theta
-from metalearn.training.local import train_local
+from metalearn.training.local import LOCAL
 from metalearn.training.metrics import LEARNER_COLUMNS, THETA_COLUMNS, estimator_columns
 from metalearn.training.progress import ProgressLine
 from metalearn.training.run_dir import RunDir
@@ -34,7 +36,7 @@ def one_worker_config(tmp_path, steps):
 def test_local_runner_trains_and_resumes_without_ray(tmp_path):
     config = one_worker_config(tmp_path, steps=3)
     run_dir = tmp_path / "run"
-    summary = train_local(config, run_dir)
+    summary = train(Session.of(config, run_dir), LOCAL)
     assert (summary.start_step, summary.final_step, summary.rows) == (0, 3, 3)
     assert summary.worker_failures == summary.worker_errors == summary.learner_restarts == 0
     rows = rows_of(run_dir)
@@ -43,7 +45,7 @@ def test_local_runner_trains_and_resumes_without_ray(tmp_path):
     assert RunDir(run_dir).checkpoint_steps()[-1] == 3
     assert load_theta(str(run_dir))[2] == 3
 
-    resumed = train_local(one_worker_config(tmp_path, steps=5), run_dir, resume=True)
+    resumed = train(Session.of(one_worker_config(tmp_path, steps=5), run_dir, resume=True), LOCAL)
     assert (resumed.start_step, resumed.final_step) == (3, 5)
     assert [r["step"] for r in rows_of(run_dir)] == [1, 2, 3, 4, 5]
 
@@ -60,11 +62,11 @@ def test_cli_runner_local(tmp_path):
 def test_local_and_ray_runners_give_the_same_rows(ray_session, tmp_path):
     """With one worker both runners apply the same gradients in the same order: the
     learner's seeds pick the task streams, so only timing columns may differ."""
-    from metalearn.distributed.driver import train
+    from metalearn.distributed.driver import RAY
 
     config = one_worker_config(tmp_path, steps=4)
-    train_local(config, tmp_path / "local")
-    train(config, tmp_path / "ray")
+    train(Session.of(config, tmp_path / "local"), LOCAL)
+    train(Session.of(config, tmp_path / "ray"), RAY)
     local, remote = rows_of(tmp_path / "local"), rows_of(tmp_path / "ray")
     assert set(local[0]) == set(remote[0])
     assert [r["step"] for r in local] == [r["step"] for r in remote] == [1, 2, 3, 4]
@@ -80,7 +82,7 @@ def test_local_runner_evaluates_held_out_data_in_process(tmp_path, capsys):
         "width": 8, "depth": 1, "steps": 2, "seeds": 1, "batch_size": 16, "test_size": 40,
         "horizons": [2, 3], "long_every": 3},
         run={"steps": 5, "minutes": 5.0}, worker={"num_workers": 1, "batch_size": 8})
-    train_local(config, tmp_path / "run", callbacks=[ProgressLine(0.0, sys.stderr)])
+    train(Session.of(config, tmp_path / "run"), LOCAL, callbacks=[ProgressLine(0.0, sys.stderr)])
     rows = rows_of(tmp_path / "run")
     # merged, not appended; step 0 is the start, measured first (a row of its own)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5]

@@ -13,6 +13,8 @@ import time
 import pytest
 import yaml
 
+from metalearn.training.runner import train
+from metalearn.training.session import Session
 from metalearn.training.config import config_to_yaml
 from metalearn.training.loop import Callback
 from metalearn.training.metrics import read_metrics
@@ -56,7 +58,7 @@ def node_of(actor) -> str:
 def test_node_lost_mid_run_workers_replaced_learner_intact(no_ray, tmp_path):
     from ray.cluster_utils import Cluster
 
-    from metalearn.distributed.driver import train
+    from metalearn.distributed.driver import RAY
 
     ray = no_ray
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -86,7 +88,7 @@ def test_node_lost_mid_run_workers_replaced_learner_intact(no_ray, tmp_path):
                 seen["after"] = [node_of(w) for w in loop.workers.workers]
                 seen["generation_after"] = loop.theta.generation
 
-        summary = train(config, str(tmp_path / "run"), callbacks=[NodeRemover()])
+        summary = train(Session.of(config, str(tmp_path / "run")), RAY, callbacks=[NodeRemover()])
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -165,7 +167,7 @@ def test_estimators_train_on_a_fake_multinode_cluster(no_ray, tmp_path, estimato
     ES and the hybrid share its code paths and run with ``-m slow``."""
     from ray.cluster_utils import Cluster
 
-    from metalearn.distributed.driver import train
+    from metalearn.distributed.driver import RAY
 
     ray = no_ray
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -181,7 +183,7 @@ def test_estimators_train_on_a_fake_multinode_cluster(no_ray, tmp_path, estimato
                              worker={"num_workers": 2, "batch_size": 8,
                                      "tasks_per_worker": 2},
                              learner={"meta_batch": 4})
-        summary = train(config, str(tmp_path / "run"))
+        summary = train(Session.of(config, str(tmp_path / "run")), RAY)
         table = read_metrics(tmp_path / "run").to_pydict()
     finally:
         ray.shutdown()

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from metalearn.training.runner import train
+from metalearn.training.session import Session
 from metalearn.core.config import ConfigError, EstimatorConfig, HorizonConfig
 from metalearn.core.full_horizon import FullHorizonES, HorizonData, evaluation_points
 from metalearn.core.population import PopulationData, PopulationProgram
@@ -163,11 +165,11 @@ def population_config(tmp_path, **run):
 
 def test_population_runner_trains_resumes_and_writes_the_learner_columns(tmp_path):
     from metalearn.training.export import load_theta
-    from metalearn.training.population import train_population
+    from metalearn.training.population import POPULATION
     from metalearn.training.run_dir import RunDir
 
     run_dir = tmp_path / "run"
-    summary = train_population(population_config(tmp_path, steps=3), run_dir)
+    summary = train(Session.of(population_config(tmp_path, steps=3), run_dir), POPULATION)
     assert (summary.start_step, summary.final_step) == (0, 3)  # 2 + 1: the limit holds
     rows = read_metrics(str(run_dir)).to_pylist()
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -179,24 +181,25 @@ def test_population_runner_trains_resumes_and_writes_the_learner_columns(tmp_pat
     assert len({r["theta/merge_w/bias"] for r in rows}) == 3  # theta moved every step
     assert RunDir(run_dir).checkpoint_steps()[-1] == 3
     assert load_theta(str(run_dir))[2] == 3
-    resumed = train_population(population_config(tmp_path, steps=5), run_dir, resume=True)
+    resumed = train(Session.of(population_config(tmp_path, steps=5), run_dir, resume=True),
+                    POPULATION)
     assert (resumed.start_step, resumed.final_step) == (3, 5)
     assert [r["step"] for r in read_metrics(str(run_dir)).to_pylist()] == [1, 2, 3, 4, 5]
 
 
 def test_population_runner_refuses_what_it_cannot_run(tmp_path):
-    from metalearn.training.population import train_population
+    from metalearn.training.population import POPULATION
 
     config = tiny_config(tmp_path)  # truncated backprop
     with pytest.raises(ConfigError, match="es_full"):
-        train_population(config, tmp_path / "run")
+        train(Session.of(config, tmp_path / "run"), POPULATION)
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="num_workers"):
-        train_population(population_config(tmp_path).__class__(
+        train(Session.of(population_config(tmp_path).__class__(
             **{**population_config(tmp_path).__dict__,
                "worker": population_config(tmp_path).worker.__class__(
                    **{**population_config(tmp_path).worker.__dict__, "num_workers": 2})}),
-            tmp_path / "run")
+            tmp_path / "run"), POPULATION)
     assert not (tmp_path / "run").exists()
 
 
@@ -253,19 +256,19 @@ def test_population_worker_submits_one_mean_of_its_tasks(tmp_path):
 
 
 def test_population_workers_train_in_the_local_runner(tmp_path):
-    from metalearn.training.local import train_local
+    from metalearn.training.local import LOCAL
 
     config = population_config(tmp_path, steps=2)
     config = config.__class__(**{**config.__dict__, "worker": config.worker.__class__(
         **{**config.worker.__dict__, "tasks_per_worker": 2, "num_workers": 1})})
-    summary = train_local(config, tmp_path / "run")
+    summary = train(Session.of(config, tmp_path / "run"), LOCAL)
     assert summary.final_step == 2
     rows = read_metrics(str(tmp_path / "run")).to_pylist()
     assert [r["received"] for r in rows] == [2, 4]
 
 
 def test_population_runner_measures_the_start_before_its_first_call(tmp_path):
-    from metalearn.training.population import train_population
+    from metalearn.training.population import POPULATION
 
     config = population_config(tmp_path, steps=4)
     config = config.__class__(**{**config.__dict__, "evaluator": config.evaluator.__class__(
@@ -273,7 +276,7 @@ def test_population_runner_measures_the_start_before_its_first_call(tmp_path):
            "datasets": ("two_moons",), "width": 8, "depth": 1, "steps": 2, "seeds": 1,
            "long_seeds": 1, "batch_size": 16, "test_size": 40, "horizons": (2, 3),
            "select_from": 2})})
-    train_population(config, tmp_path / "run")
+    train(Session.of(config, tmp_path / "run"), POPULATION)
     rows = read_metrics(str(tmp_path / "run")).to_pylist()
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     # The start (step 0) is measured although the first call makes two updates at once;
@@ -304,7 +307,8 @@ def test_a_stuck_program_stops_the_run_with_its_checkpoint_and_says_why(tmp_path
 
     monkeypatch.setattr(population.PopulationEngine, "run", run)
     with pytest.raises(population.ProgramStuck, match="--resume RUN --runner ray"):
-        population.train_population(population_config(tmp_path, steps=6), tmp_path / "run")
+        train(Session.of(population_config(tmp_path, steps=6), tmp_path / "run"),
+              population.POPULATION)
     # The first call's two updates were checkpointed on the way out.
     assert RunDir(tmp_path / "run").checkpoint_steps()[-1] == 2
     assert [r["step"] for r in read_metrics(str(tmp_path / "run")).to_pylist()] == [1, 2]

@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pytest
 
+from metalearn.training.runner import train
+from metalearn.training.session import Session
 from metalearn.cli import main
 from metalearn.training.loop import Callback
 from metalearn.core.config import ConfigError
@@ -60,7 +62,7 @@ def test_train_then_resume_continues_step_count(ray_session, config_file, tmp_pa
 
 
 def test_continuous_evaluation_writes_meta_test_columns(ray_session, tmp_path):
-    from metalearn.distributed.driver import train
+    from metalearn.distributed.driver import RAY
 
     config = tiny_config(tmp_path, evaluator={
         "enabled": True, "every": 2, "datasets": ["two_moons"],
@@ -68,7 +70,7 @@ def test_continuous_evaluation_writes_meta_test_columns(ray_session, tmp_path):
         "horizons": [3], "long_every": 4},
         run={"steps": 6, "minutes": 6.0})  # slack for a loaded CI machine
     run_dir = str(tmp_path / "run")
-    train(config, run_dir)
+    train(Session.of(config, run_dir), RAY)
     table = read_metrics(run_dir).to_pylist()
     # merged, not appended; step 0 is the start, measured first (a row of its own)
     assert sorted(r["step"] for r in table) == [0, 1, 2, 3, 4, 5, 6]
@@ -97,7 +99,7 @@ def test_continuous_evaluation_writes_meta_test_columns(ray_session, tmp_path):
 # learner in the default suite and audits the whole run folder.
 @pytest.mark.slow
 def test_killed_worker_replaced_and_killed_learner_resumes(ray_session, tmp_path):
-    from metalearn.distributed.driver import train
+    from metalearn.distributed.driver import RAY
 
     config = tiny_config(tmp_path, learner={"meta_batch": 2, "checkpoint_minutes": 1e-5},
                          run={"steps": 6, "minutes": 4.0})
@@ -113,7 +115,7 @@ def test_killed_worker_replaced_and_killed_learner_resumes(ray_session, tmp_path
                 killed["learner"] = row["step"]
                 ray.kill(loop.learner.actor, no_restart=True)
 
-    summary = train(config, str(tmp_path / "faults"), callbacks=[Killer()])
+    summary = train(Session.of(config, str(tmp_path / "faults")), RAY, callbacks=[Killer()])
     assert killed == {"worker": 1, "learner": 3}
     assert summary.worker_failures >= 1
     assert summary.learner_restarts == 1
@@ -187,7 +189,7 @@ def test_workers_that_cannot_start_stop_the_run_with_the_cause(ray_session, tmp_
     import dataclasses
     import time
 
-    from metalearn.distributed.driver import train
+    from metalearn.distributed.driver import RAY
     from metalearn.training.loop import WorkerStartError
     from metalearn.training.task_mix import resolve_mix
 
@@ -198,14 +200,14 @@ def test_workers_that_cannot_start_stop_the_run_with_the_cause(ray_session, tmp_
     started = time.monotonic()
     with pytest.raises(WorkerStartError, match=r"2 of 2 workers could not start; workers "
                                                r"0, 1: .*on node .*x\.npz"):
-        train(config, tmp_path / "run", mix=unreadable)
+        train(Session.of(config, tmp_path / "run", mix=unreadable), RAY)
     assert time.monotonic() - started < 120
     # With on_start_failure: continue and no worker able to start, it stops all the same.
     config = tiny_config(tmp_path, run={"steps": 3, "minutes": 3.0},
                          worker={"num_workers": 2, "batch_size": 8,
                                  "on_start_failure": "continue"})
     with pytest.raises(WorkerStartError, match="2 of 2 workers could not start"):
-        train(config, tmp_path / "run2", mix=unreadable)
+        train(Session.of(config, tmp_path / "run2", mix=unreadable), RAY)
 
 
 def test_mix_and_data_dir_flags_set_the_task_section(config_file, tmp_path, capsys):

@@ -21,9 +21,10 @@ import json
 import signal
 import sys
 
-from metalearn.distributed.driver import train
-from metalearn.training.local import train_local
-from metalearn.training.population import train_population
+from metalearn.distributed.driver import RAY
+from metalearn.training.local import LOCAL
+from metalearn.training.population import POPULATION
+from metalearn.training.runner import train
 from metalearn.training.progress import ProgressLine
 from metalearn.training.session import describe_changes, resolve_session
 from metalearn.training.trackers import LOGGERS
@@ -98,10 +99,8 @@ def run(args) -> int:
     session = resolve(args)
     config, run_dir = session.config, session.run
     callbacks = [ProgressLine(config.run.progress_every_s)]
-    runner = {"local": train_local, "population": train_population}.get(config.run.runner,
-                                                                         train)
-    summary = runner(config, run_dir, resume=session.resume, mix=session.mix,
-                     callbacks=callbacks)
+    runners = {runner.name: runner for runner in (LOCAL, POPULATION, RAY)}
+    summary = train(session, runners[config.run.runner], callbacks=callbacks)
     if getattr(args, "json", False):
         print(json.dumps({"run": run_dir.path, "start_step": summary.start_step,
                           "final_step": summary.final_step,

@@ -1,16 +1,16 @@
-"""The Ray runner: the training loop's transport over actors (``ray_transport``), and
-``train``, which starts (or joins) Ray, runs the loop and shuts Ray down if it started it.
+"""The Ray runner (``RAY``): the training loop's transport over actors
+(``ray_transport``), and Ray started (or joined) around the run.
 
 See docs/architecture.md (Runners) and docs/training.md (How it works).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import tempfile
-from typing import Sequence
 
 import ray
 from ray.exceptions import (ActorUnavailableError, GetTimeoutError, OutOfMemoryError,
@@ -21,12 +21,11 @@ from metalearn.core.config_io import to_dict
 from metalearn.distributed.actors import LearnerActor, WorkerActor, thread_env
 from metalearn.distributed.evaluator import RayEvaluator
 from metalearn.training.config import TrainConfig
-from metalearn.training.continuous_evaluation import ContinuousEvaluation
-from metalearn.training.loop import (Callback, LearnerClient, LearnerLost, RunSummary,
-                                     TrainingLoop, Transport, WorkerPool, WorkerStartError)
+from metalearn.training.loop import (LearnerClient, LearnerLost, Transport, WorkerPool,
+                                     WorkerStartError)
 from metalearn.training.messages import LearnerStatus, WorkerResult, WorkOrder
 from metalearn.training.run_dir import RunDir
-from metalearn.training.task_mix import resolve_mix
+from metalearn.training.runner import Runner
 from tasks.sampler import MixConfig
 
 _GONE = (RayActorError, ActorUnavailableError)
@@ -245,38 +244,19 @@ def init_ray(address: str) -> bool:
     return True
 
 
-def ray_loop(config: TrainConfig, run: RunDir, *, resume: bool = False,
-             num_workers: int | None = None, mix: MixConfig | None = None,
-             callbacks: Sequence[Callback] = ()) -> TrainingLoop:
-    """The training loop over Ray actors, with the evaluator actor when configured
-    (Ray must be initialised; the run folder must exist). The task mix is resolved
-    here, on the submitting machine, unless given."""
-    mix = mix if mix is not None else resolve_mix(config.tasks)
-    callbacks = list(callbacks)
-    if config.evaluator.enabled:
-        # First: its final evaluation (on_end) is merged before a sweep's reporter makes
-        # the trial's final report from the same row.
-        callbacks.insert(0, ContinuousEvaluation(config, lambda: RayEvaluator(config)))
-    return TrainingLoop(config, run, ray_transport(config, run, mix), resume=resume,
-                        num_workers=num_workers, callbacks=callbacks)
-
-
-def train(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-          num_workers: int | None = None, mix: MixConfig | None = None,
-          callbacks: Sequence[Callback] = ()) -> RunSummary:
-    """Resolve the task mix, start or join Ray, run the loop over actors, and shut Ray
-    down (or disconnect) if this call started it."""
-    mix = mix if mix is not None else resolve_mix(config.tasks)  # before Ray, before files
+@contextlib.contextmanager
+def ray_started(config: TrainConfig):
+    """Ray for the run (``init_ray``), shut down (or disconnected) after it if this
+    started it."""
     started = init_ray(config.run.address)
     try:
-        run = RunDir(run_dir)
-        run.create(config)
-        return ray_loop(config, run, resume=resume, num_workers=num_workers, mix=mix,
-                        callbacks=callbacks).run()
+        yield
     finally:
         if started:
             ray.shutdown()
 
 
-__all__ = ["RayLearner", "RayWorkers", "default_worker_count", "init_ray",
-           "local_system_config", "ray_loop", "ray_transport", "train"]
+RAY = Runner("ray", ray_transport, RayEvaluator, ray_started)
+
+__all__ = ["RAY", "RayLearner", "RayWorkers", "default_worker_count", "init_ray",
+           "local_system_config", "ray_started", "ray_transport"]

@@ -41,10 +41,12 @@ from metalearn.core.config import ConfigError
 from metalearn.core.config_io import from_dict
 from metalearn.distributed import storage as storage_io
 from metalearn.distributed.data_check import ranked_dataset
-from metalearn.distributed.driver import ray_loop
+from metalearn.distributed.driver import RAY
 from metalearn.distributed.sweep_spec import SweepSpec, trial_config, trial_mix
 from metalearn.training.loop import Callback, TrainingLoop
 from metalearn.training.run_dir import RunDir
+from metalearn.training.runner import train
+from metalearn.training.session import Session
 from tasks.registry import SourceOptions
 from tasks.sampler import MixConfig
 
@@ -186,12 +188,10 @@ def run_trial(params: dict, spec: SweepSpec) -> None:
         start_step = donor["step"]
         print(f"trial {trial_id}: restoring step {donor['step']} of trial "
               f"{donor['trial_id']}", file=sys.stderr)
-    run.create(config)
     reporter = TrialReporter(spec, run, trial_id, start_step, extra)
     try:
-        ray_loop(config, run, resume=resume, num_workers=spec.trial.workers,
-                 mix=trial_mix(spec, config),
-                 callbacks=[reporter]).run()
+        train(Session.of(config, run, resume=resume, mix=trial_mix(spec, config)), RAY,
+              num_workers=spec.trial.workers, callbacks=[reporter])
     finally:
         reporter.discard()
         shutil.rmtree(run.path, ignore_errors=True)

@@ -13,18 +13,16 @@ step through, and the fastest path on one GPU (no actor, no object store).
 from __future__ import annotations
 
 import collections
-import os
 import traceback
-from typing import Sequence
 
 from metalearn.training.config import TrainConfig
-from metalearn.training.continuous_evaluation import ContinuousEvaluation, InProcessEvaluator
+from metalearn.training.continuous_evaluation import InProcessEvaluator
 from metalearn.training.learner_host import LearnerHost
-from metalearn.training.loop import (Callback, LearnerClient, LearnerLost, RunSummary,
-                                     TrainingLoop, Transport, WorkerPool)
+from metalearn.training.loop import LearnerClient, LearnerLost, Transport, WorkerPool
 from metalearn.training.messages import (LearnerReply, LearnerStatus, Submission, WorkerResult,
                                          WorkOrder)
 from metalearn.training.run_dir import RunDir
+from metalearn.training.runner import Runner
 from metalearn.training.task_mix import resolve_mix
 from metalearn.training.worker import Worker, enable_compilation_cache
 from tasks.sampler import MixConfig
@@ -98,30 +96,14 @@ class InProcessWorkers(WorkerPool):
 def in_process_transport(config: TrainConfig, run: RunDir, mix: MixConfig | None = None,
                          workers: type[InProcessWorkers] = InProcessWorkers,
                          learner: type[InProcessLearner] = InProcessLearner) -> Transport:
-    """Learner and workers as objects of this process; orders run one at a time."""
+    """Learner and workers as objects of this process; orders run one at a time (tests
+    pass their own ``workers`` and ``learner``; ``mix`` None: the config's)."""
     enable_compilation_cache(config.worker.compilation_cache)
     client = learner(config, run)
     return Transport(client, workers(config, client,
-                                     mix if mix is not None else resolve_mix(config.tasks)))
+                                     resolve_mix(config.tasks) if mix is None else mix))
 
 
-def train_local(config: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False,
-                num_workers: int | None = None, mix: MixConfig | None = None,
-                callbacks: Sequence[Callback] = (),
-                workers: type[InProcessWorkers] = InProcessWorkers) -> RunSummary:
-    """Run ``config`` in one process (no Ray) in ``run_dir``; see the module docstring.
-    ``workers``: the in-process worker pool (``--runner population`` passes its own,
-    whose engine replaces the workers)."""
-    mix = mix if mix is not None else resolve_mix(config.tasks)  # before the folder exists
-    run = RunDir(run_dir)
-    run.create(config)
-    callbacks = list(callbacks)
-    if config.evaluator.enabled:
-        # First: its final evaluation (on_end) is merged before other callbacks end.
-        callbacks.insert(0, ContinuousEvaluation(config, lambda: InProcessEvaluator(config)))
-    loop = TrainingLoop(config, run, in_process_transport(config, run, mix, workers),
-                        resume=resume, num_workers=num_workers, callbacks=callbacks)
-    return loop.run()
+LOCAL = Runner("local", in_process_transport, InProcessEvaluator)
 
-
-__all__ = ["InProcessLearner", "InProcessWorkers", "in_process_transport", "train_local"]
+__all__ = ["InProcessLearner", "InProcessWorkers", "LOCAL", "in_process_transport"]

@@ -8,16 +8,19 @@ runner".
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import traceback
 
 from metalearn.core.config import ConfigError
 from metalearn.training.config import TrainConfig
 from metalearn.training.events import append_event
-from metalearn.training.local import InProcessLearner, InProcessWorkers, train_local
-from metalearn.training.loop import RunSummary
+from metalearn.training.continuous_evaluation import InProcessEvaluator
+from metalearn.training.local import InProcessLearner, InProcessWorkers, in_process_transport
 from metalearn.training.messages import LearnerReply, WorkerResult
 from metalearn.training.population_engine import (PopulationEngine, ProgramStuck,
                                                   use_cpu_devices, wait_program)
+from metalearn.training.runner import Runner
 from tasks.sampler import MixConfig
 
 
@@ -62,9 +65,11 @@ class PopulationWorkers(InProcessWorkers):
                                                       call.stats, call.dataset))]
 
 
-def train_population(config: TrainConfig, run_dir, *, resume: bool = False,
-                     mix: MixConfig | None = None, callbacks=()) -> RunSummary:
-    """Run ``config`` with the population engine in this process (``--runner population``)."""
+@contextlib.contextmanager
+def population_checks(config: TrainConfig):
+    """What ``--runner population`` needs before anything runs: ``es_full``, one
+    process, and (``worker.devices`` > 1 on CPU) that many CPU devices, asked for before
+    JAX starts (the count is fixed then)."""
     if config.estimator.kind != "es_full":
         raise ConfigError(f"--runner population runs estimator.kind 'es_full'; the config "
                           f"has {config.estimator.kind!r}: use --runner local or ray")
@@ -72,12 +77,13 @@ def train_population(config: TrainConfig, run_dir, *, resume: bool = False,
         raise ConfigError(f"--runner population is one process (its program vectorises "
                           f"the tasks); worker.num_workers must be 0 or 1, got "
                           f"{config.worker.num_workers}")
-    # worker.devices > 1 on CPU: that many CPU devices, asked for before JAX starts (the
-    # count is fixed then).
     use_cpu_devices(config.worker.devices)
-    return train_local(config, run_dir, resume=resume, num_workers=1, mix=mix,
-                       callbacks=callbacks, workers=PopulationWorkers)
+    yield
 
 
-__all__ = ["PopulationEngine", "PopulationWorkers", "ProgramStuck", "train_population",
-           "wait_program"]
+POPULATION = Runner("population",
+                    functools.partial(in_process_transport, workers=PopulationWorkers),
+                    InProcessEvaluator, population_checks, num_workers=1)
+
+__all__ = ["POPULATION", "PopulationEngine", "PopulationWorkers", "ProgramStuck",
+           "population_checks", "wait_program"]

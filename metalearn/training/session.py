@@ -85,6 +85,13 @@ class Session:
     mix: MixConfig
     changes: tuple = ()
 
+    @classmethod
+    def of(cls, config: TrainConfig, run_dir, *, resume: bool = False,
+           mix: MixConfig | None = None) -> "Session":
+        """A session built in code (tests, a sweep's trial): ``config`` as given."""
+        run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        return cls(config, run, resume, mix if mix is not None else resolve_mix(config.tasks))
+
 
 def resolve_session(config_path: str | None, overrides: list[str], out: str | None,
                     resume: str | None, *, allow_config_change: bool = False) -> Session:
