@@ -27,47 +27,36 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 
-from metalearn.core.config_io import ConfigError, check_choices
+from metalearn.core.config_io import AtLeastOne, Bound, check_fields
+
+Probability = Annotated[float, Bound(0, 1)]
+OpenUnit = Annotated[float, Bound(0, 1, open_low=True, open_high=True)]  # (0, 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     """Per-task probabilities and ranges of each augmentation."""
 
-    geometric_prob: float = 0.0
-    max_rotation: float = 360.0  # degrees; angles are uniform in [-max/2, max/2)
-    max_shift: int = 5  # px, each of x and y
-    rotation_bins: int = 360  # angles are multiples of 360 / bins degrees (tabulated warps)
+    geometric_prob: Probability = 0.0
+    max_rotation: Annotated[float, Bound(0, 360)] = 360.0  # degrees; uniform in [-max/2, max/2)
+    max_shift: AtLeastOne = 5  # px, each of x and y
+    rotation_bins: AtLeastOne = 360  # angles are multiples of 360 / bins degrees (tabulated)
     # nearest by default: 4-8x cheaper than bilinear here, and crisp at 14x14
     interpolation: Literal["bilinear", "nearest"] = "nearest"
-    x_shift_prob: float = 0.0
-    max_x_shift: int = 3
-    example_dropout_prob: float = 0.0
-    example_dropout_max: float = 0.5
-    task_dropout_prob: float = 0.0
-    task_dropout_max: float = 0.5  # the task's rate is uniform in [0, max]
-    class_permutation_prob: float = 0.0
+    x_shift_prob: Probability = 0.0
+    max_x_shift: AtLeastOne = 3
+    example_dropout_prob: Probability = 0.0
+    example_dropout_max: OpenUnit = 0.5
+    task_dropout_prob: Probability = 0.0
+    task_dropout_max: OpenUnit = 0.5  # the task's rate is uniform in [0, max]
+    class_permutation_prob: Probability = 0.0
 
     def __post_init__(self):
-        for name in ("geometric_prob", "x_shift_prob", "example_dropout_prob",
-                     "task_dropout_prob", "class_permutation_prob"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"augment.{name} must be a probability, got "
-                                  f"{getattr(self, name)!r}")
-        for name in ("example_dropout_max", "task_dropout_max"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ConfigError(f"augment.{name} must be in (0, 1)")
-        if not 0.0 <= self.max_rotation <= 360.0:
-            raise ConfigError("augment.max_rotation must be in [0, 360] degrees")
-        if self.rotation_bins < 1:
-            raise ConfigError("augment.rotation_bins must be >= 1")
-        check_choices(self, "augment")
-        if self.max_shift < 1 or self.max_x_shift < 1:
-            raise ConfigError("augment.max_shift and max_x_shift must be >= 1 px")
+        check_fields(self, "augment")
 
 
 @functools.lru_cache(maxsize=16)

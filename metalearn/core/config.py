@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jax
 
-from metalearn.core.config_io import (ConfigError, check_choices, from_dict,  # noqa: F401
-                                      to_dict)  # (ConfigError, from_dict, to_dict: re-exported)
+from metalearn.core.config_io import (  # noqa: F401 (ConfigError, from_dict, to_dict: re-exported)
+    AtLeastOne, Bound, ConfigError, Fraction, NonNegative, Positive, check_fields, from_dict,
+    to_dict)
 
 __all__ = ["ACTIVATIONS", "ESTIMATORS", "PLANE_NAMES", "ConfigError", "EstimatorConfig",
            "HorizonConfig", "MetaObjectiveConfig", "RuleConfig", "UnrollConfig", "from_dict",
@@ -62,39 +63,40 @@ class RuleConfig:
     """
 
     # TopD (docs/rule.md)
-    top_units: int = 32  # N_L: TopD mixes the top layer's units as channels.
-    top_delta_size: int = 64  # channels of TopD's convs over the batch axis
-    top_delta_layers: int = 2  # 64 -> 64 convs after the unit mixing
-    top_unit_mix_layers: int = 2  # units-as-channels convs (fixed at 2 in the reference)
-    top_first_kernel: int = 5  # kernel of TopD's first conv over the batch (reference)
+    top_units: AtLeastOne = 32  # N_L: TopD mixes the top layer's units as channels.
+    top_delta_size: AtLeastOne = 64  # channels of TopD's convs over the batch axis
+    top_delta_layers: NonNegative = 2  # 64 -> 64 convs after the unit mixing
+    top_unit_mix_layers: NonNegative = 2  # units-as-channels convs (fixed at 2 in the reference)
+    top_first_kernel: AtLeastOne = 5  # kernel of TopD's first conv over the batch (reference)
     # ComputeH (docs/rule.md)
-    compute_h_size: int = 64  # channels of h
-    compute_h_layers: int = 1  # extra conv + unit block rounds after the first
-    kernel: int = 3  # kernel of every other conv in the rule
-    delta_dim: int = 32  # channels of the top-down signal d and delta
+    compute_h_size: AtLeastOne = 64  # channels of h
+    compute_h_layers: NonNegative = 1  # extra conv + unit block rounds after the first
+    kernel: AtLeastOne = 3  # kernel of every other conv in the rule
+    delta_dim: AtLeastOne = 32  # channels of the top-down signal d and delta
     positional_period: float = 4.0 * math.pi  # p_j = linspace(0, period, N_l) (SPEC 2.3)
     # Weight planes and merge (docs/rule.md)
-    num_grad_channels: int = 4  # channels of each low-rank readout
+    num_grad_channels: AtLeastOne = 4  # channels of each low-rank readout
     merge_init: float = 0.1  # initial mixing weight of every plane ...
     # ... except these (plane name, weight) pairs, in YAML a mapping: e.g. the local
     # recipe's Oja-like start {hebb: 3.0, decorr_x: 1.35} with merge_init 0 (docs/rule.md).
     merge_init_planes: tuple[tuple[str, float], ...] = ()
-    column_norm_eps: float = 1.0  # P / sqrt(eps + mean_col P^2) (reference)
+    column_norm_eps: Positive = 1.0  # P / sqrt(eps + mean_col P^2) (reference)
     growth: float = 1.0 / 7.0  # dW -= W_hat * growth (the reference's "arbitrary" 1/7)
     identical_updates: bool = True  # V receives W's dW; False gives V its own merge
     # Bias update (docs/rule.md)
-    bias_norm_eps: float = 0.5  # the bias update's normaliser (reference)
+    bias_norm_eps: Positive = 0.5  # the bias update's normaliser (reference)
     # Constants nobody tunes, kept here (not in code) so each has one named value that
     # exported rules record with their sizes (docs/rule.md).
-    rule_bn_eps: float = 1e-3  # batch norm inside the rule
-    base_bn_eps: float = 1e-6  # batch norm of the base model
+    rule_bn_eps: Positive = 1e-3  # batch norm inside the rule
+    base_bn_eps: Positive = 1e-6  # batch norm of the base model
     # Inner optimisation
-    inner_lr: float = 3e-4  # paper 3e-4, reference 1e-4
+    # paper 3e-4, reference 1e-4
+    inner_lr: Annotated[float, Bound(0, 1, open_low=True, open_high=True)] = 3e-4
     # Base-model initialisation
-    init_w_std: float = 0.01  # phi_0 ~ N(0, std^2) (reference)
-    init_b_std: float = 0.1
+    init_w_std: Positive = 0.01  # phi_0 ~ N(0, std^2) (reference)
+    init_b_std: Positive = 0.1
     # theta initialisation scale for the rule's convs and linears (fan-in scaled)
-    theta_init_scale: float = 1.0
+    theta_init_scale: Positive = 1.0
 
     @classmethod
     def small(cls, **overrides: Any) -> "RuleConfig":
@@ -105,15 +107,7 @@ class RuleConfig:
         return cls(**values)
 
     def __post_init__(self):
-        for name in ("top_units", "top_delta_size", "top_first_kernel", "compute_h_size",
-                     "kernel", "delta_dim", "num_grad_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"rule.{name} must be a positive integer, got {value!r}")
-        for name in ("top_delta_layers", "top_unit_mix_layers", "compute_h_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"rule.{name} must be a non-negative integer, got {value!r}")
+        check_fields(self, "rule")
         for name in ("kernel", "top_first_kernel"):
             if getattr(self, name) % 2 == 0:
                 raise ConfigError(f"rule.{name} must be odd for 'same' padding, "
@@ -125,21 +119,15 @@ class RuleConfig:
         if unknown:
             raise ConfigError(f"rule.merge_init_planes: unknown plane {unknown[0]!r}; planes: "
                               f"{', '.join(PLANE_NAMES)}")
-        if not 0.0 < self.inner_lr < 1.0:
-            raise ConfigError(f"rule.inner_lr must be in (0, 1), got {self.inner_lr!r}")
-        for name in ("column_norm_eps", "bias_norm_eps", "rule_bn_eps", "base_bn_eps",
-                     "init_w_std", "init_b_std", "theta_init_scale"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"rule.{name} must be positive, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class MetaObjectiveConfig:
     """Few-shot ridge-regression meta-objective (docs/rule.md)."""
 
-    ridge: float = 0.1  # lambda; the bias column is not penalised
-    num_draws: int = 5  # M labelled pairs averaged per evaluation
-    samples_per_class: int = 10
+    ridge: Positive = 0.1  # lambda; the bias column is not penalised
+    num_draws: AtLeastOne = 5  # M labelled pairs averaged per evaluation
+    samples_per_class: AtLeastOne = 10
     add_ridge_penalty: bool = True  # reference adds ridge * sum(w^2) / B to the loss
     normalize_predictions: bool = True
     # The paper's targets append a task's augmentation parameters (rotation, shifts) to
@@ -149,13 +137,7 @@ class MetaObjectiveConfig:
     regression_targets: bool = True
 
     def __post_init__(self):
-        if not self.ridge > 0:
-            raise ConfigError(f"meta_objective.ridge must be positive, got {self.ridge!r}")
-        for name in ("num_draws", "samples_per_class"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(
-                    f"meta_objective.{name} must be a positive integer, got {value!r}")
+        check_fields(self, "objective")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,31 +162,21 @@ class HorizonConfig:
       (``loop`` on CPU, ``vmap`` elsewhere).
     """
 
-    steps: int = 300
-    inner_lr: float = 0.0
-    points: int = 10
+    steps: AtLeastOne = 300
+    inner_lr: Fraction = 0.0  # 0: the rule's
+    points: AtLeastOne = 10
     fitness: Literal["mean", "final"] = "mean"
     shaping: Literal["none", "normalize", "ranks"] = "none"
-    guide_alpha: float = 0.5
-    guide_dims: int = 2
-    surrogate_steps: int = 4
+    guide_alpha: Annotated[float, Bound(0, 1, open_low=True)] = 0.5
+    guide_dims: AtLeastOne = 2
+    surrogate_steps: AtLeastOne = 4
     population: Literal["auto", "vmap", "loop"] = "auto"
 
     def __post_init__(self):
-        check_choices(self, "horizon")
-        for name in ("steps", "points", "guide_dims", "surrogate_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"horizon.{name} must be a positive integer, got {value!r}")
+        check_fields(self, "horizon")
         if self.points > self.steps:
             raise ConfigError(f"horizon.points ({self.points}) cannot exceed horizon.steps "
                               f"({self.steps})")
-        if not (isinstance(self.inner_lr, (int, float)) and 0 <= self.inner_lr < 1):
-            raise ConfigError(f"horizon.inner_lr must be in [0, 1) (0: the rule's), got "
-                              f"{self.inner_lr!r}")
-        if not (isinstance(self.guide_alpha, (int, float)) and 0 < self.guide_alpha <= 1):
-            raise ConfigError(f"horizon.guide_alpha must be in (0, 1], got {self.guide_alpha!r}")
-
 
     def resolved_population(self, backend: str | None = None) -> str:
         if self.population != "auto":
@@ -239,7 +211,7 @@ class UnrollConfig:
     scan_buckets: tuple[int, ...] = (4, 8, 16)
 
     def __post_init__(self):
-        check_choices(self, "unroll")
+        check_fields(self, "unroll")
         if not self.scan_buckets or any(int(b) <= 0 for b in self.scan_buckets):
             raise ConfigError(f"unroll.scan_buckets must be positive sizes, got "
                               f"{self.scan_buckets!r}")
@@ -278,19 +250,9 @@ class EstimatorConfig:
     """
 
     kind: Estimator = "truncated"
-    perturbation_std: float = 0.01
-    pairs: int = 4
-    variance_decay: float = 0.9  # the hybrid's EMA (Metz et al. 2019's value)
+    perturbation_std: Positive = 0.01
+    pairs: AtLeastOne = 4
+    variance_decay: Fraction = 0.9  # the hybrid's EMA (Metz et al. 2019's value)
 
     def __post_init__(self):
-        check_choices(self, "estimator")
-        if not (isinstance(self.perturbation_std, (int, float))
-                and math.isfinite(self.perturbation_std) and self.perturbation_std > 0):
-            raise ConfigError(f"estimator.perturbation_std must be a positive number, got "
-                              f"{self.perturbation_std!r}")
-        if not isinstance(self.pairs, int) or isinstance(self.pairs, bool) or self.pairs < 1:
-            raise ConfigError(f"estimator.pairs must be a positive integer, got "
-                              f"{self.pairs!r}")
-        if not (isinstance(self.variance_decay, (int, float)) and 0 <= self.variance_decay < 1):
-            raise ConfigError(f"estimator.variance_decay must be in [0, 1), got "
-                              f"{self.variance_decay!r}")
+        check_fields(self, "estimator")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import math
 import os
 import re
 import types
@@ -223,22 +224,75 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The range of a number field, as ``Annotated[int | float, Bound(...)]`` metadata:
+    low <= value (low < value if ``open_low``), and value <= high (< if ``open_high``)."""
+
+    low: float
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        if self.high is None:
+            return above
+        return above and (value < self.high if self.open_high else value <= self.high)
+
+    def describe(self) -> str:
+        if self.high is None:
+            if not self.open_low:
+                return f">= {self.low:g}"
+            return "positive" if self.low == 0 else f"> {self.low:g}"
+        return (f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
+                f"{')' if self.open_high else ']'}")
+
+
+# The bounds most fields have.
+NonNegative = typing.Annotated[int, Bound(0)]
+AtLeastOne = typing.Annotated[int, Bound(1)]
+Positive = typing.Annotated[float, Bound(0, open_low=True)]
+NonNegativeFloat = typing.Annotated[float, Bound(0)]
+Fraction = typing.Annotated[float, Bound(0, 1, open_high=True)]  # [0, 1)
+
+
 @functools.cache
-def _choices(cls: type) -> tuple[tuple[str, tuple], ...]:
-    hints = typing.get_type_hints(cls)
-    return tuple((f.name, typing.get_args(hints[f.name])) for f in dataclasses.fields(cls)
-                 if typing.get_origin(hints[f.name]) is Literal)
+def _rules(cls: type) -> tuple[tuple[str, tuple, Bound | None, type | None], ...]:
+    """(field, Literal choices, Bound, the bound number type) of each checked field."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        bound = base = None
+        if typing.get_origin(hint) is typing.Annotated:
+            base, *extras = typing.get_args(hint)
+            bound = next((e for e in extras if isinstance(e, Bound)), None)
+            hint = base
+        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        if choices or bound:
+            out.append((field.name, choices, bound, base))
+    return tuple(out)
 
 
-def check_choices(config: Any, section: str) -> None:
-    """ConfigError naming ``section.field`` for a field whose value is not one of its
-    ``Literal`` annotation's: the annotation is the one list of a field's choices (for
-    configs built in Python, which ``from_dict`` does not see)."""
-    for name, choices in _choices(type(config)):
+def check_fields(config: Any, section: str) -> None:
+    """ConfigError naming ``section.field`` for a value outside its annotation: not one
+    of a ``Literal``'s choices, or a number outside its ``Bound``. The annotations are
+    the one statement of what a field accepts (``from_dict`` checks types; configs built
+    in Python come here too)."""
+    for name, choices, bound, base in _rules(type(config)):
         value = getattr(config, name)
-        if value not in choices:
-            raise ConfigError(f"{section}.{name} must be one of {list(choices)}, got "
-                              f"{value!r}")
+        where = f"{section}.{name}" if section else name
+        if choices and value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        if bound is None:
+            continue
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or (base is int and not isinstance(value, int))):
+            raise ConfigError(f"{where} must be {'an integer' if base is int else 'a number'}"
+                              f", got {value!r}")
+        if not (math.isfinite(value) and bound.holds(value)):
+            raise ConfigError(f"{where} must be {bound.describe()}, got {value!r}")
 
 
 def from_dict(cls: type, values: dict, path: str = "") -> Any:

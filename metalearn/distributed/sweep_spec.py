@@ -11,9 +11,11 @@ import math
 import os
 import types
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from metalearn.core.config_io import ConfigError, apply_values, from_dict, read_yaml, to_dict
+from metalearn.core.config_io import (AtLeastOne, Bound, ConfigError, NonNegative,
+                                      NonNegativeFloat, Positive, apply_values, check_fields,
+                                      from_dict, read_yaml, to_dict)
 from metalearn.core.theta import theta_spec
 from metalearn.training.config import TrainConfig, config_from_dict, read_config_values
 from metalearn.training.metrics import LEARNER_COLUMNS, estimator_columns
@@ -122,22 +124,15 @@ def _entries(section: str, values: Any, kinds: tuple[str, ...],
 class TrialSettings:
     """Resources and limits of every trial."""
 
-    workers: int = 2  # worker actors per trial (one placement-group bundle each)
-    learner_cpus: float = 1.0  # head bundle: the trial's driver loop and its learner
-    steps: int = 100  # each trial stops at this learner step
-    minutes: float = 30.0  # and after this long (wall clock, per trial session)
-    report_every: int = 5  # learner steps between reports (each with a checkpoint)
+    workers: AtLeastOne = 2  # worker actors per trial (one placement-group bundle each)
+    learner_cpus: NonNegativeFloat = 1.0  # head bundle: the trial's driver loop and learner
+    steps: AtLeastOne = 100  # each trial stops at this learner step
+    minutes: Positive = 30.0  # and after this long (wall clock, per trial session)
+    report_every: AtLeastOne = 5  # learner steps between reports (each with a checkpoint)
     spread: bool = False  # place the trial's bundles on different nodes if possible
 
     def __post_init__(self):
-        if self.workers < 1:
-            raise ConfigError(f"trial.workers must be >= 1, got {self.workers!r}")
-        if self.learner_cpus < 0:
-            raise ConfigError(f"trial.learner_cpus must be >= 0, got {self.learner_cpus!r}")
-        if self.steps < 1 or self.report_every < 1:
-            raise ConfigError("trial.steps and trial.report_every must be >= 1")
-        if not self.minutes > 0:
-            raise ConfigError(f"trial.minutes must be positive, got {self.minutes!r}")
+        check_fields(self, "trial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,15 +155,13 @@ class AshaScheduler(SchedulerConfig):
 
     type: Literal["asha"] = "asha"
     grace_period: int | None = None  # None: trial.report_every (set by load_spec)
-    reduction_factor: float = 2.0
+    reduction_factor: Annotated[float, Bound(1, open_low=True)] = 2.0
 
     def __post_init__(self):
+        check_fields(self, "scheduler")
         if self.grace_period is not None and self.grace_period < 1:
             raise ConfigError(f"scheduler.grace_period must be >= 1 learner step, "
                               f"got {self.grace_period}")
-        if not self.reduction_factor > 1:
-            raise ConfigError(f"scheduler.reduction_factor must be > 1, "
-                              f"got {self.reduction_factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,23 +171,19 @@ class PbtScheduler(SchedulerConfig):
 
     type: Literal["pbt"] = "pbt"
     perturbation_interval: int | None = None  # None: trial.report_every (set by load_spec)
-    quantile_fraction: float = 0.5
-    resample_probability: float = 0.25
+    # The share of trials cloned, and of donors.
+    quantile_fraction: Annotated[float, Bound(0, 0.5)] = 0.5
+    resample_probability: Annotated[float, Bound(0, 1)] = 0.25
     mutations: tuple[SearchEntry, ...] = ()  # choice, uniform or loguniform domains
     synch: bool = False
 
     def __post_init__(self):
+        check_fields(self, "scheduler")
         if not self.mutations:
             raise ConfigError("scheduler.mutations is required for pbt")
         if self.perturbation_interval is not None and self.perturbation_interval < 1:
             raise ConfigError(f"scheduler.perturbation_interval must be >= 1 learner step, "
                               f"got {self.perturbation_interval}")
-        if not 0 <= self.quantile_fraction <= 0.5:
-            raise ConfigError(f"scheduler.quantile_fraction must be in [0, 0.5] (the share "
-                              f"of trials cloned and of donors), got {self.quantile_fraction}")
-        if not 0 <= self.resample_probability <= 1:
-            raise ConfigError(f"scheduler.resample_probability must be in [0, 1], "
-                              f"got {self.resample_probability}")
 
 
 SCHEDULERS: dict[str, type[SchedulerConfig]] = {
@@ -240,11 +229,11 @@ class SweepSpec:
     base: str  # training config the trials start from: a packaged name or a file
     set: dict = dataclasses.field(default_factory=dict)  # fixed values at dotted keys
     search: tuple[SearchEntry, ...] = ()
-    num_samples: int = 1
+    num_samples: AtLeastOne = 1
     metric: str = "meta_loss_rolling"
     mode: Literal["min", "max"] = "min"
-    max_concurrent: int = 0  # 0: as many trials as the cluster fits
-    max_failures: int = 2
+    max_concurrent: NonNegative = 0  # 0: as many trials as the cluster fits
+    max_failures: Annotated[int, Bound(-1)] = 2  # -1: retry for ever
     trial: TrialSettings = TrialSettings()
     scheduler: SchedulerConfig = FifoScheduler()
     search_alg: SearchAlgConfig = SearchAlgConfig()
@@ -264,14 +253,7 @@ class SweepSpec:
         if not isinstance(self.set, dict):
             raise ConfigError(f"set must be a mapping of dotted keys to values, got "
                               f"{type(self.set).__name__}")
-        if self.num_samples < 1:
-            raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.max_concurrent < 0:
-            raise ConfigError(f"max_concurrent must be >= 0 (0: as many as fit), "
-                              f"got {self.max_concurrent}")
-        if self.max_failures < -1:
-            raise ConfigError(f"max_failures must be >= -1 (-1: retry forever), "
-                              f"got {self.max_failures}")
+        check_fields(self, "")
         if self.search_alg.type == "optuna":
             if self.scheduler.type == "pbt":
                 raise ConfigError("search_alg.type optuna with scheduler pbt: PBT changes "

@@ -10,9 +10,11 @@ code: ``ContinuousEvalConfig`` is part of the training config.
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated
 
 from metalearn.core.config import ACTIVATIONS
-from metalearn.core.config_io import ConfigError
+from metalearn.core.config_io import (AtLeastOne, Bound, ConfigError, Fraction, NonNegative,
+                                      NonNegativeFloat, check_fields)
 from metalearn.evaluation import baselines
 from tasks.preprocess import IMAGE_SIZES
 
@@ -47,18 +49,16 @@ class DataConfig:
     group: str | None = None
     data_dir: str | None = None
     ways: int = 10
-    shots: int = 10
-    test_size: int = 1000
-    pool_size: int = 10000
+    shots: AtLeastOne = 10
+    test_size: AtLeastOne = 1000
+    pool_size: AtLeastOne = 10000
     split_seed: int = 0  # the train/validation/test split of a dataset; fixed so scores compare
 
     def __post_init__(self):
         if self.image_size not in (0, *IMAGE_SIZES):
             raise ConfigError(f"data.image_size must be one of {list(IMAGE_SIZES)} or 0 (native), "
                               f"got {self.image_size}")
-        for name in ("ways", "shots", "test_size", "pool_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        check_fields(self, "data")
         if self.ways < 2:
             raise ConfigError(f"data.ways must be at least 2, got {self.ways}")
 
@@ -71,13 +71,13 @@ class EvalConfig:
     width: int = 128
     depth: int = 4
     activation: str = "relu"
-    steps: int = 200  # inner steps of the learned rule
-    seeds: int = 3
-    batch_size: int = 128
+    steps: NonNegative = 200  # inner steps of the learned rule
+    seeds: AtLeastOne = 3
+    batch_size: Annotated[int, Bound(2)] = 128
     ridge: float = 0.1
     baselines: tuple[str, ...] = baselines.DEFAULTS
-    baseline_steps: int = 2000  # training steps of the VAE and prototypical networks
-    supervised_steps: int = 300
+    baseline_steps: NonNegative = 2000  # training steps of the VAE and prototypical networks
+    supervised_steps: NonNegative = 300
     # inner steps scored besides the standard horizons (``readout.eval_points_for``)
     extra_points: tuple[int, ...] = ()
 
@@ -86,13 +86,7 @@ class EvalConfig:
         if any(p < 0 for p in self.extra_points):
             raise ConfigError(f"extra_points must be >= 0, got {list(self.extra_points)}")
         baselines.check(self.baselines)
-        for name in ("steps", "baseline_steps", "supervised_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.seeds < 1:
-            raise ConfigError(f"seeds must be positive, got {self.seeds}")
-        if self.batch_size < 2:
-            raise ConfigError(f"batch size must be at least 2, got {self.batch_size}")
+        check_fields(self, "")
         check_architecture(self.width, self.depth, self.activation)
 
 
@@ -125,29 +119,29 @@ class ContinuousEvalConfig:
     """
 
     enabled: bool = True
-    every: int = 100
+    every: AtLeastOne = 100
     datasets: tuple[str, ...] = ("digits",)
     image_size: int = 0
     width: int = 128
     depth: int = 2
     activation: str = "relu"
-    steps: int = 20
-    seeds: int = 1
+    steps: AtLeastOne = 20
+    seeds: AtLeastOne = 1
     batch_size: int = 128
-    test_size: int = 500
-    shots: int = 10
+    test_size: AtLeastOne = 500
+    shots: AtLeastOne = 10
     data_dir: str | None = None
     horizons: tuple[int, ...] = (100, 300, 1000)
-    long_every: int = 200
+    long_every: NonNegative = 200  # 0: no long rollouts
     long_datasets: tuple[str, ...] = ()
-    long_seeds: int = 0
+    long_seeds: NonNegative = 0  # 0: evaluator.seeds
     # Inner lr of every rollout (0: the rule's). A validation screen can run fewer
     # steps at a larger lr: 100 steps at 3e-2 measured like 1,000 at 3e-3 (the horizon
     # is inner_lr x steps; docs/results.md), at a tenth of the cost.
-    inner_lr: float = 0.0
-    final_timeout_s: float = 1800.0
-    best_margin: float = 0.0
-    select_from: int = 0
+    inner_lr: Fraction = 0.0
+    final_timeout_s: NonNegativeFloat = 1800.0
+    best_margin: Fraction = 0.0  # a score difference
+    select_from: NonNegative = 0  # inner steps; 0: every horizon scores
 
     def selection_horizons(self) -> tuple[int, ...]:
         """The horizons whose mean accuracy scores a theta (``select_from``)."""
@@ -157,30 +151,10 @@ class ContinuousEvalConfig:
     def __post_init__(self):
         object.__setattr__(self, "datasets", tuple(self.datasets))
         object.__setattr__(self, "horizons", tuple(sorted(set(self.horizons))))
-        if self.select_from < 0:
-            raise ConfigError(f"evaluator.select_from must be >= 0 (inner steps; 0: every "
-                              f"horizon scores), got {self.select_from}")
         object.__setattr__(self, "long_datasets", tuple(self.long_datasets))
-        if self.every < 1:
-            raise ConfigError(f"evaluator.every must be positive, got {self.every}")
+        check_fields(self, "evaluator")
         if not self.datasets:
             raise ConfigError("evaluator.datasets must name at least one dataset")
-        for name in ("steps", "seeds", "test_size", "shots"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"evaluator.{name} must be positive, got "
-                                  f"{getattr(self, name)}")
-        if not 0 <= self.inner_lr < 1:
-            raise ConfigError(f"evaluator.inner_lr must be in [0, 1) (0: the rule's), got "
-                              f"{self.inner_lr}")
-        if not 0 <= self.best_margin < 1:
-            raise ConfigError(f"evaluator.best_margin must be in [0, 1) (a score difference), "
-                              f"got {self.best_margin}")
-        if self.long_seeds < 0:
-            raise ConfigError(f"evaluator.long_seeds must be >= 0 (0: evaluator.seeds), got "
-                              f"{self.long_seeds}")
-        if self.long_every < 0:
-            raise ConfigError(f"evaluator.long_every must be >= 0 (0: no long rollouts), "
-                              f"got {self.long_every}")
         if self.long_every and not self.horizons:
             raise ConfigError("evaluator.horizons must name at least one inner-step count "
                               "when evaluator.long_every > 0")
@@ -191,9 +165,6 @@ class ContinuousEvalConfig:
         if missing:
             raise ConfigError(f"evaluator.long_datasets: {', '.join(missing)} not in "
                               f"evaluator.datasets {list(self.datasets)}")
-        if not self.final_timeout_s >= 0:
-            raise ConfigError(f"evaluator.final_timeout_s must be >= 0, got "
-                              f"{self.final_timeout_s}")
         check_architecture(self.width, self.depth, self.activation)
 
     def long_names(self) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import yaml
@@ -26,7 +26,8 @@ import yaml
 from metalearn.core.theta import theta_spec
 from metalearn.core.config import (ACTIVATIONS, EstimatorConfig, HorizonConfig,
                                    MetaObjectiveConfig, RuleConfig, UnrollConfig)
-from metalearn.core.config_io import (ConfigError, apply_overrides, check_choices, from_dict,
+from metalearn.core.config_io import (AtLeastOne, Bound, ConfigError, NonNegative, NonNegativeFloat,
+                                      Positive, apply_overrides, check_fields, from_dict,
                                       is_packaged_name, merge, read_yaml, resolve_config,
                                       to_dict)
 from metalearn.evaluation.config import ContinuousEvalConfig
@@ -36,19 +37,19 @@ from metalearn.evaluation.config import ContinuousEvalConfig
 class LearnerConfig:
     """The central learner: meta-batching, optax, staleness, checkpoints (docs/training.md)."""
 
-    meta_batch: int = 256  # gradients averaged per theta update
+    meta_batch: AtLeastOne = 256  # gradients averaged per theta update
     # Piecewise-constant meta learning rate: lr_values[i] until lr_boundaries[i] updates.
     lr_values: tuple[float, ...] = (3e-4, 1e-4, 2e-5)
     lr_boundaries: tuple[int, ...] = (100_000, 150_000)
-    clip_norm: float = 5.0  # global-norm clip of the averaged meta-gradient
+    clip_norm: Positive = 5.0  # global-norm clip of the averaged meta-gradient
     # Adam's constants, optax's defaults; named so a run's config.yaml records them.
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     # A gradient computed with theta version v is applied at version V only if
     # V - v <= max_staleness; older ones are dropped and counted.
-    max_staleness: int = 16
-    loss_window: int = 256  # gradients in the rolling meta-loss (overall and per dataset)
+    max_staleness: NonNegative = 16
+    loss_window: AtLeastOne = 256  # gradients in the rolling meta-loss (overall and per dataset)
     # The trainable subspace of theta, as ThetaSpec.mask selectors ("merge_w",
     # "merge_w.w:hebb", "compute_h"): empty trains every entry. ``frozen`` entries are
     # kept at their initial values; both may be given (trainable minus frozen).
@@ -56,13 +57,11 @@ class LearnerConfig:
     trainable: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
     seed: int = 0  # theta initialisation and the learner's RNG
-    checkpoint_minutes: float = 5.0
-    keep_checkpoints: int = 3
+    checkpoint_minutes: Positive = 5.0
+    keep_checkpoints: AtLeastOne = 3
 
     def __post_init__(self):
-        if not isinstance(self.meta_batch, int) or self.meta_batch < 1:
-            raise ConfigError(f"learner.meta_batch must be a positive integer, "
-                              f"got {self.meta_batch!r}")
+        check_fields(self, "learner")
         if len(self.lr_values) != len(self.lr_boundaries) + 1:
             raise ConfigError(f"learner.lr_values needs one more entry than "
                               f"learner.lr_boundaries, got {len(self.lr_values)} values and "
@@ -73,18 +72,6 @@ class LearnerConfig:
                 b <= 0 for b in self.lr_boundaries):
             raise ConfigError(f"learner.lr_boundaries must be increasing positive steps, got "
                               f"{list(self.lr_boundaries)}")
-        if not self.clip_norm > 0:
-            raise ConfigError(f"learner.clip_norm must be positive, got {self.clip_norm!r}")
-        if self.max_staleness < 0:
-            raise ConfigError(f"learner.max_staleness must be >= 0, got {self.max_staleness!r}")
-        if self.loss_window < 1:
-            raise ConfigError(f"learner.loss_window must be >= 1, got {self.loss_window!r}")
-        if not self.checkpoint_minutes > 0:
-            raise ConfigError(f"learner.checkpoint_minutes must be positive, "
-                              f"got {self.checkpoint_minutes!r}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"learner.keep_checkpoints must be >= 1, "
-                              f"got {self.keep_checkpoints!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,28 +87,19 @@ class CurriculumConfig:
 
     unroll_start: tuple[int, ...] = (2, 4)
     unroll_end: tuple[int, ...] = (8, 15)
-    unroll_ramp_steps: int = 50_000
-    truncations_std_start: float = 20.0
-    truncations_std_end: float = 20_000.0
-    truncations_ramp_steps: int = 5_000
-    min_truncations: int = 1
+    unroll_ramp_steps: NonNegative = 50_000
+    truncations_std_start: Positive = 20.0
+    truncations_std_end: Positive = 20_000.0
+    truncations_ramp_steps: NonNegative = 5_000
+    min_truncations: AtLeastOne = 1
 
     def __post_init__(self):
+        check_fields(self, "curriculum")
         for name in ("unroll_start", "unroll_end"):
             lo_hi = getattr(self, name)
             if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
                 raise ConfigError(f"curriculum.{name} must be [low, high] with "
                                   f"1 <= low <= high, got {list(lo_hi)}")
-        for name in ("unroll_ramp_steps", "truncations_ramp_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"curriculum.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("truncations_std_start", "truncations_std_end"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"curriculum.{name} must be positive, "
-                                  f"got {getattr(self, name)!r}")
-        if self.min_truncations < 1:
-            raise ConfigError(f"curriculum.min_truncations must be >= 1, "
-                              f"got {self.min_truncations!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,46 +108,29 @@ class WorkerConfig:
 
     # 0: one per CPU of the Ray cluster. The learner actor reserves no CPU (it runs beside
     # the driver on its node and is idle most of the time, docs/training.md).
-    num_workers: int = 0
-    cpus_per_worker: int = 1  # XLA threads are pinned to this many cores per worker
+    num_workers: NonNegative = 0
+    cpus_per_worker: AtLeastOne = 1  # XLA threads are pinned to this many cores per worker
     # A worker whose constructor fails (a task source it cannot read, a missing package
     # on its node): "stop" ends the run with the cause; "continue" trains with the
     # workers that started (and stops only if none did).
     on_start_failure: Literal["stop", "continue"] = "stop"
-    gpus_per_worker: float = 0.0
-    tasks_per_worker: int = 1  # >1: vmap several tasks of one architecture (GPU workers)
-    batch_size: int = 128  # unlabelled inner batch per step
+    gpus_per_worker: NonNegativeFloat = 0.0
+    tasks_per_worker: AtLeastOne = 1  # >1: vmap several tasks of one architecture (GPU workers)
+    batch_size: Annotated[int, Bound(2)] = 128  # unlabelled inner batch per step
     # --runner population: learner updates per program call (K meta-steps of
     # learner.meta_batch tasks each, the optax update inside; metalearn.core.population).
-    meta_steps: int = 4
+    meta_steps: AtLeastOne = 4
     # --runner population: devices a meta-step's tasks are split over. 0: the most local
     # accelerators that share learner.meta_batch evenly (on CPU: one device); N: N, on
     # CPU N CPU devices (unreliable on XLA:CPU today: docs/training.md).
-    devices: int = 0
+    devices: NonNegative = 0
     seed: int = 0  # root of every worker's task stream
     # Persistent XLA compilation cache shared by workers and restarts; "" picks
     # ~/.cache/metalearn/jax, "none" turns it off.
     compilation_cache: str = ""
 
     def __post_init__(self):
-        check_choices(self, "worker")
-        if self.num_workers < 0:
-            raise ConfigError(f"worker.num_workers must be >= 0, got {self.num_workers!r}")
-        if self.cpus_per_worker < 1:
-            raise ConfigError(f"worker.cpus_per_worker must be >= 1, "
-                              f"got {self.cpus_per_worker!r}")
-        if self.gpus_per_worker < 0:
-            raise ConfigError(f"worker.gpus_per_worker must be >= 0, "
-                              f"got {self.gpus_per_worker!r}")
-        if self.tasks_per_worker < 1:
-            raise ConfigError(f"worker.tasks_per_worker must be >= 1, "
-                              f"got {self.tasks_per_worker!r}")
-        if self.batch_size < 2:
-            raise ConfigError(f"worker.batch_size must be >= 2, got {self.batch_size!r}")
-        if self.meta_steps < 1:
-            raise ConfigError(f"worker.meta_steps must be >= 1, got {self.meta_steps!r}")
-        if self.devices < 0:
-            raise ConfigError(f"worker.devices must be >= 0, got {self.devices!r}")
+        check_fields(self, "worker")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,28 +183,22 @@ class TasksConfig:
 class RunConfig:
     """Limits and reporting of one ``metalearn train`` invocation."""
 
-    minutes: float = 10.0  # wall-clock budget; 0: no time limit
-    steps: int = 0  # stop at this learner step; 0: no step limit
+    minutes: NonNegativeFloat = 10.0  # wall-clock budget; 0: no time limit
+    steps: NonNegative = 0  # stop at this learner step; 0: no step limit
     address: str = ""  # Ray address to join; "" starts a local Ray
     # "ray": learner and worker actors; "local": the same loop in one process, no Ray
     # (metalearn.training.local: tests, debugging); "population": one process whose
     # compiled program runs worker.meta_steps learner updates per call, the optax update
     # inside (metalearn.training.population; es_full only).
     runner: Literal["ray", "local", "population"] = "ray"
-    progress_every_s: float = 2.0
-    metrics_flush_s: float = 15.0  # seconds between metrics segment flushes
+    progress_every_s: NonNegativeFloat = 2.0
+    metrics_flush_s: NonNegativeFloat = 15.0  # seconds between metrics segment flushes
     tensorboard: bool = False
     # Trackers beside TensorBoard: "wandb", "mlflow" (metalearn.training.trackers).
     loggers: tuple[Literal["wandb", "mlflow"], ...] = ()
 
     def __post_init__(self):
-        check_choices(self, "run")
-        if self.minutes < 0 or self.steps < 0:
-            raise ConfigError("run.minutes and run.steps must be >= 0")
-        for name in ("progress_every_s", "metrics_flush_s"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"run.{name} must be >= 0 (seconds), "
-                                  f"got {getattr(self, name)!r}")
+        check_fields(self, "run")
 
 
 @dataclasses.dataclass(frozen=True)
