@@ -1,61 +1,11 @@
-"""Meta-gradient estimators over truncations (docs/estimators.md).
+"""Meta-gradient estimators over truncations: ``truncated``, ``es``, ``pes``, ``hybrid``
+(``EstimatorConfig.kind``; what each estimates, its bias, variance and cost:
+docs/estimators.md).
 
-A task's inner run is cut into truncations; each estimator turns one truncation into
-an estimate of d(meta-loss)/d(theta) and carries its own per-task state from one
-truncation to the next. Four estimators share one interface (``EstimatorConfig.kind``):
-
-``truncated``: backprop through the U steps with phi at the truncation's start held
-    constant (``metalearn.core.unroll.MetaGradient``, the paper's estimator). Low
-    variance, biased towards what pays off within U steps.
-``es``: antithetic evolution strategies over the truncation. K = ``pairs`` perturbations
-    eps_k ~ N(0, sigma^2 I) (sigma = ``perturbation_std``); theta + eps_k and
-    theta - eps_k both start from the same phi and see the same data:
-
-        g = 1 / (2 K sigma^2) * sum_k eps_k (L(theta + eps_k) - L(theta - eps_k)),
-
-    an unbiased estimate of the gradient of the Gaussian-smoothed truncated loss
-    E_eps L(theta + eps). Forwards only; still truncated (phi's history is constant).
-``pes``: persistent ES (Vicol et al., ICML 2021). Each of the 2K particles keeps its
-    own phi for the whole task, and each pair accumulates its perturbations,
-    xi_k <- xi_k + eps_k, so that
-
-        g = 1 / (2 K sigma^2) * sum_k xi_k (L_k^+ - L_k^-)
-
-    is an unbiased estimate of the gradient of the smoothed loss of this truncation
-    *through every earlier truncation of the task*: summed over a task's truncations,
-    the gradient of the whole inner run, with no truncation bias. Its variance grows
-    with the number of truncations behind it (|xi|^2 grows linearly).
-``hybrid``: truncated backprop and ES on the same truncation, combined with weights
-    inversely proportional to their variances (Metz et al. 2019, "Understanding and
-    correcting pathologies in the training of learned optimizers"):
-
-        g = (v_es g_bp + v_bp g_es) / (v_bp + v_es),
-
-    v_* = an exponential moving average of |g_* - mean(g_*)|^2 over the worker's
-    truncations (``variance_decay``), kept across tasks; equal weights until each
-    component has two samples.
-
-Every estimator also advances an unperturbed phi (the "center" trajectory) whose
-per-step meta-objective is the reported loss, so losses are comparable across
-estimators. Perturbations touch only the trainable entries of theta (``trainable``,
-the complement of ``learner.frozen``): noise on frozen entries would only add variance.
-
-Each estimator is written for one task: a pure function (theta, state, batch, mask) ->
-(estimate, state) that runs the whole truncation as one ``lax.scan`` (every particle of
-the ES family stepped together inside it). One wrapper, ``GradientEstimator``, pads U to
-a bucket (``unroll.scan_buckets``; padded steps are skipped by ``lax.cond``, so they cost
-nothing), vmaps the function over a leading task axis (theta shared) and jits it: one
-compiled program per (architecture, bucket) serves one task or T of them. Inside the
-scan the rule's convolutions are traced as matmuls (``rule_layers.matmul_convs``): XLA's
-CPU backend runs convolutions inside loop bodies several times slower, and under
-per-particle theta they become batched matmuls rather than grouped convolutions.
-Truncated backprop (``truncated``, and the hybrid's first half) is the one exception to
-the single program: where ``unroll.method`` resolves to ``stepwise`` (the CPU default)
-it is computed by the stepwise ``MetaGradient`` and handed to the program, since on
-XLA's CPU backend the scan measured 1.27x slower and compiled 1.7x longer
-(docs/estimators.md).
-State and results are immutable NamedTuples; non-finite losses or gradients are
-reported in ``Estimate.finite``, never hidden.
+Each is a pure per-task function (theta, state, batch, mask) -> (estimate, state) that
+runs the whole truncation as one ``lax.scan``; ``GradientEstimator`` pads U to a bucket,
+vmaps over tasks and jits it. Every estimator also advances the unperturbed (center)
+phi, whose loss is the reported one; perturbations touch only the trainable entries.
 """
 
 from __future__ import annotations
@@ -381,8 +331,9 @@ class TruncatedBackprop(GradientEstimator):
 
 
 class ES(GradientEstimator):
-    """Antithetic ES over one truncation; both particles of a pair start from the
-    center phi. Metrics: grad_norm, pair_var (trace variance of the estimate from the
+    """Antithetic ES over one truncation: g = 1/(2 K sigma^2) sum_k eps_k (L(theta +
+    eps_k) - L(theta - eps_k)), eps_k ~ N(0, sigma^2 I), K = ``pairs``; both particles of
+    a pair start from the center phi and see the same data. Metrics: grad_norm, pair_var (trace variance of the estimate from the
     pairs' spread)."""
 
     name = "es"
@@ -401,8 +352,10 @@ class ES(GradientEstimator):
 
 
 class PES(GradientEstimator):
-    """Persistent ES: the 2K particles keep their phi for the whole task and each
-    pair accumulates its perturbations. Metrics: grad_norm, pair_var, xi_norm (mean
+    """Persistent ES (Vicol et al. 2021): the 2K particles keep their phi for the whole
+    task and pair k accumulates its perturbations, xi_k <- xi_k + eps_k, so that
+    g = 1/(2 K sigma^2) sum_k xi_k (L_k^+ - L_k^-) is unbiased through every earlier
+    truncation of the task. Metrics: grad_norm, pair_var, xi_norm (mean
     |xi_k| / sigma: sqrt(truncations x trainable dims) grows along a task)."""
 
     name = "pes"
@@ -432,8 +385,10 @@ class PES(GradientEstimator):
 
 
 class Hybrid(GradientEstimator):
-    """Truncated backprop and ES of the same truncation, weighted by inverse online
-    variances. Metrics: grad_norm, pair_var, bp_norm, es_norm, bp_var, es_var, w_bp."""
+    """Truncated backprop and ES of the same truncation (Metz et al. 2019),
+    g = (v_es g_bp + v_bp g_es) / (v_bp + v_es), v_* an EMA of |g_* - mean(g_*)|^2 over
+    the worker's truncations (``variance_decay``; equal weights until each has two
+    samples). Metrics: grad_norm, pair_var, bp_norm, es_norm, bp_var, es_var, w_bp."""
 
     name = "hybrid"
     metric_names = ("grad_norm", "pair_var", "bp_norm", "es_norm", "bp_var", "es_var", "w_bp")

@@ -99,30 +99,19 @@ class LearnerHost:
 
     def submit(self, submission: Submission) -> LearnerReply:
         start = time.perf_counter()
-        learner = self.learner
-        row = learner.submit(submission)
-        self._collect(wait=False)
-        curriculum = None
-        if row is not None:
-            self.rows.append(row)
-            if not self.fatal:
-                self._write_rows(self.metric_rows.add, row)
-            curriculum = learner.curriculum()
-            self._maybe_save()
-        checkpoint, self._unreported = self._unreported, None
-        self.busy_s += time.perf_counter() - start
-        return LearnerReply(generation=learner.generation, step=learner.step,
-                            version=learner.version, row=row, curriculum=curriculum,
-                            checkpoint=checkpoint, fatal=self.fatal,
-                            received=int(learner.counters["received"]))
+        row = self.learner.submit(submission)
+        return self._reply([] if row is None else [row], start)
 
     def absorb(self, theta, opt_state, stats, dataset: str) -> LearnerReply:
         """K updates made by the population engine from this learner's theta and optimiser
         state (``Learner.absorb``): their rows are written and a checkpoint is started
         when due, as after ``submit``; the reply carries the last row."""
         start = time.perf_counter()
+        return self._reply(self.learner.absorb(theta, opt_state, stats, dataset), start)
+
+    def _reply(self, rows: list[dict], start: float) -> LearnerReply:
+        """Keep and write ``rows`` (new updates), start a checkpoint when due; the reply."""
         learner = self.learner
-        rows = learner.absorb(theta, opt_state, stats, dataset)
         self._collect(wait=False)
         for row in rows:
             self.rows.append(row)
