@@ -264,8 +264,9 @@ def config_from_dict(values: dict) -> TrainConfig:
     base = RuleConfig.small() if preset == "small" else RuleConfig()
     moved = sorted(set(values.get("unroll") or {}) & set(MOVED_TO_ESTIMATOR))
     if moved:
-        raise ConfigError(f"unroll.{moved[0]} is now {MOVED_TO_ESTIMATOR[moved[0]]} (the "
-                          f"estimator has its own section; docs/estimators.md)")
+        raise ConfigError(f"unroll.{moved[0]} is now {MOVED_TO_ESTIMATOR[moved[0]]}: move it "
+                          f"in the config file (the estimator has its own section; "
+                          f"docs/estimators.md)")
     config = from_dict(TrainConfig, values)
     rule = from_dict(RuleConfig, {**to_dict(base), **rule_values}, "rule")
     return dataclasses.replace(config, rule=rule)

@@ -15,6 +15,11 @@ from metalearn.training.checkpoint import atomic_write_bytes
 from metalearn.training.config import TrainConfig, config_from_dict, config_to_yaml
 
 
+def _child(name: str) -> property:
+    """The path of ``<run>/<name>``."""
+    return property(lambda self: os.path.join(self.path, name))
+
+
 class RunDir:
     """A run folder at ``path`` (absolute); nothing is created until ``create``."""
 
@@ -45,41 +50,15 @@ class RunDir:
     def name(self) -> str:
         return os.path.basename(self.path.rstrip(os.sep))
 
-    @property
-    def config_path(self) -> str:
-        return os.path.join(self.path, self.CONFIG)
-
-    @property
-    def configs(self) -> str:
-        return os.path.join(self.path, self.CONFIGS)
-
-    @property
-    def checkpoints(self) -> str:
-        return os.path.join(self.path, self.CHECKPOINTS)
-
-    @property
-    def theta(self) -> str:
-        return os.path.join(self.path, self.THETA)
-
-    @property
-    def best(self) -> str:
-        return os.path.join(self.path, self.BEST)
-
-    @property
-    def metrics(self) -> str:
-        return os.path.join(self.path, self.METRICS)
-
-    @property
-    def evaluations(self) -> str:
-        return os.path.join(self.path, self.EVALUATIONS)
-
-    @property
-    def discarded(self) -> str:
-        return os.path.join(self.path, self.DISCARDED)
-
-    @property
-    def tensorboard(self) -> str:
-        return os.path.join(self.path, self.TENSORBOARD)
+    config_path = _child(CONFIG)
+    configs = _child(CONFIGS)
+    checkpoints = _child(CHECKPOINTS)
+    theta = _child(THETA)
+    best = _child(BEST)
+    metrics = _child(METRICS)
+    evaluations = _child(EVALUATIONS)
+    discarded = _child(DISCARDED)
+    tensorboard = _child(TENSORBOARD)
 
     # ------------------------------------------------------------------ state
 
