@@ -24,8 +24,8 @@ from metalearn.core.theta import theta_spec
 from metalearn.core.unroll import Problem
 from metalearn.training.config import TrainConfig, trainable_mask
 from metalearn.training.learner import make_optimizer
-from metalearn.training.task_mix import resolve_mix, task_dataset_name
-from tasks.sampler import MixConfig, TaskSampler
+from metalearn.training.task_mix import stream_rng, task_dataset_name, task_sampler
+from tasks.sampler import MixConfig
 
 
 STUCK_FIRST_S = 1800.0
@@ -142,10 +142,7 @@ class PopulationEngine:
         self.meta_steps = int(meta_steps or config.worker.meta_steps)
         self.tasks_per_step = int(tasks_per_step or config.learner.meta_batch)
         self.index = int(index)
-        if sampler is None:
-            sampler = TaskSampler(mix if mix is not None else resolve_mix(config.tasks),
-                                  data_dir=config.tasks.data_dir)
-        self.sampler = sampler
+        self.sampler = sampler if sampler is not None else task_sampler(config.tasks, mix)
         self.spec = theta_spec(config.rule)
         self.trainable = trainable_mask(config.rule, config.learner)
         keep = (np.ones(self.spec.num_params, np.float32) if self.trainable is None
@@ -173,8 +170,7 @@ class PopulationEngine:
 
     def reseed(self, stream_seed: int) -> None:
         self.stream_seed = int(stream_seed)
-        self.rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed,
-                                                                 self.index]))
+        self.rng = stream_rng(self.stream_seed, self.index)
         self._next: PopulationBatch | None = None
 
     def program(self, arch) -> PopulationProgram:

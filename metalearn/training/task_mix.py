@@ -8,10 +8,24 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from metalearn.core.config_io import ConfigError, read_yaml, resolve_config
 from metalearn.training.config import TasksConfig
 from tasks.sampler import MixConfig, TaskSampler, load_mix
 from tasks.sources import load
+
+
+def task_sampler(tasks: TasksConfig, mix: MixConfig | None = None) -> TaskSampler:
+    """The sampler of ``mix`` (resolved by the driver and handed over), else of the
+    config's own mix (tests, a single process)."""
+    return TaskSampler(resolve_mix(tasks) if mix is None else mix, data_dir=tasks.data_dir)
+
+
+def stream_rng(stream_seed: int, index: int) -> np.random.Generator:
+    """Worker ``index``'s stream of task seeds: the same draws for the same (seed, index)
+    on every machine."""
+    return np.random.default_rng(np.random.SeedSequence([int(stream_seed), int(index)]))
 
 
 def resolve_mix(tasks: TasksConfig) -> MixConfig:
@@ -84,4 +98,4 @@ def task_dataset_name(task) -> str:
     return value if isinstance(value, str) else getattr(value, "name", "unknown")
 
 
-__all__ = ["check_readable", "resolve_mix", "task_dataset_name"]
+__all__ = ["check_readable", "resolve_mix", "stream_rng", "task_dataset_name", "task_sampler"]

@@ -28,8 +28,8 @@ from metalearn.training.config import TrainConfig, trainable_mask
 from metalearn.training.messages import LearnerReply, Submission, WorkOrder
 from metalearn.training.schedules import Curriculum
 from metalearn.training.population_engine import PopulationEngine
-from metalearn.training.task_mix import resolve_mix, task_dataset_name
-from tasks.sampler import MixConfig, TaskSampler
+from metalearn.training.task_mix import stream_rng, task_dataset_name, task_sampler
+from tasks.sampler import MixConfig
 
 DEFAULT_JAX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "metalearn", "jax")
 
@@ -85,12 +85,7 @@ class Worker:
         self.index = index
         self.tasks_per_worker = config.worker.tasks_per_worker
         self.theta_spec = theta_spec(config.rule)
-        # The driver resolves the mix and hands it over (``resolve_mix``); without one,
-        # the worker resolves the config's mix itself (tests, a single process).
-        if sampler is None:
-            sampler = TaskSampler(mix if mix is not None else resolve_mix(config.tasks),
-                                  data_dir=config.tasks.data_dir)
-        self.sampler = sampler
+        self.sampler = sampler if sampler is not None else task_sampler(config.tasks, mix)
         self._estimators: dict[str, Any] = {}
         self._last_state: dict[str, Any] = {}  # per activation: for cross-task statistics
         trainable = trainable_mask(config.rule, config.learner)
@@ -115,8 +110,7 @@ class Worker:
     def reseed(self, stream_seed: int) -> None:
         """Start a new task stream (drops the tasks in progress)."""
         self.stream_seed = int(stream_seed)
-        self.rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed,
-                                                                 self.index]))
+        self.rng = stream_rng(self.stream_seed, self.index)
         self._task: _TaskGroup | None = None
         self._prefetched = None  # (task group, U, batch) of its next truncation
         if getattr(self, "population", None) is not None:
