@@ -93,7 +93,7 @@ def markdown_table(summary: Sequence[dict], title: str, info: dict) -> str:
     """Final accuracies per method, the per-horizon table (accuracy and collapse
     diagnostics at every evaluated step), then every evaluation point in long form."""
     lines = [f"# {title}", ""]
-    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += [f"- {k}: {v}" for k, v in info.items() if v is not None]  # None: not known
     lines += ["", "Accuracy: mean ± standard error over seeds, 10-shot linear readouts on "
               "the test set. r: principal components explaining 90% of the variance of "
               "the test set's top-layer representation (rank90; 1-2 = collapsed); W x: "
