@@ -23,7 +23,7 @@ from metalearn.distributed.evaluator import RayEvaluator
 from metalearn.training.config import TrainConfig
 from metalearn.training.loop import (LearnerClient, LearnerLost, Transport, WorkerPool,
                                      WorkerStartError)
-from metalearn.training.messages import LearnerStatus, WorkerResult, WorkOrder
+from metalearn.training.messages import LearnerStatus, WorkerResult, WorkOrder, error_line
 from metalearn.training.run_dir import RunDir
 from metalearn.training.runner import Runner
 from tasks.sampler import MixConfig
@@ -31,12 +31,6 @@ from tasks.sampler import MixConfig
 _GONE = (RayActorError, ActorUnavailableError)
 # How long ``start_workers`` waits for workers to answer before training starts.
 START_WAIT_S = 300.0
-
-
-def _cause(err: Exception) -> str:
-    """The last meaningful line of a Ray error (the exception the actor raised)."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1][:500] if lines else type(err).__name__
 
 
 def default_worker_count(resources: dict, worker) -> int:
@@ -85,7 +79,7 @@ class RayLearner(LearnerClient):
         try:
             return ray.get(ref, timeout=self.TIMEOUTS.get(method))
         except (*_GONE, GetTimeoutError) as err:
-            raise LearnerLost(str(err).strip().splitlines()[-1][:300]) from None
+            raise LearnerLost(error_line(err)) from None
 
 
 class RayWorkers(WorkerPool):
@@ -145,7 +139,7 @@ class RayWorkers(WorkerPool):
             try:
                 ray.get(ref)
             except (*_GONE, RayTaskError) as err:
-                failed[refs[ref]] = _cause(err)
+                failed[refs[ref]] = error_line(err, 500)
         return failed
 
     def dispatch(self, index: int, order: WorkOrder) -> None:
@@ -164,13 +158,12 @@ class RayWorkers(WorkerPool):
             except RayActorError as err:
                 # Ray restarts a worker that crashed, but not one whose constructor
                 # raised: that worker is gone for good.
-                results.append(WorkerResult(index, died=True, error=_cause(err),
+                results.append(WorkerResult(index, died=True, error=error_line(err, 500),
                                             cannot_start=err.actor_init_failed))
             except (ActorUnavailableError, OutOfMemoryError):
                 results.append(WorkerResult(index, died=True))  # Ray restarts it
             except RayTaskError as err:
-                results.append(WorkerResult(
-                    index, error=str(err).strip().splitlines()[-1][:300]))
+                results.append(WorkerResult(index, error=error_line(err)))
         return results
 
     def stop(self) -> int:

@@ -13,6 +13,7 @@ from metalearn.evaluation.config import EvaluationSchedule
 from metalearn.evaluation.continuous import ContinuousEvaluator
 from metalearn.training.config import TrainConfig
 from metalearn.training.loop import Callback, TrainingLoop
+from metalearn.training.messages import error_line
 
 
 class Evaluator(Protocol):
@@ -68,8 +69,7 @@ class ContinuousEvaluation(Callback):
         self.pending: tuple[int, Any] | None = None  # (step, theta payload) under way
 
     def _off(self, err: Exception) -> None:
-        message = str(err).strip().splitlines()[-1][:300] if str(err).strip() else repr(err)
-        print(f"\ncontinuous evaluation failed and is switched off: {message}",
+        print(f"\ncontinuous evaluation failed and is switched off: {error_line(err)}",
               file=sys.stderr)
         self._close()
 

@@ -13,14 +13,13 @@ step through, and the fastest path on one GPU (no actor, no object store).
 from __future__ import annotations
 
 import collections
-import traceback
 
 from metalearn.training.config import TrainConfig
 from metalearn.training.continuous_evaluation import InProcessEvaluator
 from metalearn.training.learner_host import LearnerHost
 from metalearn.training.loop import LearnerClient, LearnerLost, Transport, WorkerPool
 from metalearn.training.messages import (LearnerReply, LearnerStatus, Submission, WorkerResult,
-                                         WorkOrder)
+                                         WorkOrder, error_line)
 from metalearn.training.run_dir import RunDir
 from metalearn.training.runner import Runner
 from metalearn.training.task_mix import resolve_mix
@@ -83,8 +82,7 @@ class InProcessWorkers(WorkerPool):
                 order, fetch_theta=lambda payload: payload,
                 push=lambda sub: self.learner.push(sub, order.theta.generation))
         except Exception as err:  # noqa: BLE001 - a failed truncation is reported, not fatal
-            lines = traceback.format_exception_only(type(err), err)
-            return [WorkerResult(index, error=lines[-1].strip()[:300])]
+            return [WorkerResult(index, error=error_line(err))]
         return [WorkerResult(index, reply=reply)]
 
     def stop(self) -> int:

@@ -6,11 +6,20 @@
 from __future__ import annotations
 
 import dataclasses
+import traceback
 from typing import Any
 
 import numpy as np
 
 from metalearn.training.schedules import Curriculum
+
+
+def error_line(err: BaseException, limit: int = 300) -> str:
+    """A failure as one line of at most ``limit`` characters, for events and reports: the
+    last line of ``TypeName: message`` (a Ray error's message ends with the exception the
+    remote code raised)."""
+    text = "".join(traceback.format_exception_only(type(err), err)).strip()
+    return (text.splitlines()[-1] if text else type(err).__name__)[:limit]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,5 +158,5 @@ class WorkerResult:
     cannot_start: bool = False  # with ``died``: its constructor failed (no restart helps)
 
 
-__all__ = ["LEARNER_COLUMNS", "LearnerReply", "LearnerRow", "LearnerStatus", "Submission", "ThetaHandle", "WorkOrder",
+__all__ = ["LEARNER_COLUMNS", "error_line", "LearnerReply", "LearnerRow", "LearnerStatus", "Submission", "ThetaHandle", "WorkOrder",
            "WorkerResult"]

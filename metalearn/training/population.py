@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import traceback
 
 from metalearn.core.config import ConfigError
 from metalearn.training.config import TrainConfig
 from metalearn.training.events import append_event
 from metalearn.training.continuous_evaluation import InProcessEvaluator
 from metalearn.training.local import InProcessLearner, InProcessWorkers, in_process_transport
-from metalearn.training.messages import LearnerReply, WorkerResult
+from metalearn.training.messages import LearnerReply, WorkerResult, error_line
 from metalearn.training.population_engine import (PopulationEngine, ProgramStuck,
                                                   use_cpu_devices, wait_program)
 from metalearn.training.runner import Runner
@@ -58,8 +57,7 @@ class PopulationWorkers(InProcessWorkers):
         except ProgramStuck:
             raise  # the device is blocked by the stuck call: nothing more can run here
         except Exception as err:  # noqa: BLE001 - a failed call is reported, not fatal
-            lines = traceback.format_exception_only(type(err), err)
-            return [WorkerResult(index, error=lines[-1].strip()[:300])]
+            return [WorkerResult(index, error=error_line(err))]
         self.calls.append(dict(call.timings))
         return [WorkerResult(index, reply=host.absorb(call.theta, call.opt_state,
                                                       call.stats, call.dataset))]
