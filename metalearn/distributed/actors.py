@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
-import time
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -96,14 +95,10 @@ class WorkerActor:
             node = ray.util.get_node_ip_address()
             raise RuntimeError(f"on node {node}: {type(err).__name__}: "
                                f"{str(err).strip()[:500]}") from err
-        self.started = time.time()
 
     def info(self) -> dict:
         return {"index": self.worker.index, "cores": self.cores, "pid": os.getpid(),
                 "truncations": self.worker.truncations}
-
-    def reseed(self, stream_seed: int) -> None:
-        self.worker.reseed(stream_seed)
 
     def compute(self, order, learner):
         """One ``WorkOrder``: the gradient goes worker -> learner in one call (inline up

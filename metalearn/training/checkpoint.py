@@ -333,11 +333,6 @@ class Checkpointer:
         arrays = jax.tree.map(np.asarray, restored["state"])
         return arrays, dict(restored["meta"])
 
-    def read_meta(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
-
     def restore_latest(self, template, *, quarantine: bool | None = None):
         """(step, arrays, meta) of the newest readable checkpoint, or None if none is.
 

@@ -51,6 +51,14 @@ def make_optimizer(config: LearnerConfig,
     )
 
 
+def _read_only(theta) -> np.ndarray:
+    """A read-only float32 copy: a state's theta is never written, so it is handed to
+    workers and checkpoints without copying."""
+    theta = np.array(theta, np.float32)
+    theta.setflags(write=False)
+    return theta
+
+
 class MetaBatch(NamedTuple):
     """The meta-batch being summed (every weight is a task-gradient count)."""
 
@@ -66,7 +74,7 @@ class MetaBatch(NamedTuple):
 class LearnerState(NamedTuple):
     """Everything a learner is (``Learner.state`` gives it as a checkpoint)."""
 
-    theta: np.ndarray  # [P] float32
+    theta: np.ndarray  # [P] float32, read-only
     opt_state: Any  # the optax state of ``make_optimizer``
     batch: MetaBatch
     step: int  # updates applied (the row of update k has step k)
@@ -95,7 +103,7 @@ class Learner:
         self._clock = clock
         self._wall_offset, self._started = 0.0, clock()  # earlier sessions, this one
         self.curriculum_config = curriculum
-        theta = np.asarray(theta_flat, np.float32)
+        theta = _read_only(theta_flat)
         self.num_params = int(theta.size)
         if trainable is not None and np.shape(trainable) != (self.num_params,):
             raise ValueError(f"trainable mask of shape {np.shape(trainable)}, theta "
@@ -239,7 +247,7 @@ class Learner:
                                   spread, est, wall))
             state = self._count(state._replace(step=state.step + 1, version=state.version + 1,
                                                wall_s=wall), applied=count)
-        self.current = state._replace(theta=np.asarray(theta, np.float32), opt_state=opt_state,
+        self.current = state._replace(theta=_read_only(theta), opt_state=opt_state,
                                     wall_s=wall_s)
         return rows
 
@@ -248,7 +256,7 @@ class Learner:
         grad = jnp.asarray((batch.grad_sum / batch.count).astype(np.float32))
         theta, opt_state, grad_norm, update_norm = self._apply(
             jnp.asarray(state.theta), state.opt_state, grad)
-        theta = np.asarray(theta)
+        theta = np.asarray(theta)  # read-only: a view of the device result
         est = {name: total / weight for name, total, weight in batch.est}
         row = self._row(state, theta, batch.loss_sum / batch.count, float(grad_norm),
                         float(update_norm),
@@ -352,7 +360,7 @@ class Learner:
             **meta["batch"], "staleness": tuple(meta["batch"]["staleness"]),
             "est": tuple(tuple(e) for e in meta["batch"]["est"])})
         self.current = LearnerState(
-            theta=theta.copy(), opt_state=jax.tree.map(jnp.asarray, arrays["opt_state"]),
+            theta=_read_only(theta), opt_state=jax.tree.map(jnp.asarray, arrays["opt_state"]),
             batch=batch._replace(received=0), step=int(meta["step"]),
             version=int(meta["version"]),
             generation=meta["generation"] if keep_generation else uuid.uuid4().hex[:12],

@@ -90,9 +90,9 @@ class LearnerHost:
             warnings=self.warnings, busy_s=self.busy_s, fatal=self.fatal)
 
     def theta(self):
-        """A copy of the current flat theta [P] float32 (numpy): a worker must keep
-        exactly the version it was given."""
-        return self.learner.theta.copy()
+        """The current flat theta [P] float32 (numpy, read-only: a worker keeps exactly
+        the version it was given)."""
+        return self.learner.theta
 
     def new_stream_seeds(self, count: int) -> list[int]:
         return self.learner.new_stream_seeds(count)
@@ -177,7 +177,7 @@ class LearnerHost:
     def _start_save(self) -> None:
         """Start saving the learner's state; theta_latest follows once it is complete."""
         learner, run, rule = self.learner, self.run, self.config.rule
-        step, theta = learner.step, learner.theta.copy()
+        step, theta = learner.step, learner.theta
         self.last_checkpoint = time.monotonic()
         # Rows first: a checkpoint never outruns its metrics rows.
         self._write_rows(self.metric_rows.flush)
