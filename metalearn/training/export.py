@@ -6,6 +6,7 @@ See docs/evaluation.md (Export) for its items and why exports are byte-identical
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -97,6 +98,18 @@ def _normalise_orbax_files(path: str) -> None:
                     json.dump(data, f, sort_keys=True)
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs every save and restore at WARNING on absl; an export is one quiet call."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _handler():
     return ocp.CompositeCheckpointHandler(**{
         THETA_ITEM: ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False),
@@ -125,17 +138,9 @@ def write_export(out: str, theta, rule: RuleConfig, meta: dict, *, force: bool =
     staging = os.path.join(parent, f".{os.path.basename(out)}.export-tmp")
     if os.path.exists(staging):
         shutil.rmtree(staging)
-    # orbax logs every save at WARNING on absl; an export is one quiet call.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
-    try:
-        with ocp.Checkpointer(_handler()) as checkpointer:
-            checkpointer.save(staging, ocp.args.Composite(**{
-                THETA_ITEM: ocp.args.PyTreeSave(theta),
-                META_ITEM: ocp.args.JsonSave(full_meta)}))
-    finally:
-        absl_logger.setLevel(level)
+    with _quiet_orbax(), ocp.Checkpointer(_handler()) as checkpointer:
+        checkpointer.save(staging, ocp.args.Composite(**{
+            THETA_ITEM: ocp.args.PyTreeSave(theta), META_ITEM: ocp.args.JsonSave(full_meta)}))
     _normalise_orbax_files(staging)
     if os.path.exists(out):
         old = staging + "-old"
@@ -296,19 +301,14 @@ def load_export(path: str, rule: RuleConfig | None = None) -> ExportedRule:
     except ConfigError as err:
         raise ConfigError(f"{path}: the export's rule config does not load in this "
                           f"metalearn ({package_version()}): {err}") from None
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)
     try:
-        with ocp.Checkpointer(_handler()) as checkpointer:
+        with _quiet_orbax(), ocp.Checkpointer(_handler()) as checkpointer:
             restored = checkpointer.restore(os.path.abspath(path), ocp.args.Composite(**{
                 THETA_ITEM: ocp.args.PyTreeRestore()}))
     except Exception as err:  # noqa: BLE001 - a damaged export is bad input, one line
         message = " ".join(str(err).split())[:300] or type(err).__name__
         raise ConfigError(f"{path}: cannot read theta from the export ({message}); it is "
                           f"damaged: export the run again (`metalearn export`)") from None
-    finally:
-        absl_logger.setLevel(level)
     theta = _to_nested_numpy(dict(restored[THETA_ITEM]))
     theta_spec(saved_rule).check_tree(theta, where=f"theta in {path}")
     if rule is not None and rule != saved_rule:
