@@ -43,6 +43,7 @@ from metalearn.distributed import storage as storage_io
 from metalearn.distributed.data_check import ranked_dataset
 from metalearn.distributed.driver import RAY
 from metalearn.distributed.sweep_spec import SweepSpec, trial_config, trial_mix
+from metalearn.training.events import read_jsonl
 from metalearn.training.loop import Callback, TrainingLoop
 from metalearn.training.run_dir import RunDir
 from metalearn.training.runner import train
@@ -337,19 +338,6 @@ def run_sweep(spec: SweepSpec, out: str, *, resume: bool = False, storage: str =
 # ---------------------------------------------------------------------------
 # results
 
-def read_reports(path: str) -> list[dict]:
-    """The rows of a ``reports.jsonl`` (none if there is no such file)."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a killed driver
-    return rows
-
-
 def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
@@ -492,7 +480,7 @@ def best_checkpoint(sweep_dir: str) -> tuple[str, dict]:
 
 
 def write_outputs(results, spec: SweepSpec, out: str, storage: str = "") -> list[dict]:
-    reports = read_reports(reports_path(spec, out, storage))
+    reports = read_jsonl(reports_path(spec, out, storage))
     summary, history = collect(results, spec, reports, storage)
     if summary:
         pq.write_table(pa.Table.from_pylist(summary), os.path.join(out, "results.parquet"))
@@ -507,6 +495,6 @@ def write_outputs(results, spec: SweepSpec, out: str, storage: str = "") -> list
     return summary
 
 
-__all__ = ["best_checkpoint", "collect", "experiment_location", "read_reports",
+__all__ = ["best_checkpoint", "collect", "experiment_location",
            "report_log", "reports_path", "run_sweep", "run_trial", "search_algorithm",
            "write_outputs"]

@@ -34,19 +34,24 @@ def append_event(run_path: str, kind: str, **fields) -> dict:
     return event
 
 
-def read_events(run_path: str) -> list[dict]:
-    """Every complete event of the run, in order (none if it has no log)."""
-    path = events_path(run_path)
+def read_jsonl(path: str) -> list[dict]:
+    """Every complete line of a JSON-lines log, in order (none if there is no file); a
+    last line torn by a crash or a killed process is left out."""
     if not os.path.exists(path):
         return []
-    events = []
+    rows = []
     with open(path) as f:
         for line in f:
             try:
-                events.append(json.loads(line))
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
-                continue  # a line torn by a crash
-    return events
+                continue
+    return rows
+
+
+def read_events(run_path: str) -> list[dict]:
+    """Every complete event of the run, in order (none if it has no log)."""
+    return read_jsonl(events_path(run_path))
 
 
 @dataclasses.dataclass
@@ -78,4 +83,4 @@ class Ledger:
         return dataclasses.asdict(self)
 
 
-__all__ = ["EVENTS", "Ledger", "append_event", "events_path", "read_events"]
+__all__ = ["EVENTS", "Ledger", "append_event", "events_path", "read_events", "read_jsonl"]
