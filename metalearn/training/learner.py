@@ -51,6 +51,11 @@ def make_optimizer(config: LearnerConfig,
     )
 
 
+def _window_mean(window: tuple) -> float:
+    """The mean of a rolling window (NaN while it is empty)."""
+    return float(np.mean(window)) if window else math.nan
+
+
 def _read_only(theta) -> np.ndarray:
     """A read-only float32 copy: a state's theta is never written, so it is handed to
     workers and checkpoints without copying."""
@@ -147,12 +152,12 @@ class Learner:
         return curriculum_at(self.curriculum_config, self.current.step)
 
     def rolling_loss(self) -> float:
-        return float(np.mean(self.current.losses)) if self.current.losses else math.nan
+        return _window_mean(self.current.losses)
 
     def rolling_gain(self) -> float:
         """Mean of (loss - loss_start) over the window: < 0 when the rule improves tasks'
         features; free of the tasks' difficulty, unlike the rolling loss."""
-        return float(np.mean(self.current.gains)) if self.current.gains else math.nan
+        return _window_mean(self.current.gains)
 
     def new_stream_seeds(self, count: int) -> list[int]:
         """Fresh 63-bit seeds for worker task streams (from the checkpointed RNG)."""
@@ -311,15 +316,15 @@ class Learner:
         """The metrics row of the update from ``state.step`` to ``state.step + 1``."""
         curriculum = curriculum_at(self.curriculum_config, state.step)
         counters = state.counters
-        extra = {f"loss/{name}": float(np.mean(window))
+        extra = {f"loss/{name}": _window_mean(window)
                  for name, window in sorted(state.dataset_losses.items())}
         extra.update({f"theta/{name}": float(theta[index])
                       for name, index in self.watch.items()})
         extra.update({f"est/{name}": value for name, value in sorted(est.items())})
         return LearnerRow(
             step=state.step + 1, meta_loss=meta_loss,
-            meta_loss_rolling=float(np.mean(state.losses)) if state.losses else math.nan,
-            loss_vs_start_rolling=float(np.mean(state.gains)) if state.gains else math.nan,
+            meta_loss_rolling=_window_mean(state.losses),
+            loss_vs_start_rolling=_window_mean(state.gains),
             grads_per_s=grads_per_s, staleness_mean=float(np.mean(staleness)),
             staleness_max=int(np.max(staleness)), dropped_stale=counters["dropped_stale"],
             dropped_nonfinite=counters["dropped_nonfinite"],
