@@ -57,6 +57,9 @@ class LearnerConfig:
     trainable: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
     seed: int = 0  # theta initialisation and the learner's RNG
+    # A fresh run scores this many initial thetas on validation and starts from the best
+    # (metalearn.training.start; 1: the seed's own draw, unscored).
+    start_candidates: AtLeastOne = 1
     checkpoint_minutes: Positive = 5.0
     keep_checkpoints: AtLeastOne = 3
 

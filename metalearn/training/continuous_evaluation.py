@@ -61,10 +61,14 @@ class ContinuousEvaluation(Callback):
     ``BestTheta``. An asynchronous evaluator never blocks the loop. A failing evaluator
     is reported once and switched off: it must never stop meta-training."""
 
-    def __init__(self, config: TrainConfig, start: Callable[[], Evaluator]):
+    def __init__(self, config: TrainConfig, evaluator: Callable[[], Evaluator], *,
+                 start: tuple[dict, Any] | None = None):
+        """evaluator: starts the evaluator. start: the run's start already evaluated
+        (its row, its flat theta: ``metalearn.training.start``), not evaluated again."""
         self.config = config.evaluator
         self.schedule = EvaluationSchedule(config.evaluator)
-        self.start = start
+        self.make_evaluator = evaluator
+        self.start_row = start
         self.evaluator: Evaluator | None = None
         self.pending: tuple[int, Any] | None = None  # (step, theta payload) under way
 
@@ -107,11 +111,16 @@ class ContinuousEvaluation(Callback):
         measure_now = not loop.best.known
         self.schedule.start(loop.start_step, measure_now=measure_now)
         try:
-            self.evaluator = self.start()
+            self.evaluator = self.make_evaluator()
         except Exception as err:  # noqa: BLE001 - evaluation is optional
             self._off(err)
             return
-        if measure_now:
+        if measure_now and self.start_row is not None:
+            row, theta = self.start_row
+            self.schedule.due(loop.step)  # measured: the step-0 row of its choice
+            loop.metrics.merge(row)
+            loop.best.offer(loop.step, theta, row)
+        elif measure_now:
             # The start, before any order: the population runner's first order already
             # makes several updates, so the first tick would come too late for it.
             self._submit(loop, final=False)

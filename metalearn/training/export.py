@@ -154,10 +154,20 @@ def write_export(out: str, theta, rule: RuleConfig, meta: dict, *, force: bool =
     return out
 
 
-def run_start_theta(config) -> dict:
+def start_candidate(config, index: int) -> dict:
+    """Initial theta number ``index`` of TrainConfig ``config``: 0 is the seed's own draw
+    (``init_theta(key(learner.seed))``), the others fold their index into that key."""
+    key = jax.random.key(config.learner.seed)
+    return init_theta(key if index == 0 else jax.random.fold_in(key, index), config.rule)
+
+
+def run_start_theta(config, run: RunDir | None = None) -> dict:
     """The initial theta of a run with TrainConfig ``config``: the one its learner starts
-    from on a fresh run, and ``export --start`` makes again."""
-    return init_theta(jax.random.key(config.learner.seed), config.rule)
+    from on a fresh run, and ``export --start`` gives: ``run``'s chosen start when it has
+    one (``metalearn.training.start``), else candidate 0."""
+    if run is not None and is_export(run.start):
+        return load_export(run.start, config.rule).theta
+    return start_candidate(config, 0)
 
 
 def export_run(run_dir: str, out: str, *, force: bool = False, last: bool = False,
@@ -179,10 +189,13 @@ def export_run(run_dir: str, out: str, *, force: bool = False, last: bool = Fals
         raise ConfigError("export: choose one of --last and --start")
     if start:
         config = run.read_config()
-        theta = run_start_theta(config)
+        theta = run_start_theta(config, run)
         meta = {"run": run.name, "run_config": run.read_config_dict(), "step": 0,
                 "selected": "start", "meta_loss": None, "metrics": {},
                 "package_version": package_version()}
+        if is_export(run.start):  # which candidate, and the scores that chose it
+            meta["start"] = {k: v for k, v in read_export_meta(run.start).items()
+                             if k in ("candidate", "candidates", "scores", "score_column")}
         write_export(out, theta, config.rule, meta, force=force)
         return meta
     best = not last and is_export(run.best)

@@ -45,7 +45,7 @@ class LearnerHost:
         self.config = config
         self.run = run
         spec = theta_spec(config.rule)
-        flat = spec.ravel(run_start_theta(config))
+        flat = spec.ravel(run_start_theta(config, run))
         self.learner = Learner(flat, config.learner, config.curriculum,
                                trainable=trainable_mask(config.rule, config.learner),
                                watch=merge_weight_indices(spec))

@@ -28,6 +28,7 @@ class RunDir:
     CHECKPOINTS = "checkpoints"
     THETA = "theta_latest"
     BEST = "theta_best"  # the best theta by the validation score (training/best.py)
+    START = "theta_start"  # the start chosen by validation (training/start.py)
     METRICS = "metrics"
     EVALUATIONS = "evaluations"
     DISCARDED = "discarded"
@@ -55,6 +56,7 @@ class RunDir:
     checkpoints = _child(CHECKPOINTS)
     theta = _child(THETA)
     best = _child(BEST)
+    start = _child(START)
     metrics = _child(METRICS)
     evaluations = _child(EVALUATIONS)
     discarded = _child(DISCARDED)

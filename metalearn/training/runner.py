@@ -12,6 +12,7 @@ from metalearn.training.continuous_evaluation import ContinuousEvaluation
 from metalearn.training.loop import Callback, RunSummary, TrainingLoop, Transport
 from metalearn.training.run_dir import RunDir
 from metalearn.training.session import Session
+from metalearn.training.start import choose_start
 from tasks.sampler import MixConfig
 
 
@@ -35,12 +36,15 @@ def train(session: Session, runner: Runner, *, num_workers: int | None = None,
     config, run = session.config, session.run
     with runner.context(config):
         run.create(config)
+        # A fresh run's start: the best of learner.start_candidates by validation.
+        start = None if session.resume else choose_start(config, run)
         callbacks = list(callbacks)
         if config.evaluator.enabled:
             # First: its final evaluation (on_end) is merged before other callbacks end
             # (a sweep's reporter makes the trial's final report from the same row).
-            callbacks.insert(0, ContinuousEvaluation(config,
-                                                     lambda: runner.evaluator(config)))
+            callbacks.insert(0, ContinuousEvaluation(
+                config, lambda: runner.evaluator(config),
+                start=start and start.row and (start.row, start.theta)))
         loop = TrainingLoop(config, run, runner.transport(config, run, session.mix),
                             resume=session.resume,
                             num_workers=runner.num_workers or num_workers,
