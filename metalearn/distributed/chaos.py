@@ -23,6 +23,7 @@ from ray.cluster_utils import Cluster
 from metalearn.core.config_io import ConfigError
 from metalearn.training.audit import AuditReport, audit_run
 from metalearn.training.events import read_events
+from metalearn.training.run_dir import RunDir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +139,19 @@ class ChaosRun:
                      resume=resume)
         return proc
 
-    def _wait_training(self, proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
-        """Until the session has started training (its ``session_start`` event)."""
+    def _wait_training(self, proc: subprocess.Popen, timeout_s: float = 300.0,
+                       first_row: bool = False) -> None:
+        """Until the session has started training (its ``session_start`` event) and,
+        with ``first_row``, the learner has written its first metrics row: the chaos
+        clock starts there, so that a cold compilation cache (a fresh machine compiles
+        for a minute) is not what the kills interrupt."""
         deadline = time.monotonic() + timeout_s
         starts = lambda: sum(e["event"] == "session_start"  # noqa: E731
                              for e in read_events(self.run_dir))
+        metrics = os.path.join(self.run_dir, RunDir.METRICS)
         while time.monotonic() < deadline and proc.poll() is None:
-            if os.path.isdir(self.run_dir) and starts() >= self.sessions:
+            if (os.path.isdir(self.run_dir) and starts() >= self.sessions
+                    and (not first_row or os.path.isdir(metrics) and os.listdir(metrics))):
                 return
             time.sleep(1.0)
         raise RuntimeError(f"driver session {self.sessions} did not start training "
@@ -199,8 +206,11 @@ class ChaosRun:
         self._start_cluster()
         proc = None
         try:
-            proc = self._driver(plan.minutes, resume=False)
-            self._wait_training(proc)
+            # The first session is always interrupted (interrupt_at < 1); its budget
+            # also covers the wait for its first row, so that it is still running then.
+            first_row_timeout_s = 300.0
+            proc = self._driver(plan.minutes + first_row_timeout_s / 60.0, resume=False)
+            self._wait_training(proc, timeout_s=first_row_timeout_s, first_row=True)
             started = time.monotonic()
             next_worker = started + plan.worker_kill_s
             next_learner = started + plan.learner_kill_s
