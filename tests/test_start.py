@@ -138,3 +138,22 @@ def test_a_run_starts_from_its_chosen_candidate_and_reports_its_score_once(tmp_p
     assert best.step in (0, 2)
     if best.step == 0:
         np.testing.assert_array_equal(flat(config, best.theta), flat(config, start.theta))
+
+
+def test_the_start_row_is_kept_when_the_evaluator_fails_to_start(tmp_path, capsys):
+    import dataclasses
+
+    config = tiny_config(tmp_path, learner={"start_candidates": 2}, evaluator=EVALUATOR,
+                         run={"steps": 1, "minutes": 5.0},
+                         worker={"num_workers": 1, "batch_size": 8})
+
+    def broken(config):
+        raise RuntimeError("no evaluator today")
+    train(Session.of(config, tmp_path / "run"), dataclasses.replace(LOCAL, evaluator=broken))
+    run = RunDir(tmp_path / "run")
+    start = load_export(run.start)
+    rows = read_metrics(run.path).to_pylist()
+    assert rows[0]["step"] == 0
+    assert rows[0][COLUMN] == start.meta["scores"][start.meta["candidate"]]
+    assert load_export(run.best).step == 0
+    assert "no evaluator today" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from metalearn.evaluation.continuous import ContinuousEvaluator
 from metalearn.training.config import TrainConfig
 from metalearn.training.loop import Callback, TrainingLoop
 from metalearn.training.messages import error_line
+from metalearn.training.start import StartChoice
 
 
 class Evaluator(Protocol):
@@ -62,13 +63,14 @@ class ContinuousEvaluation(Callback):
     is reported once and switched off: it must never stop meta-training."""
 
     def __init__(self, config: TrainConfig, evaluator: Callable[[], Evaluator], *,
-                 start: tuple[dict, Any] | None = None):
-        """evaluator: starts the evaluator. start: the run's start already evaluated
-        (its row, its flat theta: ``metalearn.training.start``), not evaluated again."""
+                 start: StartChoice | None = None):
+        """evaluator: starts the evaluator. start: the run's chosen start
+        (``metalearn.training.start``); when it was scored, its row is the run's step-0
+        evaluation and the start is not evaluated again."""
         self.config = config.evaluator
         self.schedule = EvaluationSchedule(config.evaluator)
         self.make_evaluator = evaluator
-        self.start_row = start
+        self.start = start
         self.evaluator: Evaluator | None = None
         self.pending: tuple[int, Any] | None = None  # (step, theta payload) under way
 
@@ -110,17 +112,19 @@ class ContinuousEvaluation(Callback):
     def on_start(self, loop: TrainingLoop) -> None:
         measure_now = not loop.best.known
         self.schedule.start(loop.start_step, measure_now=measure_now)
+        scored = measure_now and self.start is not None and self.start.row is not None
+        if scored:
+            # Measured when it was chosen: its row is the step-0 evaluation (kept even if
+            # the evaluator below fails to start).
+            self.schedule.due(loop.step)
+            loop.metrics.merge(self.start.row)
+            loop.best.offer(loop.step, self.start.theta, self.start.row)
         try:
             self.evaluator = self.make_evaluator()
         except Exception as err:  # noqa: BLE001 - evaluation is optional
             self._off(err)
             return
-        if measure_now and self.start_row is not None:
-            row, theta = self.start_row
-            self.schedule.due(loop.step)  # measured: the step-0 row of its choice
-            loop.metrics.merge(row)
-            loop.best.offer(loop.step, theta, row)
-        elif measure_now:
+        if measure_now and not scored:
             # The start, before any order: the population runner's first order already
             # makes several updates, so the first tick would come too late for it.
             self._submit(loop, final=False)
