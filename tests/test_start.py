@@ -1,5 +1,6 @@
 """The start of a fresh run: the best of a few initial thetas by validation."""
 
+import dataclasses
 import json
 
 import jax
@@ -141,8 +142,6 @@ def test_a_run_starts_from_its_chosen_candidate_and_reports_its_score_once(tmp_p
 
 
 def test_the_start_row_is_kept_when_the_evaluator_fails_to_start(tmp_path, capsys):
-    import dataclasses
-
     config = tiny_config(tmp_path, learner={"start_candidates": 2}, evaluator=EVALUATOR,
                          run={"steps": 1, "minutes": 5.0},
                          worker={"num_workers": 1, "batch_size": 8})
