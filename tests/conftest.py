@@ -8,6 +8,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile many small programs once each: LLVM's -O0 halves XLA:CPU compile time
 # (measured 36 s -> 17 s for a 6-layer rule) and the numbers asserted do not depend on it.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# Under pytest-xdist each worker gets its own temporary folder: Ray keeps its sessions and
+# the address of the last `ray start` cluster (which `metalearn train` joins) under it, so
+# one worker's test clusters stay invisible to the other's runs. Short, for Ray's socket
+# paths (at most 107 bytes).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import tempfile
+
+    _worker_tmp = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(),
+                               f"ml-{os.getpid()}-{os.environ['PYTEST_XDIST_WORKER']}")
+    os.makedirs(_worker_tmp, exist_ok=True)
+    os.environ["TMPDIR"] = _worker_tmp
+    tempfile.tempdir = None  # re-read TMPDIR
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -55,3 +67,11 @@ def ray2():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_unconfigure(config):
+    """Remove this xdist worker's temporary folder (Ray's session logs live there)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and "_worker_tmp" in globals():
+        import shutil
+
+        shutil.rmtree(_worker_tmp, ignore_errors=True)

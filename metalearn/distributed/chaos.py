@@ -25,6 +25,9 @@ from metalearn.training.audit import AuditReport, audit_run
 from metalearn.training.events import read_events
 from metalearn.training.run_dir import RunDir
 
+KILL_RETRY_S = 2.0  # a scheduled kill that found no live actor is tried again this soon
+RESUME_START_MAX_S = 45.0  # the most a resumed session is given to start, beyond its budget
+
 
 @dataclasses.dataclass(frozen=True)
 class ChaosPlan:
@@ -159,20 +162,22 @@ class ChaosRun:
 
     # ------------------------------------------------------------------ the actions
 
-    def _kill(self, title: str, counter: str) -> None:
+    def _kill(self, title: str, counter: str) -> bool:
+        """SIGKILL one live actor process of this kind; False if there was none."""
         victims = self._actors(title)
         if not victims:
             self.counts["worker_kill_misses"] += 1
             self._record("kill_missed", target=title)
-            return
+            return False
         victim = self.rng.choice(victims)
         try:
             victim.send_signal(signal.SIGKILL)
         except psutil.Error:
             self.counts["worker_kill_misses"] += 1
-            return
+            return False
         self.counts[counter] += 1
         self._record("kill", target=title, pid=victim.pid)
+        return True
 
     def _remove_node(self) -> None:
         victim = self.worker_nodes.pop(self.rng.randrange(len(self.worker_nodes)))
@@ -209,9 +214,14 @@ class ChaosRun:
             # The first session is always interrupted (interrupt_at < 1); its budget
             # also covers the wait for its first row, so that it is still running then.
             first_row_timeout_s = 300.0
+            launched = time.monotonic()
             proc = self._driver(plan.minutes + first_row_timeout_s / 60.0, resume=False)
             self._wait_training(proc, timeout_s=first_row_timeout_s, first_row=True)
             started = time.monotonic()
+            # A session's budget counts from its launch; the resumed one gets as long
+            # again to start as the first took (at most 45 s: the first also compiled),
+            # so that its training time is what remains.
+            startup_s = min(started - launched, RESUME_START_MAX_S)
             next_worker = started + plan.worker_kill_s
             next_learner = started + plan.learner_kill_s
             node_loss = started + plan.node_loss_at * total_s
@@ -222,8 +232,17 @@ class ChaosRun:
                     self._interrupt(proc)
                     interrupt = None
                     remaining = max(0.5, (total_s - (time.monotonic() - started)) / 60.0)
-                    proc = self._driver(remaining, resume=True)
+                    proc = self._driver(remaining + startup_s / 60.0, resume=True)
                     self._wait_training(proc)
+                    # The clock stops while no session trains (the interrupted one's
+                    # shutdown, the next one's start: tens of seconds on a busy
+                    # machine), so the kills planned for training time still happen.
+                    paused = time.monotonic() - now
+                    started += paused
+                    next_worker += paused
+                    next_learner += paused
+                    if node_loss is not None:
+                        node_loss += paused
                     continue
                 if node_loss is not None and now >= node_loss:
                     self._remove_node()
@@ -231,12 +250,16 @@ class ChaosRun:
                 # No kills after the budget: the last session then ends (its final
                 # checkpoint) undisturbed. A learner killed in that shutdown is repaired
                 # only by a next resume, which the last session does not have.
+                # A kill that finds no live actor (one restarting, a session starting)
+                # is tried again shortly, so a slow machine gets the planned number.
                 if now >= next_worker and now < started + total_s:
-                    self._kill("ray::WorkerActor", "worker_kills")
-                    next_worker += plan.worker_kill_s
+                    killed = self._kill("ray::WorkerActor", "worker_kills")
+                    next_worker = (next_worker + plan.worker_kill_s if killed
+                                   else now + KILL_RETRY_S)
                 if now >= next_learner and now < started + total_s:
-                    self._kill("ray::LearnerActor", "learner_kills")
-                    next_learner += plan.learner_kill_s
+                    killed = self._kill("ray::LearnerActor", "learner_kills")
+                    next_learner = (next_learner + plan.learner_kill_s if killed
+                                    else now + KILL_RETRY_S)
                 time.sleep(0.5)
             code = proc.wait()
             self._record("driver_exit", session=self.sessions, code=code)
