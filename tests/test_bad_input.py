@@ -208,7 +208,8 @@ CASES = [
     ("resume-not-a-run", lambda w: ["train", "--resume", w.folder("notes", {
         "notes.txt": "hello"})], "is not a metalearn run folder"),
     ("resume-no-checkpoint", lambda w: ["train", "--resume", w.folder("nockpt", {
-        "config.yaml": open(w.config).read(), "checkpoints/.keep": ""})],
+        "config.yaml": open(w.config).read(), "checkpoints/.keep": "",
+        "events.jsonl": '{"event": "session_start", "step": 0}\n'})],
      "has no complete checkpoint to resume from"),
     ("resume-config-not-yaml", lambda w: ["train", "--resume", w.folder("badyaml", {
         "config.yaml": "a: [\n", "checkpoints/.keep": ""})], "not valid YAML"),

@@ -10,6 +10,7 @@ from metalearn.cli import build_parser, main
 from metalearn.cli.train import resolve
 from metalearn.core.config_io import ConfigError
 from metalearn.training.config import config_to_yaml
+from metalearn.training.events import append_event
 from metalearn.training.run_dir import RunDir
 from metalearn.training.session import config_changes, resume_free
 from train_helpers import tiny_config
@@ -147,3 +148,22 @@ def test_copy_keeps_the_sessions_up_to_its_step(tmp_path):
     run.copy_to(str(dest), up_to_step=3)
     assert sorted(os.listdir(dest / "configs")) == ["000-step0.yaml"]
     assert sorted(os.listdir(dest / "checkpoints")) == ["3"]
+
+
+def test_a_run_stopped_before_its_first_session_starts_again_in_its_folder(tmp_path, capsys):
+    # As a run interrupted while it scores its start candidates leaves it: the config
+    # and a chosen start, no checkpoint, no session started.
+    config = tiny_config(tmp_path)
+    run = RunDir(tmp_path / "run")
+    run.create(config)
+    append_event(run.path, "start_chosen", candidate=1, candidates=3)
+    before = folder_hashes(run.path)
+    session = session_of(["train", "--resume", run.path, "--minutes", "3"])
+    assert not session.resume and session.run.path == run.path
+    assert session.config.run.minutes == 3.0
+    assert "starting it again in the same folder" in capsys.readouterr().err
+    assert folder_hashes(run.path) == before  # resolving writes nothing
+    # Once a session has started, a missing checkpoint is a damaged run: refused.
+    append_event(run.path, "session_start", step=0, resume=False)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        session_of(["train", "--resume", run.path])

@@ -149,6 +149,7 @@ def test_resume_with_different_rule_shape_refused(config_file, tmp_path, capsys)
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text(open(config_file).read())
+    (run_dir / "events.jsonl").write_text('{"event": "session_start", "step": 0}\n')
     before = snapshot(run_dir)
     assert main(["train", "--resume", str(run_dir), "--set", "rule.compute_h_size=7"]) == 2
     err = capsys.readouterr().err

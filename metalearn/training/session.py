@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Any
 
 from metalearn.core.config_io import ConfigError, apply_overrides, to_dict
 from metalearn.core.theta import theta_spec
 from metalearn.training.config import TrainConfig, config_from_dict, load_config
+from metalearn.training.events import read_events
 from metalearn.training.run_dir import RunDir
 from metalearn.training.task_mix import resolve_mix
 from tasks.sampler import MixConfig
@@ -128,7 +130,14 @@ def _config_and_run(config_path: str | None, overrides: list[str], out: str | No
             config = config_from_dict(apply_overrides(to_dict(saved), overrides))
         check_resume_compatible(saved, config, run)
         if not run.checkpoint_steps():
-            raise ConfigError(f"{run.path} has no complete checkpoint to resume from")
+            if any(e.get("event") == "session_start" for e in read_events(run.path)):
+                raise ConfigError(f"{run.path} has no complete checkpoint to resume from")
+            # Stopped before its first session started (while it scored its start
+            # candidates, say): nothing was trained, so the run starts again here, from
+            # the start it chose if it got that far.
+            print(f"{run.path} stopped before its first session trained: starting it "
+                  f"again in the same folder", file=sys.stderr)
+            return config, run, False, []
         if out and os.path.abspath(out) != run.path:
             raise ConfigError("--out and --resume name different folders; a resumed run "
                               "continues in its own folder")
