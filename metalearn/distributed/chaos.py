@@ -74,6 +74,30 @@ def _descendants_titled(roots: list[int], title: str) -> list[psutil.Process]:
     return found
 
 
+@dataclasses.dataclass
+class _Schedule:
+    """When each chaos action is next due (``time.monotonic()`` seconds; None: done)."""
+
+    end: float  # the chaos budget: no kills from here on
+    worker: float
+    learner: float
+    node_loss: float | None
+    interrupt: float | None
+
+    @classmethod
+    def starting(cls, plan: ChaosPlan, started: float) -> _Schedule:
+        total_s = plan.minutes * 60.0
+        return cls(started + total_s, started + plan.worker_kill_s,
+                   started + plan.learner_kill_s, started + plan.node_loss_at * total_s,
+                   started + plan.interrupt_at * total_s)
+
+    def shift(self, seconds: float) -> None:
+        """Postpone everything still due by ``seconds`` (the clock stood still)."""
+        for field in dataclasses.fields(self):
+            if (value := getattr(self, field.name)) is not None:
+                setattr(self, field.name, value + seconds)
+
+
 class ChaosRun:
     """One chaos run in ``out``: the run folder ``run``, ``chaos.jsonl`` (every action),
     ``driver-<n>.log`` (each driver session's output) and ``audit.json``
@@ -89,6 +113,7 @@ class ChaosRun:
         self.cluster = None
         self.worker_nodes: list = []
         self.sessions = 0
+        self.proc: subprocess.Popen | None = None  # the newest driver session
         self.counts = {"worker_kills": 0, "learner_kills": 0, "nodes_removed": 0,
                        "interrupts": 0, "worker_kill_misses": 0}
 
@@ -137,7 +162,8 @@ class ChaosRun:
                 args += ["--set", override]
         log = open(os.path.join(self.out, f"driver-{self.sessions}.log"), "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": self.cluster.address}
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env)
         self._record("driver_start", session=self.sessions, pid=proc.pid, minutes=minutes,
                      resume=resume)
         return proc
@@ -206,67 +232,17 @@ class ChaosRun:
         os.makedirs(self.out, exist_ok=True)
         if os.path.exists(self.run_dir):
             raise ConfigError(f"{self.run_dir} exists; give chaos a new --out")
-        plan = self.plan
-        total_s = plan.minutes * 60.0
         self._start_cluster()
         proc = None
         try:
-            # The first session is always interrupted (interrupt_at < 1); its budget
-            # also covers the wait for its first row, so that it is still running then.
-            first_row_timeout_s = 300.0
-            launched = time.monotonic()
-            proc = self._driver(plan.minutes + first_row_timeout_s / 60.0, resume=False)
-            self._wait_training(proc, timeout_s=first_row_timeout_s, first_row=True)
-            started = time.monotonic()
-            # A session's budget counts from its launch; the resumed one gets as long
-            # again to start as the first took (at most 45 s: the first also compiled),
-            # so that its training time is what remains.
-            startup_s = min(started - launched, RESUME_START_MAX_S)
-            next_worker = started + plan.worker_kill_s
-            next_learner = started + plan.learner_kill_s
-            node_loss = started + plan.node_loss_at * total_s
-            interrupt = started + plan.interrupt_at * total_s
-            while proc.poll() is None or interrupt is not None:
-                now = time.monotonic()
-                if interrupt is not None and now >= interrupt:
-                    self._interrupt(proc)
-                    interrupt = None
-                    remaining = max(0.5, (total_s - (time.monotonic() - started)) / 60.0)
-                    proc = self._driver(remaining + startup_s / 60.0, resume=True)
-                    self._wait_training(proc)
-                    # The clock stops while no session trains (the interrupted one's
-                    # shutdown, the next one's start: tens of seconds on a busy
-                    # machine), so the kills planned for training time still happen.
-                    paused = time.monotonic() - now
-                    started += paused
-                    next_worker += paused
-                    next_learner += paused
-                    if node_loss is not None:
-                        node_loss += paused
-                    continue
-                if node_loss is not None and now >= node_loss:
-                    self._remove_node()
-                    node_loss = None
-                # No kills after the budget: the last session then ends (its final
-                # checkpoint) undisturbed. A learner killed in that shutdown is repaired
-                # only by a next resume, which the last session does not have.
-                # A kill that finds no live actor (one restarting, a session starting)
-                # is tried again shortly, so a slow machine gets the planned number.
-                if now >= next_worker and now < started + total_s:
-                    killed = self._kill("ray::WorkerActor", "worker_kills")
-                    next_worker = (next_worker + plan.worker_kill_s if killed
-                                   else now + KILL_RETRY_S)
-                if now >= next_learner and now < started + total_s:
-                    killed = self._kill("ray::LearnerActor", "learner_kills")
-                    next_learner = (next_learner + plan.learner_kill_s if killed
-                                    else now + KILL_RETRY_S)
-                time.sleep(0.5)
+            proc = self._sessions()
             code = proc.wait()
             self._record("driver_exit", session=self.sessions, code=code)
             if code != 0:
                 raise RuntimeError(f"the last driver session exited {code}; see "
                                    f"{self.out}/driver-{self.sessions}.log")
         finally:
+            proc = proc or self.proc
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
                 try:
@@ -279,6 +255,59 @@ class ChaosRun:
         with open(os.path.join(self.out, "audit.json"), "w") as f:
             json.dump(report.as_dict(), f, indent=1)
         return report
+
+    def _sessions(self) -> subprocess.Popen:
+        """Start the first session, act on the plan's schedule (resuming once after the
+        interrupt) until the last session ends by itself; returns its driver."""
+        plan = self.plan
+        # The first session is always interrupted (interrupt_at < 1); its budget also
+        # covers the wait for its first row, so that it is still running then.
+        first_row_timeout_s = 300.0
+        launched = time.monotonic()
+        proc = self._driver(plan.minutes + first_row_timeout_s / 60.0, resume=False)
+        self._wait_training(proc, timeout_s=first_row_timeout_s, first_row=True)
+        due = _Schedule.starting(plan, time.monotonic())
+        # A session's budget counts from its launch; the resumed one gets as long again
+        # to start as the first took (at most 45 s: the first also compiled), so that its
+        # training time is what remains.
+        startup_s = min(time.monotonic() - launched, RESUME_START_MAX_S)
+        while proc.poll() is None or due.interrupt is not None:
+            now = time.monotonic()
+            if due.interrupt is not None and now >= due.interrupt:
+                self._interrupt(proc)
+                due.interrupt = None
+                remaining = max(0.5, (due.end - time.monotonic()) / 60.0)
+                proc = self._driver(remaining + startup_s / 60.0, resume=True)
+                self._wait_training(proc)
+                # The clock stops while no session trains (the interrupted one's
+                # shutdown, the next one's start: tens of seconds on a busy machine), so
+                # the kills planned for training time still happen.
+                due.shift(time.monotonic() - now)
+                continue
+            self._act(due, now)
+            time.sleep(0.5)
+        return proc
+
+    def _act(self, due: _Schedule, now: float) -> None:
+        """The node loss and the kills that are due at ``now``."""
+        if due.node_loss is not None and now >= due.node_loss:
+            self._remove_node()
+            due.node_loss = None
+        # No kills after the budget: the last session then ends (its final checkpoint)
+        # undisturbed. A learner killed in that shutdown is repaired only by a next
+        # resume, which the last session does not have.
+        if now >= due.end:
+            return
+        # A kill that finds no live actor (one restarting, a session starting) is tried
+        # again shortly, so that a slow machine gets the planned number.
+        if now >= due.worker:
+            due.worker = (due.worker + self.plan.worker_kill_s
+                          if self._kill("ray::WorkerActor", "worker_kills")
+                          else now + KILL_RETRY_S)
+        if now >= due.learner:
+            due.learner = (due.learner + self.plan.learner_kill_s
+                           if self._kill("ray::LearnerActor", "learner_kills")
+                           else now + KILL_RETRY_S)
 
 
 __all__ = ["ChaosPlan", "ChaosRun"]
