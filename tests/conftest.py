@@ -69,6 +69,12 @@ def ray2():
     ray.shutdown()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``long`` (minutes each) first: with one process per core they then
+    overlap the many short tests instead of running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def pytest_unconfigure(config):
     """Remove this xdist worker's temporary folder (Ray's session logs live there)."""
     if os.environ.get("PYTEST_XDIST_WORKER") and "_worker_tmp" in globals():

@@ -47,6 +47,7 @@ def _chaos(tmp_path, capsys, *args):
     return report
 
 
+@pytest.mark.long
 def test_short_chaos_run_passes_the_audit(no_ray, tmp_path, capsys):
     # 72 s: workers killed at 15, 30, 45, 60 s, the learner at 20, 40 and 60 s, a node
     # removed at 29 s, the driver interrupted at 43 s and resumed.

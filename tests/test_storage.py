@@ -97,6 +97,7 @@ def test_bucket_checks_and_downloads(s3, tmp_path):
             pass
 
 
+@pytest.mark.long
 def test_rehearsal_two_nodes_trials_on_the_worker_node_interrupted_and_resumed(s3, tmp_path):
     """Under two minutes (about 110 s here): two ``ray start`` nodes from their own
     folders (the head with no CPU, so every trial runs on the other node and writes its

@@ -43,6 +43,7 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+@pytest.mark.long
 def test_smoke_sweep_every_trial_reports_then_resume(ray2, tmp_path, capsys):
     # The smoke sweep, shortened: 2 trials (the LR-schedule grid), 8 steps, FIFO.
     spec = write_spec(tmp_path, "smoke_test",
@@ -354,6 +355,7 @@ def test_optuna_specs_are_checked_when_loaded(tmp_path):
     assert search_algorithm(load_spec(SMOKE)) is None
 
 
+@pytest.mark.long
 def test_an_optuna_sweep_runs_its_trials(ray2, tmp_path):
     spec = write_spec(tmp_path, "optuna_test", search_alg={"type": "optuna", "seed": 0},
                       search={"learner.clip_norm": {"loguniform": [0.5, 8.0]}},
