@@ -11,7 +11,7 @@ from metalearn.core.config_io import ConfigError
 from metalearn.core.theta import theta_spec
 from metalearn.core.update_rule import init_theta
 from metalearn.evaluation.config import ContinuousEvalConfig, EvaluationSchedule
-from metalearn.training.best import BestTheta, selection_score
+from metalearn.training.best import BestTheta, best_so_far, selection_score
 from metalearn.training.export import export_run, load_export, save_run_theta
 from metalearn.training.run_dir import RunDir
 from train_helpers import tiny_config
@@ -107,6 +107,26 @@ def test_a_gain_within_the_margin_does_not_replace_the_start(run):
     assert (best.step, best.score) == (20, 0.335)
     with pytest.raises(ConfigError, match="evaluator.best_margin"):
         dataclasses.replace(EVAL, best_margin=-0.1)
+
+
+def test_best_so_far_follows_the_margin_and_select_from_as_the_run_did():
+    # Seed 1 of the 3,000-step-fitness runs (docs/results.md): the 30-step column rises
+    # at step 7 but does not score; step 7's score is below step 4's, so step 4 stays.
+    config = ContinuousEvalConfig(datasets=("fashion_mnist_val",), horizons=(30, 100, 300),
+                                  long_every=4, select_from=100, best_margin=0.02)
+    col = "eval/fashion_mnist_val/accuracy@"
+    rows = [{"step": 7, col + "30": 0.46, col + "100": 0.474, col + "300": 0.423},
+            {"step": 0, col + "30": 0.405, col + "100": 0.412, col + "300": 0.395},
+            {"step": 2, "meta_loss": 1.8},  # no evaluation: no point
+            {"step": 4, col + "30": 0.48, col + "100": 0.500, col + "300": 0.423},
+            {"step": 5, col + "30": 0.1, col + "100": 0.420, col + "300": 0.410}]
+    points, column = best_so_far(config, rows)
+    assert column == col + "100+300"
+    assert [p[0] for p in points] == [0, 4, 5, 7]
+    assert [p[1] for p in points] == pytest.approx([0.4035, 0.4615, 0.4615, 0.4615])
+    # Step 5's +0.0115 over the start would not pass the margin either.
+    assert best_so_far(config, rows[1:2] + rows[4:])[0][1][1] == pytest.approx(0.4035)
+    assert best_so_far(config, [{"step": 2, "meta_loss": 1.8}]) is None
 
 
 def test_export_takes_the_best_theta_unless_asked_for_the_last(run, tmp_path):

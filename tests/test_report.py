@@ -49,6 +49,9 @@ def test_plot_meta_training_with_eval_columns(tmp_path, capsys):
         "plot": str(tmp_path / "j.png"), "rows": len(rows)}
     path = plot_meta_training(rows, str(tmp_path), str(tmp_path / "x.png"))
     assert _png_ok(path)
+    best = ([(0, 0.30), (20, 0.35), (40, 0.35)], "eval/fashion_mnist/accuracy@1000")
+    assert _png_ok(plot_meta_training(rows, str(tmp_path), str(tmp_path / "b.png"),
+                                      best=best))
 
 
 def test_plot_without_metrics_is_a_clear_error(tmp_path, capsys):

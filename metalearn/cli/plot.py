@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+from metalearn.core.config_io import ConfigError
 from metalearn.evaluation.report import plot_meta_training
+from metalearn.training.best import best_so_far
 from metalearn.training.metrics import read_metric_rows
+from metalearn.training.run_dir import RunDir
 
 PLOT = "meta_training.png"  # default output, beside the run's metrics table
 
@@ -26,7 +29,13 @@ def add_parser(subparsers) -> None:
 def run_plot(args) -> int:
     # RunDir owns the run folder's file names (the metrics table's among them).
     rows = read_metric_rows(args.run_dir)  # FileNotFoundError: no metrics yet
-    path = plot_meta_training(rows, args.run_dir, args.out or os.path.join(args.run_dir, PLOT))
+    # The exported best as the run chose it (its evaluator's select_from and best_margin).
+    try:
+        best = best_so_far(RunDir(args.run_dir).read_config().evaluator, rows)
+    except (ConfigError, FileNotFoundError):
+        best = None  # metrics without a readable run config: no best line
+    path = plot_meta_training(rows, args.run_dir, args.out or os.path.join(args.run_dir, PLOT),
+                              best=best)
     print(json.dumps({"plot": path, "rows": len(rows)}) if getattr(args, "json", False)
           else path)
     return 0

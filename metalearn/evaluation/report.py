@@ -351,13 +351,16 @@ def write_eval_report(out_dir: str, result: SweepResult, source: dict) -> dict:
 # ---------------------------------------------------------------------------
 # meta-training curves
 
-def plot_meta_training(rows: list[dict], run_dir: str, out: str | None = None) -> str:
+def plot_meta_training(rows: list[dict], run_dir: str, out: str | None = None,
+                       best: tuple[list[tuple[int, float]], str] | None = None) -> str:
     """Meta-training curves from a run's metrics ``rows`` (one dict a learner step, as
     ``metalearn.training.metrics.read_metric_rows`` gives them): the rolling meta-loss and the per-dataset meta-train losses (``loss/<dataset>``) against
     learner steps, with the held-out evaluator's ``eval/<dataset>/meta_loss`` beside them
     and its accuracies (``eval/<dataset>/accuracy``, and the long-horizon
     ``eval/<dataset>/accuracy@<h>`` dashed) in a second panel when present.
-    ``out`` defaults to ``meta_training.png`` in ``run_dir``; the title is its name."""
+    ``best``: the exported best's score by step and its column (``training.best.best_so_far``),
+    drawn as a step line over the accuracies. ``out`` defaults to ``meta_training.png``
+    in ``run_dir``; the title is its name."""
     if not rows:
         raise FileNotFoundError(f"{run_dir} has no metrics rows yet")
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -408,19 +411,11 @@ def plot_meta_training(rows: list[dict], run_dir: str, out: str | None = None) -
             ax.plot(s[:, 0], s[:, 1], "s--", ms=3,
                     color=cmap((len(train_cols) + len(eval_acc) + i) % 10),
                     label=col[5:].replace("/accuracy@", " @") + " inner steps")
-        if long_acc:
-            # The score that picks the exported theta (training/best.py): the first long
-            # dataset's accuracy averaged over its horizons; its running best is what
-            # ``metalearn export`` takes.
-            first = long_acc[0].split("/")[1]
-            mine = [c for c in long_acc if c.split("/")[1] == first]
-            pts = [(r["step"], float(np.mean([r[c] for c in mine]))) for r in rows
-                   if all(r.get(c) is not None for c in mine)]
-            s = np.array(pts, float).reshape(-1, 2)
-            if len(s):
-                horizons = "+".join(c.split("@")[1] for c in mine)
-                ax.step(s[:, 0], np.maximum.accumulate(s[:, 1]), "k-", where="post", lw=1.5,
-                        alpha=0.7, label=f"best so far ({first} mean @{horizons}, exported)")
+        if best is not None:
+            points, column = best
+            s = np.array(points, float).reshape(-1, 2)
+            ax.step(s[:, 0], s[:, 1], "k-", where="post", lw=1.5, alpha=0.7,
+                    label=f"best so far ({column[5:]}, exported)")
         ax.set_xlabel("learner step")
         ax.set_ylabel("10-shot accuracy (validation / held out)")
         ax.set_title("continuous evaluation")

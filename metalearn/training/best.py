@@ -39,6 +39,23 @@ def selection_score(config: ContinuousEvalConfig, row: dict) -> tuple[float, str
     return None
 
 
+def best_so_far(config: ContinuousEvalConfig, rows: list[dict]
+                ) -> tuple[list[tuple[int, float]], str] | None:
+    """The exported best's score after each scored row of a run's metrics ``rows``, as
+    ``BestTheta`` keeps it (``selection_score``, ``best_margin``): ([(step, best score)],
+    the score's column), or None when no row is scored. What ``metalearn plot`` draws."""
+    best, points, column = -math.inf, [], None
+    for row in sorted(rows, key=lambda r: r.get("step", 0)):
+        scored = selection_score(config, row)
+        if scored is None:
+            continue
+        if scored[0] > best + config.best_margin:
+            best = scored[0]
+        column = column or scored[1]
+        points.append((int(row["step"]), best))
+    return (points, column) if points else None
+
+
 class BestTheta:
     """Keeps ``<run>/theta_best``: the theta with the highest validation score so far."""
 
@@ -86,4 +103,4 @@ class BestTheta:
         return f" best {self.score:.3f} @{self.step}"
 
 
-__all__ = ["BestTheta", "selection_score"]
+__all__ = ["BestTheta", "best_so_far", "selection_score"]
