@@ -129,6 +129,9 @@ def _config_and_run(config_path: str | None, overrides: list[str], out: str | No
         else:
             config = config_from_dict(apply_overrides(to_dict(saved), overrides))
         check_resume_compatible(saved, config, run)
+        if out and os.path.abspath(out) != run.path:
+            raise ConfigError("--out and --resume name different folders; a resumed run "
+                              "continues in its own folder")
         if not run.checkpoint_steps():
             if any(e.get("event") == "session_start" for e in read_events(run.path)):
                 raise ConfigError(f"{run.path} has no complete checkpoint to resume from")
@@ -138,9 +141,6 @@ def _config_and_run(config_path: str | None, overrides: list[str], out: str | No
             print(f"{run.path} stopped before its first session trained: starting it "
                   f"again in the same folder", file=sys.stderr)
             return config, run, False, []
-        if out and os.path.abspath(out) != run.path:
-            raise ConfigError("--out and --resume name different folders; a resumed run "
-                              "continues in its own folder")
         changes = config_changes(saved, config)
         if changes and not allow_config_change:
             raise ConfigError(
