@@ -233,16 +233,14 @@ class ChaosRun:
         if os.path.exists(self.run_dir):
             raise ConfigError(f"{self.run_dir} exists; give chaos a new --out")
         self._start_cluster()
-        proc = None
         try:
-            proc = self._sessions()
-            code = proc.wait()
+            code = self._sessions().wait()
             self._record("driver_exit", session=self.sessions, code=code)
             if code != 0:
                 raise RuntimeError(f"the last driver session exited {code}; see "
                                    f"{self.out}/driver-{self.sessions}.log")
         finally:
-            proc = proc or self.proc
+            proc = self.proc  # the newest session's driver, if one started
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
                 try:
