@@ -4,18 +4,9 @@
     metalearn sweep experiments/sweeps/curriculum.yaml --out sweeps/curriculum --address auto
     metalearn sweep --resume sweeps/smoke
 
-Each trial is one ``metalearn train`` session (driver loop, learner actor, N worker
-actors) inside a Tune function trainable. The trial reserves its resources as one
-placement group: a head bundle for the trial's driver and learner, one bundle per
-worker. Every ``trial.report_every`` learner steps the trial forces a learner
-checkpoint and reports the learner's metrics row of exactly that checkpoint's step
-together with a copy of its run folder (orbax checkpoints, config, metrics) as a
-``tune.Checkpoint``; the report at ``trial.steps`` is the last (``done``). A trial
-started from a checkpoint (a resumed sweep, a retried failure, or PBT cloning a better
-trial) restores the learner from it and continues the donor's step count under its
-own, possibly mutated, config. The driver logs every result Tune processes to
-``reports.jsonl``; the output folder gets ``results.parquet``, ``results.md``,
-``history.parquet`` (every report of every trial, from that log) and ``meta_loss.png``.
+Each trial is one ``metalearn train`` session inside a Tune function trainable; how it
+reserves resources, reports, checkpoints and resumes, and the output folder's files, are
+in docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -42,7 +33,7 @@ from metalearn.core.config_io import from_dict
 from metalearn.distributed import storage as storage_io
 from metalearn.distributed.data_check import ranked_dataset
 from metalearn.distributed.driver import RAY
-from metalearn.distributed.sweep_spec import SweepSpec, trial_config, trial_mix
+from metalearn.distributed.sweep_spec import Domain, SweepSpec, trial_config, trial_mix
 from metalearn.training.events import read_jsonl
 from metalearn.training.loop import Callback, TrainingLoop
 from metalearn.training.run_dir import RunDir
@@ -58,16 +49,17 @@ REPORTS_FILE = "reports.jsonl"
 RESUME_FILE = "resume.json"  # the sweep's spec file and checkpoint storage, for --resume
 
 
+def tune_domain(domain: Domain):
+    """Tune's search-space entry of ``domain``."""
+    if domain.kind == "grid":
+        return tune.grid_search(list(domain.args))
+    if domain.kind == "choice":
+        return tune.choice(list(domain.args))
+    return getattr(tune, domain.kind)(*domain.args)
+
+
 def param_space(spec: SweepSpec) -> dict:
-    space = {}
-    for entry in spec.search:
-        if entry.domain is None:
-            space[entry.key] = entry.value
-            continue
-        kind, arg = entry.domain.kind, list(entry.domain.args)
-        space[entry.key] = {"grid": tune.grid_search, "choice": tune.choice}[kind](arg) \
-            if kind in ("grid", "choice") else getattr(tune, kind)(*arg)
-    return space
+    return {e.key: e.value if e.domain is None else tune_domain(e.domain) for e in spec.search}
 
 
 def resources(spec: SweepSpec):
@@ -82,24 +74,10 @@ def resources(spec: SweepSpec):
 # the trainable
 
 class TrialReporter(Callback):
-    """Reports a trial's progress to Tune every ``trial.report_every`` learner steps.
-
-    A report's ``step`` is always the step of the checkpoint handed over with it: a
-    scheduler's time (PBT's perturbation points, ASHA's rungs) and a clone's restored
-    step then agree. The learner keeps taking gradients while the loop handles a row, so
-    the checkpoint forced for row ``r`` may hold a later step ``s``; the report then waits
-    for row ``s`` (it arrives shortly: rows come in step order). The report at
-    ``trial.steps`` says ``done``: Tune ends the trial there without asking the
-    scheduler, so PBT never pauses or clones a trial that has nothing left to train (a
-    clone restored at the last step would end without reporting anything).
-
-    Held-out evaluations finish after the row they measure was handled, so each report
-    carries the newest evaluation columns measured at or before its step
-    (``MetricsLog.latest_evaluation``, with ``eval_step``), and the sweep's ``metric``
-    is always present (NaN until first measured: Tune requires it in every report;
-    ASHA and PBT skip NaN). The ``done`` report waits for ``on_end``, after the
-    evaluation callback (first in the loop's list) has measured the last theta.
-    """
+    """Reports a trial's progress to Tune every ``trial.report_every`` learner steps, each
+    report with a checkpoint of exactly its ``step`` and the newest held-out evaluation
+    measured at or before it; the ``done`` report at ``trial.steps`` is sent in ``on_end``,
+    after the final evaluation. Why each of these: docs/sweeps.md (How a trial runs)."""
 
     def __init__(self, spec: SweepSpec, run: RunDir, trial_id: str, start_step: int,
                  extra: dict):
@@ -139,8 +117,7 @@ class TrialReporter(Callback):
 
     def on_end(self, loop: TrainingLoop) -> None:
         if self.final is not None:
-            row, staging = self.final
-            self.final = None
+            (row, staging), self.final = self.final, None
             self._report(loop, row, staging, at_end=True)
 
     def on_row(self, loop: TrainingLoop, row: dict) -> None:
@@ -209,10 +186,9 @@ def make_scheduler(spec: SweepSpec):
         return ASHAScheduler(time_attr="step", max_t=spec.trial.steps,
                              grace_period=options.grace_period or spec.trial.report_every,
                              reduction_factor=options.reduction_factor)
-    mutations = {}
-    for entry in options.mutations:
-        kind_, arg = entry.domain.kind, list(entry.domain.args)
-        mutations[entry.key] = arg if kind_ == "choice" else getattr(tune, kind_)(*arg)
+    # A choice mutates as a list: PBT then moves to a neighbouring value.
+    mutations = {e.key: list(e.domain.args) if e.domain.kind == "choice"
+                 else tune_domain(e.domain) for e in options.mutations}
     return PopulationBasedTraining(
         time_attr="step",
         perturbation_interval=options.perturbation_interval or spec.trial.report_every,
@@ -230,15 +206,8 @@ def trainable(spec: SweepSpec):
 def report_log(fallback: str):
     """A Tune callback appending every result Tune processes, as it processes it, to
     ``<experiment>/reports.jsonl`` (one flat JSON object a line), or to ``fallback``
-    (a file in the sweep's output folder) when the experiment is not on this disk.
-
-    ``history.parquet`` is built from this log, not from Tune's per-trial
-    ``result.json``: when a trial restarts from a checkpoint (every PBT perturbation
-    in synch mode, every clone) Tune copies that file back from the storage folder,
-    which is synced from the driver's staging folder only every ~10 s, so the reports
-    of the last seconds before a restart can vanish from it. The log lives in the
-    experiment folder (found from the trial's path), so it follows the folder and a
-    resumed sweep appends to it.
+    when the experiment is not on this disk. ``history.parquet`` is built from it, not
+    from Tune's ``result.json``, which can lose reports (docs/sweeps.md, Output folder).
     """
     class ReportLog(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -265,11 +234,7 @@ def data_needs(spec: SweepSpec) -> list[tuple[str, SourceOptions]]:
         options = (dataclasses.replace(mix.sources, data_dir=str(base.tasks.data_dir))
                    if base.tasks.data_dir else mix.sources)
         needs += [(component.source, options) for component in mix.components]
-    unique = []
-    for need in needs:
-        if need not in unique:
-            unique.append(need)
-    return unique
+    return [need for i, need in enumerate(needs) if need not in needs[:i]]  # unhashable
 
 
 def search_algorithm(spec: SweepSpec):
@@ -342,6 +307,10 @@ def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
+def _finite(value) -> bool:
+    return math.isfinite(_number(value))
+
+
 def collect(results, spec: SweepSpec, reports: list[dict] = (), storage: str = ""):
     """(summary rows, history rows) of a ResultGrid and its ``reports.jsonl`` rows;
     checkpoints in a bucket are listed by URI (with ``storage``'s scheme and query)."""
@@ -374,12 +343,10 @@ def collect(results, spec: SweepSpec, reports: list[dict] = (), storage: str = "
             entry.setdefault(spec.metric, _number(row.get(spec.metric)))
             history.append(entry)
         # NaN: not measured yet (a held-out metric before the first evaluation)
-        losses = [r.get(spec.metric) for r in rows
-                  if isinstance(r.get(spec.metric), (int, float))
-                  and math.isfinite(r[spec.metric])]
+        losses = [r[spec.metric] for r in rows if _finite(r.get(spec.metric))]
         best = (min if spec.mode == "min" else max)(losses) if losses else math.nan
         last = rows[-1] if rows else {}
-        final_step = int(last.get("step", -1)) if rows else -1
+        final_step = int(last.get("step", -1))
         status = ("ERROR" if result.error else "DONE" if final_step >= spec.trial.steps
                   else "STOPPED")  # stopped early by the scheduler (or out of time)
         entry = {"trial_id": trial_id, "status": status,
@@ -438,6 +405,9 @@ def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
             if row["restored_from"] and row["restored_from"] != previous["restored_from"]:
                 ax.annotate(f"from {row['restored_from'][-5:]}", (row["step"],
                             row["meta_loss_rolling"]), fontsize=7, color=color)
+        pts = [(r["step"], r[spec.metric]) for r in rows if _finite(r.get(spec.metric))]
+        if extra and pts:  # the metric's own panel
+            axes[0, 1].plot(*zip(*pts), "-o", color=color, markersize=3, label=trial)
     ax.set_xlabel("learner step")
     ax.set_ylabel("meta-loss (solid: rolling mean, dotted: meta-batch)")
     ax.set_title(f"sweep {spec.name}: {len(trials)} trials, scheduler "
@@ -447,13 +417,6 @@ def plot(history: list[dict], spec: SweepSpec, path: str) -> None:
         ax.legend(fontsize=7, ncol=2)
     if extra:
         ax = axes[0, 1]
-        for index, trial in enumerate(trials):
-            pts = [(r["step"], r[spec.metric]) for r in history if r["trial_id"] == trial
-                   and isinstance(r.get(spec.metric), (int, float))
-                   and math.isfinite(r[spec.metric])]
-            if pts:
-                ax.plot(*zip(*pts), "-o", color=plt.cm.tab10(index % 10), markersize=3,
-                        label=trial)
         ax.set_xlabel("learner step")
         ax.set_ylabel(spec.metric)
         ax.set_title(f"the sweep's metric ({spec.mode})")
