@@ -154,7 +154,7 @@ class AshaScheduler(SchedulerConfig):
     """ASHA: the worse trials stop at each rung (time = the learner step)."""
 
     type: Literal["asha"] = "asha"
-    grace_period: int | None = None  # None: trial.report_every (set by load_spec)
+    grace_period: int | None = None  # None: trial.report_every
     reduction_factor: Annotated[float, Bound(1, open_low=True)] = 2.0
 
     def __post_init__(self):
@@ -170,7 +170,7 @@ class PbtScheduler(SchedulerConfig):
     with mutated values."""
 
     type: Literal["pbt"] = "pbt"
-    perturbation_interval: int | None = None  # None: trial.report_every (set by load_spec)
+    perturbation_interval: int | None = None  # None: trial.report_every
     # The share of trials cloned, and of donors.
     quantile_fraction: Annotated[float, Bound(0, 0.5)] = 0.5
     resample_probability: Annotated[float, Bound(0, 1)] = 0.25
@@ -207,13 +207,8 @@ def _scheduler(values: Any) -> SchedulerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SearchAlgConfig:
-    """How trials' searched values are chosen.
-
-    ``random``: Tune's variant generator (every grid value, one draw per random domain,
-    ``num_samples`` times). ``optuna``: Optuna proposes each trial's values from the
-    reports of the trials before it (``sampler``: ``tpe``, ``random`` or ``qmc``,
-    seeded by ``seed``); ``num_samples`` is then the number of trials. Optuna takes
-    ranges and choices of single values (no ``grid``, no list-valued ``choice``)."""
+    """How trials' searched values are chosen: ``random``, Tune's variant generator, or
+    ``optuna`` with its ``sampler`` seeded by ``seed`` (docs/sweeps.md)."""
 
     type: Literal["random", "optuna"] = "random"
     sampler: Literal["tpe", "random", "qmc"] = "tpe"
@@ -300,23 +295,18 @@ def load_spec(path: str) -> SweepSpec:
         raise ConfigError(f"{path}: {err}") from None
     base_values = read_config_values(spec.base, relative_to=os.path.dirname(
         os.path.abspath(path)))
-    spec = dataclasses.replace(spec, path=os.path.abspath(path), base_values=base_values,
-                               scheduler=_with_defaults(spec.scheduler, spec.trial))
+    spec = dataclasses.replace(spec, path=os.path.abspath(path), base_values=base_values)
     configs = _checked_configs(spec, path)
     for config in configs:  # every trial must report the metric Tune ranks them by
         try:
             check_metric(spec.metric, config)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-    mixes = {}
-    for config in configs:
-        key = mix_key(config)
-        if key not in mixes:
-            mixes[key] = to_dict(resolve_mix(config.tasks))
-    return dataclasses.replace(spec, mixes=mixes)
+    tasks = {mix_key(config): config.tasks for config in configs}
+    return dataclasses.replace(spec, mixes={k: to_dict(resolve_mix(t)) for k, t in tasks.items()})
 
 
-# Keys ``trial_values`` sets from ``trial`` after everything else: a spec that sets or
+# Keys ``trial_config`` sets from ``trial`` after everything else: a spec that sets or
 # searches them would be silently overridden.
 TRIAL_LIMITS = {"run.steps": "trial.steps", "run.minutes": "trial.minutes",
                 "worker.num_workers": "trial.workers"}
@@ -397,19 +387,14 @@ REPORT_COLUMNS = ("trial_id", "restored_from", "restored_step", "worker_failures
                   "time_this_iter_s")
 
 
-def reported_columns(config: TrainConfig) -> list[str]:
-    """The columns every report of a trial with ``config`` carries (``loss/<dataset>``
-    aside): the learner's row, the reporter's extras and the evaluator's columns."""
-    return [*LEARNER_COLUMNS, *estimator_columns(config.estimator.kind), *REPORT_COLUMNS,
-            *config.evaluator.columns()]
-
-
 def check_metric(metric: str, config: TrainConfig) -> None:
     """Raise a ConfigError naming ``metric`` unless trials of ``config`` report it (Tune
-    fails a trial whose reports lack the metric; a typo would waste a whole sweep)."""
-    if metric.startswith("loss/") or metric in reported_columns(config):
-        return
+    fails a trial whose reports lack the metric; a typo would waste a whole sweep): the
+    learner's row, ``loss/<dataset>``, the reporter's extras or the evaluator's columns."""
     ev = config.evaluator
+    columns = [*LEARNER_COLUMNS, *estimator_columns(config.estimator.kind)]
+    if metric.startswith("loss/") or metric in [*columns, *REPORT_COLUMNS, *ev.columns()]:
+        return
     if metric.startswith("eval"):
         if not ev.enabled:
             hint = "the trials run no evaluator: set evaluator.enabled: true"
@@ -418,7 +403,6 @@ def check_metric(metric: str, config: TrainConfig) -> None:
                     f"{list(ev.datasets)}, long_datasets {list(ev.long_names())}, "
                     f"horizons {list(ev.horizons)}, long_every {ev.long_every})")
     else:
-        columns = [*LEARNER_COLUMNS, *estimator_columns(config.estimator.kind)]
         hint = f"training rows have {', '.join(columns)} and loss/<dataset>"
     raise ConfigError(f"metric: {metric!r} is not a column the trials report; {hint}")
 
@@ -435,33 +419,20 @@ def trial_mix(spec: SweepSpec, config: TrainConfig) -> MixConfig:
     return from_dict(MixConfig, values) if values is not None else resolve_mix(config.tasks)
 
 
-def _with_defaults(scheduler: SchedulerConfig, trial: TrialSettings) -> SchedulerConfig:
-    """Scheduler time options left unset default to the trial's report interval."""
-    if isinstance(scheduler, AshaScheduler) and scheduler.grace_period is None:
-        return dataclasses.replace(scheduler, grace_period=trial.report_every)
-    if isinstance(scheduler, PbtScheduler) and scheduler.perturbation_interval is None:
-        return dataclasses.replace(scheduler, perturbation_interval=trial.report_every)
-    return scheduler
-
-
-def trial_values(spec: SweepSpec, params: dict) -> dict:
-    """The nested config dict of one trial: the base config with the fixed values, the
+def trial_config(spec: SweepSpec, params: dict) -> TrainConfig:
+    """The TrainConfig of one trial: the base config's values with the fixed values, the
     sampled ``params`` (dotted keys; Tune's own ``_``-prefixed keys skipped) and the
     trial's limits set in that order."""
     values = dict(spec.base_values)
     sampled = {k: v for k, v in params.items() if not k.startswith("_")}
-    limits = {"run.steps": spec.trial.steps, "run.minutes": spec.trial.minutes,
-              "worker.num_workers": spec.trial.workers}
+    limits = {key: getattr(spec.trial, field.split(".")[1])
+              for key, field in TRIAL_LIMITS.items()}
     for updates in (spec.set, sampled, limits):
         values = apply_values(values, updates)
-    return values
+    return config_from_dict(values)
 
 
-def trial_config(spec: SweepSpec, params: dict) -> TrainConfig:
-    """The TrainConfig of one trial: base, fixed values, sampled values, trial limits."""
-    return config_from_dict(trial_values(spec, params))
-
-
-__all__ = ["REPORT_COLUMNS", "SearchAlgConfig", "TRIAL_LIMITS", "check_metric", "reported_columns", "AshaScheduler", "Domain", "FifoScheduler", "PbtScheduler", "SchedulerConfig",
+__all__ = ["REPORT_COLUMNS", "SearchAlgConfig", "TRIAL_LIMITS", "check_metric",
+           "AshaScheduler", "Domain", "FifoScheduler", "PbtScheduler", "SchedulerConfig",
            "SearchEntry", "SweepSpec", "TrialSettings", "load_spec", "mix_key",
-           "trial_config", "trial_mix", "trial_values"]
+           "trial_config", "trial_mix"]
