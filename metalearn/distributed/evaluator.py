@@ -17,11 +17,10 @@ class EvaluatorActor:
     hands it the latest theta and merges the returned row into the run's metrics.
     Configs cross the actor boundary as plain dicts (validated by ``from_dict``), theta as
     numpy (zero-copy through the object store); JAX is imported after the actor has
-    pinned itself to its CPU allotment (``claim_cpus``), like the workers."""
+    pinned itself to one core (``claim_cpus``), like the workers."""
 
-    def __init__(self, eval_config: dict, rule: dict, objective: dict | None = None,
-                 cpus: int = 1):
-        claim_cpus(cpus)
+    def __init__(self, eval_config: dict, rule: dict, objective: dict | None = None):
+        claim_cpus(1)
         # Imported here, after the cores are claimed: these load JAX (see actors.py).
         from metalearn.core.config import MetaObjectiveConfig, RuleConfig, from_dict
         from metalearn.evaluation.config import ContinuousEvalConfig
@@ -41,16 +40,16 @@ class EvaluatorActor:
         return self.config.every
 
 
-def start_evaluator(eval_config, rule, objective=None, cpus: int = 1, reserve: bool = True):
-    """Start the actor (typed configs in, dicts across the boundary).
+def start_evaluator(eval_config, rule, objective=None, reserve: bool = True):
+    """Start the actor (typed configs in, dicts across the boundary), on one thread.
 
-    ``reserve=False`` schedules it without reserving Ray CPUs (it still limits itself to
-    ``cpus`` threads): on a laptop whose every core runs a worker, a small evaluation
-    budget shares a core rather than waiting forever for a free one.
+    ``reserve=False`` schedules it without reserving a Ray CPU: on a laptop whose every
+    core runs a worker, a small evaluation budget shares a core rather than waiting
+    forever for a free one.
     """
     return EvaluatorActor.options(
-        num_cpus=cpus if reserve else 0, runtime_env={"env_vars": thread_env(cpus)}).remote(
-        to_dict(eval_config), to_dict(rule), to_dict(objective) if objective else None, cpus)
+        num_cpus=1 if reserve else 0, runtime_env={"env_vars": thread_env(1)}).remote(
+        to_dict(eval_config), to_dict(rule), to_dict(objective) if objective else None)
 
 
 class RayEvaluator:
@@ -59,8 +58,6 @@ class RayEvaluator:
     once; ``poll`` waits for the row with ``ray.wait``."""
 
     def __init__(self, config):
-        # No Ray CPU reserved: on a laptop whose every core runs a worker, a small
-        # evaluation budget shares a core rather than waiting for a free one.
         self.actor = start_evaluator(config.evaluator, config.rule, config.objective,
                                      reserve=False)
         self.ref = None
