@@ -1,14 +1,6 @@
-"""Is the data a sweep needs on every node, before any trial starts?
-
-A trial runs wherever Ray places it. A dataset missing on that node does not fail the
-trial. The continuous evaluator skips it, and the metric it would have written stays
-NaN. Tune then ranks on nothing, and says nothing about it. So ``metalearn sweep`` asks
-every alive node first, with one zero-CPU task pinned to each. Each task loads the
-sources the trials will read: the ranking dataset (``eval/<name>/...``) and every
-component of each trial's task mix, with that trial's source options. A missing source
-stops the sweep before anything is written, in one line that names the node and the
-fix. The same task writes a probe file to the sweep's checkpoint storage (a bucket
-needs credentials on every node, not only on the driver's).
+"""Is the data a sweep needs on every node, before any trial starts? One zero-CPU task
+per alive node loads the trials' sources and writes a probe to the checkpoint storage
+(a bucket needs credentials on every node); see docs/sweeps.md (Data on every node).
 """
 
 from __future__ import annotations

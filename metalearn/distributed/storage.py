@@ -1,13 +1,6 @@
-"""Where a sweep keeps its trials' checkpoints: a local or NFS folder, or a URI.
-
-Tune writes each trial's checkpoints from the node the trial runs on, straight to the
-sweep's storage (``RunConfig(storage_path=...)``, through ``pyarrow.fs``). On one
-machine that is ``OUT/tune``; on a cluster whose trials run on many disks it must be
-somewhere every node reaches: an NFS folder mounted at the same path everywhere, or
-an object store (``s3://bucket/prefix``, ``gs://bucket/prefix``; credentials and an
-S3-compatible endpoint come from the usual environment variables, such as
-``AWS_ENDPOINT_URL``, or from the URI's query, ``?endpoint_override=...&scheme=http``).
-See docs/sweeps.md.
+"""Where a sweep keeps its trials' checkpoints: a local or NFS folder, or a URI that
+``pyarrow.fs`` reads (``s3://bucket/prefix``); see docs/sweeps.md (Checkpoints on
+shared storage).
 """
 
 from __future__ import annotations
@@ -34,8 +27,7 @@ def resolve(location: str, default: str) -> str:
     (an absolute path) when it is empty."""
     if not location:
         return os.path.abspath(default)
-    if location.startswith("file://"):
-        location = location[len("file://"):]
+    location = location.removeprefix("file://")
     return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
 
 
