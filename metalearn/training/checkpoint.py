@@ -130,17 +130,11 @@ class _OrbaxSaveErrorFilter(logging.Filter):
     """Drops orbax's own ERROR logs (several tracebacks per failure) while a save of ours
     is in flight: the failure is reported once, as a ``CheckpointSaveError``."""
 
-    def __init__(self):
-        super().__init__()
-        self.active = 0
-        self.dropped = 0
+    active = 0  # saves of ours in flight
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.active and record.levelno >= logging.ERROR \
-                and f"{os.sep}orbax{os.sep}" in record.pathname:
-            self.dropped += 1
-            return False
-        return True
+        return not (self.active and record.levelno >= logging.ERROR
+                    and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 # The writer of each directory in this process (a learner replaced in-process must not
@@ -156,8 +150,7 @@ class Checkpointer:
         self.read_only = read_only
         if not read_only:
             os.makedirs(self.directory, exist_ok=True)
-            previous = _WRITERS.get(self.directory)
-            thread = previous._thread if previous is not None else None
+            thread = getattr(_WRITERS.get(self.directory), "_thread", None)
             if thread is not None:
                 thread.join()  # its outcome stays with it; its step, if whole, is listed
         options = ocp.CheckpointManagerOptions(
@@ -174,7 +167,7 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._thread: threading.Thread | None = None
-        self._pending: int | None = None  # step of the save in flight
+        self.in_flight: int | None = None  # the step being saved in the background
         steps = self.steps()
         self.last_good_step: int | None = steps[-1] if steps else None
         self._error: CheckpointSaveError | None = None  # its failure, not yet raised
@@ -189,12 +182,7 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Complete steps (a save in flight is not one yet)."""
-        return sorted(s for s in self.manager.all_steps() if s != self._pending)
-
-    @property
-    def in_flight(self) -> int | None:
-        """The step being saved in the background, if any."""
-        return self._pending
+        return sorted(s for s in self.manager.all_steps() if s != self.in_flight)
 
     # ------------------------------------------------------------------ saving
 
@@ -222,7 +210,7 @@ class Checkpointer:
             error = self._failure(step, err)
             self.failed = error
             raise error from err
-        self._pending = step
+        self.in_flight = step
         self._thread = threading.Thread(target=self._complete, args=(step, then, then_what),
                                         name=f"checkpoint-{step}", daemon=True)
         self._thread.start()
@@ -307,7 +295,7 @@ class Checkpointer:
         if self._thread is None:
             return None
         self._thread.join()
-        step, self._thread, self._pending = self._pending, None, None
+        step, self._thread, self.in_flight = self.in_flight, None, None
         error, self._error = self._error, None
         if error is not None:
             self.failed = error
@@ -333,15 +321,13 @@ class Checkpointer:
         arrays = jax.tree.map(np.asarray, restored["state"])
         return arrays, dict(restored["meta"])
 
-    def restore_latest(self, template, *, quarantine: bool | None = None):
+    def restore_latest(self, template):
         """(step, arrays, meta) of the newest readable checkpoint, or None if none is.
 
         Corrupt steps are skipped with a ``CheckpointWarning``; when an older step reads
-        and ``quarantine`` (default: not ``read_only``), they are moved aside to
+        and the folder is not ``read_only``, they are moved aside to
         ``corrupt-<step>-<unixtime>``. Any other error raises ``CheckpointReadError``.
         """
-        if quarantine is None:
-            quarantine = not self.read_only
         skipped: list[tuple[int, str]] = []
         found = None
         for step in reversed(self.steps()):
@@ -363,11 +349,11 @@ class Checkpointer:
                 continue
             found = (step, arrays, meta)
             break
+        then = (f"falling back to step {found[0]}" if found is not None
+                else "falling back to an earlier one")
         for step, why in skipped:
             path = os.path.join(self.directory, str(step))
-            moved = self._quarantine(step) if quarantine and found is not None else ""
-            then = (f"falling back to step {found[0]}" if found is not None
-                    else "falling back to an earlier one")
+            moved = self._quarantine(step) if found is not None and not self.read_only else ""
             warnings.warn(f"checkpoint {path} is unreadable ({why}); {then}"
                           + (f"; moved to {moved}" if moved else ""),
                           CheckpointWarning, stacklevel=2)
