@@ -11,7 +11,7 @@ import re
 import shutil
 
 from metalearn.core.config_io import ConfigError, read_yaml
-from metalearn.training.checkpoint import atomic_write_bytes
+from metalearn.training.checkpoint import QUARANTINE_PREFIX, atomic_write_bytes
 from metalearn.training.config import TrainConfig, config_from_dict, config_to_yaml
 
 
@@ -109,12 +109,8 @@ class RunDir:
 
     def create(self, config: TrainConfig) -> None:
         """Make the folder, keep ``config`` as this session's entry of ``configs/``
-        and write ``config.yaml`` (both atomically; validation is done).
-
-        The entry is ``configs/<NNN>-step<S>.yaml``: NNN is one more than the newest
-        entry (000 for a new run), S the newest complete checkpoint's step (0 for a new
-        run). Resuming a run from before the history was kept first saves its
-        ``config.yaml`` as ``000-step0.yaml``: the config of its steps so far."""
+        (``<NNN>-step<S>.yaml``: docs/training.md, Run folder) and write ``config.yaml``
+        (both atomically; validation is done)."""
         os.makedirs(self.checkpoints, exist_ok=True)
         os.makedirs(self.configs, exist_ok=True)
         history = self.config_history()
@@ -142,7 +138,7 @@ class RunDir:
             skip = set(partial(folder, names))
             if os.path.abspath(folder) == source:
                 skip |= {n for n in names if (n.isdigit() and int(n) > up_to_step)
-                         or n.startswith("corrupt-")}
+                         or n.startswith(QUARANTINE_PREFIX)}
             return skip
 
         os.makedirs(dest, exist_ok=True)
