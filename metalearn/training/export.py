@@ -61,17 +61,14 @@ def meta_loss_at(run: RunDir, step: int) -> dict:
         table = read_metrics(run.path)
     except FileNotFoundError:
         return {}
-    if "step" not in table.column_names or table.num_rows == 0:
-        return {}
     rows = [r for r in table.to_pylist() if r.get("step") is not None and r["step"] <= step]
     if not rows:
         return {}
     row = max(rows, key=lambda r: r["step"])
     out = {"metrics_step": int(row["step"])}
     for key, value in sorted(row.items()):
-        if (key in ("meta_loss", "meta_loss_rolling") or key.startswith("loss/")
-                or key.startswith("eval/")) and isinstance(value, (int, float)) \
-                and math.isfinite(value):
+        if (key in ("meta_loss", "meta_loss_rolling") or key.startswith(("loss/", "eval/"))) \
+                and isinstance(value, (int, float)) and math.isfinite(value):
             out[key] = float(value)
     return out
 
@@ -189,30 +186,27 @@ def export_run(run_dir: str, out: str, *, force: bool = False, last: bool = Fals
         raise ConfigError("export: choose one of --last and --start")
     if start:
         config = run.read_config()
-        theta = run_start_theta(config, run)
-        meta = {"run": run.name, "run_config": run.read_config_dict(), "step": 0,
-                "selected": "start", "meta_loss": None, "metrics": {},
-                "package_version": package_version()}
-        if is_export(run.start):  # which candidate, and the scores that chose it
-            meta["start"] = {k: v for k, v in read_export_meta(run.start).items()
-                             if k in ("candidate", "candidates", "scores", "score_column")}
-        write_export(out, theta, config.rule, meta, force=force)
-        return meta
-    best = not last and is_export(run.best)
-    saved = load_export(run.best if best else run.theta)
-    losses = meta_loss_at(run, saved.step)
+        chosen = ExportedRule(run_start_theta(config, run), config.rule, {"step": 0})
+        selected, losses = "start", {}
+    else:
+        selected = "best" if not last and is_export(run.best) else "last"
+        chosen = load_export(run.best if selected == "best" else run.theta)
+        losses = meta_loss_at(run, chosen.step)
     meta = {
         "run": run.name,
         "run_config": run.read_config_dict(),
-        "step": saved.step,
-        "selected": "best" if best else "last",
+        "step": chosen.step,
+        "selected": selected,
         "meta_loss": losses.get("meta_loss_rolling", losses.get("meta_loss")),
         "metrics": losses,
         "package_version": package_version(),
     }
-    if best:
-        meta["validation"] = {k: saved.meta.get(k) for k in ("score", "score_column", "rank90")}
-    write_export(out, saved.theta, saved.rule, meta, force=force)
+    if start and is_export(run.start):  # which candidate, and the scores that chose it
+        meta["start"] = {k: v for k, v in read_export_meta(run.start).items()
+                         if k in ("candidate", "candidates", "scores", "score_column")}
+    if selected == "best":
+        meta["validation"] = {k: chosen.meta.get(k) for k in ("score", "score_column", "rank90")}
+    write_export(out, chosen.theta, chosen.rule, meta, force=force)
     return meta
 
 
@@ -329,6 +323,6 @@ def load_export(path: str, rule: RuleConfig | None = None) -> ExportedRule:
     return ExportedRule(theta, saved_rule, meta)
 
 
-__all__ = ["ExportedRule", "PRETRAINED_PREFIX", "checkpoint_label", "export_run", "is_export", "load_export",
-           "load_theta", "pretrained_names", "pretrained_root", "read_export_meta",
+__all__ = ["ExportedRule", "PRETRAINED_PREFIX", "checkpoint_label", "export_run", "is_export",
+           "load_export", "load_theta", "pretrained_names", "pretrained_root", "read_export_meta",
            "resolve_checkpoint", "save_run_theta", "write_export"]
