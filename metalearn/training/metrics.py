@@ -21,7 +21,6 @@ from metalearn.training.segments import SegmentedTable, SegmentWarning
 from metalearn.training.trackers import open_trackers, safely
 
 
-EVAL_PREFIX = "eval"  # eval/<dataset>/..., eval_s, eval_long_s
 # The rule's mixing weights after each update (LearnerHost watches them): which update the
 # rule makes, against meta-training time (``metalearn plot``).
 THETA_COLUMNS = tuple(f"theta/merge_w/{name}" for name in (*PLANE_NAMES, "bias"))
@@ -46,9 +45,9 @@ def _discard(run: RunDir, kind: str, rows: list[dict], reason: str) -> None:
 
 
 def _quarantine(run: RunDir, table: SegmentedTable, kind: str) -> list[str]:
-    moved = table.quarantine_unreadable(os.path.join(run.discarded, f"unreadable-{kind}"))
-    return [f"{kind} segment {name} is unreadable; moved to "
-            f"{os.path.join(run.discarded, f'unreadable-{kind}')}" for name in moved]
+    into = os.path.join(run.discarded, f"unreadable-{kind}")
+    return [f"{kind} segment {name} is unreadable; moved to {into}"
+            for name in table.quarantine_unreadable(into)]
 
 
 class LearnerRows:
@@ -189,12 +188,12 @@ def _run_of(path: str | os.PathLike) -> RunDir:
     return RunDir(path)
 
 
-def _coalesce(rows: list[dict]) -> list[dict]:
-    """Rows of the same step merged (later values win), in step order."""
+def _coalesce(rows: list[dict]) -> dict[int, dict]:
+    """Rows of the same step merged (later values win), by step in step order."""
     merged: dict[int, dict] = {}
     for row in rows:
         merged.setdefault(row["step"], {}).update(_clean(row))
-    return [merged[step] for step in sorted(merged)]
+    return {step: merged[step] for step in sorted(merged)}
 
 
 def read_metrics(path: str | os.PathLike) -> pa.Table:
@@ -207,33 +206,23 @@ def read_metrics(path: str | os.PathLike) -> pa.Table:
         raise FileNotFoundError(f"{run.path} has no metrics yet (no {run.metrics}/): not "
                                 f"a training run folder, or the run has not logged a step")
     learner = SegmentedTable(run.metrics).read()
-    evaluations = _coalesce(SegmentedTable(run.evaluations).read().to_pylist())
+    by_step = _coalesce(SegmentedTable(run.evaluations).read().to_pylist())
     if learner.num_rows == 0 or "step" not in learner.column_names:
         return learner
     learner = learner.sort_by("step")
-    if not evaluations:
-        return learner
-    by_step = {row["step"]: row for row in evaluations}
-    steps = learner.column("step").to_pylist()
     # An evaluated step with no learner row (a new run's start, step 0: the first
     # candidate of the best theta) gets a row of its own, learner columns null.
-    logged = set(steps)
-    alone = sorted(s for s in by_step if s not in logged)
+    alone = set(by_step) - set(learner.column("step").to_pylist())
     if alone:
         rows = [{"step": s} for s in alone] + learner.to_pylist()
         learner = pa.Table.from_pylist(sorted(rows, key=lambda r: r["step"]),
                                        schema=learner.schema)
-        steps = learner.column("step").to_pylist()
-    columns = list(dict.fromkeys(k for row in evaluations for k in row if k != "step"))
-    extra = {c: [by_step.get(s, {}).get(c) for s in steps] for c in columns
-             if c not in learner.column_names}
-    return _with_columns(learner, extra)
-
-
-def _with_columns(table: pa.Table, columns: dict[str, list]) -> pa.Table:
-    for name, values in columns.items():
-        table = table.append_column(name, pa.array(values))
-    return table
+    steps = learner.column("step").to_pylist()
+    for column in dict.fromkeys(k for row in by_step.values() for k in row):
+        if column not in learner.column_names:
+            learner = learner.append_column(
+                column, pa.array([by_step.get(s, {}).get(column) for s in steps]))
+    return learner
 
 
 def read_metric_rows(path: str | os.PathLike) -> list[dict]:
@@ -249,5 +238,5 @@ def discarded_rows(path: str | os.PathLike, kind: str = "metrics") -> list[dict]
             .read().to_pylist()]
 
 
-__all__ = ["DISCARD_REASON", "EVAL_PREFIX", "LEARNER_COLUMNS", "THETA_COLUMNS", "LearnerRows", "MetricsLog",
+__all__ = ["DISCARD_REASON", "LEARNER_COLUMNS", "THETA_COLUMNS", "LearnerRows", "MetricsLog",
            "discarded_rows", "estimator_columns", "read_metric_rows", "read_metrics"]
