@@ -1,12 +1,7 @@
-"""``<run>/events.jsonl``: what happened to a run, one JSON object per line, appended.
-
-The driver records each session's start and end (with its ledger of work orders), every
-worker that died or whose truncation failed, every learner replaced (what was rolled
-back with it), and every stop request (a signal, an error). Small and rare, so each
-line is appended and fsynced at once: after any crash the file says what happened up to
-it. ``metalearn chaos`` checks a run from it (``metalearn.chaos``).
-
-A line torn by a crash (the last one) is skipped by ``read_events``.
+"""``<run>/events.jsonl``: what happened to a run (docs/training.md, Run folder), one JSON
+object per line. Events are small and rare, so each line is appended and fsynced at once:
+after any crash the file says what happened up to it (``metalearn chaos`` checks a run
+from it), and a last line torn by the crash is skipped.
 """
 
 from __future__ import annotations
@@ -19,15 +14,11 @@ import time
 EVENTS = "events.jsonl"
 
 
-def events_path(run_path: str) -> str:
-    return os.path.join(run_path, EVENTS)
-
-
 def append_event(run_path: str, kind: str, **fields) -> dict:
     """Append one event (``kind`` plus ``fields`` and the wall time) and fsync it."""
     event = {"event": kind, "time": round(time.time(), 3), **fields}
     line = json.dumps(event, sort_keys=True, default=str) + "\n"
-    with open(events_path(run_path), "a") as f:
+    with open(os.path.join(run_path, EVENTS), "a") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
@@ -51,7 +42,7 @@ def read_jsonl(path: str) -> list[dict]:
 
 def read_events(run_path: str) -> list[dict]:
     """Every complete event of the run, in order (none if it has no log)."""
-    return read_jsonl(events_path(run_path))
+    return read_jsonl(os.path.join(run_path, EVENTS))
 
 
 @dataclasses.dataclass
@@ -72,15 +63,12 @@ class Ledger:
     cut_at_stop: int = 0  # still computing when the session stopped its workers
     lost_worker: int = 0  # workers that could not restart
 
-    def outcomes(self) -> int:
-        return (self.replied + self.worker_died + self.truncation_failed
-                + self.learner_gone + self.cut_at_stop)
-
     def balanced(self) -> bool:
-        return self.dispatched == self.outcomes()
+        return self.dispatched == (self.replied + self.worker_died + self.truncation_failed
+                                   + self.learner_gone + self.cut_at_stop)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-__all__ = ["EVENTS", "Ledger", "append_event", "events_path", "read_events", "read_jsonl"]
+__all__ = ["EVENTS", "Ledger", "append_event", "read_events", "read_jsonl"]
