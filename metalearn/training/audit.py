@@ -35,9 +35,6 @@ class AuditReport:
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
 
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if not c.ok]
-
     def as_dict(self) -> dict:
         return {"run_dir": self.run_dir, "ok": self.ok, "figures": self.figures,
                 "checks": [dataclasses.asdict(c) for c in self.checks]}
@@ -81,10 +78,6 @@ def gradients_rolled_back(events: list[dict]) -> int:
             total += max(0, seen.get(end["generation"], 0)
                          - int(resumed["learner_counters"].get("received", 0)))
     return total
-
-
-def _checkpoint_steps(run: RunDir) -> list[int]:
-    return run.checkpoint_steps()
 
 
 def _steps(steps: list[int], final: int) -> Check:
@@ -176,7 +169,7 @@ def audit_run(run_dir: str | os.PathLike) -> AuditReport:
     add = lambda name, ok, detail: checks.append(Check(name, bool(ok), detail))  # noqa: E731
 
     steps = read_metrics(run.path).column("step").to_pylist()
-    final = _checkpoint_steps(run)[-1] if _checkpoint_steps(run) else 0
+    final = max(run.checkpoint_steps(), default=0)
     checks.append(_steps(steps, final))
 
     events = read_events(run.path)

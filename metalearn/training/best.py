@@ -33,9 +33,7 @@ def selection_score(config: ContinuousEvalConfig, row: dict) -> tuple[float, str
             values = [row[c] for c in columns]
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
                 return None
-            what = (f"eval/{name}/accuracy@{'+'.join(str(h) for h in horizons)}"
-                    if len(columns) > 1 else columns[0])
-            return float(np.mean(values)), what
+            return float(np.mean(values)), f"eval/{name}/accuracy@{'+'.join(map(str, horizons))}"
     return None
 
 
@@ -98,9 +96,7 @@ class BestTheta:
     def text(self) -> str:
         """`` best 0.612 @40`` (the best score, a mean over the horizons, and its learner
         step) for the progress line; empty before any score."""
-        if not self.known:
-            return ""
-        return f" best {self.score:.3f} @{self.step}"
+        return f" best {self.score:.3f} @{self.step}" if self.known else ""
 
 
 __all__ = ["BestTheta", "best_so_far", "selection_score"]

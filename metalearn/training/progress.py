@@ -28,10 +28,7 @@ class Progress:
         if not self.tty and key == self.last_key and now - self.last < 30.0:
             return
         self.last, self.last_key = now, key
-        if self.tty:
-            self.stream.write("\r\033[K" + text)
-        else:
-            self.stream.write(text + "\n")
+        self.stream.write("\r\033[K" + text if self.tty else text + "\n")
         self.stream.flush()
 
     def done(self) -> None:

@@ -1,13 +1,6 @@
-"""Experiment trackers a run's scalars go to besides its own metrics table.
-
-TensorBoard (``run.tensorboard``, on in the packaged configs) writes event files in
-``RUN/tensorboard``. ``run.loggers`` adds Weights & Biases (``wandb``) and MLflow
-(``mlflow``); both are optional dependencies (``pip install 'metalearn[tracking]'``)
-and work offline: ``WANDB_MODE=offline`` keeps wandb's files in ``RUN/wandb`` for a
-later ``wandb sync``, and MLflow writes to ``sqlite:///RUN/mlflow.db`` unless
-``MLFLOW_TRACKING_URI`` names a server. A resumed run continues its tracker run (the
-ids are kept in the run folder). Names are adapted to what each tracker accepts
-(``metric_name``). See docs/training.md.
+"""Experiment trackers a run's scalars go to besides its own metrics table: TensorBoard
+(``run.tensorboard``), and Weights & Biases and MLflow (``run.loggers``, optional
+dependencies). See docs/training.md (Experiment trackers).
 """
 
 from __future__ import annotations
@@ -18,7 +11,6 @@ import re
 import secrets
 import time
 import warnings
-from typing import Protocol
 
 from metalearn.core.config import ConfigError
 from metalearn.training.run_dir import RunDir
@@ -28,21 +20,11 @@ PROJECT = "metalearn"  # the wandb project and MLflow experiment unless the env 
 
 
 def metric_name(key: str, tracker: str) -> str:
-    """``key`` as ``tracker`` accepts it. MLflow allows only letters, digits and
-    ``_ - . : / space``: ``eval/fashion_mnist_val/accuracy@100`` becomes
-    ``eval/fashion_mnist_val/accuracy_at_100``; TensorBoard and wandb take any key
-    (a ``/`` groups the charts)."""
+    """``key`` as ``tracker`` accepts it: MLflow allows only letters, digits and
+    ``_ - . : / space`` (``accuracy@100`` becomes ``accuracy_at_100``); the others any key."""
     if tracker != "mlflow":
         return key
     return re.sub(r"[^A-Za-z0-9_\-.:/ ]", "_", key.replace("@", "_at_"))
-
-
-class Tracker(Protocol):
-    def log(self, values: dict[str, float], step: int) -> None:
-        """Scalars measured at learner step ``step`` (steps may come out of order: an
-        evaluation lands after later learner rows)."""
-
-    def close(self) -> None: ...
 
 
 class TensorBoardTracker:
@@ -188,5 +170,5 @@ def _flat(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-__all__ = ["LOGGERS", "MlflowTracker", "TensorBoardTracker", "Tracker", "WandbTracker",
+__all__ = ["LOGGERS", "MlflowTracker", "TensorBoardTracker", "WandbTracker",
            "metric_name", "open_trackers", "safely"]
