@@ -7,6 +7,7 @@ export (``metalearn.training.export``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -97,15 +98,12 @@ def os_error_of(err: BaseException) -> tuple[int, str] | None:
 def is_environmental(err: BaseException) -> bool:
     """True for errors of the machine or file system rather than of a checkpoint's data."""
     for e in _chain(err):
-        if isinstance(e, (PermissionError, MemoryError)):
-            return True
-        if isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
-            return True
         text = str(e)
         code = _TS_OS_CODE.search(text)
-        if code and int(code.group(1)) in ENVIRONMENT_ERRNOS:
-            return True
-        if text.startswith(_TS_ENVIRONMENT_STATUS):
+        if (isinstance(e, (PermissionError, MemoryError))
+                or isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS
+                or code and int(code.group(1)) in ENVIRONMENT_ERRNOS
+                or text.startswith(_TS_ENVIRONMENT_STATUS)):
             return True
     return False
 
@@ -168,8 +166,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._thread: threading.Thread | None = None
         self.in_flight: int | None = None  # the step being saved in the background
-        steps = self.steps()
-        self.last_good_step: int | None = steps[-1] if steps else None
+        self.last_good_step: int | None = max(self.steps(), default=None)
         self._error: CheckpointSaveError | None = None  # its failure, not yet raised
         self._partial: set[int] = set()  # steps whose failed save may have left a folder
         self.failed: CheckpointSaveError | None = None  # the last failure raised
@@ -246,25 +243,20 @@ class Checkpointer:
     def _failure(self, step: int, err: BaseException) -> CheckpointSaveError:
         """After a failed save of ``step``: forget what orbax assumed, remove the step's
         temporary folder, and describe the failure in one line."""
-        try:
+        with contextlib.suppress(Exception):  # best effort on a broken disk
             self.manager.reload()  # orbax listed the step (and dropped old ones) at save
-        except Exception:  # noqa: BLE001 - the listing is best effort on a broken disk
-            pass
         # Orbax reports the first failed write while its other writers may still run:
         # give them a moment before removing the folder (again at ``close``).
         deadline = time.monotonic() + ORBAX_SETTLE_S
         for thread in threading.enumerate():
             if thread is not threading.current_thread() and thread.is_alive() \
                     and type(thread).__module__.startswith("orbax."):
-                try:  # (orbax's threads raise their own errors from join)
+                # (orbax's threads raise their own errors from join)
+                with contextlib.suppress(BaseException):
                     thread.join(max(0.0, deadline - time.monotonic()))
-                except BaseException:  # noqa: BLE001
-                    pass
         self._partial.add(step)
         self._remove_partial()
-        steps = list(self.manager.all_steps())
-        last = max(steps) if steps else None
-        self.last_good_step = last
+        last = self.last_good_step = max(self.manager.all_steps(), default=None)
         good = (f"the last good checkpoint is step {last}" if last is not None
                 else "there is no good checkpoint")
         return CheckpointSaveError(f"checkpoint of step {step} failed: "
