@@ -181,11 +181,8 @@ class MetricsLog:
 
 def _run_of(path: str | os.PathLike) -> RunDir:
     """The run folder of ``path``: the folder itself, or its metrics table."""
-    path = os.path.abspath(os.fspath(path))
-    name = os.path.basename(path.rstrip(os.sep))
-    if name == RunDir.METRICS:
-        return RunDir(os.path.dirname(path))
-    return RunDir(path)
+    path = os.path.abspath(path)  # (no trailing separator)
+    return RunDir(os.path.dirname(path) if os.path.basename(path) == RunDir.METRICS else path)
 
 
 def _coalesce(rows: list[dict]) -> dict[int, dict]:
