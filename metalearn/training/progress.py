@@ -73,10 +73,9 @@ def long_horizon_text(latest: dict, datasets=()) -> str:
 
 
 class ProgressLine(Callback):
-    """Shows the newest metrics row every ``run.progress_every_s``, and the newest
-    long-horizon evaluation (validation accuracy and rank90 at the largest horizon of the
-    first dataset, and the best so far: e.g. ``fmv@1000 0.452 r9 best 0.561 @40``) when
-    the run has one."""
+    """Shows the newest metrics row every ``run.progress_every_s``, with the newest
+    long-horizon evaluation (``long_horizon_text``) and the best so far
+    (``fmv@1000 0.452 r9 best 0.561 @40``) when the run has one."""
 
     def __init__(self, every_s: float, stream=sys.stderr):
         self.progress = Progress(every_s, stream)
