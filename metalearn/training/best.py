@@ -12,8 +12,7 @@ import numpy as np
 
 from metalearn.core.config import RuleConfig
 from metalearn.evaluation.config import ContinuousEvalConfig
-from metalearn.training.export import is_export, read_export_meta, write_export
-from metalearn.core.theta import theta_spec
+from metalearn.training.export import is_export, read_export_meta, save_run_theta
 from metalearn.training.run_dir import RunDir
 
 
@@ -84,12 +83,9 @@ class BestTheta:
             return False
         name = column.split("/")[1]
         rank = row.get(f"eval/{name}/rank90@{max(self.config.horizons)}")
-        theta = theta_spec(self.rule).unravel(np.asarray(theta_flat, np.float32))
-        write_export(self.run.best, theta, self.rule,
-                     {"step": int(step), "run": self.run.name, "score": float(score),
-                      "score_column": column,
-                      "rank90": float(rank) if isinstance(rank, (int, float)) else None},
-                     force=True)
+        save_run_theta(self.run, theta_flat, self.rule, step, to=self.run.best,
+                       score=float(score), score_column=column,
+                       rank90=float(rank) if isinstance(rank, (int, float)) else None)
         self.score, self.step, self.column = float(score), int(step), column
         return True
 

@@ -210,11 +210,13 @@ def export_run(run_dir: str, out: str, *, force: bool = False, last: bool = Fals
     return meta
 
 
-def save_run_theta(run: RunDir, theta_flat: np.ndarray, rule: RuleConfig, step: int) -> str:
-    """Write the learner's theta (flat [P]) at ``step`` to the run's ``theta_latest``."""
+def save_run_theta(run: RunDir, theta_flat: np.ndarray, rule: RuleConfig, step: int, *,
+                   to: str | None = None, **meta) -> str:
+    """Write the learner's theta (flat [P]) at ``step`` to the run's ``theta_latest`` (or
+    the export ``to``, with ``meta``)."""
     theta = theta_spec(rule).unravel(np.asarray(theta_flat, np.float32))
-    return write_export(run.theta, theta, rule, {"step": int(step), "run": run.name},
-                        force=True)
+    return write_export(to or run.theta, theta, rule,
+                        {"step": int(step), "run": run.name, **meta}, force=True)
 
 
 def load_theta(path: str):
