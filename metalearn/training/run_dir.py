@@ -7,6 +7,7 @@ what.
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import shutil
 
@@ -116,15 +117,13 @@ class RunDir:
         history = self.config_history()
         steps = self.checkpoint_steps()
         if not history and steps and os.path.isfile(self.config_path):
-            with open(self.config_path, "rb") as f:
-                earlier = f.read()
+            earlier = pathlib.Path(self.config_path).read_bytes()
             atomic_write_bytes(os.path.join(self.configs, _session_name(0, 0)), earlier)
             history = self.config_history()
         number = history[-1][0] + 1 if history else 0
         text = config_to_yaml(config).encode()
-        atomic_write_bytes(os.path.join(self.configs,
-                                        _session_name(number, steps[-1] if steps else 0)),
-                           text)
+        name = _session_name(number, steps[-1] if steps else 0)
+        atomic_write_bytes(os.path.join(self.configs, name), text)
         atomic_write_bytes(self.config_path, text)
 
     def copy_to(self, dest: str, up_to_step: int) -> None:
