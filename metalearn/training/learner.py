@@ -56,6 +56,15 @@ def _window_mean(window: tuple) -> float:
     return float(np.mean(window)) if window else math.nan
 
 
+def _spread(sq_sum: float, mean_sq: float, n: int) -> tuple[float, float]:
+    """(grad_var, grad_snr) of ``n`` >= 2 task gradients with sum of squared norms
+    ``sq_sum`` and mean of squared norm ``mean_sq``: the trace of their covariance, and
+    |mean|^2 over the variance of the mean (> 1: the update's direction is mostly signal,
+    not estimator noise)."""
+    var = max((sq_sum - n * mean_sq) / (n - 1), 0.0)
+    return var, mean_sq / (var / n) if var > 0 else math.inf
+
+
 def _read_only(theta) -> np.ndarray:
     """A read-only float32 copy: a state's theta is never written, so it is handed to
     workers and checkpoints without copying."""
@@ -240,10 +249,8 @@ class Learner:
                 continue
             loss, grad_norm = float(stats.loss[k]), float(stats.grad_norm[k])
             state = self._record(state, dataset, loss, float(stats.loss_start[k]), count)
-            spread = (math.nan, math.nan)
-            if count >= 2:
-                var = max((float(stats.sq_sum[k]) - count * grad_norm ** 2) / (count - 1), 0.0)
-                spread = (var, grad_norm ** 2 / (var / count) if var > 0 else math.inf)
+            spread = (_spread(float(stats.sq_sum[k]), grad_norm ** 2, count) if count >= 2
+                      else (math.nan, math.nan))
             est = {name: float(values[k]) for name, values in stats.metrics.items()
                    if math.isfinite(float(values[k]))}
             wall = state.wall_s + per_step
@@ -266,7 +273,7 @@ class Learner:
         row = self._row(state, theta, batch.loss_sum / batch.count, float(grad_norm),
                         float(update_norm),
                         batch.received / max(wall_s - state.wall_s, 1e-9),
-                        batch.staleness, self._spread(batch), est, wall_s)
+                        batch.staleness, self._batch_spread(batch), est, wall_s)
         state = state._replace(theta=theta, opt_state=opt_state, batch=self._empty_batch(),
                                step=state.step + 1, version=state.version + 1, wall_s=wall_s)
         return self._count(state, applied=batch.count), row
@@ -295,20 +302,14 @@ class Learner:
         return state._replace(losses=(state.losses + (loss,) * count)[-window:], gains=gains,
                               dataset_losses=per_dataset)
 
-    def _spread(self, batch: MetaBatch) -> tuple[float, float]:
-        """(grad_var, grad_snr): the trace of the covariance of a submitted gradient over
-        the meta-batch (count-weighted; NaN with fewer than two submissions), on the
-        trainable entries, and |mean|^2 over the variance of the mean (> 1: the update's
-        direction is mostly signal, not estimator noise)."""
+    def _batch_spread(self, batch: MetaBatch) -> tuple[float, float]:
+        """``_spread`` of the meta-batch's submitted gradients (count-weighted; NaN with
+        fewer than two submissions), on the trainable entries."""
         n = batch.count
         if len(batch.staleness) < 2 or n < 2:
             return math.nan, math.nan
-        mean = batch.grad_sum / n
-        if self.keep is not None:
-            mean = mean * self.keep
-        mean_sq = float(np.dot(mean, mean))
-        var = max((batch.sq_sum - n * mean_sq) / (n - 1), 0.0)
-        return var, mean_sq / (var / n) if var > 0 else math.inf
+        mean = batch.grad_sum / n if self.keep is None else batch.grad_sum / n * self.keep
+        return _spread(batch.sq_sum, float(np.dot(mean, mean)), n)
 
     def _row(self, state: LearnerState, theta: np.ndarray, meta_loss: float, grad_norm: float,
              update_norm: float, grads_per_s: float, staleness: tuple,

@@ -158,5 +158,5 @@ class WorkerResult:
     cannot_start: bool = False  # with ``died``: its constructor failed (no restart helps)
 
 
-__all__ = ["LEARNER_COLUMNS", "error_line", "LearnerReply", "LearnerRow", "LearnerStatus", "Submission", "ThetaHandle", "WorkOrder",
-           "WorkerResult"]
+__all__ = ["LEARNER_COLUMNS", "error_line", "LearnerReply", "LearnerRow", "LearnerStatus",
+           "Submission", "ThetaHandle", "WorkOrder", "WorkerResult"]

@@ -43,8 +43,9 @@ class Curriculum:
         return self.mean_truncations() * (self.unroll_low + self.unroll_high) / 2.0
 
     def describe(self) -> str:
-        return (f"truncations per task ~ max({self.min_truncations}, round(N({self.truncations_std:.4g}, "
-                f"{self.truncations_std:.4g}))) (mean {self.mean_truncations():.1f}), "
+        std = f"{self.truncations_std:.4g}"
+        return (f"truncations per task ~ max({self.min_truncations}, round(N({std}, {std}))) "
+                f"(mean {self.mean_truncations():.1f}), "
                 f"U in [{self.unroll_low}, {self.unroll_high}]: "
                 f"~{self.mean_task_steps():.0f} inner steps per task")
 
