@@ -32,7 +32,6 @@ class PopulationWorkers(InProcessWorkers):
     def __init__(self, config: TrainConfig, learner: InProcessLearner, mix: MixConfig):
         super().__init__(config, learner, mix)
         self.engine: PopulationEngine | None = None
-        self.calls: list[dict] = []  # each call's timings (the bench reads them)
 
     def start(self, count: int, seeds) -> int:
         self.engine = PopulationEngine(self.config, seeds(1)[0], mix=self.mix)
@@ -58,7 +57,6 @@ class PopulationWorkers(InProcessWorkers):
             raise  # the device is blocked by the stuck call: nothing more can run here
         except Exception as err:  # noqa: BLE001 - a failed call is reported, not fatal
             return [WorkerResult(index, error=error_line(err))]
-        self.calls.append(dict(call.timings))
         return [WorkerResult(index, reply=host.absorb(call.theta, call.opt_state,
                                                       call.stats, call.dataset))]
 

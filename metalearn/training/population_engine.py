@@ -24,7 +24,7 @@ from metalearn.core.theta import theta_spec
 from metalearn.core.unroll import Problem
 from metalearn.training.config import TrainConfig, trainable_mask
 from metalearn.training.learner import make_optimizer
-from metalearn.training.task_mix import stream_rng, task_dataset_name, task_sampler
+from metalearn.training.task_mix import sample_tasks, stream_rng, task_dataset_name, task_sampler
 from tasks.sampler import MixConfig
 
 
@@ -55,6 +55,13 @@ def wait_program(result, limit_s: float, what: str = "the population program",
         time.sleep(poll_s)
 
 
+def horizon_rule(config: TrainConfig):
+    """The rule of the full-horizon search's inner runs: ``rule`` with ``horizon.inner_lr``
+    as its inner rate when that is set."""
+    inner_lr = config.horizon.inner_lr
+    return dataclasses.replace(config.rule, inner_lr=inner_lr) if inner_lr else config.rule
+
+
 def task_run_data(task, steps: int, points: tuple[int, ...], batch_size: int, objective):
     """One task's whole inner run: (inner_x [S, B, N_0], LabelledPair [E, M, B_l, ...])."""
     inner = task.inner_batch(steps * batch_size).reshape(steps, batch_size, -1)
@@ -77,16 +84,12 @@ class PopulationBatch(NamedTuple):
 
 
 class CallResult(NamedTuple):
-    """One program call: theta and optimiser state after it, per-step statistics (numpy),
-    and its host timings."""
+    """One program call: theta and optimiser state after it, per-step statistics (numpy)."""
 
     theta: np.ndarray
     opt_state: Any
     stats: StepStats
     dataset: str
-    seeds: list
-    metadata: dict
-    timings: dict
 
 
 def program_devices(count: int, tasks: int) -> list:
@@ -145,24 +148,16 @@ class PopulationEngine:
         self.sampler = sampler if sampler is not None else task_sampler(config.tasks, mix)
         self.spec = theta_spec(config.rule)
         self.trainable = trainable_mask(config.rule, config.learner)
-        keep = (np.ones(self.spec.num_params, np.float32) if self.trainable is None
-                else self.trainable.astype(np.float32))
-        self.keep = keep
-        horizon = config.horizon
-        self.points = evaluation_points(horizon.steps, horizon.points)
-        rule = config.rule
-        # The search's runs may use their own inner rate (``horizon.inner_lr``), as
-        # ``Worker.run_task`` does.
-        self.rule = (dataclasses.replace(rule, inner_lr=horizon.inner_lr) if horizon.inner_lr
-                     else rule)
+        self.keep = (np.ones(self.spec.num_params, np.float32) if self.trainable is None
+                     else self.trainable.astype(np.float32))
+        self.points = evaluation_points(config.horizon.steps, config.horizon.points)
+        self.rule = horizon_rule(config)  # as ``Worker.run_task``'s
         self.optimizer = make_optimizer(config.learner, self.trainable)
         # The devices a meta-step's tasks are split over (one: no split).
         self.devices = list(devices) if devices else program_devices(config.worker.devices,
                                                                      self.tasks_per_step)
         self._programs: dict[str, PopulationProgram] = {}
         self._shapes: set = set()  # (activation, data signature) compiled so far
-        self.compile_s = 0.0
-        self.calls = 0
         self._slowest = 0.0  # seconds of the slowest finished call
         self.reseed(stream_seed)
 
@@ -194,19 +189,14 @@ class PopulationEngine:
         """K x M new tasks of one shape (the first one drawn sets it), their data stacked."""
         start = time.perf_counter()
         k, m = self.meta_steps, self.tasks_per_step
-        seeds = [int(s) for s in self.rng.integers(0, 2 ** 62, size=k * m)]
-        first = self.sampler.sample(seeds[0])
-        tasks = [first] + [self.sampler.sample(s, like=first) for s in seeds[1:]]
+        seeds, tasks = sample_tasks(self.sampler, self.rng, k * m)
+        first = tasks[0]
         objective = self.config.objective
         batch_size, steps = self.config.worker.batch_size, self.config.horizon.steps
         runs = [task_run_data(task, steps, self.points, batch_size, objective)
                 for task in tasks]
-
-        def stack(items):  # [K * M] -> [K, M, ...]
-            return np.stack(items).reshape((k, m) + np.shape(items[0]))
-
-        inner = stack([run[0] for run in runs])
-        pairs = LabelledPair(*(stack([run[1][i] for run in runs]) for i in range(4)))
+        inner, pairs = jax.tree.map(  # each leaf of the K * M runs stacked: [K, M, ...]
+            lambda *leaves: np.stack(leaves).reshape((k, m) + np.shape(leaves[0])), *runs)
         # Raw uint32 keys (phi_0's and the perturbations') made with numpy: a JAX op here
         # would queue behind the program still running and serialise the prefetch.
         keys = np.random.default_rng(seeds[0]).integers(0, 2 ** 32, size=(2, k, m, 2),
@@ -236,7 +226,6 @@ class PopulationEngine:
         if new:  # the first call of a shape: compiling dominates it
             wait_program(result.grad, STUCK_FIRST_S)
             compile_s = time.perf_counter() - compile_start
-            self.compile_s += compile_s
             self._shapes.add(key)
         else:
             compile_s = 0.0
@@ -255,14 +244,10 @@ class PopulationEngine:
 
     def run(self, theta_flat: np.ndarray, opt_state, limit: int | None = None) -> CallResult:
         """K meta-steps from (theta, opt_state); steps at index >= ``limit`` do nothing."""
-        start = time.perf_counter()
         batch = self._next if self._next is not None else self.sample()
         self._next = None
         program = self.program(batch.arch)
-        _, compile_s = program.compiled(theta_flat, opt_state, batch.data)
-        self.compile_s += compile_s
-        self._shapes.add((batch.arch.activation, tuple(batch.arch.sizes),
-                          PopulationProgram.signature(batch.data)))
+        program.compiled(theta_flat, opt_state, batch.data)  # not in the call's time
         dispatched = time.perf_counter()
         theta, opt_state, stats = program(theta_flat, opt_state, batch.data, limit)
         # The device computes; build the next call's tasks meanwhile.
@@ -270,15 +255,8 @@ class PopulationEngine:
         wait_program(theta, self._limit_s(), what=f"{self.meta_steps} meta-steps of "
                      f"{self.tasks_per_step} tasks ({batch.arch.sizes})")
         theta = np.asarray(theta)
-        done = time.perf_counter()
-        self.calls += 1
-        self._slowest = max(self._slowest, done - dispatched)
-        stats = jax.tree.map(np.asarray, stats)
-        return CallResult(theta, opt_state, stats, batch.dataset, batch.seeds, batch.metadata,
-                          {"build_s": batch.build_s, "next_build_s": self._next.build_s,
-                           "program_s": done - dispatched, "total_s": done - start,
-                           "compile_s": compile_s, "new_shape": float(compile_s > 0),
-                           "shapes": len(self._shapes)})
+        self._slowest = max(self._slowest, time.perf_counter() - dispatched)
+        return CallResult(theta, opt_state, jax.tree.map(np.asarray, stats), batch.dataset)
 
 
 __all__ = ["CallResult", "PopulationBatch", "PopulationEngine", "ProgramStuck", "STUCK_FIRST_S",

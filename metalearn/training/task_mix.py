@@ -28,6 +28,14 @@ def stream_rng(stream_seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(stream_seed), int(index)]))
 
 
+def sample_tasks(sampler: TaskSampler, rng: np.random.Generator, count: int):
+    """``count`` new task seeds from ``rng`` and their tasks, all of the first one's shape
+    (``TaskSampler.sample(like=...)``): (seeds, tasks)."""
+    seeds = [int(s) for s in rng.integers(0, 2 ** 62, size=count)]
+    first = sampler.sample(seeds[0])
+    return seeds, [first] + [sampler.sample(s, like=first) for s in seeds[1:]]
+
+
 def resolve_mix(tasks: TasksConfig) -> MixConfig:
     """The validated task mix of ``tasks`` (ConfigError / FileNotFoundError name it)."""
     path = resolve_config(tasks.mix, "tasks")
@@ -98,4 +106,5 @@ def task_dataset_name(task) -> str:
     return value if isinstance(value, str) else getattr(value, "name", "unknown")
 
 
-__all__ = ["check_readable", "resolve_mix", "stream_rng", "task_dataset_name", "task_sampler"]
+__all__ = ["check_readable", "resolve_mix", "sample_tasks", "stream_rng", "task_dataset_name",
+           "task_sampler"]

@@ -6,7 +6,6 @@ docs/training.md (How it works, Task lengths) and docs/architecture.md.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -21,14 +20,13 @@ from metalearn.core.base_model import init_params
 from metalearn.core.estimators import make_estimator
 from metalearn.core.full_horizon import (FULL_HORIZON_ESTIMATORS, FullHorizonES, HorizonData,
                                          evaluation_points)
-from metalearn.core.meta_objective import LabelledPair
 from metalearn.core.unroll import Problem
 from metalearn.core.theta import theta_spec
 from metalearn.training.config import TrainConfig, trainable_mask
 from metalearn.training.messages import LearnerReply, Submission, WorkOrder
 from metalearn.training.schedules import Curriculum
-from metalearn.training.population_engine import PopulationEngine
-from metalearn.training.task_mix import stream_rng, task_dataset_name, task_sampler
+from metalearn.training.population_engine import PopulationEngine, horizon_rule, task_run_data
+from metalearn.training.task_mix import sample_tasks, stream_rng, task_dataset_name, task_sampler
 from tasks.sampler import MixConfig
 
 DEFAULT_JAX_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "metalearn", "jax")
@@ -48,16 +46,28 @@ def enable_compilation_cache(setting: str) -> str | None:
     return path
 
 
+def task_metadata(base: dict, arch, seed: int, truncation: int, truncations: int,
+                  steps: int, **extra) -> dict:
+    """A submission's metadata: its (first) task's own, and where that task's run is."""
+    return {**base, "task_seed": seed, "truncation": truncation,
+            "task_truncations": truncations, "task_steps": steps, "arch": list(arch.sizes),
+            "activation": arch.activation, **extra}
+
+
+def _stacked(items: list, stack):
+    """One task's pytree, or T tasks' leaves stacked on a leading task axis."""
+    return items[0] if len(items) == 1 else jax.tree.map(lambda *leaves: stack(leaves), *items)
+
+
 class _TaskGroup:
     """Tasks in progress (one, or a vmapped worker's T of one shape): their phi (stacked
-    on a leading task axis when T > 1) and how many truncations / steps remain."""
+    on a leading task axis when T > 1) and how many truncations / steps they have run."""
 
     def __init__(self, tasks: list, seeds: list[int], state, truncations: int):
         self.tasks = tasks
         self.seeds = seeds
         self.state = state  # the estimator's EstimatorState (phi, and its own state)
         self.truncations_planned = truncations  # the task's length, in truncations
-        self.truncations_left = truncations
         self.loss_start = float("nan")  # meta-objective after the first inner step
         self.truncations_done = 0
         self.steps_done = 0
@@ -113,7 +123,7 @@ class Worker:
         self.rng = stream_rng(self.stream_seed, self.index)
         self._task: _TaskGroup | None = None
         self._prefetched = None  # (task group, U, batch) of its next truncation
-        if getattr(self, "population", None) is not None:
+        if self.population is not None:
             self.population.reseed(self.stream_seed)
 
     def set_theta(self, generation: str, version: int, theta_flat: np.ndarray) -> None:
@@ -130,27 +140,44 @@ class Worker:
     # ------------------------------------------------------------------ truncations
 
     def _estimator(self, activation: str):
+        """The activation's estimator, built on first use: a ``FullHorizonES`` or the
+        truncated kind of ``make_estimator``."""
         estimator = self._estimators.get(activation)
-        if estimator is None:
+        if estimator is None and self.full_horizon:
+            problem = Problem(activation, horizon_rule(self.config), self.config.objective)
+            estimator = FullHorizonES(problem, self.theta, self.config.estimator,
+                                      self.config.horizon,
+                                      None if self.trainable is None else self.trainable > 0)
+        elif estimator is None:
             tasks = self.tasks_per_worker if self.tasks_per_worker > 1 else None
             estimator = make_estimator(activation, self.config.rule, self.config.objective,
                                        self.config.unroll, self.config.estimator,
-                                       num_tasks=tasks,
-                                       trainable=self.trainable)
-            self._estimators[activation] = estimator
+                                       num_tasks=tasks, trainable=self.trainable)
+        self._estimators[activation] = estimator
         return estimator
 
-    def _new_tasks(self, curriculum: Curriculum) -> _TaskGroup:
-        seeds = [int(s) for s in self.rng.integers(0, 2 ** 62, size=self.tasks_per_worker)]
-        first = self.sampler.sample(seeds[0])
-        tasks = [first] + [self.sampler.sample(s, like=first) for s in seeds[1:]]
+    def _init_phi(self, seed: int, arch):
         rule = self.config.rule
-        params = [init_params(jax.random.key(s % (2 ** 31)), first.arch,
-                              w_std=rule.init_w_std, b_std=rule.init_b_std) for s in seeds]
-        if len(params) == 1:
-            stacked = params[0]
-        else:
-            stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
+        return init_params(jax.random.key(seed % (2 ** 31)), arch, w_std=rule.init_w_std,
+                           b_std=rule.init_b_std)
+
+    def _new_shape(self, arch) -> bool:
+        """Whether ``arch`` is a shape this worker has not run before (a compilation)."""
+        key = (arch.activation, tuple(arch.sizes))
+        new = key not in self._shapes_seen
+        self._shapes_seen.add(key)
+        return new
+
+    def _submission(self, **fields) -> Submission:
+        """One more truncation done: its submission, with the theta version it used."""
+        self.truncations += 1
+        generation, version = self.theta_key
+        return Submission(version=version, generation=generation, worker=self.index, **fields)
+
+    def _new_tasks(self, curriculum: Curriculum) -> _TaskGroup:
+        seeds, tasks = sample_tasks(self.sampler, self.rng, self.tasks_per_worker)
+        first = tasks[0]
+        stacked = _stacked([self._init_phi(s, first.arch) for s in seeds], jnp.stack)
         activation = first.arch.activation
         state = self._estimator(activation).init(
             seeds if len(seeds) > 1 else seeds[0], stacked,
@@ -159,16 +186,10 @@ class Worker:
 
     def _batch(self, group: _TaskGroup, steps: int):
         objective = self.config.objective
-        batches = [task.truncation_batch(steps, self.config.worker.batch_size,
-                                         objective.num_draws, objective.samples_per_class,
-                                         objective.regression_targets)
-                   for task in group.tasks]
-        if len(batches) == 1:
-            return batches[0]
-        return jax.tree.map(lambda *leaves: np.stack(leaves), *batches)
-
-    def _draw_steps(self, curriculum: Curriculum) -> int:
-        return curriculum.sample_unroll(self.rng)
+        return _stacked([task.truncation_batch(steps, self.config.worker.batch_size,
+                                               objective.num_draws, objective.samples_per_class,
+                                               objective.regression_targets)
+                         for task in group.tasks], np.stack)
 
     def run_truncation(self, curriculum: Curriculum) -> Submission:
         """One truncation of the current task(s) (new ones if none is in progress); with a
@@ -188,21 +209,18 @@ class Worker:
         if prefetched:
             _, steps, batch = self._prefetched
         else:
-            steps = self._draw_steps(curriculum)
+            steps = curriculum.sample_unroll(self.rng)
             batch = self._batch(state, steps)
         self._prefetched = None
         data = time.perf_counter()
-        arch = state.arch
-        shape_key = (arch.activation, tuple(arch.sizes))
-        new_shape = shape_key not in self._shapes_seen
-        self._shapes_seen.add(shape_key)
-        result, new_state = self._estimator(arch.activation)(self.theta, state.state, batch)
+        new_shape = self._new_shape(state.arch)
+        result, new_state = self._estimator(state.arch.activation)(self.theta, state.state, batch)
         # JAX dispatches asynchronously (the scan estimator is one call): build the next
         # truncation's data while the device computes, if this task goes on. On GPU the
         # host-side batches of T tasks are a third of a truncation otherwise. The draws
         # come in the same order as without prefetching.
-        if state.truncations_left > 1:
-            next_steps = self._draw_steps(curriculum)
+        if state.truncations_done + 1 < state.truncations_planned:
+            next_steps = curriculum.sample_unroll(self.rng)
             self._prefetched = (state, next_steps, self._batch(state, next_steps))
         prefetch_done = time.perf_counter()
         result = jax.block_until_ready(result)
@@ -215,16 +233,11 @@ class Worker:
         metrics = {name: float(np.mean(np.asarray(value, np.float64)[keep]
                                        if np.ndim(value) else value))
                    for name, value in result.metrics.items()}
-        self.truncations += 1
-        generation, version = self.theta_key
         end = time.perf_counter()
-        return Submission(
-            grad=grad, version=version, generation=generation, loss=loss,
-            finite=bool(finite.any()),
-            count=count, nonfinite_tasks=nonfinite, loss_start=state.loss_start,
-            estimator_metrics=metrics,
-            dataset=state.dataset, num_steps=steps,
-            worker=self.index, metadata=self._metadata(state, losses),
+        return self._submission(
+            grad=grad, loss=loss, finite=bool(finite.any()), count=count,
+            nonfinite_tasks=nonfinite, loss_start=state.loss_start, estimator_metrics=metrics,
+            dataset=state.dataset, num_steps=steps, metadata=self._metadata(state, losses),
             timings={"sample_s": sampled - start, "data_s": data - sampled,
                      "prefetch_s": prefetch_done - data, "grad_s": grad_done - data,
                      "total_s": end - start, "new_shape": float(new_shape),
@@ -241,8 +254,7 @@ class Worker:
         self._last_state[state.arch.activation] = new_state
         state.steps_done += steps
         state.truncations_done += 1
-        state.truncations_left -= 1
-        if not finite.all() or state.truncations_left <= 0:
+        if not finite.all() or state.truncations_done >= state.truncations_planned:
             self._task = None
 
     @staticmethod
@@ -263,81 +275,41 @@ class Worker:
     @staticmethod
     def _metadata(state, losses: np.ndarray) -> dict:
         """The submission's task metadata after this truncation ([T] ``losses``)."""
-        arch = state.arch
-        metadata = dict(state.metadata)
-        metadata.update(task_seed=state.seeds[0], truncation=state.truncations_done,
-                        task_truncations=state.truncations_planned,
-                        task_steps=state.steps_done,
-                        arch=list(arch.sizes), activation=arch.activation)
-        if len(state.tasks) > 1:
-            metadata.update(task_seeds=state.seeds, task_losses=losses.tolist())
-        return metadata
+        several = {} if len(state.tasks) == 1 else dict(task_seeds=state.seeds,
+                                                        task_losses=losses.tolist())
+        return task_metadata(state.metadata, state.arch, state.seeds[0], state.truncations_done,
+                             state.truncations_planned, state.steps_done, **several)
 
     # ------------------------------------------------------------------ whole tasks
-
-    def _horizon_rule(self):
-        horizon = self.config.horizon
-        rule = self.config.rule
-        return rule if not horizon.inner_lr else dataclasses.replace(rule,
-                                                                     inner_lr=horizon.inner_lr)
-
-    def _full_horizon_estimator(self, activation: str) -> FullHorizonES:
-        estimator = self._estimators.get(activation)
-        if estimator is None:
-            problem = Problem(activation, self._horizon_rule(), self.config.objective)
-            estimator = FullHorizonES(problem, self.theta, self.config.estimator,
-                                      self.config.horizon,
-                                      None if self.trainable is None else self.trainable > 0)
-            self._estimators[activation] = estimator
-        return estimator
-
-    def horizon_data(self, task, steps: int, points: int) -> HorizonData:
-        """A task's whole run: ``steps`` inner batches and a labelled draw per point."""
-        objective, batch_size = self.config.objective, self.config.worker.batch_size
-        at = evaluation_points(steps, points)
-        inner = task.inner_batch(steps * batch_size).reshape(steps, batch_size, -1)
-        pair = task.labelled_pair(len(at) * objective.num_draws, objective.samples_per_class,
-                                  objective.regression_targets)
-        pairs = LabelledPair(*(f.reshape(len(at), objective.num_draws, *f.shape[1:])
-                               for f in pair))
-        return HorizonData(inner, pairs, at)
 
     def run_task(self) -> Submission:
         """One task's whole inner run under the full-horizon estimator: its 2K population
         members each trained for ``horizon.steps`` steps from the same phi_0 on the same
         data; the submission is the estimate over the whole run (count 1)."""
         start = time.perf_counter()
-        horizon, rule = self.config.horizon, self.config.rule
-        seed = int(self.rng.integers(0, 2 ** 62))
-        task = self.sampler.sample(seed)
+        horizon = self.config.horizon
+        (seed,), (task,) = sample_tasks(self.sampler, self.rng, 1)
         arch = task.arch
-        phi0 = init_params(jax.random.key(seed % (2 ** 31)), arch, w_std=rule.init_w_std,
-                           b_std=rule.init_b_std)
-        data = self.horizon_data(task, horizon.steps, horizon.points)
+        phi0 = self._init_phi(seed, arch)
+        at = evaluation_points(horizon.steps, horizon.points)
+        data = HorizonData(*task_run_data(task, horizon.steps, at, self.config.worker.batch_size,
+                                          self.config.objective), at)
         sampled = time.perf_counter()
-        shape_key = (arch.activation, tuple(arch.sizes))
-        new_shape = shape_key not in self._shapes_seen
-        self._shapes_seen.add(shape_key)
-        estimator = self._full_horizon_estimator(arch.activation)
+        new_shape = self._new_shape(arch)
+        estimator = self._estimator(arch.activation)
         estimate, guide = estimator(self.theta, phi0, data, seed,
                                     self._guides.get(arch.activation))
         if guide is not None:
             self._guides[arch.activation] = guide
         done = time.perf_counter()
-        self.truncations += 1
-        generation, version = self.theta_key
-        metadata = dict(task.metadata())
-        metadata.update(task_seed=seed, truncation=1, task_truncations=1,
-                        task_steps=horizon.steps, arch=list(arch.sizes),
-                        activation=arch.activation, fitness=estimate.fitness.tolist(),
-                        curve=estimate.curve.tolist(), points=list(data.points))
-        loss = float(np.mean(estimate.fitness))
-        return Submission(
-            grad=np.asarray(estimate.grad, np.float32), version=version, generation=generation,
-            loss=loss, finite=estimate.finite, count=1,
-            nonfinite_tasks=0, loss_start=estimate.loss_start,
+        metadata = task_metadata(task.metadata(), arch, seed, 1, 1, horizon.steps,
+                                 fitness=estimate.fitness.tolist(),
+                                 curve=estimate.curve.tolist(), points=list(data.points))
+        return self._submission(
+            grad=np.asarray(estimate.grad, np.float32), loss=float(np.mean(estimate.fitness)),
+            finite=estimate.finite, count=1, nonfinite_tasks=0, loss_start=estimate.loss_start,
             estimator_metrics=estimate.metrics, dataset=task_dataset_name(task),
-            num_steps=horizon.steps, worker=self.index, metadata=metadata,
+            num_steps=horizon.steps, metadata=metadata,
             timings={"sample_s": 0.0, "data_s": sampled - start, "prefetch_s": 0.0,
                      "grad_s": done - sampled, "total_s": done - start,
                      "new_shape": float(new_shape), "prefetched": 0.0})
@@ -349,27 +321,20 @@ class Worker:
         flat = self.theta_spec.ravel(self.theta)
         estimate, batch, compile_s = self.population.estimate(flat)
         done = time.perf_counter()
-        self.truncations += 1
-        generation, version = self.theta_key
-        finite = np.asarray(estimate.task_finite, bool)
         count = int(estimate.count)
-        tasks = int(finite.size)
-        metadata = dict(batch.metadata)
-        seeds = batch.seeds[0]
-        metadata.update(task_seed=seeds[0], task_seeds=seeds, truncation=1,
-                        task_truncations=1, task_steps=self.config.horizon.steps,
-                        arch=list(batch.arch.sizes), activation=batch.arch.activation)
+        tasks = int(np.size(estimate.task_finite))
+        steps, seeds = self.config.horizon.steps, batch.seeds[0]
         metrics = {name: float(v) for name, v in estimate.metrics.items()
                    if math.isfinite(float(v))}
-        grad = np.asarray(estimate.grad, np.float32)
-        loss = float(estimate.loss) if count else math.nan
-        return Submission(
-            grad=grad, version=version, generation=generation, loss=loss,
+        return self._submission(
+            grad=np.asarray(estimate.grad, np.float32),
+            loss=float(estimate.loss) if count else math.nan,
             finite=count > 0, count=count if count else tasks,
             nonfinite_tasks=tasks - count if count else 0,
             loss_start=float(estimate.loss_start) if count else math.nan,
-            estimator_metrics=metrics, dataset=batch.dataset,
-            num_steps=self.config.horizon.steps, worker=self.index, metadata=metadata,
+            estimator_metrics=metrics, dataset=batch.dataset, num_steps=steps,
+            metadata=task_metadata(batch.metadata, batch.arch, seeds[0], 1, 1, steps,
+                                   task_seeds=seeds),
             timings={"sample_s": 0.0, "data_s": batch.build_s, "prefetch_s": 0.0,
                      "grad_s": done - start, "total_s": done - start,
                      "compile_s": compile_s, "new_shape": float(compile_s > 0),
