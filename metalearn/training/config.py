@@ -1,17 +1,12 @@
-"""Typed configuration of a meta-training run (``metalearn train``).
+"""Typed configuration of a meta-training run (``metalearn train``; docs/training.md,
+Configuration).
 
 A ``TrainConfig`` nests the core configs (rule, meta-objective, unroll, estimator) with the
-sections of the training system: learner, curriculum, worker, tasks and run. It is
-loaded from YAML: a packaged config by name (``local``, the default of ``metalearn
-train``, and ``paper``; they ship inside the package, so they work from any directory
-after any install) or a file. A file may start from another config with
-``base: NAME_OR_PATH`` and change some of its keys. Unknown keys are rejected with the
-dotted name of the key, and ``--set a.b=value`` overrides are applied on top before
-validation. The run folder keeps ``config.yaml``, the resolved config, which loads back
-to an equal ``TrainConfig``.
-
-``rule_preset`` picks the base values of the rule section (``paper`` or ``small``,
-``RuleConfig.small()``); keys given under ``rule`` override the preset.
+learner, curriculum, worker, tasks and run sections. It loads from YAML: a packaged config
+by name (shipped inside the package: it works from any directory after any install) or a
+file, which may start from another with ``base: NAME_OR_PATH``. ``--set a.b=value``
+overrides apply before validation; unknown keys are errors naming the dotted key.
+``rule_preset`` (``paper``, or ``small``: ``RuleConfig.small()``) is the base of ``rule``.
 """
 
 from __future__ import annotations
@@ -286,8 +281,8 @@ def read_config_values(ref: str, *, relative_to: str | None = None,
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a training config must be a mapping")
     folder = os.path.dirname(path)
-    mix = (values.get("tasks") or {}).get("mix") if isinstance(values.get("tasks"),
-                                                                 dict) else None
+    tasks = values.get("tasks")
+    mix = tasks.get("mix") if isinstance(tasks, dict) else None
     if isinstance(mix, str) and not is_packaged_name(mix) and not os.path.isabs(mix) \
             and os.path.isfile(os.path.join(folder, mix)):
         values = merge(values, {"tasks": {"mix": os.path.normpath(os.path.join(folder, mix))}})

@@ -31,9 +31,8 @@ RECENT_ROWS = 4096
 def merge_weight_indices(spec) -> dict[str, int]:
     """{"merge_w/<plane>": flat index, "merge_w/bias": ...}: the rule's mixing weights, the
     handful of numbers that say which update the rule makes (docs/rule.md)."""
-    out = {}
-    for plane in PLANE_NAMES:
-        out[f"merge_w/{plane}"] = int(np.argmax(spec.mask([f"merge_w.w:{plane}"])))
+    out = {f"merge_w/{plane}": int(np.argmax(spec.mask([f"merge_w.w:{plane}"])))
+           for plane in PLANE_NAMES}
     out["merge_w/bias"] = int(np.argmax(spec.mask(["merge_w.b"])))
     return out
 
@@ -148,7 +147,7 @@ class LearnerHost:
             self._collect(wait=True)
         self._unreported = None  # the caller has it
         self.last_checkpoint = time.monotonic()
-        return self._good_step()
+        return -1 if self.last_good_step is None else self.last_good_step
 
     def close(self) -> int:
         """The final checkpoint (none is tried after a failure) and orbax closed; returns
@@ -218,9 +217,6 @@ class LearnerHost:
             self.fatal = str(err)
         if err.last_good is not None:
             self.last_good_step = err.last_good
-
-    def _good_step(self) -> int:
-        return -1 if self.last_good_step is None else self.last_good_step
 
 
 __all__ = ["LearnerHost", "RECENT_ROWS"]
