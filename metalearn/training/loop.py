@@ -179,7 +179,6 @@ class TrainingLoop:
                  callbacks: Sequence[Callback] = ()):
         self.config = config
         self.run_dir = run
-        self.transport = transport
         self.learner, self.workers = transport.learner, transport.workers
         self.resume = resume
         self.num_workers = num_workers
@@ -199,7 +198,6 @@ class TrainingLoop:
         # The first failure, raised after the final checkpoint (WorkerStartError,
         # LearnerFailed).
         self.failure: RunError | None = None
-        self.finished = False
         self.started = time.monotonic()
         self.start_step = 0
         self.step = 0  # newest learner step known to the loop
@@ -244,7 +242,6 @@ class TrainingLoop:
 
     def _on_signal(self, name: str) -> None:
         self.stop_reason = name
-        self.request_stop(name)
         print(f"\n{name} received: stopping after the learner's final checkpoint "
               f"(send it again to stop at once; the run resumes from its last "
               f"checkpoint either way)", file=sys.stderr, flush=True)
@@ -276,20 +273,17 @@ class TrainingLoop:
             try:
                 self._train()
             except ImmediateStop:
-                self._event("immediate_stop", step=self.step, ledger=self.ledger.as_dict())
+                self._event("immediate_stop", step=self.step,
+                            ledger=dataclasses.asdict(self.ledger))
                 raise
             except BaseException as err:
-                reason = f"error: {type(err).__name__}: {str(err).strip()[:300]}"
-                self.stop_reason = reason
+                self.stop_reason = reason = f"error: {type(err).__name__}: {str(err).strip()[:300]}"
                 self._event("error", error=reason, step=self.step)
-                if not self.finished:
-                    try:
-                        self._finish()
-                    except ImmediateStop:
-                        raise
-                    except Exception as final_err:  # noqa: BLE001 - report the first error
-                        print(f"\nthe final checkpoint after the error failed too: "
-                              f"{final_err}", file=sys.stderr)
+                try:
+                    self._finish()
+                except Exception as final_err:  # noqa: BLE001 - report the first error
+                    print(f"\nthe final checkpoint after the error failed too: {final_err}",
+                          file=sys.stderr)
                 raise
             summary = self._finish()
         finally:
@@ -488,14 +482,12 @@ class TrainingLoop:
 
     def _with_learner(self, call: Callable[[], T]) -> T:
         """``call()``, with the learner replaced and the call repeated if it is gone."""
-        for attempt in range(1, LEARNER_ATTEMPTS + 1):
+        for _ in range(LEARNER_ATTEMPTS - 1):
             try:
                 return call()
             except LearnerLost:
-                if attempt == LEARNER_ATTEMPTS:
-                    raise
                 self._restart_learner()
-        raise AssertionError("unreachable")
+        return call()
 
     def _start_replacement(self) -> LearnerStatus:
         """A new learner restored from the newest checkpoint; one that dies while it
@@ -509,8 +501,7 @@ class TrainingLoop:
                     raise
                 self._event("learner_start_failed", attempt=attempt, error=str(err)[:300])
                 print(f"\nthe replacement learner died while starting "
-                      f"({str(err).splitlines()[0]}); "
-                      f"starting another", file=sys.stderr)
+                      f"({str(err).splitlines()[0]}); starting another", file=sys.stderr)
                 time.sleep(RESTART_BACKOFF_S)
         raise AssertionError("unreachable")
 
@@ -567,7 +558,7 @@ class TrainingLoop:
         self.metrics.close()
         self.learner.stop()
         self._event("session_end", step=self.checkpoint_step, start_step=self.start_step,
-                    stop_reason=self.stop_reason, ledger=self.ledger.as_dict(),
+                    stop_reason=self.stop_reason, ledger=dataclasses.asdict(self.ledger),
                     learner_counters=final, generation=self.theta.generation
                     if self.theta else None, learner_restarts=self.learner_restarts,
                     # The newest ``received`` each learner generation replied with,
@@ -585,7 +576,7 @@ class TrainingLoop:
             dropped_stale=final.get("dropped_stale", 0),
             dropped_nonfinite=final.get("dropped_nonfinite", 0),
             dropped_generation=final.get("dropped_generation", 0),
-            stop_reason=self.stop_reason, ledger=self.ledger.as_dict())
+            stop_reason=self.stop_reason, ledger=dataclasses.asdict(self.ledger))
 
 
 class MetricsFlush(Callback):
