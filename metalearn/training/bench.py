@@ -12,7 +12,6 @@ the same rows in the same run.
 
 from __future__ import annotations
 
-import io
 import os
 import statistics
 import tempfile
@@ -20,11 +19,10 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from metalearn.training.metrics import LEARNER_COLUMNS, LearnerRows, read_metrics
 from metalearn.training.run_dir import RunDir
-from metalearn.training.segments import rows_to_table
+from metalearn.training.segments import rows_to_table, table_bytes
 
 DATASETS = ("glyphs", "digits", "fashion_mnist")
 
@@ -46,8 +44,7 @@ def _rewrite_whole_s(steps: int, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        buffer = io.BytesIO()
-        pq.write_table(rows_to_table(rows), buffer)
+        table_bytes(rows_to_table(rows))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -62,7 +59,6 @@ def measure_metrics(steps: int = 100_000, rows_per_flush: int = 10,
         run = RunDir(tmp)
         writer = LearnerRows(run, flush_s=float("inf"))
         flush_times: list[tuple[int, float]] = []  # (step after the flush, seconds)
-        whole: dict[int, float] = {}
         started = time.perf_counter()
         for step in range(1, steps + 1):
             row = synthetic_row(step, rng)
@@ -94,10 +90,8 @@ def measure_metrics(steps: int = 100_000, rows_per_flush: int = 10,
               "columns": len(row), "points": points, "segments": segments,
               "files": files, "read_all_s": read_s}
     if len(points) >= 2:
-        first, last = points[0], points[-1]
-        report["median_ratio"] = last["median_ms"] / first["median_ms"]
-        report["mean_ratio"] = last["mean_ms"] / first["mean_ms"]
-        report["rewrite_whole_ratio"] = last["rewrite_whole_ms"] / first["rewrite_whole_ms"]
+        for key in ("median", "mean", "rewrite_whole"):
+            report[f"{key}_ratio"] = points[-1][f"{key}_ms"] / points[0][f"{key}_ms"]
     return report
 
 

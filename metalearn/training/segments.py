@@ -57,7 +57,7 @@ def concat(tables: Iterable[pa.Table]) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def _to_bytes(table: pa.Table) -> bytes:
+def table_bytes(table: pa.Table) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return buffer.getvalue()
@@ -97,8 +97,7 @@ class SegmentedTable:
 
     def next_append(self) -> int:
         if self._next is None:
-            every = self._all_segments()
-            self._next = max((s.last for s in every), default=-1) + 1
+            self._next = max((s.last for s in self._all_segments()), default=-1) + 1
         return self._next
 
     # ------------------------------------------------------------------ reading
@@ -132,13 +131,11 @@ class SegmentedTable:
 
     def _write(self, table: pa.Table, level: int, first: int, last: int) -> Segment:
         path = os.path.join(self.folder, f"L{level}-{first:09d}-{last:09d}.parquet")
-        atomic_write_bytes(path, _to_bytes(table))
+        atomic_write_bytes(path, table_bytes(table))
         return Segment(first, last, level, path)
 
     def _merge_full_levels(self) -> None:
-        every = self._all_segments()
-        if any(o.covers(s) for s in every for o in every):
-            self._delete_covered()  # left by a crash between a merge and its deletes
+        self._delete_covered()  # any left by a crash between a merge and its deletes
         for level in range(self.max_level):
             same = [s for s in self.segments() if s.level == level]
             if len(same) < self.fanout:
@@ -171,7 +168,7 @@ class SegmentedTable:
                 continue
             dropped.extend(r for r in rows if not keep(r))
             if kept:
-                atomic_write_bytes(segment.path, _to_bytes(
+                atomic_write_bytes(segment.path, table_bytes(
                     rows_to_table([{k: v for k, v in r.items() if v is not None}
                                    for r in kept])))
             else:
@@ -192,4 +189,4 @@ class SegmentedTable:
         return moved
 
 
-__all__ = ["Segment", "SegmentWarning", "SegmentedTable", "concat", "rows_to_table"]
+__all__ = ["Segment", "SegmentWarning", "SegmentedTable", "concat", "rows_to_table", "table_bytes"]
