@@ -57,10 +57,11 @@ def _window_mean(window: tuple) -> float:
 
 
 def _spread(sq_sum: float, mean_sq: float, n: int) -> tuple[float, float]:
-    """(grad_var, grad_snr) of ``n`` >= 2 task gradients with sum of squared norms
-    ``sq_sum`` and mean of squared norm ``mean_sq``: the trace of their covariance, and
-    |mean|^2 over the variance of the mean (> 1: the update's direction is mostly signal,
-    not estimator noise)."""
+    """(grad_var, grad_snr) of ``n`` >= 2 task gradients (their trainable entries) with
+    sum of squared norms ``sq_sum`` and squared norm of their mean ``mean_sq``: the trace
+    of their covariance, and |mean|^2 over the variance of the mean (> 1: the update's
+    direction is mostly signal, not estimator noise). A row has NaN for both when its
+    meta-batch had fewer than two submissions."""
     var = max((sq_sum - n * mean_sq) / (n - 1), 0.0)
     return var, mean_sq / (var / n) if var > 0 else math.inf
 
@@ -264,16 +265,18 @@ class Learner:
         return rows
 
     def _update(self, state: LearnerState, wall_s: float) -> tuple[LearnerState, dict]:
-        batch = state.batch
-        grad = jnp.asarray((batch.grad_sum / batch.count).astype(np.float32))
+        batch, n = state.batch, state.batch.count
+        grad = jnp.asarray((batch.grad_sum / n).astype(np.float32))
         theta, opt_state, grad_norm, update_norm = self._apply(
             jnp.asarray(state.theta), state.opt_state, grad)
         theta = np.asarray(theta)  # read-only: a view of the device result
         est = {name: total / weight for name, total, weight in batch.est}
-        row = self._row(state, theta, batch.loss_sum / batch.count, float(grad_norm),
-                        float(update_norm),
+        mean = batch.grad_sum / n if self.keep is None else batch.grad_sum / n * self.keep
+        spread = (_spread(batch.sq_sum, float(np.dot(mean, mean)), n)  # count-weighted
+                  if len(batch.staleness) >= 2 and n >= 2 else (math.nan, math.nan))
+        row = self._row(state, theta, batch.loss_sum / n, float(grad_norm), float(update_norm),
                         batch.received / max(wall_s - state.wall_s, 1e-9),
-                        batch.staleness, self._batch_spread(batch), est, wall_s)
+                        batch.staleness, spread, est, wall_s)
         state = state._replace(theta=theta, opt_state=opt_state, batch=self._empty_batch(),
                                step=state.step + 1, version=state.version + 1, wall_s=wall_s)
         return self._count(state, applied=batch.count), row
@@ -301,15 +304,6 @@ class Learner:
         per_dataset[dataset] = (per_dataset.get(dataset, ()) + (loss,) * count)[-window:]
         return state._replace(losses=(state.losses + (loss,) * count)[-window:], gains=gains,
                               dataset_losses=per_dataset)
-
-    def _batch_spread(self, batch: MetaBatch) -> tuple[float, float]:
-        """``_spread`` of the meta-batch's submitted gradients (count-weighted; NaN with
-        fewer than two submissions), on the trainable entries."""
-        n = batch.count
-        if len(batch.staleness) < 2 or n < 2:
-            return math.nan, math.nan
-        mean = batch.grad_sum / n if self.keep is None else batch.grad_sum / n * self.keep
-        return _spread(batch.sq_sum, float(np.dot(mean, mean)), n)
 
     def _row(self, state: LearnerState, theta: np.ndarray, meta_loss: float, grad_norm: float,
              update_norm: float, grads_per_s: float, staleness: tuple,
