@@ -75,12 +75,11 @@ class WorkerActor:
     (``max_restarts=-1``): a restart reruns ``__init__``, and the driver then gives the
     worker a fresh task-stream seed."""
 
-    def __init__(self, config: dict, mix: dict, index: int, stream_seed: int,
-                 cpus: int = 1, pin: bool = True):
+    def __init__(self, config: dict, mix: dict, index: int, stream_seed: int, cpus: int = 1):
         """``mix``: the task mix the driver resolved (``to_dict(MixConfig)``): this node
         reads no config file. A failure here names the node, since a node may lack what
         the submitter's machine has (a ``file:`` source, a data dir, a package)."""
-        self.cores = claim_cpus(cpus) if pin else []
+        self.cores = claim_cpus(cpus)
         try:
             from metalearn.core.config_io import from_dict
             from metalearn.training.config import config_from_dict
@@ -107,6 +106,7 @@ class WorkerActor:
         fetches theta only when the version is new to this worker. A learner that is gone
         gives a reply with ``learner_lost``: the driver replaces it."""
         from metalearn.training.messages import LearnerReply
+        from metalearn.training.population_engine import ProgramStuck
 
         def push(submission):
             try:
@@ -114,8 +114,6 @@ class WorkerActor:
             except (RayActorError, ActorUnavailableError):
                 return LearnerReply(generation=order.theta.generation, step=-1, version=-1,
                                     learner_lost=True)
-
-        from metalearn.training.population_engine import ProgramStuck
 
         try:
             return self.worker.work(order, fetch_theta=ray.get, push=push)

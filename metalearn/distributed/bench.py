@@ -7,6 +7,7 @@ constructors, after an actor has pinned its cores (docs/architecture.md).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import tempfile
 import time
@@ -18,15 +19,21 @@ import ray
 from metalearn.distributed.actors import LearnerActor, claim_cpus, thread_env
 
 
-def _init_ray() -> bool:
+@contextlib.contextmanager
+def _local_ray():
+    """A private local Ray around a measurement, unless one is running already."""
     from metalearn.distributed.driver import local_system_config
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             _system_config=local_system_config())
-    return True
+    started = not ray.is_initialized()
+    if started:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                 _system_config=local_system_config())
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 # ---------------------------------------------------------------------------
@@ -151,31 +158,25 @@ def measure_learner(*, seconds: float = 15.0, workers: int = 4, meta_batch: int 
               "synthetic_workers": workers}
     log(f"[1/3] in-process Learner.submit, {theta.size:,} parameters ...")
     report["in_process_grads_per_s"] = _in_process_rate(theta, meta_batch)
-    started = _init_ray()
-    try:
-        config = TrainConfig(learner=LearnerConfig(meta_batch=meta_batch,
-                                                   checkpoint_minutes=1e6))
-        with tempfile.TemporaryDirectory() as run_dir:
-            learner = LearnerActor.options(num_cpus=0).remote(to_dict(config), run_dir, False)
-            status = ray.get(learner.call.remote("status"))
-            pushers = [SyntheticWorker.remote(theta.size, i) for i in range(workers)]
-            ray.get([w.compute.remote([status.generation, 0], learner)
-                     for w in pushers])  # all started, the update compiled soon after
-            log(f"[2/3] {workers} synthetic workers pushing to the learner actor "
-                f"for {seconds:.0f} s ...")
-            report.update(_pushed_rate(learner, pushers, status.generation, seconds))
-            log(f"[3/3] the same through the driver loop, one call per gradient, for "
-                f"{seconds:.0f} s ...")
-            status = ray.get(learner.call.remote("status"))
-            report["driver_loop_grads_per_s"] = _driver_rate(learner, pushers, status, seconds)
-            counters = ray.get(learner.call.remote("status")).counters
-            report.update(dropped_stale=counters["dropped_stale"],
-                          dropped_nonfinite=counters["dropped_nonfinite"])
-            for actor in pushers + [learner]:
-                ray.kill(actor)
-    finally:
-        if started:
-            ray.shutdown()
+    config = TrainConfig(learner=LearnerConfig(meta_batch=meta_batch, checkpoint_minutes=1e6))
+    with _local_ray(), tempfile.TemporaryDirectory() as run_dir:
+        learner = LearnerActor.options(num_cpus=0).remote(to_dict(config), run_dir, False)
+        status = ray.get(learner.call.remote("status"))
+        pushers = [SyntheticWorker.remote(theta.size, i) for i in range(workers)]
+        ray.get([w.compute.remote([status.generation, 0], learner)
+                 for w in pushers])  # all started, the update compiled soon after
+        log(f"[2/3] {workers} synthetic workers pushing to the learner actor "
+            f"for {seconds:.0f} s ...")
+        report.update(_pushed_rate(learner, pushers, status.generation, seconds))
+        log(f"[3/3] the same through the driver loop, one call per gradient, for "
+            f"{seconds:.0f} s ...")
+        status = ray.get(learner.call.remote("status"))
+        report["driver_loop_grads_per_s"] = _driver_rate(learner, pushers, status, seconds)
+        counters = ray.get(learner.call.remote("status")).counters
+        report.update(dropped_stale=counters["dropped_stale"],
+                      dropped_nonfinite=counters["dropped_nonfinite"])
+        for actor in pushers + [learner]:
+            ray.kill(actor)
     report["cpus"] = os.cpu_count()
     report["target_grads_per_s"] = 1000
     report["meets_target"] = report["grads_per_s"] >= 1000
@@ -260,8 +261,7 @@ def measure_scaling(config, *, seconds: float = 15.0, rounds: int = 3, unroll: i
     from metalearn.training.task_mix import resolve_mix
 
     mix = to_dict(resolve_mix(config.tasks))  # read here, shipped to the workers as data
-    started = _init_ray()
-    try:
+    with _local_ray():
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if cpus < 2:
             raise RuntimeError(f"the scaling benchmark needs 2 CPUs, Ray has {cpus}")
@@ -283,9 +283,6 @@ def measure_scaling(config, *, seconds: float = 15.0, rounds: int = 3, unroll: i
         cores = [ray.get(w.info.remote())["cores"] for w in (first, second)]
         for w in (first, second):
             ray.kill(w)
-    finally:
-        if started:
-            ray.shutdown()
     return {"grads_per_s_1": rate_1, "grads_per_s_2": rate_2, "speedup": rate_2 / rate_1,
             "unroll": unroll, "arch": info["arch"], "rule": config.rule_preset,
             "cores": cores, "seconds": seconds, "rounds": rounds,

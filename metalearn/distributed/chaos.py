@@ -136,14 +136,8 @@ class ChaosRun:
         self._record("cluster", address=self.cluster.address, nodes=self.plan.nodes)
 
     def _raylet_pids(self) -> list[int]:
-        pids = []
-        for node in [self.cluster.head_node, *self.worker_nodes]:
-            for info in node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []):
-                pids.append(info.process.pid)
-        return pids
-
-    def _actors(self, title: str) -> list[psutil.Process]:
-        return _descendants_titled(self._raylet_pids(), title)
+        return [info.process.pid for node in [self.cluster.head_node, *self.worker_nodes]
+                for info in node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, [])]
 
     # ------------------------------------------------------------------ the driver
 
@@ -190,7 +184,7 @@ class ChaosRun:
 
     def _kill(self, title: str, counter: str) -> bool:
         """SIGKILL one live actor process of this kind; False if there was none."""
-        victims = self._actors(title)
+        victims = _descendants_titled(self._raylet_pids(), title)
         if not victims:
             self.counts["worker_kill_misses"] += 1
             self._record("kill_missed", target=title)
@@ -298,14 +292,11 @@ class ChaosRun:
             return
         # A kill that finds no live actor (one restarting, a session starting) is tried
         # again shortly, so that a slow machine gets the planned number.
-        if now >= due.worker:
-            due.worker = (due.worker + self.plan.worker_kill_s
-                          if self._kill("ray::WorkerActor", "worker_kills")
-                          else now + KILL_RETRY_S)
-        if now >= due.learner:
-            due.learner = (due.learner + self.plan.learner_kill_s
-                           if self._kill("ray::LearnerActor", "learner_kills")
-                           else now + KILL_RETRY_S)
+        for kind, title in (("worker", "ray::WorkerActor"), ("learner", "ray::LearnerActor")):
+            if now >= (at := getattr(due, kind)):
+                killed = self._kill(title, f"{kind}_kills")
+                every_s = getattr(self.plan, f"{kind}_kill_s")
+                setattr(due, kind, at + every_s if killed else now + KILL_RETRY_S)
 
 
 __all__ = ["ChaosPlan", "ChaosRun"]

@@ -222,18 +222,15 @@ def init_ray(address: str) -> bool:
         return False
     if address and address != "local":
         ray.init(address=address)
-        return True
-    if not address and os.environ.get("RAY_ADDRESS"):
+    elif not address and os.environ.get("RAY_ADDRESS"):
         ray.init()
-        return True
-    running = None if address else running_local_cluster()
-    if running:
+    elif not address and (running := running_local_cluster()):
         ray.init(address=running)
         print(f"joined the Ray cluster running on this machine ({running}); --address "
               f"local starts a private one", file=sys.stderr)
-        return True
-    ray.init(address="local", include_dashboard=False, log_to_driver=True,
-             _system_config=local_system_config())
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True,
+                 _system_config=local_system_config())
     return True
 
 
