@@ -132,7 +132,7 @@ class PopulationEngine:
     """K meta-steps of ``es_full`` per call over M tasks each, from a seeded task stream.
 
     One program per base-model shape (activation, layer sizes, classes); a shape's first
-    call compiles it, and ``compile_s`` counts that time."""
+    call compiles it (``estimate`` returns the seconds that took)."""
 
     def __init__(self, config: TrainConfig, stream_seed: int, *, mix: MixConfig | None = None,
                  sampler: Any = None, index: int = 0, meta_steps: int | None = None,
@@ -164,8 +164,7 @@ class PopulationEngine:
     # ------------------------------------------------------------------ stream
 
     def reseed(self, stream_seed: int) -> None:
-        self.stream_seed = int(stream_seed)
-        self.rng = stream_rng(self.stream_seed, self.index)
+        self.rng = stream_rng(stream_seed, self.index)
         self._next: PopulationBatch | None = None
 
     def program(self, arch) -> PopulationProgram:

@@ -119,12 +119,11 @@ class Worker:
 
     def reseed(self, stream_seed: int) -> None:
         """Start a new task stream (drops the tasks in progress)."""
-        self.stream_seed = int(stream_seed)
-        self.rng = stream_rng(self.stream_seed, self.index)
+        self.rng = stream_rng(stream_seed, self.index)
         self._task: _TaskGroup | None = None
         self._prefetched = None  # (task group, U, batch) of its next truncation
         if self.population is not None:
-            self.population.reseed(self.stream_seed)
+            self.population.reseed(stream_seed)
 
     def set_theta(self, generation: str, version: int, theta_flat: np.ndarray) -> None:
         theta_flat = np.asarray(theta_flat, np.float32)
