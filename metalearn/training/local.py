@@ -2,10 +2,10 @@
 
 ``in_process_transport`` gives the loop a ``LearnerHost`` (``InProcessLearner``) and
 ``Worker`` objects (``InProcessWorkers``) of this process. ``collect`` runs the oldest
-dispatched order to the end (truncation, push, reply), so workers take turns and the run is deterministic for
-given seeds: with one worker it applies the same gradients in the same order as the Ray
-runner. It is what tests use to exercise the protocol without Ray, what a debugger can
-step through, and the fastest path on one GPU (no actor, no object store).
+dispatched order to the end (truncation, push, reply), so workers take turns and the run is
+deterministic for given seeds: with one worker it applies the same gradients in the same
+order as the Ray runner. It is what tests use to exercise the protocol without Ray, what a
+debugger can step through, and the fastest path on one GPU (no actor, no object store).
 
     metalearn train --runner local      # same config, same run folder
 """

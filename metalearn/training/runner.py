@@ -43,8 +43,7 @@ def train(session: Session, runner: Runner, *, num_workers: int | None = None,
             # First: its final evaluation (on_end) is merged before other callbacks end
             # (a sweep's reporter makes the trial's final report from the same row).
             callbacks.insert(0, ContinuousEvaluation(
-                config, lambda: runner.evaluator(config),
-                start=start))
+                config, lambda: runner.evaluator(config), start=start))
         loop = TrainingLoop(config, run, runner.transport(config, run, session.mix),
                             resume=session.resume,
                             num_workers=runner.num_workers or num_workers,

@@ -124,10 +124,8 @@ def _config_and_run(config_path: str | None, overrides: list[str], out: str | No
     if resume:
         run = RunDir(resume)
         saved = run.read_config()
-        if config_path:
-            config = load_config(config_path, overrides)
-        else:
-            config = config_from_dict(apply_overrides(to_dict(saved), overrides))
+        config = (load_config(config_path, overrides) if config_path
+                  else config_from_dict(apply_overrides(to_dict(saved), overrides)))
         check_resume_compatible(saved, config, run)
         if out and os.path.abspath(out) != run.path:
             raise ConfigError("--out and --resume name different folders; a resumed run "
