@@ -43,18 +43,14 @@ class Segment:
 
 def rows_to_table(rows: Sequence[dict]) -> pa.Table:
     """Rows (dicts) as one table whose columns are the union of the rows' keys."""
-    columns: dict[str, None] = {}
-    for row in rows:
-        columns.update(dict.fromkeys(row))
+    columns = dict.fromkeys(key for row in rows for key in row)
     return pa.table({c: [r.get(c) for r in rows] for c in columns})
 
 
 def concat(tables: Iterable[pa.Table]) -> pa.Table:
     """Tables with different columns (or null vs typed, int vs float) as one."""
     tables = [t for t in tables if t.num_columns]
-    if not tables:
-        return pa.table({})
-    return pa.concat_tables(tables, promote_options="permissive")
+    return pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
 
 
 def table_bytes(table: pa.Table) -> bytes:
