@@ -219,15 +219,13 @@ class PopulationEngine:
         data = jax.tree.map(lambda a: a[0], batch.data)  # [1, M, ...] -> [M, ...]
         key = (batch.arch.activation, tuple(batch.arch.sizes),
                PopulationProgram.signature(data))
-        new = key not in self._shapes
+        new, compile_s = key not in self._shapes, 0.0
         compile_start = time.perf_counter()
         result = program.estimate(theta_flat, data)
         if new:  # the first call of a shape: compiling dominates it
             wait_program(result.grad, STUCK_FIRST_S)
             compile_s = time.perf_counter() - compile_start
             self._shapes.add(key)
-        else:
-            compile_s = 0.0
         self._next = self.sample()  # while the device computes
         wait_program(result.grad, self._limit_s(), what=f"{self.tasks_per_step} tasks' estimate")
         if not new:

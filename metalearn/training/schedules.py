@@ -57,9 +57,8 @@ def _ramp(start: float, end: float, step: int, steps: int) -> float:
 
 def curriculum_at(config: CurriculumConfig, step: int) -> Curriculum:
     """Linear interpolation of the U range and truncation spread at learner ``step``."""
-    low = _ramp(config.unroll_start[0], config.unroll_end[0], step, config.unroll_ramp_steps)
-    high = _ramp(config.unroll_start[1], config.unroll_end[1], step, config.unroll_ramp_steps)
-    low, high = int(round(low)), int(round(high))
+    low, high = (int(round(_ramp(start, end, step, config.unroll_ramp_steps)))
+                 for start, end in zip(config.unroll_start, config.unroll_end))
     std = _ramp(config.truncations_std_start, config.truncations_std_end, step,
                 config.truncations_ramp_steps)
     return Curriculum(low, max(low, high), float(std), config.min_truncations)
