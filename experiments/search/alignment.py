@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 
 import jax
 import jax.numpy as jnp
