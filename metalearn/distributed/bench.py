@@ -177,9 +177,8 @@ def measure_learner(*, seconds: float = 15.0, workers: int = 4, meta_batch: int 
                       dropped_nonfinite=counters["dropped_nonfinite"])
         for actor in pushers + [learner]:
             ray.kill(actor)
-    report["cpus"] = os.cpu_count()
-    report["target_grads_per_s"] = 1000
-    report["meets_target"] = report["grads_per_s"] >= 1000
+    report.update(cpus=os.cpu_count(), target_grads_per_s=1000,
+                  meets_target=report["grads_per_s"] >= 1000)
     return report
 
 

@@ -67,10 +67,8 @@ class RayLearner(LearnerClient):
 
     def stop(self) -> None:
         if self.actor is not None:
-            try:
+            with contextlib.suppress(Exception):  # it is already dead
                 ray.kill(self.actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - it is already dead
-                pass
 
     def call(self, method: str, *args, wait: bool = True):
         ref = self.actor.call.remote(method, *args)

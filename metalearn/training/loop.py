@@ -149,7 +149,6 @@ class Callback:
 
 @dataclasses.dataclass
 class RunSummary:
-    run_dir: str
     start_step: int
     final_step: int
     rows: int
@@ -160,10 +159,8 @@ class RunSummary:
     checkpoint_step: int
     dropped_stale: int = 0
     dropped_nonfinite: int = 0
-    dropped_generation: int = 0
     # steps | minutes | requested | SIGINT | SIGTERM | learner failed | error
     stop_reason: str = ""
-    ledger: dict = dataclasses.field(default_factory=dict)
 
     @property
     def signal(self) -> str | None:
@@ -195,8 +192,7 @@ class TrainingLoop:
         # The one stop value: "" while running, else why the run stops (steps, minutes,
         # requested, SIGINT, SIGTERM, workers lost, learner failed, error: ...).
         self.stop_reason = ""
-        # The first failure, raised after the final checkpoint (WorkerStartError,
-        # LearnerFailed).
+        # The first failure, raised after the final checkpoint (WorkerStartError, LearnerFailed).
         self.failure: RunError | None = None
         self.started = time.monotonic()
         self.start_step = 0
@@ -567,16 +563,11 @@ class TrainingLoop:
                     received_seen=dict(self._dead_received),
                     learner_died_at_exit=died_at_exit)
         return RunSummary(
-            run_dir=self.run_dir.path, start_step=self.start_step,
-            final_step=self.checkpoint_step, rows=self.metrics.count,
+            start_step=self.start_step, final_step=self.checkpoint_step, rows=self.metrics.count,
             wall_s=self.elapsed_s(), worker_failures=self.worker_failures,
-            worker_errors=self.ledger.truncation_failed,
-            learner_restarts=self.learner_restarts,
-            checkpoint_step=self.checkpoint_step,
-            dropped_stale=final.get("dropped_stale", 0),
-            dropped_nonfinite=final.get("dropped_nonfinite", 0),
-            dropped_generation=final.get("dropped_generation", 0),
-            stop_reason=self.stop_reason, ledger=dataclasses.asdict(self.ledger))
+            worker_errors=self.ledger.truncation_failed, learner_restarts=self.learner_restarts,
+            checkpoint_step=self.checkpoint_step, dropped_stale=final.get("dropped_stale", 0),
+            dropped_nonfinite=final.get("dropped_nonfinite", 0), stop_reason=self.stop_reason)
 
 
 class MetricsFlush(Callback):
