@@ -342,9 +342,8 @@ class TrainingLoop:
               f"folder {self.run_dir.path}", file=sys.stderr)
         for callback in self.callbacks:
             callback.on_start(self)
-        self._event("session_start", step=self.start_step, resume=self.resume,
-                    workers=count, generation=status.generation,
-                    learner_counters=status.counters,
+        self._event("session_start", step=self.start_step, resume=self.resume, workers=count,
+                    generation=status.generation, learner_counters=status.counters,
                     tasks_per_worker=self.config.worker.tasks_per_worker,
                     checkpoint_minutes=self.config.learner.checkpoint_minutes)
         return deadline

@@ -54,11 +54,10 @@ def choose_start(config: TrainConfig, run: RunDir,
             scorer = (evaluator() if evaluator is not None else
                       ContinuousEvaluator(config.evaluator, config.rule, config.objective))
             for index in range(count):
-                row = scorer.evaluate(0, start_candidate(config, index), short=True,
-                                      long=True)
+                row = scorer.evaluate(0, start_candidate(config, index), short=True, long=True)
                 scored = selection_score(config.evaluator, row)
                 rows.append(row)
-                scores.append(scored[0] if scored else None)
+                scores.append(scored[0] if scored and math.isfinite(scored[0]) else None)
                 column = column or (scored[1] if scored else None)
                 print(f"start candidate {index + 1}/{count}: "
                       f"{'no score' if scored is None else format(scored[0], '.3f')} "
@@ -67,15 +66,14 @@ def choose_start(config: TrainConfig, run: RunDir,
             why, rows, scores = error_line(err), [], []
     else:
         why = "the evaluator's long rollouts are off (evaluator.enabled, long_every)"
-    ranked = [(s, -i) for i, s in enumerate(scores) if s is not None and math.isfinite(s)]
+    ranked = [(s, -i) for i, s in enumerate(scores) if s is not None]
     chosen = -max(ranked)[1] if ranked else 0
     if not ranked:
         why = why or "no candidate got a finite validation score"
         print(f"start candidates not scored ({why}): starting from candidate 1, the "
               f"seed's own draw", file=sys.stderr)
     meta = {"step": 0, "run": run.name, "candidate": chosen, "candidates": count,
-            "scores": [s if s is not None and math.isfinite(s) else None for s in scores],
-            "score_column": column, "unscored_because": why or None}
+            "scores": scores, "score_column": column, "unscored_because": why or None}
     theta = start_candidate(config, chosen)
     write_export(run.start, theta, config.rule, meta, force=True)
     append_event(run.path, "start_chosen", **{k: v for k, v in meta.items() if k != "run"})
