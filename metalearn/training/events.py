@@ -67,8 +67,5 @@ class Ledger:
         return self.dispatched == (self.replied + self.worker_died + self.truncation_failed
                                    + self.learner_gone + self.cut_at_stop)
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 __all__ = ["EVENTS", "Ledger", "append_event", "read_events", "read_jsonl"]
